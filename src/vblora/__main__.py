@@ -1,0 +1,5 @@
+import sys
+
+from vblora.cli import main
+
+sys.exit(main())
