@@ -1,0 +1,42 @@
+"""vblora: VB-LoRA (Li, Han, Ji, NeurIPS 2024) for any PyTorch / Hugging Face model.
+
+Every LoRA matrix of the model is cut into sub-vectors of length b, each a top-k softmax mix of vectors from one
+bank shared by all modules and layers. Public API only; see docs/ and the README.
+"""
+
+from vblora.bank import VectorBank, compose
+from vblora.config import VBLoRAConfig
+from vblora.errors import AdapterFormatError, ConfigError, NonFiniteError, TargetError, VBLoRAError
+from vblora.inject import (
+    add_vblora,
+    adapted_layers,
+    count_parameters,
+    disable_adapter,
+    get_bank,
+    merge,
+    parameter_groups,
+    unload,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VBLoRAConfig",
+    "VectorBank",
+    "compose",
+    "add_vblora",
+    "adapted_layers",
+    "get_bank",
+    "parameter_groups",
+    "count_parameters",
+    "merge",
+    "unmerge",
+    "disable_adapter",
+    "unload",
+    "VBLoRAError",
+    "ConfigError",
+    "TargetError",
+    "NonFiniteError",
+    "AdapterFormatError",
+]

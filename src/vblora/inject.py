@@ -1,0 +1,247 @@
+"""Target matching, wrapping, freezing, parameter groups, counting, merge / unmerge / disable / unload."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from vblora.bank import VectorBank, index_dtype
+from vblora.config import VBLoRAConfig
+from vblora.errors import TargetError
+from vblora.layers import Slot, TrainedCopy, VBLoRALayer, base_dims, layer_class, slot_sizes
+
+BANK_ATTR = "vblora_bank"
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's model under DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def layer_index(name: str) -> int | None:
+    """First integer component of a qualified name (`encoder.layer.3.attention...` -> 3), or None."""
+    m = _LAYER_INDEX.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def _matches(name: str, target: str | tuple[str, ...]) -> bool:
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def find_targets(model: nn.Module, config: VBLoRAConfig) -> list[tuple[str, nn.Module]]:
+    """`(qualified name, module)` of every module to adapt, in model order; raises TargetError if none."""
+    all_linear = config.target_modules == "all-linear"
+    found = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if all_linear:
+            cls = layer_class(module)
+            # Linear / Conv1D inside the repeated blocks only: not embeddings, pooler or output head.
+            if cls is None or isinstance(module, nn.Embedding) or layer_index(name) is None:
+                continue
+        elif not _matches(name, config.target_modules):
+            continue
+        if config.layers is not None and layer_index(name) not in config.layers:
+            continue
+        if layer_class(module) is None:
+            raise TargetError(f"module '{name}' matched target_modules={config.target_modules!r} but its type "
+                              f"{type(module).__name__} cannot be adapted (supported: nn.Linear, nn.Embedding, "
+                              f"transformers Conv1D); name its Linear children instead")
+        found.append((name, module))
+    if not found:
+        raise TargetError(_no_match_message(model, config))
+    return found
+
+
+def _no_match_message(model: nn.Module, config: VBLoRAConfig) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    wanted = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
+    near = sorted({m for w in wanted for m in difflib.get_close_matches(str(w).rsplit(".", 1)[-1], leaves, n=5)})
+    layers = f" in layers {list(config.layers)}" if config.layers is not None else ""
+    return (f"no module of {type(model).__name__} matched target_modules={config.target_modules!r}{layers}. "
+            f"Near misses: {near or 'none'}. Module names end in e.g. {leaves[:12]}")
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def add_vblora(model: nn.Module, config: VBLoRAConfig) -> nn.Module:
+    """Wrap the targets of `model` in place with VB-LoRA layers sharing one bank; freeze the rest. Returns model.
+
+    The bank is registered once, at `model.vblora_bank`, and composes all sub-vectors once per forward pass
+    (a forward pre-hook on the root opens each composition step).
+    """
+    model = _unwrap(model)
+    if hasattr(model, BANK_ATTR):
+        raise TargetError(f"{type(model).__name__} already has a VB-LoRA adapter (model.{BANK_ATTR}). Remove it with "
+                          f"vblora.unload(model) first, or load another adapter with vblora.load_adapter(base, path) "
+                          f"on a fresh base model")
+    targets = find_targets(model, config)
+    slots, offset = [], 0
+    for name, module in targets:
+        fan_in, fan_out = base_dims(module)
+        a_count, b_count = slot_sizes(fan_in, fan_out, config.rank, config.vector_length)
+        slots.append(Slot(offset, a_count, offset + a_count, b_count))
+        offset += a_count + b_count
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    bank = VectorBank(config, num_subvectors=offset).to(device)
+    bank.layout = [(name, slot) for (name, _), slot in zip(targets, slots)]
+
+    model.requires_grad_(False)
+    for (name, module), slot in zip(targets, slots):
+        fan_in, fan_out = base_dims(module)
+        cls = layer_class(module)
+        _set_child(model, name, cls(module, bank, slot, fan_in, fan_out, config.rank, config.dropout))
+    for name in _modules_to_save(model, config):
+        _set_child(model, name, TrainedCopy(model.get_submodule(name)))
+    model.add_module(BANK_ATTR, bank)
+    bank._hook = model.register_forward_pre_hook(bank.begin_step)
+    return model
+
+
+def _modules_to_save(model: nn.Module, config: VBLoRAConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [n for n, m in model.named_modules() if n and _matches(n, tuple(config.modules_to_save))
+             and not isinstance(m, VBLoRALayer) and ".base" not in n]
+    # keep outermost matches only (e.g. "classifier", not also "classifier.dense")
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names)]
+    if not names:
+        raise TargetError(f"modules_to_save={list(config.modules_to_save)} matched no module of "
+                          f"{type(model).__name__}")
+    return names
+
+
+def get_bank(model: nn.Module) -> VectorBank:
+    bank = getattr(_unwrap(model), BANK_ATTR, None)
+    if not isinstance(bank, VectorBank):
+        raise TargetError(f"{type(model).__name__} has no VB-LoRA adapter; call vblora.add_vblora(model, config) "
+                          f"or vblora.load_adapter(model, path) first")
+    return bank
+
+
+def adapted_layers(model: nn.Module) -> dict[str, VBLoRALayer]:
+    return {n: m for n, m in _unwrap(model).named_modules() if isinstance(m, VBLoRALayer)}
+
+
+def trained_copies(model: nn.Module) -> dict[str, TrainedCopy]:
+    return {n: m for n, m in _unwrap(model).named_modules() if isinstance(m, TrainedCopy)}
+
+
+def parameter_groups(model: nn.Module, lr_bank: float = 1e-3, lr_logits: float = 1e-2, lr_other: float = 4e-3,
+                     weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer groups with the paper's three learning rates: bank, logits, everything else trainable (heads).
+
+    Checks the bank and logits are finite first, so a broken adapter fails before training starts.
+    """
+    bank = get_bank(model)
+    bank.check_finite()
+    special = {id(bank.bank)} | ({id(bank.logits)} if not bank.frozen else set())
+    groups = [{"name": "vblora_bank", "params": [bank.bank], "lr": lr_bank, "weight_decay": weight_decay}]
+    if not bank.frozen:
+        groups.append({"name": "vblora_logits", "params": [bank.logits], "lr": lr_logits,
+                       "weight_decay": weight_decay})
+    other = [p for p in _unwrap(model).parameters() if p.requires_grad and id(p) not in special]
+    if other:
+        groups.append({"name": "other", "params": other, "lr": lr_other, "weight_decay": weight_decay})
+    return [g for g in groups if g["params"][0].requires_grad]
+
+
+def index_width(num_vectors: int) -> float:
+    """Width of one stored index in float32 units: 1/4 for uint8 (h <= 256), 1/2 for uint16, 1 beyond."""
+    return torch.tensor([], dtype=index_dtype(num_vectors)).element_size() / 4
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Trainable and stored parameters.
+
+    stored: the paper's float32-equivalent count of the saved triplet, h*b + N*(k*w + (k-1)) with w the index
+    width in float32 units, plus the parameters of `modules_to_save`. A float, since index widths are fractions.
+    lora_equivalent: what LoRA of the same rank on the same modules stores, sum of r*(in + out).
+    """
+    model = _unwrap(model)
+    bank = get_bank(model)
+    cfg = bank.config
+    h, b = bank.bank.shape
+    n, k = bank.num_subvectors, cfg.stored_topk
+    w = index_width(h)
+    other = sum(p.numel() for c in trained_copies(model).values() for p in c.trained.parameters())
+    adapter = h * b + n * (k * w + (k - 1))
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "stored": adapter + other,
+        "stored_adapter": adapter,
+        "stored_other": other,
+        "bank": h * b,
+        "subvectors": n,
+        "stored_bytes": int(round(4 * adapter)) + 4 * other,
+        "lora_equivalent": sum(l.rank * (l.in_features + l.out_features) for l in adapted_layers(model).values()),
+        "base": sum(p.numel() for n_, p in model.named_parameters() if not n_.startswith(BANK_ATTR)
+                    and ".trained." not in n_),
+    }
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Add dW = B A into every adapted base weight (idempotent: merged layers are skipped)."""
+    get_bank(model).check_finite()
+    for layer in adapted_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Subtract dW from every merged base weight (idempotent)."""
+    for layer in adapted_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: adapter layers pass through (merged ones are unmerged meanwhile), heads use originals."""
+    layers, copies = adapted_layers(model).values(), trained_copies(model).values()
+    was_merged = [layer for layer in layers if layer.merged]
+    for layer in was_merged:
+        layer.unmerge()
+    for m in [*layers, *copies]:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in [*layers, *copies]:
+            m.disabled = False
+        for layer in was_merged:
+            layer.merge()
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove the adapter: put base layers back (with dW merged in if `merge`), trained heads in place of originals."""
+    model = _unwrap(model)
+    bank = get_bank(model)
+    for name, layer in adapted_layers(model).items():
+        if merge:
+            layer.merge()
+        elif layer.merged:
+            layer.unmerge()
+        _set_child(model, name, layer.base)
+    for name, wrapper in trained_copies(model).items():
+        _set_child(model, name, wrapper.trained if merge else wrapper.original)
+    bank._hook.remove()
+    delattr(model, BANK_ATTR)
+    return model
