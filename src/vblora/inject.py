@@ -81,11 +81,12 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def add_vblora(model: nn.Module, config: VBLoRAConfig) -> nn.Module:
+def add_vblora(model: nn.Module, config: VBLoRAConfig, *, with_logits: bool = True) -> nn.Module:
     """Wrap the targets of `model` in place with VB-LoRA layers sharing one bank; freeze the rest. Returns model.
 
     The bank is registered once, at `model.vblora_bank`, and composes all sub-vectors once per forward pass
-    (a forward pre-hook on the root opens each composition step).
+    (a forward pre-hook on the root opens each composition step). `with_logits=False` builds the inference form
+    (indices and weights buffers, no `(N, h)` logits), which `load_adapter` then fills.
     """
     model = _unwrap(model)
     if hasattr(model, BANK_ATTR):
@@ -100,7 +101,7 @@ def add_vblora(model: nn.Module, config: VBLoRAConfig) -> nn.Module:
         slots.append(Slot(offset, a_count, offset + a_count, b_count))
         offset += a_count + b_count
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    bank = VectorBank(config, num_subvectors=offset).to(device)
+    bank = VectorBank(config, num_subvectors=offset, with_logits=with_logits).to(device)
     bank.layout = [(name, slot) for (name, _), slot in zip(targets, slots)]
 
     model.requires_grad_(False)
