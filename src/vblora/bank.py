@@ -142,6 +142,11 @@ class VectorBank(nn.Module):
         """Root forward pre-hook: start a new composition step (the previous step's graph is released)."""
         self._step_cache = {}
 
+    def forward(self, x=None):
+        """Identity. The bank computes nothing per input; passing input through keeps `nn.Sequential` roots
+        (which call every child in order) working after the bank is registered on them."""
+        return x
+
     # -- selection ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def topk_selection(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
