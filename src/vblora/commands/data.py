@@ -1,0 +1,44 @@
+"""`vblora data fetch`: download and prepare the offline default data (VADER movie snippets) into the cache."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="fetch / locate the built-in datasets")
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    f = sub.add_parser("fetch", help="download VADER (pip sdist, sha256-checked) and write the fixed 80/10/10 split")
+    f.add_argument("--cache-dir", default=None, help="cache root (default: $VBLORA_CACHE or ~/.cache/vblora)")
+    f.add_argument("--force", action="store_true", help="download and split again even if cached")
+    f.set_defaults(func=run_fetch)
+    w = sub.add_parser("where", help="print the cached split files")
+    w.add_argument("--cache-dir", default=None)
+    w.set_defaults(func=run_where)
+    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+
+
+def run_fetch(args) -> int:
+    from pathlib import Path
+
+    from vblora.train import vader
+    from vblora.train.errors import DataError
+
+    try:
+        paths = vader.fetch(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
+    except DataError as e:
+        print(f"vblora data fetch: error: {e}")
+        return 2
+    info = vader.split_info(Path(args.cache_dir) if args.cache_dir else None)
+    for split, path in paths.items():
+        print(f"{split:10s} {info.get('sizes', {}).get(split, '?'):>6} examples  {path}")
+    print(f"source {info.get('source')} sha256 {info.get('sdist_sha256')}")
+    return 0
+
+
+def run_where(args) -> int:
+    from pathlib import Path
+
+    from vblora.train import vader
+
+    for split, path in vader.split_paths(Path(args.cache_dir) if args.cache_dir else None).items():
+        print(f"{split:10s} {path}{'' if path.exists() else '  (missing: run vblora data fetch)'}")
+    return 0

