@@ -116,26 +116,66 @@ class VectorBank(nn.Module):
         no-grad inference, and afresh when called outside a root forward or inside a reentrant checkpoint's
         recomputation (where a shared graph would be backpropagated twice).
         """
-        dtype = dtype or self.bank.dtype
+        return self._composed(dtype or self.bank.dtype)[0]
+
+    def rows(self, slot, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(a_count, b)` and `(b_count, b)` sub-vector rows of one module's A and B for this forward pass.
+
+        Taken from one `split` of the cached composition: its backward is a single concatenation, where per-module
+        slices would each scatter into a fresh `(N, b)` zero tensor in the backward pass.
+        """
+        sub, pieces = self._composed(dtype)
+        i = None if pieces is None else self._piece_index().get(slot.a_start)
+        if i is None or pieces[i].shape[0] != slot.a_count:
+            return sub[slot.a_start:slot.a_start + slot.a_count], sub[slot.b_start:slot.b_start + slot.b_count]
+        return pieces[i], pieces[i + 1]
+
+    def _composed(self, dtype: torch.dtype) -> tuple[torch.Tensor, tuple | None]:
+        """`(sub (N, b), pieces or None)` in `dtype`: from the step / eval cache, or composed now."""
+        if torch.compiler.is_compiling():
+            # Traced: compose inline (the compiler deduplicates identical compositions); no Python-side caches.
+            return self.compose_now().to(dtype), None
         if not torch.is_grad_enabled():
             return self._inference_subvectors(dtype)
         if self._step_cache is None or torch._C._current_graph_task_id() != -1:
-            return self.compose_now().to(dtype)
+            return self.compose_now().to(dtype), None
         key = (dtype, self.bank.device, self._versions())
         out = self._step_cache.get(key)
         if out is None:
-            out = self._step_cache[key] = self.compose_now().to(dtype)
+            out = self._step_cache[key] = self._with_pieces(self.compose_now().to(dtype))
         return out
+
+    def _piece_index(self) -> dict:
+        """`{slot.a_start: index of its A piece}` for a layout of consecutive (A, B) blocks covering all N rows."""
+        cached = getattr(self, "_pieces_for", None)
+        if cached is None or cached[0] != len(self.layout):
+            sizes, index, row = [], {}, 0
+            for _, slot in self.layout:
+                if slot.a_start != row or slot.b_start != row + slot.a_count:
+                    sizes = None
+                    break
+                index[slot.a_start] = len(sizes)
+                sizes += [slot.a_count, slot.b_count]
+                row += slot.a_count + slot.b_count
+            if not sizes or row != self.num_subvectors:
+                sizes, index = None, {}
+            self._pieces_for = cached = (len(self.layout), sizes, index)
+        return cached[2]
+
+    def _with_pieces(self, sub: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        self._piece_index()
+        sizes = self._pieces_for[1]
+        return sub, (sub.split(sizes) if sizes else None)
 
     def _versions(self) -> tuple:
         # In-place optimizer updates bump `_version`, so a cached composition is never used after a change.
         sources = [self.bank] + ([self.indices, self.weights] if self.frozen else [self.logits])
         return tuple((id(t), t._version) for t in sources)
 
-    def _inference_subvectors(self, dtype: torch.dtype) -> torch.Tensor:
+    def _inference_subvectors(self, dtype: torch.dtype) -> tuple[torch.Tensor, tuple | None]:
         key = (dtype, self.bank.device, self.training, self._versions())
         if self._eval_cache is None or self._eval_cache[0] != key or self.training:
-            self._eval_cache = (key, self.compose_now().to(dtype))
+            self._eval_cache = (key, self._with_pieces(self.compose_now().to(dtype)))
         return self._eval_cache[1]
 
     def begin_step(self, *_args) -> None:

@@ -62,15 +62,25 @@ class VBLoRALayer(nn.Module):
         """`(r, in)` from the `(N, b)` sub-vectors (composed now if not given)."""
         sub = self._bank.compose_now() if sub is None else sub
         s = self.slot
-        return sub[s.a_start:s.a_start + s.a_count].reshape(self.rank, -1)[:, :self.in_features]
+        return self._A(sub[s.a_start:s.a_start + s.a_count])
 
     def lora_B(self, sub: torch.Tensor | None = None) -> torch.Tensor:
         """`(out, r)`: rows `(ceil(out/b), r, b)` -> `(ceil(out/b) * b, r)`, excess dropped."""
         sub = self._bank.compose_now() if sub is None else sub
-        s, r = self.slot, self.rank
-        rows = sub[s.b_start:s.b_start + s.b_count]
-        nb, b = rows.shape[0] // r, rows.shape[1]
-        return rows.view(nb, r, b).transpose(1, 2).reshape(nb * b, r)[:self.out_features]
+        s = self.slot
+        return self._B(sub[s.b_start:s.b_start + s.b_count])
+
+    def _A(self, rows: torch.Tensor) -> torch.Tensor:
+        """`(a_count, b)` rows -> `(r, in)` (a view; the trim only when b does not divide `in`)."""
+        A = rows.reshape(self.rank, -1)
+        return A if A.shape[1] == self.in_features else A[:, :self.in_features]
+
+    def _B(self, rows: torch.Tensor) -> torch.Tensor:
+        """`(b_count, b)` rows ordered `(ceil(out/b), r)` -> `(out, r)`."""
+        r, b = self.rank, rows.shape[1]
+        nb = rows.shape[0] // r
+        B = rows.view(nb, r, b).transpose(1, 2).reshape(nb * b, r)
+        return B if nb * b == self.out_features else B[:self.out_features]
 
     def delta_weight(self) -> torch.Tensor:
         """dW = B A (float32) in the base weight's layout."""
@@ -97,8 +107,8 @@ class VBLoRALayer(nn.Module):
         out = self.base(x, *args, **kwargs)
         if self.merged or self.disabled:
             return out
-        sub = self._bank.subvectors(out.dtype)  # composed once per forward for the whole model
-        return out + self.adapter(x, self.lora_A(sub), self.lora_B(sub)).to(out.dtype)
+        a_rows, b_rows = self._bank.rows(self.slot, out.dtype)  # composed once per forward for the whole model
+        return out + self.adapter(x, self._A(a_rows), self._B(b_rows)).to(out.dtype)
 
     def adapter(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         # (..., in) -> (..., r) -> (..., out); never forms dW.

@@ -15,7 +15,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
-    recorded_run(d, steps=8, every=2)
+    recorded_run(d, steps=6, every=2)
     return d
 
 
@@ -32,7 +32,8 @@ def test_each_figure_writes_a_png(run_dir, tmp_path, name):
 def test_bank_embedding_pca_and_tsne(run_dir, tmp_path):
     sel = load_selection(run_dir)
     assert _is_png(plots.plot_bank_embedding(sel, tmp_path / "pca.png", methods=("pca",)))
-    assert _is_png(plots.plot_bank_embedding(sel, tmp_path / "tsne.png", methods=("tsne",), max_subvectors=40))
+    assert _is_png(plots.plot_bank_embedding(sel, tmp_path / "tsne.png", methods=("tsne",), max_subvectors=40,
+                                                tsne_iter=250))
 
 
 def test_subset_of_subvectors_and_single_record(run_dir, tmp_path):

@@ -115,6 +115,26 @@ def load_recipe(name_or_path: str) -> dict:
     return data
 
 
+_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(name: str, value):
+    """YAML reads '1e-3' as a string and CLI/--set values arrive as text: convert to the field's type."""
+    typ = _FIELD_TYPES.get(name, "")
+    if isinstance(value, str) and value.lower() in ("none", "null") and "None" in typ:
+        return None
+    try:
+        if typ.startswith("float") and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if typ.startswith("int") and isinstance(value, str):
+            return int(value)
+        if typ.startswith("bool") and isinstance(value, str):
+            return value.lower() in ("1", "true", "yes", "on")
+    except ValueError:
+        raise SetupError(f"setting '{name}': cannot read '{value}' as {typ.split(' ')[0]}") from None
+    return value
+
+
 def build_config(recipe: str | None = None, overrides: dict | None = None) -> RunConfig:
     """Defaults <- recipe <- overrides (None values in overrides mean 'not given')."""
     values: dict = {}
@@ -130,7 +150,7 @@ def build_config(recipe: str | None = None, overrides: dict | None = None) -> Ru
         raise SetupError(f"unknown setting(s) {unknown} in recipe {name}")
     if values.get("train_file") and "dataset" not in (overrides or {}):
         values["dataset"] = None  # the user's files replace the built-in data
-    cfg = RunConfig(**values)
+    cfg = RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
     if cfg.method not in METHODS:
         raise SetupError(f"unknown method '{cfg.method}' (one of {', '.join(METHODS)})")
     if cfg.task not in TASKS:
