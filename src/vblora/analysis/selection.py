@@ -1,0 +1,249 @@
+"""Recording the vector selection during training (the data behind the paper's Figures 3-9).
+
+At a set interval the recorder takes each sub-vector's top-k bank indices and mixing weights (the evaluation rule,
+`bank.topk_selection()`) and stores them compactly: indices as uint8 (h <= 256) or uint16, weights as float16. Each
+sub-vector is described once by its layer index, module (name and type), matrix (A or B) and position in that matrix,
+so the figures can group sub-vectors by depth, module type and A/B. The bank itself is kept at the first and the
+latest record (float32), for the bank embedding figure.
+
+Files in the run directory:
+  selection.npz   steps (T,) int64; indices (T, N, k) uint8|uint16; weights (T, N, k) float16;
+                  layer (N,) int16 (-1: no layer index); module (N,) int16 (row of `modules` in the JSON);
+                  matrix (N,) uint8 (0 = A, 1 = B); position (N,) int32; bank_first, bank_last (h, b) float32
+  selection.json  format, sizes (h, b, k, N), interval, selection rule, steps, modules [{name, type, layer, slot}]
+
+Use it from any loop with `SelectionRecorder(run_dir, every=50)` and `recorder.maybe_record(model, step)`, or with
+`transformers.Trainer(callbacks=[SelectionCallback(every=50)])`. `load_selection(run_dir)` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "vblora-selection/1"
+NPZ, JSON = "selection.npz", "selection.json"
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def module_type(name: str) -> str:
+    """The part of a qualified name after its layer index: `encoder.layer.3.attention.self.query` ->
+    `attention.self.query` (the whole name if it has no layer index)."""
+    m = _LAYER.search(name)
+    return name[m.end():] if m and m.end() < len(name) else name
+
+
+def _layer_of(name: str) -> int:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else -1
+
+
+def subvector_table(bank) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Per-module rows and per-sub-vector arrays (layer, module, matrix, position) from `bank.layout`."""
+    n = bank.num_subvectors
+    layer = np.full(n, -1, np.int16)
+    module = np.full(n, -1, np.int16)
+    matrix = np.zeros(n, np.uint8)
+    position = np.zeros(n, np.int32)
+    modules = []
+    for i, (name, slot) in enumerate(bank.layout):
+        lay = _layer_of(name)
+        modules.append({"name": name, "type": module_type(name), "layer": lay, "a_start": slot.a_start,
+                        "a_count": slot.a_count, "b_start": slot.b_start, "b_count": slot.b_count})
+        for start, count, which in ((slot.a_start, slot.a_count, 0), (slot.b_start, slot.b_count, 1)):
+            rows = slice(start, start + count)
+            layer[rows], module[rows], matrix[rows] = lay, i, which
+            position[rows] = np.arange(count)
+    return modules, {"layer": layer, "module": module, "matrix": matrix, "position": position}
+
+
+def record_selection(model, step: int, k: int | None = None) -> dict:
+    """One snapshot of the model's selection: {step, indices (N, k) uint8|uint16, weights (N, k) float16}.
+
+    Works inside any training loop (no Trainer needed). `k` defaults to the stored top-k of the config, capped at
+    the training top-k for select-all (whose stored k is the whole bank).
+    """
+    from vblora.bank import index_dtype
+    from vblora.inject import get_bank
+
+    bank = get_bank(model)
+    cfg = bank.config
+    if k is None:
+        k = cfg.topk if cfg.selection == "all" else cfg.stored_topk
+    idx, w = bank.topk_selection(k) if not bank.frozen else bank.topk_selection()
+    np_dtype = {torch.uint8: np.uint8, torch.uint16: np.uint16}.get(index_dtype(cfg.num_vectors), np.int32)
+    return {"step": int(step), "indices": idx.cpu().numpy().astype(np_dtype),
+            "weights": w.float().cpu().numpy().astype(np.float16)}
+
+
+class SelectionRecorder:
+    """Collects snapshots every `every` steps and writes `selection.npz` / `selection.json` into `run_dir`.
+
+    Files are rewritten at each record (atomically), so a killed run still leaves the records so far.
+    """
+
+    def __init__(self, run_dir: str | Path, every: int = 50, k: int | None = None, save_each: bool = True) -> None:
+        if every < 1:
+            raise ValueError(f"record interval must be >= 1 step, got {every}")
+        self.run_dir = Path(run_dir)
+        self.every, self.k, self.save_each = int(every), k, save_each
+        self.snapshots: list[dict] = []
+        self._meta: dict | None = None
+        self._arrays: dict | None = None
+        self._bank_first = self._bank_last = None
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 and (not self.snapshots or self.snapshots[-1]["step"] != step)
+
+    def maybe_record(self, model, step: int) -> bool:
+        """Record if `step` is a multiple of the interval (and not recorded yet). Returns whether it recorded."""
+        if not self.due(step):
+            return False
+        self.record(model, step)
+        return True
+
+    def record(self, model, step: int) -> None:
+        from vblora.inject import get_bank
+
+        if self.snapshots and self.snapshots[-1]["step"] == step:
+            return
+        bank = get_bank(model)
+        if self._meta is None:
+            modules, self._arrays = subvector_table(bank)
+            cfg = bank.config
+            self._meta = {"format": FORMAT, "num_vectors": int(bank.bank.shape[0]),
+                          "vector_length": int(bank.bank.shape[1]), "num_subvectors": bank.num_subvectors,
+                          "selection": cfg.selection, "train_topk": cfg.topk, "every": self.every,
+                          "modules": modules}
+            self._bank_first = bank.bank.detach().float().cpu().numpy().copy()
+        self.snapshots.append(record_selection(model, step, self.k))
+        self._bank_last = bank.bank.detach().float().cpu().numpy().copy()
+        if self.save_each:
+            self.save()
+
+    def save(self) -> Path | None:
+        if not self.snapshots:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        steps = np.array([s["step"] for s in self.snapshots], np.int64)
+        arrays = dict(self._arrays, steps=steps, bank_first=self._bank_first, bank_last=self._bank_last,
+                      indices=np.stack([s["indices"] for s in self.snapshots]),
+                      weights=np.stack([s["weights"] for s in self.snapshots]))
+        tmp = self.run_dir / (NPZ + ".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, self.run_dir / NPZ)
+        meta = dict(self._meta, topk=int(arrays["indices"].shape[-1]), records=len(steps),
+                    steps=steps.tolist(), index_dtype=str(arrays["indices"].dtype))
+        tmp = self.run_dir / (JSON + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, self.run_dir / JSON)
+        return self.run_dir / NPZ
+
+
+def _callback_base():
+    try:
+        from transformers import TrainerCallback
+    except ImportError:  # transformers is optional; the plain recorder works without it
+        return object
+    return TrainerCallback
+
+
+class SelectionCallback(_callback_base()):
+    """`transformers.TrainerCallback` that records the selection every `every` optimizer steps.
+
+    Records the initial selection (step 0) at train begin and the final one at train end. Writes into `run_dir`,
+    or the Trainer's `output_dir` when not given.
+    """
+
+    def __init__(self, every: int = 50, run_dir: str | Path | None = None, k: int | None = None) -> None:
+        self.every, self.run_dir, self.k = every, run_dir, k
+        self.recorder: SelectionRecorder | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.recorder = SelectionRecorder(self.run_dir or args.output_dir, self.every, self.k)
+        if model is not None:
+            self.recorder.record(model, state.global_step)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.recorder is not None and model is not None:
+            self.recorder.maybe_record(model, state.global_step)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.recorder is not None and model is not None:
+            self.recorder.record(model, state.global_step)
+            self.recorder.save()
+        return control
+
+
+@dataclass
+class Selection:
+    """A recorded run, as arrays. T records, N sub-vectors, k selected, h bank vectors of length b."""
+
+    steps: np.ndarray  # (T,)
+    indices: np.ndarray  # (T, N, k) int64
+    weights: np.ndarray  # (T, N, k) float32
+    layer: np.ndarray  # (N,)
+    module: np.ndarray  # (N,)
+    matrix: np.ndarray  # (N,) 0 = A, 1 = B
+    position: np.ndarray  # (N,)
+    bank_first: np.ndarray  # (h, b)
+    bank_last: np.ndarray  # (h, b)
+    meta: dict
+
+    @property
+    def num_vectors(self) -> int:
+        return int(self.meta["num_vectors"])
+
+    @property
+    def module_types(self) -> np.ndarray:
+        """(N,) module type string of each sub-vector."""
+        types = np.array([m["type"] for m in self.meta["modules"]], dtype=object)
+        return types[self.module]
+
+    def changed(self) -> np.ndarray:
+        """(T-1, N) bool: whether a sub-vector's selected index *set* differs from the previous record."""
+        s = np.sort(self.indices, axis=-1)
+        return (s[1:] != s[:-1]).any(axis=-1)
+
+    def churn(self) -> np.ndarray:
+        """(T-1,) fraction of sub-vectors whose selected set changed since the previous record."""
+        return self.changed().mean(axis=1) if len(self.steps) > 1 else np.zeros(0)
+
+    def usage(self, t: int = -1) -> np.ndarray:
+        """(h,) how many times each bank vector is selected (over all N sub-vectors and k slots) at record t."""
+        return np.bincount(self.indices[t].reshape(-1), minlength=self.num_vectors)
+
+    def weight_sums(self, mask: np.ndarray | None = None, t: int = -1) -> np.ndarray:
+        """(h,) sum of top-k weights given to each bank vector by the sub-vectors in `mask` at record t."""
+        idx, w = self.indices[t], self.weights[t]
+        if mask is not None:
+            idx, w = idx[mask], w[mask]
+        return np.bincount(idx.reshape(-1), weights=w.reshape(-1), minlength=self.num_vectors)
+
+    def composed(self, t: int = -1) -> np.ndarray:
+        """(N, b) sub-vectors composed from record t's selection and the latest bank."""
+        return (self.weights[t][..., None] * self.bank_last[self.indices[t]]).sum(axis=1)
+
+
+def load_selection(run_dir: str | Path) -> Selection:
+    run_dir = Path(run_dir)
+    npz, meta_path = run_dir / NPZ, run_dir / JSON
+    if not npz.exists() or not meta_path.exists():
+        raise FileNotFoundError(f"{run_dir}: no {NPZ}/{JSON}; train with selection recording on "
+                                f"(SelectionCallback, or vblora train's record-selection option)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    with np.load(npz) as z:
+        return Selection(steps=z["steps"], indices=z["indices"].astype(np.int64),
+                         weights=z["weights"].astype(np.float32), layer=z["layer"].astype(np.int64),
+                         module=z["module"].astype(np.int64), matrix=z["matrix"], position=z["position"],
+                         bank_first=z["bank_first"], bank_last=z["bank_last"], meta=meta)
