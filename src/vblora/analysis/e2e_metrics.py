@@ -294,12 +294,13 @@ def meteor_unavailable() -> str | None:
 
 
 def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[str, ...] = METRICS,
-                        tokenizer: str = "auto") -> dict:
+                        tokenizer: str = "auto", meteor_modules: tuple[str, ...] | None = None) -> dict:
     """Score outputs `hyps[i]` against references `refs[i]` (one entry per unique MR) with the E2E metric set.
 
     `tokenizer` is the tokenisation before METEOR / ROUGE-L / CIDEr: "java" (Stanford PTBTokenizer, as
-    COCOEvalCap), "python" (`ptb_tokenize_python`), or "auto" (Java when it runs, else Python). Returns
-    {"BLEU": float, ..., "notes": {metric: reason it is None}, "tokenizer": used, "num_inputs": n}.
+    COCOEvalCap), "python" (`ptb_tokenize_python`), or "auto" (Java when it runs, else Python).
+    `meteor_modules=None` runs METEOR's official configuration (see `MeteorServer`). Returns
+    {"BLEU": float, ..., "notes": {metric: why it is None, or a caveat}, "tokenizer": used, "num_inputs": n}.
     """
     _check(hyps, refs)
     unknown = set(metrics) - set(METRICS)
@@ -339,7 +340,9 @@ def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[s
             reason = meteor_unavailable()
             if reason is None:
                 try:
-                    out["METEOR"] = meteor(c_h, c_r)
+                    out["METEOR"] = meteor(c_h, c_r, modules=meteor_modules)
+                    if meteor_modules:
+                        notes["METEOR"] = f"modules {' '.join(meteor_modules)} only: not the official configuration"
                 except Exception as exc:  # a JVM that starts but dies (memory, broken jar) is reported, not raised
                     reason = f"METEOR 1.5 failed: {type(exc).__name__}: {exc}"
             if reason is not None:

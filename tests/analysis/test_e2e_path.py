@@ -1,0 +1,120 @@
+"""The whole E2E path on a tiny file written here: CSV -> examples -> VB-LoRA GPT-2 -> train -> decode -> metrics."""
+
+import csv
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("pycocoevalcap")
+
+import vblora  # noqa: E402
+from vblora.analysis import e2e_data as ed  # noqa: E402
+from vblora.analysis import e2e_metrics as em  # noqa: E402
+
+ROWS = [
+    ("name[The Eagle], eatType[coffee shop], near[Burger King]", "The Eagle is a coffee shop near Burger King."),
+    ("name[The Eagle], eatType[coffee shop], near[Burger King]", "Near Burger King is The Eagle, a coffee shop."),
+    ("name[Aromi], eatType[pub], area[riverside]", "Aromi is a pub in the riverside area."),
+    ("name[Aromi], eatType[pub], area[riverside]", "There is a pub called Aromi by the riverside."),
+    ("name[Aromi], eatType[pub], area[riverside]", "Aromi, a pub, is in the riverside area."),
+    ("name[Zizzi], food[Italian], priceRange[cheap]", "Zizzi serves cheap Italian food."),
+    ("name[Cotto], customer rating[5 out of 5], near[The Portland Arms]",
+     "Cotto has a customer rating of 5 out of 5 and is near The Portland Arms."),
+    ("name[Cotto], customer rating[5 out of 5], near[The Portland Arms]", "Cotto, near The Portland Arms, is rated 5 out of 5."),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matrices: intra-op threads only contend (30 steps take 1 s on one thread, 20 s+ on a busy 2-core box)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, quoting=csv.QUOTE_ALL)  # the official files quote every field
+        w.writerow(["mr", "ref"])
+        w.writerows(rows)
+
+
+def tiny_tokenizer(texts):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "<|endoftext|>"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                                eos_token="<|endoftext|>")
+
+
+def test_reading_grouping_and_examples(tmp_path):
+    path = tmp_path / "dev.csv"
+    write_csv(path, ROWS + [("name[Ł test]", "costs Â£20")])
+    rows = ed.read_e2e_csv(path)
+    assert len(rows) == len(ROWS) + 1 and rows[0] == ROWS[0]
+    assert rows[-1] == ("name[£ test]", "costs £20")  # e2e-metrics' encoding repairs
+    evs = ed.load_eval_set(path)
+    assert [len(x.refs) for x in evs] == [2, 3, 1, 2, 1]
+    assert evs[1].refs == tuple(r for m, r in ROWS if m == ROWS[2][0])
+    assert ed.linearize_mr(ROWS[0][0]) == "name : The Eagle | eatType : coffee shop | near : Burger King"
+    tok = tiny_tokenizer([ed.prompt_text(m) + " " + r for m, r in rows])
+    ex = ed.build_train_examples(rows, tok, max_length=64)
+    assert len(ex) == len(rows)
+    p = tok(ed.prompt_text(ROWS[0][0]), add_special_tokens=False)["input_ids"]
+    assert ex[0]["labels"][:len(p)] == [-100] * len(p)  # loss on the target only
+    assert ex[0]["labels"][len(p):] == ex[0]["input_ids"][len(p):]
+    assert ex[0]["input_ids"][-1] == tok.eos_token_id
+    batch = ed.collate(ex[:3], ed.pad_id_of(tok))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    # an unreferenced test file (header "mr" only) reads, with no references
+    path2 = tmp_path / "test.csv"
+    path2.write_text('mr\n"name[Zizzi]"\n', encoding="utf-8")
+    assert ed.load_eval_set(path2) == [ed.E2EInstance("name[Zizzi]", ())]
+    with pytest.raises(ValueError, match="mr"):
+        (tmp_path / "bad.csv").write_text("x,y\n1,2\n")
+        ed.read_e2e_csv(tmp_path / "bad.csv")
+
+
+def test_e2e_path_on_a_tiny_gpt2(tmp_path):
+    path = tmp_path / "train.csv"
+    write_csv(path, ROWS)
+    rows = ed.read_e2e_csv(path)
+    tok = tiny_tokenizer([ed.prompt_text(m) + " " + r for m, r in rows])
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=128,
+                                  bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+    model = transformers.GPT2LMHeadModel(cfg)
+    for p in model.parameters():  # a "pretrained" base: frozen, as add_vblora leaves it
+        p.requires_grad_(False)
+    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules=["c_attn", "c_proj", "c_fc"],
+                                                         num_vectors=16, vector_length=32, rank=2))
+    assert len(vblora.adapted_layers(model)) == 2 * 4  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj per block
+    ex = ed.build_train_examples(rows, tok, max_length=64)
+    losses = ed.train_e2e(model, ex, ed.pad_id_of(tok), batch_size=4, max_steps=30, warmup_steps=3,
+                          lr_bank=1e-2, lr_logits=5e-2, label_smoothing=0.1)
+    assert len(losses) == 30 and all(map(lambda x: x == x, losses))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # the adapter learns on its own data
+    evs = ed.load_eval_set(path)
+    greedy = ed.generate_e2e(model, tok, [x.mr for x in evs], max_new_tokens=12)
+    assert len(greedy) == len(evs) and all(isinstance(g, str) for g in greedy)
+    fast = ("exact", "stem", "synonym") if em.meteor_unavailable() is None else None
+    out = ed.evaluate_e2e(model, tok, evs, num_beams=2, max_new_tokens=12, no_repeat_ngram_size=4,
+                          length_penalty=0.8, meteor_modules=fast, predictions_path=tmp_path / "pred.txt")
+    assert set(em.METRICS) <= set(out) and len(out["predictions"]) == len(evs)
+    assert (tmp_path / "pred.txt").read_text(encoding="utf-8").count("\n") == len(evs)
+    for m in ("BLEU", "ROUGE_L"):
+        assert 0.0 <= out[m] <= 1.0
+    assert out["NIST"] >= 0.0 and out["CIDEr"] >= 0.0
+    if fast is None:
+        assert out["METEOR"] is None and "METEOR" in out["notes"]
+    else:
+        assert 0.0 <= out["METEOR"] <= 1.0
+    ed.write_references(tmp_path / "refs.txt", evs)
+    blocks = (tmp_path / "refs.txt").read_text(encoding="utf-8").strip().split("\n\n")
+    assert [len(b.split("\n")) for b in blocks] == [len(x.refs) for x in evs]
