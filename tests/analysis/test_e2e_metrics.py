@@ -45,6 +45,25 @@ def test_bleu_closest_reference_length_ties_go_to_the_shorter():
     assert em.bleu(hyps, [toks("a b c d e f g")]) == pytest.approx(math.exp(1 - 7 / 6), rel=1e-7)
 
 
+def test_bleu_agrees_with_sacrebleu_on_a_random_multi_reference_corpus():
+    # an independent implementation of mteval-v13a BLEU (13a tokenisation, lowercased, closest ref length)
+    sacrebleu = pytest.importorskip("sacrebleu")
+    import random
+
+    rng = random.Random(0)
+    words = "the eagle is a cheap coffee shop near burger king , it has 5 out of 5 . aromi pub £20-25 isn't".split()
+
+    def sent():
+        return " ".join(rng.choice(words) for _ in range(rng.randint(5, 20))).capitalize()
+
+    hyps = [sent() for _ in range(40)]
+    refs = [[sent() for _ in range(rng.randint(1, 4))] + [h] * (rng.random() < 0.3) for h in hyps]
+    ours = em.compute_e2e_metrics(hyps, refs, metrics=("BLEU",))["BLEU"]
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(max(map(len, refs)))]
+    theirs = sacrebleu.corpus_bleu(hyps, streams, tokenize="13a", lowercase=True).score
+    assert ours * 100 == pytest.approx(theirs, rel=1e-9)
+
+
 def test_mteval_tokenisation():
     assert em.mteval_tokenize("The Eagle, a pub, costs £20-25. It's 4.5 stars!") == [
         "the", "eagle", ",", "a", "pub", ",", "costs", "£20", "-", "25", ".", "it's", "4.5", "stars", "!"]

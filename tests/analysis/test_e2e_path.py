@@ -115,6 +115,10 @@ def test_e2e_path_on_a_tiny_gpt2(tmp_path):
         assert out["METEOR"] is None and "METEOR" in out["notes"]
     else:
         assert 0.0 <= out["METEOR"] <= 1.0
+    # the same outputs scored from the files, as `measure_scores.py REFS PRED` would
+    again = ed.score_files(path, tmp_path / "pred.txt", metrics=("BLEU", "NIST", "ROUGE_L", "CIDEr"))
+    for m in ("BLEU", "NIST", "ROUGE_L", "CIDEr"):
+        assert again[m] == pytest.approx(out[m])
     ed.write_references(tmp_path / "refs.txt", evs)
     blocks = (tmp_path / "refs.txt").read_text(encoding="utf-8").strip().split("\n\n")
     assert [len(b.split("\n")) for b in blocks] == [len(x.refs) for x in evs]

@@ -287,3 +287,40 @@ def evaluate_e2e(model, tokenizer, eval_set: list[E2EInstance], num_beams: int =
                                  tokenizer=metric_tokenizer, meteor_modules=meteor_modules)
     scores["predictions"] = preds
     return scores
+
+
+def score_files(refs_csv: str | Path, predictions: str | Path, **kwargs) -> dict:
+    """Score a system-output file (one line per unique MR, in the CSV's first-appearance order) against an E2E
+    CSV with references, like `measure_scores.py REFS.csv PRED.txt`."""
+    eval_set = load_eval_set(refs_csv)
+    text = Path(predictions).read_text(encoding="utf-8")
+    preds = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")  # empty outputs are lines too
+    if len(preds) != len(eval_set):
+        raise ValueError(f"{predictions}: {len(preds)} lines for {len(eval_set)} unique MRs in {refs_csv}")
+    return compute_e2e_metrics(preds, [list(x.refs) for x in eval_set], **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vblora.analysis.e2e_data REFS.csv PRED.txt [--tokenizer auto|java|python] [--json OUT]`"""
+    import argparse
+    import json
+
+    from vblora.analysis.e2e_metrics import format_scores
+
+    ap = argparse.ArgumentParser(prog="python -m vblora.analysis.e2e_data", description=main.__doc__)
+    ap.add_argument("refs_csv")
+    ap.add_argument("predictions")
+    ap.add_argument("--tokenizer", default="auto", choices=("auto", "java", "python"))
+    ap.add_argument("--json", default=None, help="also write the scores here as JSON")
+    args = ap.parse_args(argv)
+    scores = score_files(args.refs_csv, args.predictions, tokenizer=args.tokenizer)
+    print(format_scores(scores))
+    for metric, note in scores["notes"].items():
+        print(f"{metric}: {note}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
