@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -34,7 +33,9 @@ _IDX, _W = "_topk_indices", "_topk_weights"
 
 
 def snapshot_of(model_or_path) -> tuple[AdapterSnapshot, nn.Module | None]:
-    """A snapshot from an adapted model, or from an adapter file (then no model)."""
+    """A snapshot from an adapted model, an AdapterSnapshot, or an adapter file (then no model)."""
+    if isinstance(model_or_path, AdapterSnapshot):
+        return model_or_path, None
     if isinstance(model_or_path, nn.Module):
         return take_snapshot(model_or_path), _unwrap(model_or_path)
     from vblora.storage import read_adapter
@@ -245,7 +246,3 @@ def _check_base(base: nn.Module, names: list[str], conf: dict, b: int, d: Path, 
     if problems:
         raise AdapterFormatError(f"{d}: adapter does not fit this base model: " + "; ".join(problems[:6]))
 
-
-def target_regex(names: list[str]) -> str:
-    """A regex matching exactly these qualified names."""
-    return "(?:" + "|".join(re.escape(n) for n in names) + ")"

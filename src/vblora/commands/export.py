@@ -1,0 +1,44 @@
+"""`vblora export PATH --to peft|lora|merged -o OUT`: an adapter file as an HF PEFT VB-LoRA directory, an exact
+plain-LoRA directory, or (with `--base`) the merged full model."""
+
+from __future__ import annotations
+
+
+def load_base(base: str, architecture: str | None):
+    """A transformers model from a local directory, of the class the adapter was saved from when known."""
+    import transformers
+
+    cls = getattr(transformers, architecture, None) if architecture else None
+    cls = cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
+    return cls.from_pretrained(base).eval()
+
+
+def run(args) -> int:
+    from vblora.interop import export_peft
+    from vblora.lora_export import export_lora, merge_and_save
+    from vblora.storage import load_adapter, read_adapter
+
+    snap, _ = read_adapter(args.path, bank_path=args.bank)
+    if args.to == "peft":
+        out = export_peft(snap, args.output, save_only_topk_weights=args.topk_only)
+    elif args.to == "lora":
+        out = export_lora(snap, args.output)
+    else:
+        if not args.base:
+            print("vblora export --to merged needs --base (the base model's directory)")
+            return 2
+        model = load_adapter(load_base(args.base, snap.architecture), args.path, bank_path=args.bank)
+        out = merge_and_save(model, args.output)
+    print(f"wrote {args.to} to {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="convert an adapter file to PEFT VB-LoRA, plain LoRA, or a merged model")
+    p.add_argument("path", help="adapter directory or .safetensors file")
+    p.add_argument("--to", choices=["peft", "lora", "merged"], required=True)
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--topk-only", action="store_true", help="peft: PEFT's save_only_topk_weights variant")
+    p.add_argument("--base", default=None, help="merged: base model directory (transformers from_pretrained)")
+    p.add_argument("--bank", default=None, help="shared bank file, for adapters saved with bank='reference'")
+    p.set_defaults(func=run)

@@ -1,0 +1,71 @@
+"""`vblora inspect PATH`: config, sizes, stored-parameter count, bytes per component and base fingerprint of an
+adapter file, then a full verification (hashes, shapes, ranges)."""
+
+from __future__ import annotations
+
+import json
+
+
+def summary(path: str, bank_path: str | None = None) -> dict:
+    """What `inspect` prints, as a dict (also used by tests and `--json`)."""
+    from vblora.errors import AdapterFormatError
+    from vblora.inject import index_width
+    from vblora.safefile import parse_json_metadata, read_safetensors
+    from vblora.storage import adapter_file, read_adapter
+
+    file = adapter_file(path)
+    tensors, metadata, size = read_safetensors(file)
+    header = parse_json_metadata(file, metadata, "vblora")
+    nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    cfg = header.get("config", {})
+    h, b = cfg.get("num_vectors", 0), cfg.get("vector_length", 0)
+    n, k = (header.get("indices", {}).get("shape") or [0, 0])[:2]
+    extras = sum(t.numel() for key, t in tensors.items() if key.startswith("modules_to_save."))
+    components = {
+        "bank": nbytes.get("bank", 0) + nbytes.get("bank_scale", 0),
+        "indices": nbytes.get("indices", 0),
+        "weights": nbytes.get("weights", 0),
+        "modules_to_save": sum(v for key, v in nbytes.items() if key.startswith("modules_to_save.")),
+    }
+    components["header"] = size - sum(nbytes.values())
+    try:
+        read_adapter(file, bank_path=bank_path)
+        verified = "ok"
+    except AdapterFormatError as e:
+        verified = f"FAILED: {e}"
+    return {
+        "file": str(file), "file_bytes": size, "format_version": header.get("format_version"),
+        "library_version": header.get("library_version"), "precision": header.get("precision"),
+        "packed_indices": header.get("indices", {}).get("packed"), "bank_mode": header.get("bank", {}).get("mode"),
+        "config": cfg, "modules": len(header.get("modules", [])), "subvectors": n, "k": k,
+        "stored_parameters": h * b + n * (k * index_width(h) + (k - 1)) + extras if h else None,
+        "bytes": components, "base": header.get("base"), "verified": verified,
+    }
+
+
+def run(args) -> int:
+    info = summary(args.path, args.bank)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0 if info["verified"] == "ok" else 1
+    cfg = info["config"]
+    print(f"{info['file']}  ({info['file_bytes']:,} bytes, format v{info['format_version']}, "
+          f"written by vblora {info['library_version']})")
+    print(f"  precision {info['precision']}, packed indices {info['packed_indices']}, bank {info['bank_mode']}")
+    print(f"  rank {cfg.get('rank')}, bank h={cfg.get('num_vectors')} x b={cfg.get('vector_length')}, k={info['k']}, "
+          f"{info['modules']} modules, {info['subvectors']:,} sub-vectors, targets {cfg.get('target_modules')!r}")
+    print(f"  stored parameters (float32-equivalent): {info['stored_parameters']:,.0f}")
+    print("  bytes: " + ", ".join(f"{k} {v:,}" for k, v in info["bytes"].items()))
+    base = info["base"] or {}
+    print(f"  base model: {base.get('architecture')} (model_type {base.get('model_type')}), adapted weight shapes "
+          f"sha256 {str(base.get('weights_sha256'))[:16]}")
+    print(f"  verified: {info['verified']}")
+    return 0 if info["verified"] == "ok" else 1
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="show config, sizes and base fingerprint of an adapter file; verify it")
+    p.add_argument("path", help="adapter directory or .safetensors file")
+    p.add_argument("--bank", default=None, help="shared bank file, for adapters saved with bank='reference'")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    p.set_defaults(func=run)
