@@ -294,7 +294,8 @@ def score_files(refs_csv: str | Path, predictions: str | Path, **kwargs) -> dict
     CSV with references, like `measure_scores.py REFS.csv PRED.txt`."""
     eval_set = load_eval_set(refs_csv)
     text = Path(predictions).read_text(encoding="utf-8")
-    preds = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")  # empty outputs are lines too
+    lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")  # empty outputs are lines too
+    preds = [line.strip() for line in lines]  # measure_scores.py strips each line too
     if len(preds) != len(eval_set):
         raise ValueError(f"{predictions}: {len(preds)} lines for {len(eval_set)} unique MRs in {refs_csv}")
     return compute_e2e_metrics(preds, [list(x.refs) for x in eval_set], **kwargs)
