@@ -195,5 +195,10 @@ def test_compute_e2e_metrics_keys_scale_and_unavailable_metrics(monkeypatch):
     assert out["METEOR"] is None and "java" in out["notes"]["METEOR"]
     assert out["tokenizer"] == "ptb-python" and out["BLEU"] is not None and out["CIDEr"] is not None
     assert "METEOR n/a" in em.format_scores(out)
+    # no pycocoevalcap either: only NIST (own code) is left, the rest say why
+    monkeypatch.setattr(em, "_coco_jar_dir", lambda: None)
+    out = em.compute_e2e_metrics(hyps, refs)
+    assert out["NIST"] > 0 and all(out[m] is None for m in ("BLEU", "METEOR", "ROUGE_L", "CIDEr"))
+    assert "pycocoevalcap" in out["notes"]["BLEU"] and out["tokenizer"] == "ptb-python"
     with pytest.raises(ValueError):
         em.compute_e2e_metrics(["one output"], refs)

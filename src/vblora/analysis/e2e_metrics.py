@@ -308,11 +308,15 @@ def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[s
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {METRICS}")
     out: dict = {m: None for m in metrics}
     notes: dict[str, str] = {}
+    no_coco = None if _coco_jar_dir() else "pycocoevalcap is not installed (pip install 'vblora[e2e]')"
     if "BLEU" in metrics or "NIST" in metrics:
         mt_h = [mteval_tokenize(h) for h in hyps]
         mt_r = [[mteval_tokenize(x) for x in r] for r in refs]
         if "BLEU" in metrics:
-            out["BLEU"] = bleu(mt_h, mt_r)
+            if no_coco:
+                notes["BLEU"] = no_coco
+            else:
+                out["BLEU"] = bleu(mt_h, mt_r)
         if "NIST" in metrics:
             out["NIST"] = nist(mt_h, mt_r)
     used = None
@@ -320,11 +324,11 @@ def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[s
     if coco:
         no_java = java_available()
         if tokenizer == "auto":
-            tokenizer = "python" if no_java else "java"
+            tokenizer = "python" if (no_java or no_coco) else "java"
         if tokenizer not in ("java", "python"):
             raise ValueError(f"tokenizer must be 'auto', 'java' or 'python', not {tokenizer!r}")
-        if tokenizer == "java" and no_java:
-            raise RuntimeError(f"tokenizer='java' but {no_java}")
+        if tokenizer == "java" and (no_java or no_coco):
+            raise RuntimeError(f"tokenizer='java' but {no_java or no_coco}")
         flat = list(hyps) + [x for r in refs for x in r]
         toks = ptb_tokenize_java(flat) if tokenizer == "java" else [ptb_tokenize_python(t) for t in flat]
         used = "ptb-java" if tokenizer == "java" else "ptb-python"
@@ -332,10 +336,12 @@ def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[s
         for r in refs:
             c_r.append(toks[pos:pos + len(r)])
             pos += len(r)
-        if "ROUGE_L" in metrics:
-            out["ROUGE_L"] = rouge_l(c_h, c_r)
-        if "CIDEr" in metrics:
-            out["CIDEr"] = cider(c_h, c_r)
+        for name, fn in (("ROUGE_L", rouge_l), ("CIDEr", cider)):
+            if name in metrics:
+                if no_coco:
+                    notes[name] = no_coco
+                else:
+                    out[name] = fn(c_h, c_r)
         if "METEOR" in metrics:
             reason = meteor_unavailable()
             if reason is None:
