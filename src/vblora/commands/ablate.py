@@ -20,11 +20,16 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--max-eval-samples", type=int, default=0, help="test examples scored (default 0 = all)")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs per run (default 1)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is fastest on a busy shared machine; default: torch's choice)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="any other `vblora train` setting, e.g. model=PATH train_file=... lr_logits=0.02")
 
 
 def _budget(args):
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
     from vblora.analysis.ablate import Budget
     return Budget(args.max_train_samples or None, args.max_eval_samples or None, args.epochs, args.batch_size)
 
