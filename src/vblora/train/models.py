@@ -76,7 +76,9 @@ def load_model(path: str, gguf_file: str | None, kind: str, num_labels: int = 2,
                 config.id2label = {i: n for i, n in enumerate(label_names)}
                 config.label2id = {n: i for i, n in enumerate(label_names)}
             kw = {"gguf_file": gguf_file} if gguf_file else {}
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32, **kw)
+            # ignore_mismatched_sizes: a checkpoint with another head size (or none) gets a fresh head
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32,
+                                                                       ignore_mismatched_sizes=True, **kw)
         else:
             kw = {"gguf_file": gguf_file} if gguf_file else {}
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)

@@ -185,6 +185,7 @@ def train(cfg: RunConfig, log=print) -> dict:
     train_out = trainer.train(resume_from_checkpoint=resume)
     train_time = time.time() - t_train
     tracker.active = False
+    per_epoch = _per_epoch(trainer.state.log_history)  # before the final evaluations add their own entries
     if tracker.state is not None:
         load_trainable(trainer.model, tracker.state)
 
@@ -204,7 +205,7 @@ def train(cfg: RunConfig, log=print) -> dict:
         "trainable_parameters": adapted.trainable_parameters,
         "method": cfg.method, "task": data.kind, "primary_metric": metric, "recipe": cfg.recipe, "seed": cfg.seed,
         "model": path, "best_epoch": tracker.best_epoch,
-        "per_epoch": _per_epoch(trainer.state.log_history),
+        "per_epoch": per_epoch,
         "train_loss": float(train_out.training_loss), "wall_time_s": None, "train_time_s": round(train_time, 2),
         "world_size": world, "device": "cpu" if dev["use_cpu"] else torch.cuda.get_device_name(0),
         "adapted_modules": len(adapted.targets), "targets": adapted.targets, "details": adapted.details,

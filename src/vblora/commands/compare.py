@@ -1,0 +1,54 @@
+"""`vblora compare`: run several methods over several seeds on one task; print and save a Table-1-like summary."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    from vblora.commands.train import add_run_flags
+
+    p = subparsers.add_parser("compare", help="run methods x seeds through `vblora train` and tabulate test scores",
+                              description=__doc__)
+    p.add_argument("--methods", default="vblora,lora,vera,tied-lora,full",
+                   help="comma-separated: vblora,lora,vera,tied-lora,full")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--set", dest="method_overrides", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="per-method setting, e.g. --set vblora:epochs=2 --set lora:lr=1e-3")
+    add_run_flags(p)
+    p.set_defaults(func=run, output=None)
+
+
+def _parse_overrides(items: list[str]) -> dict[str, dict]:
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in items:
+        try:
+            method, kv = item.split(":", 1)
+            key, value = kv.split("=", 1)
+        except ValueError:
+            raise SystemExit(f"vblora compare: --set expects METHOD:KEY=VALUE, got '{item}'") from None
+        out.setdefault(method, {})[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from vblora.commands.train import overrides
+    from vblora.train.compare import run_compare
+    from vblora.train.errors import TrainError
+
+    base = overrides(args)
+    out = Path(base.pop("output", None) or "runs/compare")
+    base.pop("method", None)
+    base.pop("seed", None)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        run_compare(methods, list(range(args.seeds)), out, args.recipe, base, _parse_overrides(args.method_overrides))
+    except TrainError as e:
+        print(f"vblora compare: error: {e}")
+        return 2
+    print(f"saved {out / 'compare.md'} and {out / 'compare.json'}")
+    return 0

@@ -1,0 +1,95 @@
+"""`vblora compare`: every method x seed through the same `train()`, then a Table-1-like summary.
+
+Each run writes OUT/<method>-seed<k>/results.json; a run whose results.json exists is reused, so a killed compare
+continues where it stopped. The summary (mean, std, median of the primary test metric; stored parameters) is
+printed and saved as OUT/compare.md and OUT/compare.json.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from vblora.train.options import build_config
+
+# Per-method settings of the paper-style comparison (issue #5): LoRA r=4 alpha 8, VeRA r=256, Tied-LoRA r=8,
+# VB-LoRA r=4 k=2 (its recipe's bank). Users override with --method-override METHOD:key=value.
+METHOD_DEFAULTS: dict[str, dict] = {"lora": {"rank": 4, "lora_alpha": 8.0}, "vera": {"vera_rank": 256},
+                                    "tied-lora": {"tied_rank": 8}, "vblora": {"rank": 4, "topk": 2}, "full": {}}
+
+
+def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | None, base_overrides: dict,
+                method_overrides: dict[str, dict], log=print) -> dict:
+    from vblora.train.run import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for method in methods:
+        for seed in seeds:
+            run_dir = out / f"{method}-seed{seed}"
+            res_file = run_dir / "results.json"
+            if res_file.exists():
+                runs[method].append(json.loads(res_file.read_text()))
+                log(f"[compare] {method} seed {seed}: reusing {res_file}")
+                continue
+            ov = {**base_overrides, **METHOD_DEFAULTS.get(method, {}), **method_overrides.get(method, {}),
+                  "method": method, "seed": seed, "output": str(run_dir), "overwrite": True}
+            cfg = build_config(recipe, ov)
+            t = time.time()
+            try:
+                runs[method].append(train(cfg, log=log))
+            except Exception as e:  # one failing method must not lose the others' hours
+                log(f"[compare] {method} seed {seed} FAILED: {type(e).__name__}: {e}")
+                runs[method].append({"error": f"{type(e).__name__}: {e}"})
+            log(f"[compare] {method} seed {seed} done in {time.time() - t:.0f} s")
+            summary = summarize(runs, seeds)
+            write_summary(summary, out)
+    summary = summarize(runs, seeds)
+    write_summary(summary, out)
+    log(format_table(summary))
+    return summary
+
+
+def summarize(runs: dict[str, list[dict]], seeds: list[int]) -> dict:
+    rows = []
+    for method, rs in runs.items():
+        ok = [r for r in rs if "metrics" in r]
+        if not ok:
+            rows.append({"method": method, "runs": 0, "errors": [r.get("error") for r in rs]})
+            continue
+        key = ok[0]["primary_metric"]
+        vals = [float(r["metrics"]["test"][key]) for r in ok]
+        vvals = [float(r["metrics"]["validation"][key]) for r in ok]
+        rows.append({
+            "method": method, "metric": key, "runs": len(ok), "seeds": [r["seed"] for r in ok],
+            "stored_parameters": ok[0]["stored_parameters"], "adapter_bytes": ok[0]["adapter_bytes"],
+            "test_mean": statistics.fmean(vals), "test_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "test_median": statistics.median(vals), "test_values": vals,
+            "validation_mean": statistics.fmean(vvals),
+            "train_time_s_mean": statistics.fmean(r.get("train_time_s") or 0 for r in ok),
+            "epochs": ok[0]["config"]["epochs"],
+            "errors": [r.get("error") for r in rs if "error" in r],
+        })
+    return {"rows": rows, "seeds": seeds}
+
+
+def format_table(summary: dict) -> str:
+    head = ("| method | stored params | epochs | test mean | test std | test median | validation mean | "
+            "train time (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in summary["rows"]:
+        if not r["runs"]:
+            lines.append(f"| {r['method']} | failed: {r['errors'][:1]} | | | | | | |")
+            continue
+        lines.append(f"| {r['method']} | {r['stored_parameters']:,.0f} | {r['epochs']:g} | {r['test_mean']:.4f} | "
+                     f"{r['test_std']:.4f} | {r['test_median']:.4f} | {r['validation_mean']:.4f} | "
+                     f"{r['train_time_s_mean']:.0f} |")
+    metric = next((r["metric"] for r in summary["rows"] if r.get("runs")), "metric")
+    return f"Test {metric} over seeds {summary['seeds']}:\n\n" + "\n".join(lines)
+
+
+def write_summary(summary: dict, out: Path) -> None:
+    (out / "compare.json").write_text(json.dumps(summary, indent=2))
+    (out / "compare.md").write_text(format_table(summary) + "\n")
