@@ -73,6 +73,14 @@ def test_roberta_base_fp32_bytes_equal_paper_count_and_header_small(tmp_path):
     assert tensor_bytes(path) == count["stored"] * 4 == 107712
     assert os.path.getsize(path) - tensor_bytes(path) <= 16 * 1024
     assert load_file(path)["indices"].dtype == torch.uint8
+    # against PEFT's save_only_topk_weights layout of the same adapter (bench/storage_sizes.py uses PEFT's own file)
+    from vblora.interop import export_peft
+
+    peft_topk = os.path.getsize(export_peft(model, tmp_path / "peft", save_only_topk_weights=True)
+                                / "adapter_model.safetensors")
+    assert os.path.getsize(save_adapter(model, tmp_path / "fp16", precision="fp16")) <= 0.6 * peft_topk
+    assert os.path.getsize(save_adapter(model, tmp_path / "int8", precision="int8", pack_indices=True)) \
+        <= 0.35 * peft_topk
 
 
 @pytest.mark.parametrize("precision,pack,tol", [("fp16", False, 2e-3), ("bf16", False, 2e-2), ("int8", False, 3e-2),
