@@ -142,9 +142,21 @@ def test_python_ptb_tokenizer_by_hand():
     assert em.ptb_tokenize_python("Prices start at £30.") == ["prices", "start", "at", "#", "30"]
 
 
+PIECES = ["The", "Eagle", "is", "a", "pub", "near", "Café", "Rouge", "£20-25", "5/5", "3.5", "it's", "isn't",
+          "children's", "'The Mill'", '"The Mill"', "(near Burger King)", "non-family-friendly", "&", "...", "!", "?",
+          ";", ":", "-", "--", "more than £30.", "city centre.", "riverside,", "rated 5 out of 5.", "They're", "don't",
+          "can't", "won't", "Zizzi's", "high-priced", "1-star", "no!", "You'll", "we'd", "I'm", "£££", "costs £20.",
+          "Fitzbillies'", "the pubs'", "5.0", "30-plus", "English/Chinese", "cheap,"]
+
+
 @needs_java
 def test_python_ptb_tokenizer_matches_the_java_one():
-    assert [em.ptb_tokenize_python(s) for s in E2E_LIKE] == em.ptb_tokenize_java(E2E_LIKE)
+    import random
+
+    rng = random.Random(1)
+    fuzz = [" ".join(rng.choice(PIECES) for _ in range(rng.randint(5, 25))) for _ in range(300)]
+    texts = E2E_LIKE + fuzz
+    assert [em.ptb_tokenize_python(s) for s in texts] == em.ptb_tokenize_java(texts)
 
 
 # -------------------------------------------------------------------------------------------------- METEOR
