@@ -61,5 +61,11 @@ def inputs(seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def output(model: torch.nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
-    out = model(input_ids=inputs() if ids is None else ids)
+    # One thread: these models are tiny, and on a busy 2-core machine OpenMP spinning makes a forward ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = model(input_ids=inputs() if ids is None else ids)
+    finally:
+        torch.set_num_threads(threads)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state

@@ -276,3 +276,18 @@ def test_save_rejects_bad_options(tmp_path):
         save_adapter(model, tmp_path, precision="fp8")
     with pytest.raises(AdapterFormatError, match="bank"):
         save_adapter(model, tmp_path, bank="elsewhere")
+
+
+def test_non_dividing_vector_length_and_embedding_round_trip(tmp_path):
+    model, base = adapted("gpt2", target_modules=["wte", "c_attn", "c_fc"], vector_length=48)
+    ref = output(model)
+    kinds = {m.kind for m in read_adapter(save_adapter(model, tmp_path))[0].modules}
+    assert kinds == {"embedding", "conv1d"}
+    assert (output(load_adapter(base, tmp_path)) - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+def test_public_api():
+    for name in ("save_adapter", "load_adapter", "export_peft", "import_peft", "export_lora", "merge_and_save",
+                 "AdapterFormatError", "save_bank", "save_checkpoint", "load_checkpoint"):
+        assert name in vblora.__all__ and hasattr(vblora, name)
+    assert vblora.AdapterFormatError is AdapterFormatError and issubclass(AdapterFormatError, ValueError)

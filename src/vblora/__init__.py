@@ -18,6 +18,10 @@ from vblora.inject import (
     unload,
     unmerge,
 )
+from vblora.checkpoint import load_checkpoint, save_checkpoint
+from vblora.interop import export_peft, import_peft
+from vblora.lora_export import export_lora, merge_and_save
+from vblora.storage import load_adapter, save_adapter, save_bank
 
 __version__ = "0.1.0"
 
@@ -39,4 +43,13 @@ __all__ = [
     "TargetError",
     "NonFiniteError",
     "AdapterFormatError",
+    "save_adapter",
+    "load_adapter",
+    "save_bank",
+    "export_peft",
+    "import_peft",
+    "export_lora",
+    "merge_and_save",
+    "save_checkpoint",
+    "load_checkpoint",
 ]
