@@ -291,3 +291,15 @@ def test_public_api():
                  "AdapterFormatError", "save_bank", "save_checkpoint", "load_checkpoint"):
         assert name in vblora.__all__ and hasattr(vblora, name)
     assert vblora.AdapterFormatError is AdapterFormatError and issubclass(AdapterFormatError, ValueError)
+
+
+def test_loading_onto_an_adapted_model_is_refused(tmp_path):
+    from vblora.errors import TargetError
+    from vblora.interop import export_peft, import_peft
+
+    model, _ = adapted("llama")
+    path = save_adapter(model, tmp_path / "a")
+    with pytest.raises(TargetError, match="already has a VB-LoRA adapter"):
+        load_adapter(model, path)
+    with pytest.raises(TargetError, match="already has a VB-LoRA adapter"):
+        import_peft(model, export_peft(model, tmp_path / "p"))

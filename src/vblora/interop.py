@@ -23,7 +23,7 @@ from vblora.inject import _unwrap, add_vblora, get_bank, trained_copies
 from vblora.layers import base_dims, layer_class
 from vblora.packing import complete_weights
 from vblora.safefile import atomic_write, read_safetensors, write_safetensors
-from vblora.snapshot import AdapterSnapshot, take_snapshot
+from vblora.snapshot import AdapterSnapshot, refuse_adapted, take_snapshot
 
 PREFIX = "base_model.model."
 BANK_KEY = "base_model.vblora_vector_bank"
@@ -156,6 +156,7 @@ def import_peft(base_model: nn.Module, in_dir: str | os.PathLike, *, strict: boo
     `save_only_topk_weights` variant becomes the inference form directly from indices and weights, never
     allocating `(N, h)` logits. With trainable=False (default) the adapter is frozen and the model put in eval mode.
     """
+    refuse_adapted(base_model)
     conf, tensors, d = read_peft_dir(in_dir)
     base = _unwrap(base_model)
     topk_only = bool(conf.get("save_only_topk_weights"))

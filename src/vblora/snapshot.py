@@ -16,7 +16,7 @@ from torch import nn
 
 from vblora.config import VBLoRAConfig
 from vblora.errors import AdapterFormatError, TargetError, VBLoRAError
-from vblora.inject import _unwrap, adapted_layers, add_vblora, find_targets, get_bank, trained_copies
+from vblora.inject import BANK_ATTR, _unwrap, adapted_layers, add_vblora, find_targets, get_bank, trained_copies
 from vblora.layers import Slot, VBLoRAConv1D, VBLoRAEmbedding, base_dims, layer_class, slot_sizes
 
 MODULE_FIELDS = ("name", "kind", "in", "out", "a_start", "a_count", "b_start", "b_count")
@@ -128,8 +128,16 @@ def _kind_of(module: nn.Module) -> str:
     return {VBLoRAConv1D: "conv1d", VBLoRAEmbedding: "embedding"}.get(cls, "linear")
 
 
+def refuse_adapted(base: nn.Module) -> None:
+    """An adapter loads onto a plain base model only (TargetError, as `add_vblora` raises, before any comparison)."""
+    if hasattr(_unwrap(base), BANK_ATTR):
+        raise TargetError(f"{type(_unwrap(base)).__name__} already has a VB-LoRA adapter (model.{BANK_ATTR}); load "
+                          f"onto a fresh base model, or remove it first with vblora.unload(model)")
+
+
 def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool = True) -> None:
     """Raise AdapterFormatError saying what differs if `base` is not the model the adapter was saved from."""
+    refuse_adapted(base)
     base = _unwrap(base)
     problems = []
     arch = type(base).__name__
