@@ -20,6 +20,7 @@ with the reason under "notes"; nothing is downloaded at run time. See docs/e2e.m
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import re
@@ -238,6 +239,7 @@ class MeteorServer:
         self.proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(m.__file__)), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, encoding="utf-8")
         self.lock = threading.Lock()
+        atexit.register(self.close)
 
     @classmethod
     def get(cls, modules: tuple[str, ...] | None = None) -> "MeteorServer":
