@@ -4,10 +4,11 @@ import math
 
 import pytest
 
-pytest.importorskip("pycocoevalcap")
-from vblora.analysis import e2e_metrics as em  # noqa: E402
+from vblora.analysis import e2e_metrics as em
 
+NO_COCO = None if em._coco_jar_dir() else "pycocoevalcap is not installed (pip install 'vblora[e2e]')"
 NO_JAVA = em.meteor_unavailable()
+needs_coco = pytest.mark.skipif(NO_COCO is not None, reason=str(NO_COCO))
 needs_java = pytest.mark.skipif(NO_JAVA is not None, reason=f"METEOR needs Java: {NO_JAVA}")
 
 
@@ -16,6 +17,7 @@ def toks(*sentences):
 
 
 # --------------------------------------------------------------------------------------------------- BLEU
+@needs_coco
 def test_bleu_two_inputs_by_hand():
     # input 1: hyp "the cat sat on the mat" (6 tokens), refs of 6 and 7 tokens -> closest ref length 6
     #   1-grams: the x2 (refs allow 2), cat, on, mat match, sat does not      -> 5/6
@@ -35,6 +37,7 @@ def test_bleu_two_inputs_by_hand():
     assert em.bleu(hyps, refs) == pytest.approx(expected, rel=1e-7)
 
 
+@needs_coco
 def test_bleu_closest_reference_length_ties_go_to_the_shorter():
     # hyp of 6 tokens, refs of 5 and 7: both 1 away; mteval-v13a takes 5 -> c > r, no brevity penalty
     hyps = toks("a b c d e f")
@@ -45,6 +48,7 @@ def test_bleu_closest_reference_length_ties_go_to_the_shorter():
     assert em.bleu(hyps, [toks("a b c d e f g")]) == pytest.approx(math.exp(1 - 7 / 6), rel=1e-7)
 
 
+@needs_coco
 def test_bleu_agrees_with_sacrebleu_on_a_random_multi_reference_corpus():
     # an independent implementation of mteval-v13a BLEU (13a tokenisation, lowercased, closest ref length)
     sacrebleu = pytest.importorskip("sacrebleu")
@@ -87,7 +91,7 @@ def test_nist_two_inputs_by_hand():
 def test_nist_matches_nltk_on_single_references():
     # nltk's corpus_nist picks one best reference per input (not mteval's multi-reference rule), so it can only
     # agree with mteval on single-reference data; there both follow Doddington (2002)
-    from nltk.translate.nist_score import corpus_nist
+    corpus_nist = pytest.importorskip("nltk.translate.nist_score").corpus_nist
 
     hyps = toks("the eagle is a cheap coffee shop near burger king", "aromi is a pub in the city centre today")
     refs = [toks("the eagle is a coffee shop near burger king"), toks("aromi is a family pub in the riverside area")]
@@ -95,6 +99,7 @@ def test_nist_matches_nltk_on_single_references():
 
 
 # ------------------------------------------------------------------------------------------------- ROUGE-L
+@needs_coco
 def test_rouge_l_by_hand():
     # input 1: hyp "a b c d e"; LCS with "a c e f" = 3 (a c e): P 3/5, R 3/4; with "b d" = 2: P 2/5, R 2/2.
     #   COCO's ROUGE-L takes max P (3/5) and max R (1) over the refs, F_beta with beta = 1.2
@@ -110,6 +115,7 @@ def test_rouge_l_by_hand():
 
 
 # --------------------------------------------------------------------------------------------------- CIDEr
+@needs_coco
 def test_cider_d_by_hand():
     # two inputs with disjoint single refs, so every reference n-gram has document frequency 1 and
     # idf = log(2 inputs) - log(1) = L for all n-grams (n-grams absent from the refs get the same weight L).
@@ -192,6 +198,7 @@ def test_meteor_structure_official_configuration():
 
 
 # ---------------------------------------------------------------------------------------- the whole set
+@needs_coco
 def test_compute_e2e_metrics_keys_scale_and_unavailable_metrics(monkeypatch):
     hyps = ["The cat sat on the mat.", "A dog runs in the park."]
     refs = [["The cat is on the mat.", "There is a cat on the mat."], ["A dog runs in the big park."]]

@@ -7,7 +7,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
-pytest.importorskip("pycocoevalcap")
 
 import vblora  # noqa: E402
 from vblora.analysis import e2e_data as ed  # noqa: E402
@@ -108,9 +107,13 @@ def test_e2e_path_on_a_tiny_gpt2(tmp_path):
                           length_penalty=0.8, meteor_modules=fast, predictions_path=tmp_path / "pred.txt")
     assert set(em.METRICS) <= set(out) and len(out["predictions"]) == len(evs)
     assert (tmp_path / "pred.txt").read_text(encoding="utf-8").count("\n") == len(evs)
+    assert out["NIST"] >= 0.0
+    if em._coco_jar_dir() is None:  # without pycocoevalcap only NIST is computed; the rest say why
+        assert all(out[m] is None and m in out["notes"] for m in ("BLEU", "METEOR", "ROUGE_L", "CIDEr"))
+        return
     for m in ("BLEU", "ROUGE_L"):
         assert 0.0 <= out[m] <= 1.0
-    assert out["NIST"] >= 0.0 and out["CIDEr"] >= 0.0
+    assert out["CIDEr"] >= 0.0
     if fast is None:
         assert out["METEOR"] is None and "METEOR" in out["notes"]
     else:
