@@ -125,3 +125,19 @@ def test_e2e_path_on_a_tiny_gpt2(tmp_path):
     ed.write_references(tmp_path / "refs.txt", evs)
     blocks = (tmp_path / "refs.txt").read_text(encoding="utf-8").strip().split("\n\n")
     assert [len(b.split("\n")) for b in blocks] == [len(x.refs) for x in evs]
+
+
+def test_recipes_hold_table_8():
+    pytest.importorskip("yaml")
+    from vblora.train.options import build_config
+
+    for name, epochs, bank in (("e2e-gpt2-medium", 4, 256), ("e2e-gpt2-large", 5, 350)):
+        cfg = build_config(name, {"model": "/local/gpt2", "train_file": "trainset.csv"})
+        assert (cfg.epochs, cfg.num_vectors, cfg.vector_length, cfg.rank) == (epochs, bank, 256, 4)
+        assert (cfg.batch_size, cfg.weight_decay, cfg.lr_bank, cfg.lr_logits) == (8, 0.01, 1e-3, 1e-2)
+        assert cfg.lr_scheduler == "linear" and set(cfg.target_modules) == {"c_attn", "c_proj", "c_fc"}
+        opts = ed.e2e_options(cfg.extra)
+        assert (opts["warmup_steps"], opts["label_smoothing"]) == (500, 0.1)
+        assert ed.decoding_kwargs(opts)["num_beams"] == 10
+    with pytest.raises(ValueError, match="unknown"):
+        ed.e2e_options({"e2e": {"beams": 4}})

@@ -209,6 +209,30 @@ def train_e2e(model, examples: list[dict], pad_id: int, epochs: float = 1.0, bat
     return losses
 
 
+# Settings of an E2E run that `RunConfig` has no field for; recipes keep them under `extra.e2e`.
+# Table 8: warm-up steps, label smoothing. The LoRA/VeRA E2E evaluation: beam 10, length penalty 0.8,
+# no-repeat n-gram 4, 64 new tokens.
+E2E_DEFAULTS = {"warmup_steps": 500, "label_smoothing": 0.1, "num_beams": 10, "length_penalty": 0.8,
+                "no_repeat_ngram_size": 4, "max_new_tokens": 64, "prompt_template": PROMPT_TEMPLATE,
+                "linearize_mr": True}
+
+
+def e2e_options(extra: dict | None) -> dict:
+    """A recipe's `extra["e2e"]` completed with `E2E_DEFAULTS` (unknown keys are an error, not ignored)."""
+    given = dict((extra or {}).get("e2e") or {})
+    unknown = sorted(set(given) - set(E2E_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown extra.e2e setting(s) {unknown}; known: {sorted(E2E_DEFAULTS)}")
+    return {**E2E_DEFAULTS, **given}
+
+
+def decoding_kwargs(options: dict) -> dict:
+    """The `generate_e2e` / `evaluate_e2e` keyword arguments of `e2e_options(...)`."""
+    return {"num_beams": options["num_beams"], "length_penalty": options["length_penalty"],
+            "no_repeat_ngram_size": options["no_repeat_ngram_size"], "max_new_tokens": options["max_new_tokens"],
+            "template": options["prompt_template"], "linearize": options["linearize_mr"]}
+
+
 # ---------------------------------------------------------------------------------------------- generation
 def generate_e2e(model, tokenizer, mrs: list[str], num_beams: int = 1, max_new_tokens: int = 64,
                  batch_size: int = 16, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
