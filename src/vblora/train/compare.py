@@ -26,8 +26,8 @@ def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | N
 
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for method in methods:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: a compare stopped early still has every method at the first seeds
+        for method in methods:
             run_dir = out / f"{method}-seed{seed}"
             res_file = run_dir / "results.json"
             if res_file.exists():
@@ -44,8 +44,7 @@ def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | N
                 log(f"[compare] {method} seed {seed} FAILED: {type(e).__name__}: {e}")
                 runs[method].append({"error": f"{type(e).__name__}: {e}"})
             log(f"[compare] {method} seed {seed} done in {time.time() - t:.0f} s")
-            summary = summarize(runs, seeds)
-            write_summary(summary, out)
+            write_summary(summarize(runs, seeds), out)
     summary = summarize(runs, seeds)
     write_summary(summary, out)
     log(format_table(summary))

@@ -35,7 +35,8 @@ class RunConfig:
     text_pair_column: str | None = None
     label_column: str = "label"
     max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    max_eval_samples: int | None = None   # caps the validation split
+    max_test_samples: int | None = None   # caps the test split
     max_length: int = 64           # tokens; batches are padded dynamically to their longest sequence
     # --- adapter ---
     target_modules: list[str] | str = "all-linear"  # names, "all-linear" (linear layers of the blocks), or regex
@@ -139,16 +140,25 @@ def build_config(recipe: str | None = None, overrides: dict | None = None) -> Ru
     """Defaults <- recipe <- overrides (None values in overrides mean 'not given')."""
     values: dict = {}
     name = recipe or "minilm-vader"
-    values.update(load_recipe(name))
+    recipe_values = load_recipe(name)
+    per_task = recipe_values.pop("per_task", None) or {}
+    values.update(recipe_values)
     values["recipe"] = name
     for k, v in (overrides or {}).items():
         if v is not None:
             values[k] = v
+    if per_task:  # e.g. GLUE recipes: epochs / head learning rate per task (paper Table 7)
+        task = values.get("glue_task")
+        if task not in per_task:
+            raise SetupError(f"recipe {name} needs --glue-task, one of {', '.join(per_task)}")
+        for k, v in per_task[task].items():
+            if (overrides or {}).get(k) is None:
+                values[k] = v
     names = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise SetupError(f"unknown setting(s) {unknown} in recipe {name}")
-    if values.get("train_file") and "dataset" not in (overrides or {}):
+    if values.get("train_file") and (overrides or {}).get("dataset") is None:
         values["dataset"] = None  # the user's files replace the built-in data
     cfg = RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
     if cfg.method not in METHODS:

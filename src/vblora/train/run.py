@@ -73,10 +73,11 @@ class BestTracker(TrainerCallback):
         self.model, self.key, self.dir, self.is_main = model, f"eval_{metric}", ckpt_dir, is_main
         self.sign = 1.0 if M.greater_is_better(metric) else -1.0
         self.best, self.best_epoch, self.state, self.active = None, None, None, True
+        self.metrics: dict | None = None  # validation metrics of the best epoch
         f = ckpt_dir / "best.json"
         if f.exists() and (ckpt_dir / "best_trainable.pt").exists():
             info = json.loads(f.read_text())
-            self.best, self.best_epoch = info["value"], info["epoch"]
+            self.best, self.best_epoch, self.metrics = info["value"], info["epoch"], info.get("metrics")
             self.state = torch.load(ckpt_dir / "best_trainable.pt", map_location="cpu")
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
@@ -85,11 +86,13 @@ class BestTracker(TrainerCallback):
         value = float(metrics[self.key])
         if self.best is None or self.sign * value > self.sign * self.best:
             self.best, self.best_epoch = value, round(float(state.epoch or 0), 4)
+            self.metrics = {k: float(v) for k, v in metrics.items()}
             self.state = trainable_state(self.model)
             if self.is_main:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 torch.save(self.state, self.dir / "best_trainable.pt")
-                (self.dir / "best.json").write_text(json.dumps({"value": self.best, "epoch": self.best_epoch}))
+                (self.dir / "best.json").write_text(json.dumps({"value": self.best, "epoch": self.best_epoch,
+                                                                "metrics": self.metrics}))
 
 
 def _device_args(cfg: RunConfig) -> dict:
@@ -140,7 +143,7 @@ def versions() -> dict:
             "peft": peft.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
-def train(cfg: RunConfig, log=print) -> dict:
+def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> dict:
     t0 = time.time()
     dev = _device_args(cfg)
     rank = int(os.environ.get("RANK", "0"))
@@ -170,13 +173,16 @@ def train(cfg: RunConfig, log=print) -> dict:
         save_strategy="steps" if cfg.save_steps else "epoch", save_steps=cfg.save_steps or 500,
         save_total_limit=2, logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
         bf16=cfg.bf16, fp16=cfg.fp16, remove_unused_columns=False, dataloader_num_workers=0,
-        ddp_find_unused_parameters=False, prediction_loss_only=lm, disable_tqdm=not sys.stderr.isatty() or None,
+        ddp_find_unused_parameters=False, prediction_loss_only=lm,
+        # token-count loss scaling across processes is right for causal LM losses only; a classifier's mean loss
+        # would be multiplied by the world size
+        average_tokens_across_devices=lm, disable_tqdm=not sys.stderr.isatty() or None,
         **dev)
     collator = tasks.LMCollator(tok.pad_token_id) if lm else _padding_collator(tok)
     tracker = BestTracker(model, metric, ckpt, is_main)
     trainer = _Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
                        data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.kind),
-                       callbacks=[tracker], param_groups=adapted.param_groups)
+                       callbacks=[tracker, *(callbacks or [])], param_groups=adapted.param_groups)
     log(f"vblora train: {cfg.method} on {Path(path).name} ({data.kind}), {len(data.train)} train / "
         f"{len(data.validation)} validation / {len(data.test)} test examples, {len(adapted.targets)} adapted modules, "
         f"{adapted.trainable_parameters:,} trainable, {adapted.stored_parameters:,.0f} stored parameters"
@@ -195,7 +201,9 @@ def train(cfg: RunConfig, log=print) -> dict:
         gen = generate_answers(trainer.model, tok, data, cfg, out if is_main else None)
         test.update(gen)
     else:
-        val = _strip(trainer.evaluate(data.validation, metric_key_prefix="eval"))
+        # the best epoch's validation metrics were computed on exactly this state: no second pass
+        val = _strip(tracker.metrics) if tracker.metrics else _strip(trainer.evaluate(data.validation,
+                                                                                       metric_key_prefix="eval"))
         test = _strip(trainer.evaluate(data.test, metric_key_prefix="test"))
 
     results = {

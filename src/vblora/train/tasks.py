@@ -61,6 +61,10 @@ def _cap(items: list, n: int | None) -> list:
     return items if n is None else items[:n]
 
 
+def _split_cap(cfg: RunConfig, split: str) -> int | None:
+    return {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_test_samples}[split]
+
+
 def build(cfg: RunConfig, tokenizer) -> TaskData:
     files = _files(cfg)
     if cfg.task in ("causal-lm", "gsm8k") or cfg.dataset == "vader-movie-instruct":
@@ -85,7 +89,7 @@ def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> T
             continue
         table = D.read_table(files[split], cfg.data_format, names)
         ex, labels = D.load_split(table, text_col, pair_col, label_col, labels)
-        cap = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+        cap = _split_cap(cfg, split)
         enc = tokenizer(_cap(ex.texts, cap), _cap(ex.pairs, cap) if ex.pairs else None,
                         truncation=True, max_length=cfg.max_length)
         items = []
@@ -111,9 +115,10 @@ def _lm_records(cfg: RunConfig, path: str) -> list[dict]:
             text, label = D.column(table, "text", i), D.column(table, "label", i)
             out.append({"instruction": SENTIMENT_INSTRUCTION, "input": text,
                         "output": "positive" if label == "1" else "negative"})
-        elif cfg.task == "gsm8k":
-            out.append({"instruction": D.column(table, "question", i), "input": "",
-                        "output": D.column(table, "answer", i)})
+        elif cfg.task == "gsm8k":  # GSM8K {question, answer}; MetaMathQA {query, response} likewise
+            q = "question" if "question" in table.rows[i] or "query" not in table.rows[i] else "query"
+            a = "answer" if "answer" in table.rows[i] or "response" not in table.rows[i] else "response"
+            out.append({"instruction": D.column(table, q, i), "input": "", "output": D.column(table, a, i)})
         else:
             out.append({"instruction": D.column(table, "instruction", i),
                         "input": D.column(table, "input", i, required=False) or "",
@@ -164,7 +169,7 @@ def _build_lm(cfg: RunConfig, tokenizer, files: dict[str, str]) -> TaskData:
     for split in ("train", "validation", "test"):
         if split not in files:
             continue
-        recs = _cap(_lm_records(cfg, files[split]), cfg.max_train_samples if split == "train" else cfg.max_eval_samples)
+        recs = _cap(_lm_records(cfg, files[split]), _split_cap(cfg, split))
         items = []
         for rec in recs:
             enc = encode_lm(tokenizer, rec, cfg.max_length)

@@ -1,0 +1,91 @@
+"""Causal-LM paths on a tiny LLaMA: Alpaca JSON (loss on the response only), chat template, GSM8K JSONL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from _train_helpers import write_jsonl
+
+from vblora.train import tasks
+from vblora.train.options import build_config
+from vblora.train.run import train
+
+
+def _alpaca(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        word = ["good", "bad"][i % 2]
+        out.append({"instruction": "what sentiment", "input": f"the film was {word}" if i % 3 else "",
+                    "output": "positive" if word == "good" else "negative"})
+    return out
+
+
+def _lm_overrides(model, files, out, **kw):
+    base = {"model": model, **files, "output": str(out), "device": "cpu", "dataset": None, "task": "causal-lm",
+            "epochs": 1, "batch_size": 4, "eval_batch_size": 8, "max_length": 96, "vector_length": 32,
+            "num_vectors": 16, "logging_steps": 1000, "max_new_tokens": 4, "num_samples": 3, "overwrite": True}
+    base.update(kw)
+    return base
+
+
+def test_response_only_loss_and_prompt_format(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    rec = {"instruction": "what sentiment", "input": "the film was good", "output": "positive"}
+    enc = tasks.encode_lm(tok, rec, 200)
+    prompt = tasks.prompt_text(tok, rec["instruction"], rec["input"])
+    assert "### Instruction:" in prompt and "### Input:" in prompt and prompt.endswith("### Response:\n")
+    n_prompt = sum(1 for x in enc["labels"] if x == -100)
+    assert n_prompt == len(tok(prompt, add_special_tokens=False)["input_ids"])
+    answer = [t for t, y in zip(enc["input_ids"], enc["labels"]) if y != -100]
+    assert tok.decode(answer) == "positive </s>" or tok.decode(answer).split() == ["positive", "</s>"]
+    assert enc["labels"][n_prompt:] == enc["input_ids"][n_prompt:]
+    assert tasks.encode_lm(tok, rec, n_prompt) is None  # response truncated away: dropped, not trained on
+
+
+def test_chat_template_is_used_when_present(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} : {{ m['content'] }} <|im_end|> "
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant : {% endif %}")
+    rec = {"instruction": "what sentiment", "input": "", "output": "positive"}
+    prompt = tasks.prompt_text(tok, rec["instruction"], rec["input"])
+    assert prompt.startswith("<|im_start|> user : what sentiment") and prompt.endswith("assistant : ")
+    assert tasks.response_text(tok, rec["instruction"], "", "positive").strip() == "positive <|im_end|>"
+
+
+@pytest.mark.parametrize("method", ["vblora", "lora"])
+def test_alpaca_json_instruction_tuning(tiny_llama, tmp_path, method):
+    files = {}
+    for split, n in (("train", 24), ("validation", 8), ("test", 8)):
+        p = tmp_path / f"{split}.json"
+        p.write_text(json.dumps(_alpaca(n), indent=1))
+        files[f"{split}_file"] = str(p)
+    res = train(build_config(None, _lm_overrides(tiny_llama, files, tmp_path / "run", method=method, lr=1e-2)),
+                log=lambda *a: None)
+    for split in ("validation", "test"):
+        m = res["metrics"][split]
+        assert m["loss"] > 0 and m["perplexity"] == pytest.approx(__import__("math").exp(m["loss"]), rel=1e-6)
+    samples = [json.loads(x) for x in open(tmp_path / "run" / "samples.jsonl")]
+    assert len(samples) == 3 and all(isinstance(s["generation"], str) for s in samples)
+    assert samples[0]["reference"] == "positive"
+    assert res["primary_metric"] == "loss" and res["adapter_bytes"] > 0
+
+
+def test_gsm8k_jsonl_exact_match(tiny_llama, tmp_path):
+    rows = [{"question": f"what is {i} plus 1", "answer": f"{i} plus 1 # {i + 1}\n#### {i + 1}"} for i in range(12)]
+    files = {"train_file": write_jsonl(tmp_path / "train.jsonl", rows[:8]),
+             "validation_file": write_jsonl(tmp_path / "val.jsonl", rows[8:10]),
+             "test_file": write_jsonl(tmp_path / "test.jsonl", rows[10:])}
+    res = train(build_config(None, _lm_overrides(tiny_llama, files, tmp_path / "run", task="gsm8k", method="lora")),
+                log=lambda *a: None)
+    m = res["metrics"]["test"]
+    assert res["task"] == "gsm8k" and m["generated"] == 2 and 0.0 <= m["exact_match"] <= 1.0
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [{"question": "q", "solution": "#### 1"}])
+    with pytest.raises(Exception, match=r"bad\.jsonl:1: no column 'answer'"):
+        train(build_config(None, _lm_overrides(tiny_llama, {**files, "train_file": str(bad)}, tmp_path / "r2",
+                                               task="gsm8k")))
