@@ -127,3 +127,14 @@ def test_export_from_file_equals_export_from_model(tmp_path):
     export_lora(path, tmp_path / "from_file")
     lora = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from_file").eval()
     assert (output(lora, inputs(3)) - output(model, inputs(3))).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("topk_only", [False, True])
+def test_modules_to_save_travel_through_peft(tmp_path, topk_only):
+    model, base = adapted("roberta", head=True, target_modules=["query", "value"], modules_to_save=["classifier"])
+    ref = output(model)
+    out = export_peft(model, tmp_path / "ours", save_only_topk_weights=topk_only)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    assert (output(theirs) - ref).abs().max() <= TOL
+    theirs.save_pretrained(tmp_path / "theirs")  # PEFT's own file, with its modules_to_save keys
+    assert (output(import_peft(copy.deepcopy(base), tmp_path / "theirs")) - ref).abs().max() <= TOL
