@@ -7,6 +7,8 @@ The bank is one module, registered once at the model's root; every adapter layer
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,13 @@ def compose_eval(logits: torch.Tensor, bank: torch.Tensor, config: VBLoRAConfig)
     return compose(logits, bank, config.stored_topk)
 
 
+def _no_autocast(device_type: str):
+    """Autocast switched off for the composition (where the device type supports autocast at all)."""
+    if device_type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def index_dtype(num_vectors: int) -> torch.dtype:
     """Smallest unsigned integer type that holds indices < num_vectors (uint8 for h <= 256, as the paper)."""
     if num_vectors <= 256:
@@ -101,48 +110,70 @@ class VectorBank(nn.Module):
         return self.logits is None
 
     # -- composition -------------------------------------------------------------------------------------------
-    def compose_now(self) -> torch.Tensor:
-        """Compose all `(N, b)` sub-vectors in float32 with the rule for the current mode."""
-        if self.frozen:
-            return compose_selected(self.indices, self.weights, self.bank)
-        if self.training:
-            return compose_training(self.logits, self.bank, self.config)
-        return compose_eval(self.logits, self.bank, self.config)
+    def compose_now(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Compose sub-vectors `[start, stop)` (default all `N`) in float32 with the rule for the current mode.
+
+        Every rule works row by row, so composing a range of rows gives exactly those rows of the full composition.
+        """
+        rows = slice(start, stop)
+        with _no_autocast(self.bank.device.type):  # fp32 master composition, even under autocast
+            if self.frozen:
+                return compose_selected(self.indices[rows], self.weights[rows], self.bank)
+            if self.training:
+                return compose_training(self.logits[rows], self.bank, self.config)
+            return compose_eval(self.logits[rows], self.bank, self.config)
 
     def subvectors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`(N, b)` sub-vectors for this forward pass, in `dtype` (the activation dtype).
 
         Composed once per root forward (the model's pre-hook opens a step), once per parameter change in
-        no-grad inference, and afresh when called outside a root forward or inside a reentrant checkpoint's
-        recomputation (where a shared graph would be backpropagated twice).
+        no-grad inference, and afresh when called outside a root forward.
         """
         return self._composed(dtype or self.bank.dtype)[0]
 
     def rows(self, slot, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """`(a_count, b)` and `(b_count, b)` sub-vector rows of one module's A and B for this forward pass.
 
-        Taken from one `split` of the cached composition: its backward is a single concatenation, where per-module
-        slices would each scatter into a fresh `(N, b)` zero tensor in the backward pass.
+        Taken from one `split` of the step's composition: its backward is a single concatenation, where per-module
+        slices would each scatter into a fresh `(N, b)` zero tensor in the backward pass. Inside a reentrant
+        checkpoint's recomputation (whose inner backward would free a shared graph) only this module's rows are
+        composed, afresh.
         """
+        if self._recomputing_reentrant():
+            a = self.compose_now(slot.a_start, slot.b_start + slot.b_count).to(dtype)
+            return a[:slot.a_count], a[slot.a_count:]
         sub, pieces = self._composed(dtype)
         i = None if pieces is None else self._piece_index().get(slot.a_start)
         if i is None or pieces[i].shape[0] != slot.a_count:
             return sub[slot.a_start:slot.a_start + slot.a_count], sub[slot.b_start:slot.b_start + slot.b_count]
         return pieces[i], pieces[i + 1]
 
+    def _recomputing_reentrant(self) -> bool:
+        # A no-grad forward in training mode within this step means reentrant checkpointing; a forward run while a
+        # backward pass is executing is its recomputation. (Non-reentrant recomputation must instead replay the
+        # original forward's ops exactly, i.e. reuse the step's composition, which was made before any region.)
+        return (self._step_cache is not None and self._step_cache.get("reentrant", False)
+                and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1)
+
     def _composed(self, dtype: torch.dtype) -> tuple[torch.Tensor, tuple | None]:
         """`(sub (N, b), pieces or None)` in `dtype`: from the step / eval cache, or composed now."""
         if torch.compiler.is_compiling():
             # Traced: compose inline (the compiler deduplicates identical compositions); no Python-side caches.
             return self.compose_now().to(dtype), None
-        if not torch.is_grad_enabled():
+        grad = torch.is_grad_enabled()
+        if not grad and not self.training:
             return self._inference_subvectors(dtype)
-        if self._step_cache is None or torch._C._current_graph_task_id() != -1:
+        if self._step_cache is None:
             return self.compose_now().to(dtype), None
-        key = (dtype, self.bank.device, self._versions())
+        if not grad:
+            self._step_cache["reentrant"] = True
+        key = (dtype, grad, self.bank.device, self._versions())
         out = self._step_cache.get(key)
         if out is None:
-            out = self._step_cache[key] = self._with_pieces(self.compose_now().to(dtype))
+            fp32 = self._step_cache.get("fp32")
+            if fp32 is None or fp32[0] != (grad, self._versions()):
+                fp32 = (grad, self._versions()), self.compose_now()
+            out = self._step_cache[key] = self._with_pieces(fp32[1].to(dtype))
         return out
 
     def _piece_index(self) -> dict:
@@ -179,8 +210,14 @@ class VectorBank(nn.Module):
         return self._eval_cache[1]
 
     def begin_step(self, *_args) -> None:
-        """Root forward pre-hook: start a new composition step (the previous step's graph is released)."""
+        """Root forward pre-hook: start a new composition step (the previous step's graph is released).
+
+        A training forward with grad composes here, before any checkpointed region, so a non-reentrant
+        checkpoint's recomputation replays exactly the ops of the original forward (casts and views only).
+        """
         self._step_cache = {}
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._step_cache["fp32"] = (True, self._versions()), self.compose_now()
 
     def forward(self, x=None):
         """Identity. The bank computes nothing per input; passing input through keeps `nn.Sequential` roots

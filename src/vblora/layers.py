@@ -84,9 +84,10 @@ class VBLoRALayer(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """dW = B A (float32) in the base weight's layout."""
+        s = self.slot
         with torch.no_grad():
-            sub = self._bank.compose_now().float()
-        dw = self.lora_B(sub) @ self.lora_A(sub)  # (out, in)
+            rows = self._bank.compose_now(s.a_start, s.b_start + s.b_count).float()  # this module's rows only
+        dw = self._B(rows[s.a_count:]) @ self._A(rows[:s.a_count])  # (out, in)
         return dw.T if self.weight_is_transposed else dw
 
     @torch.no_grad()
