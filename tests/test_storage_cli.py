@@ -6,10 +6,8 @@ import copy
 import json
 
 import pytest
-import torch
 
 from vblora.cli import main
-from vblora.interop import export_peft
 from vblora.storage import load_adapter, save_adapter
 
 try:  # tests/ may or may not be a package

@@ -20,7 +20,7 @@ from vblora.inject import BANK_ATTR, _unwrap, adapted_layers, add_vblora, find_t
 from vblora.layers import Slot, VBLoRAConv1D, VBLoRAEmbedding, base_dims, layer_class, slot_sizes
 
 MODULE_FIELDS = ("name", "kind", "in", "out", "a_start", "a_count", "b_start", "b_count")
-KINDS = {"VBLoRALinear": "linear", "VBLoRAConv1D": "conv1d", "VBLoRAEmbedding": "embedding"}
+KINDS = ("linear", "conv1d", "embedding")
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,20 @@ def base_fingerprint(architecture: str, model_type: str | None, modules: list[Mo
             "weights_sha256": hashlib.sha256(shapes.encode()).hexdigest()}
 
 
+def _kind(cls: type | None) -> str:
+    """File name of an adapter layer class: "conv1d" (GPT-2 Conv1D), "embedding", else "linear"."""
+    if cls is not None and issubclass(cls, VBLoRAConv1D):
+        return "conv1d"
+    if cls is not None and issubclass(cls, VBLoRAEmbedding):
+        return "embedding"
+    return "linear"
+
+
 def module_entries(model: nn.Module) -> list[ModuleEntry]:
     """Adapted modules of `model` in bank row order."""
     layers = adapted_layers(model)
-    return [ModuleEntry(name, KINDS.get(type(layers[name]).__name__, "linear"), layers[name].in_features,
-                        layers[name].out_features, slot) for name, slot in get_bank(model).layout]
+    return [ModuleEntry(name, _kind(type(layers[name])), layers[name].in_features, layers[name].out_features, slot)
+            for name, slot in get_bank(model).layout]
 
 
 @torch.no_grad()
@@ -123,11 +132,6 @@ def lora_factors(sub: torch.Tensor, entry: ModuleEntry, rank: int) -> tuple[torc
 
 # -- rebuilding on a base model -----------------------------------------------------------------------------------
 
-def _kind_of(module: nn.Module) -> str:
-    cls = layer_class(module)
-    return {VBLoRAConv1D: "conv1d", VBLoRAEmbedding: "embedding"}.get(cls, "linear")
-
-
 def refuse_adapted(base: nn.Module) -> None:
     """An adapter loads onto a plain base model only (TargetError, as `add_vblora` raises, before any comparison)."""
     if hasattr(_unwrap(base), BANK_ATTR):
@@ -148,7 +152,7 @@ def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool
         found = find_targets(base, snap.config)
     except TargetError as e:
         raise AdapterFormatError(f"{source}: base model does not fit the adapter: {e}") from None
-    have = {name: (_kind_of(m), *base_dims(m)) for name, m in found}
+    have = {name: (_kind(layer_class(m)), *base_dims(m)) for name, m in found}
     want = {m.name: (m.kind, m.in_features, m.out_features) for m in snap.modules}
     missing = [n for n in want if n not in have]
     extra = [n for n in have if n not in want]

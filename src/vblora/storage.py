@@ -168,7 +168,7 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
         fail(f"unknown precision {precision!r}")
     if bank_meta.get("mode") not in ("embed", "reference") or bank_meta.get("shape") != [h, b]:
         fail(f"bank entry {bank_meta} does not match the config (h={h}, b={b})")
-    if not modules or any(m.kind not in KINDS.values() for m in modules):
+    if not modules or any(m.kind not in KINDS for m in modules):
         fail("module table is empty or names an unknown layer kind")
     if [m.slot for m in modules] != expected_slots(modules, cfg.rank, b):
         fail("module offsets are inconsistent with their shapes (rank, vector_length)")
