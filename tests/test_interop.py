@@ -138,3 +138,15 @@ def test_modules_to_save_travel_through_peft(tmp_path, topk_only):
     assert (output(theirs) - ref).abs().max() <= TOL
     theirs.save_pretrained(tmp_path / "theirs")  # PEFT's own file, with its modules_to_save keys
     assert (output(import_peft(copy.deepcopy(base), tmp_path / "theirs")) - ref).abs().max() <= TOL
+
+
+def test_reinflated_peft_logits_import_as_inference_form(tmp_path):
+    model, base = adapted("gpt2")
+    ref = output(model)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), export_peft(model, tmp_path / "a",
+                                                                             save_only_topk_weights=True))
+    theirs.peft_config["default"].save_only_topk_weights = False
+    theirs.save_pretrained(tmp_path / "b")  # dense logits, -inf outside the top-k
+    ours = import_peft(copy.deepcopy(base), tmp_path / "b")
+    assert vblora.get_bank(ours).frozen
+    assert (output(ours) - ref).abs().max() <= TOL
