@@ -17,6 +17,7 @@ METHODS=${METHODS:-vblora,lora,vera,tied-lora,full}
 mkdir -p "$RUNS" "$OUT"
 start=$(date +%s)
 for s in $(seq 0 $((SEEDS - 1))); do for m in ${METHODS//,/ }; do
+  [ -f "$RUNS/$m-seed$s/results.json" ] && continue  # finished in an earlier call on this machine
   echo "$PY -m vblora train --model $MODEL --device $DEVICE --epochs $EPOCHS --method $m --seed $s \
 --output $RUNS/$m-seed$s --overwrite $FLAGS > $RUNS/$m-seed$s.log 2>&1; \
 echo $m seed $s exit \$? at \$(( \$(date +%s) - $start ))s"
