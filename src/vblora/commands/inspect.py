@@ -43,7 +43,32 @@ def summary(path: str, bank_path: str | None = None) -> dict:
     }
 
 
+def bank_summary(path: str) -> dict:
+    """What `inspect` prints for a shared bank file (`vblora.save_bank`)."""
+    from vblora.errors import AdapterFormatError
+    from vblora.storage import BANK_FILE, adapter_file, read_bank
+
+    file = adapter_file(path, BANK_FILE)
+    try:
+        bank, digest = read_bank(file)
+        return {"file": str(file), "file_bytes": file.stat().st_size, "shape": list(bank.shape), "sha256": digest,
+                "verified": "ok"}
+    except AdapterFormatError as e:
+        return {"file": str(file), "verified": f"FAILED: {e}"}
+
+
 def run(args) -> int:
+    from pathlib import Path
+
+    from vblora.storage import ADAPTER_FILE
+
+    path = Path(args.path)
+    if path.name.endswith("bank.safetensors") or (path.is_dir() and not (path / ADAPTER_FILE).exists()
+                                                  and (path / "bank.safetensors").exists()):
+        info = bank_summary(args.path)
+        print(json.dumps(info, indent=2) if args.json else
+              "\n".join(f"{k}: {v}" for k, v in info.items()))
+        return 0 if info["verified"] == "ok" else 1
     info = summary(args.path, args.bank)
     if args.json:
         print(json.dumps(info, indent=2))

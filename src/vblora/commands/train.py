@@ -89,7 +89,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from vblora.train.errors import TrainError
-    from vblora.train.options import build_config, load_recipe, recipe_names
+    from vblora.train.options import build_config, recipe_names
 
     if args.list_recipes:
         import yaml
@@ -112,5 +112,4 @@ def run(args) -> int:
             print(f"vblora train: error: {e}")
             return 2
         raise
-    _ = load_recipe
     return 0

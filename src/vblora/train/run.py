@@ -176,7 +176,7 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> dict:
         ddp_find_unused_parameters=False, prediction_loss_only=lm,
         # token-count loss scaling across processes is right for causal LM losses only; a classifier's mean loss
         # would be multiplied by the world size
-        average_tokens_across_devices=lm, disable_tqdm=not sys.stderr.isatty() or None,
+        average_tokens_across_devices=lm, disable_tqdm=not sys.stderr.isatty(),  # progress bars on a terminal, loss lines in logs
         **dev)
     collator = tasks.LMCollator(tok.pad_token_id) if lm else _padding_collator(tok)
     tracker = BestTracker(model, metric, ckpt, is_main)
