@@ -51,3 +51,16 @@ def test_export_and_import_peft_via_cli(tmp_path):
                  "-o", str(tmp_path / "merged")]) == 0
     merged = type(base).from_pretrained(tmp_path / "merged").eval()
     assert (output(merged) - ref).abs().max() <= 1e-5
+
+
+def test_inspect_shared_bank_and_reference_adapter(tmp_path, capsys):
+    from vblora.storage import save_bank
+
+    model, _ = adapted("llama")
+    save_bank(model, tmp_path / "bank")
+    save_adapter(model, tmp_path / "task", bank="reference")
+    assert main(["inspect", str(tmp_path / "bank"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["shape"] == [20, 32]
+    assert main(["inspect", str(tmp_path / "task")]) == 1  # the bank is needed to verify
+    assert "--bank" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "task"), "--bank", str(tmp_path / "bank")]) == 0

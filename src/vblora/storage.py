@@ -271,7 +271,8 @@ def read_bank(path: str | os.PathLike) -> tuple[torch.Tensor, str]:
 def _resolve_bank(file: Path, want: str | None, bank_path: str | os.PathLike | None) -> torch.Tensor:
     if bank_path is None:
         raise AdapterFormatError(f"{file}: this adapter references a shared bank (sha256 {want}) instead of storing "
-                                 f"it; pass bank_path= the bank file written by vblora.save_bank")
+                                 f"it; pass bank_path= (--bank on the command line) the bank file written by "
+                                 f"vblora.save_bank")
     bank, digest = read_bank(bank_path)
     if digest != want:
         raise AdapterFormatError(f"{file}: shared bank mismatch: the adapter needs bank sha256 {want}, but "

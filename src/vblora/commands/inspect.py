@@ -79,7 +79,8 @@ def run(args) -> int:
     print(f"  precision {info['precision']}, packed indices {info['packed_indices']}, bank {info['bank_mode']}")
     print(f"  rank {cfg.get('rank')}, bank h={cfg.get('num_vectors')} x b={cfg.get('vector_length')}, k={info['k']}, "
           f"{info['modules']} modules, {info['subvectors']:,} sub-vectors, targets {cfg.get('target_modules')!r}")
-    print(f"  stored parameters (float32-equivalent): {info['stored_parameters']:,.0f}")
+    shared = ", including the shared bank stored separately" if info["bank_mode"] == "reference" else ""
+    print(f"  stored parameters (float32-equivalent{shared}): {info['stored_parameters']:,.0f}")
     print("  bytes: " + ", ".join(f"{k} {v:,}" for k, v in info["bytes"].items()))
     base = info["base"] or {}
     print(f"  base model: {base.get('architecture')} (model_type {base.get('model_type')}), adapted weight shapes "
