@@ -199,7 +199,7 @@ class Runner:
         if method != "base":
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.opt = torch.optim.AdamW(params, lr=1e-5)
-        self.times = {"train": [], "fwd": [], "fwd_merged": []}
+        self.times = {"train": [], "fwd": [], "fwd_merged": [], "train_cpu": []}
         self.peak_step = 0  # CUDA: max extra bytes allocated during a train step, over the static bytes
 
     def train_step(self) -> float:
@@ -209,13 +209,14 @@ class Runner:
         if cuda:
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         loss = self.model(**self.batch).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         sync(self.device)
         t = time.perf_counter() - t0
+        self.cpu_time = time.process_time() - c0
         if cuda:
             self.peak_step = max(self.peak_step, torch.cuda.max_memory_allocated() - before)
         if not torch.isfinite(loss.detach()).item():
@@ -240,14 +241,18 @@ def summary(xs: list[float]) -> dict:
             "all": [round(x, 3) for x in ms]}
 
 
-def interleave(runners: list[Runner], fn, key: str | None, warmup: int, steps: int) -> None:
+def interleave(runners: list[Runner], fn, key: str | None, warmup: int, steps: int, log=None) -> None:
     n = len(runners)
     for i in range(warmup + steps):
+        if log is not None:
+            log(f"  {key} step {i + 1}/{warmup + steps}")
         for j in range(n):
             r = runners[(i + j) % n]  # rotate the order so no method always runs first
             t = fn(r)
             if i >= warmup and key is not None:
                 r.times[key].append(t)
+                if key == "train" and r.device == "cpu":
+                    r.times["train_cpu"].append(getattr(r, "cpu_time", 0.0))
 
 
 def run_case(name: str, case: Case, args, log) -> dict:
@@ -277,7 +282,8 @@ def run_case(name: str, case: Case, args, log) -> dict:
                 return 0.0
         return call
 
-    interleave(trainers, guarded("train", Runner.train_step), "train", args.warmup, args.steps)
+    interleave(trainers, guarded("train", Runner.train_step), "train", args.warmup, args.steps,
+               log if args.progress else None)
     log(f"[{name}] train done {time.perf_counter() - t_case:.1f}s")
     interleave(runners, guarded("fwd", Runner.forward), "fwd", 1, args.fwd_steps)
     for r in trainers:
@@ -300,6 +306,7 @@ def run_case(name: str, case: Case, args, log) -> dict:
         peak = stat + r.peak_step if device == "cuda" and r.peak_step else None
         out["methods"][r.method] = {
             "train_ms": summary(r.times["train"]), "fwd_ms": summary(r.times["fwd"]),
+            "train_process_cpu_ms": summary(r.times["train_cpu"]),  # CPU only: less sensitive to other jobs
             "fwd_merged_ms": summary(r.times["fwd_merged"]),
             "peak_bytes": peak, "static_bytes": stat, "logits_state_bytes": logits_bytes,
             "logits_share_of_peak": (logits_bytes / peak) if peak else None,
@@ -328,6 +335,7 @@ def ratios(res: dict) -> dict:
         "train_ours_vs_lora_r4": div(med("ours", "train_ms"), med("lora_r4", "train_ms")),
         "train_peft_vblora_vs_ours": div(med("peft_vblora", "train_ms"), med("ours", "train_ms")),
         "train_peft_vblora_vs_lora_r4": div(med("peft_vblora", "train_ms"), med("lora_r4", "train_ms")),
+        "train_cpu_time_ours_vs_lora_r4": div(med("ours", "train_process_cpu_ms"), med("lora_r4", "train_process_cpu_ms")),
         "fwd_ours_vs_lora_r4": div(med("ours", "fwd_ms"), med("lora_r4", "fwd_ms")),
         "fwd_merged_ours_vs_base": div(med("ours", "fwd_merged_ms"), base_fwd),
         "peak_ours_vs_lora_r64": div(m.get("ours", {}).get("peak_bytes"), m.get("lora_r64", {}).get("peak_bytes")),
@@ -361,6 +369,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--fwd-steps", type=int, default=10)
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (e.g. a 6-layer cut)")
+    p.add_argument("--progress", action="store_true", help="log every interleaved train step")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, 2 timed steps: checks the script in seconds")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/speed-<device>-<date>.json)")
