@@ -53,6 +53,18 @@ class Budget:
     epochs: float = 1.0
     batch_size: int = 16
 
+    def overrides(self) -> dict:
+        """RunConfig settings of this budget (the eval cap applies to validation and, if the pipeline has it, test)."""
+        import dataclasses
+
+        from vblora.train.options import RunConfig
+
+        out = {"epochs": self.epochs, "batch_size": self.batch_size, "max_train_samples": self.max_train_samples,
+               "max_eval_samples": self.max_eval_samples}
+        if "max_test_samples" in {f.name for f in dataclasses.fields(RunConfig)}:
+            out["max_test_samples"] = self.max_eval_samples
+        return out
+
     def describe(self) -> str:
         n = f"{self.max_train_samples:,}" if self.max_train_samples else "all"
         ev = f"first {self.max_eval_samples:,}" if self.max_eval_samples else "all"
@@ -195,8 +207,7 @@ def run_study(variants: list[Variant], seeds: list[int], out, run_overrides: dic
             if (d / "results.json").exists():
                 results[v.name].append(json.loads((d / "results.json").read_text()))
                 continue
-            ov = {**run_overrides, **v.run, "seed": seed, "epochs": budget.epochs, "batch_size": budget.batch_size,
-                  "max_train_samples": budget.max_train_samples, "max_eval_samples": budget.max_eval_samples}
+            ov = {**run_overrides, **v.run, "seed": seed, **budget.overrides()}
             cfg = build_config(recipe, ov)
             try:
                 results[v.name].append(train_fn(cfg, v.vb, d, eval_topk=v.eval_topk, eval_splits=eval_splits,
@@ -315,9 +326,7 @@ def shared_bank_study(bank, seeds: list[int], out, task_overrides: dict, budget:
             if (d / "results.json").exists():
                 rs.append(json.loads((d / "results.json").read_text()))
                 continue
-            ov = {**task_overrides, "seed": seed, "epochs": budget.epochs, "batch_size": budget.batch_size,
-                  "max_train_samples": budget.max_train_samples, "max_eval_samples": budget.max_eval_samples,
-                  "num_vectors": h, "vector_length": b}
+            ov = {**task_overrides, "seed": seed, **budget.overrides(), "num_vectors": h, "vector_length": b}
             rs.append(train_fn(build_config(recipe, ov), {}, d, log=log, **kw))
         vals = [r["evals"]["default"]["test"]["accuracy"] for r in rs]
         rows.append({"arm": label, "runs": len(vals), "values": vals, "median": statistics.median(vals),
