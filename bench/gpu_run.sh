@@ -34,14 +34,14 @@ cat "$OUT/env.txt"
 
 # 1. speed: most important row first; the JSON is rewritten after every case, so a timeout keeps finished cases.
 STEPS=${STEPS:-12}
-timeout -k 5 $(( $(left) - 75 )) $PY -u bench/speed.py --device "$DEVICE" $TINY \
+timeout -k 5 $(( $(left) - 95 )) $PY -u bench/speed.py --device "$DEVICE" $TINY \
   --cases llama1b_all,roberta_all,roberta_qv,smollm2_all --steps "$STEPS" --warmup 3 --fwd-steps 10 \
-  --time-budget $(( $(left) - 120 )) --out "$OUT/speed.json" > "$OUT/speed.log" 2>&1
+  --time-budget $(( $(left) - 140 )) --out "$OUT/speed.json" > "$OUT/speed.log" 2>&1
 echo "speed.py exit $? after $(( $(date +%s) - START ))s" | tee -a "$OUT/speed.log"
 grep -v -i "warn" "$OUT/speed.log" | tail -n 8
 
 # 2. parity of ours vs PEFT VB-LoRA on the device (fp32 exact, bf16 / autocast vs the fp32 reference, caches, merge)
-timeout -k 5 $(( $(left) > 70 ? 60 : $(left) - 10 )) $PY -u bench/parity.py --device "$DEVICE" \
+timeout -k 5 $(( $(left) > 90 ? 80 : $(left) - 10 )) $PY -u bench/parity.py --device "$DEVICE" \
   --out "$OUT/parity.json" > "$OUT/parity.log" 2>&1
 echo "parity.py exit $? after $(( $(date +%s) - START ))s" | tee -a "$OUT/parity.log"
 grep -E "^(PASS|FAIL)" "$OUT/parity.log"
