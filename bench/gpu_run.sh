@@ -33,7 +33,7 @@ fi
 cat "$OUT/env.txt"
 
 # 1. speed: most important row first; the JSON is rewritten after every case, so a timeout keeps finished cases.
-STEPS=${STEPS:-12}
+STEPS=${STEPS:-20}
 timeout -k 5 $(( $(left) - 95 )) $PY -u bench/speed.py --device "$DEVICE" $TINY \
   --cases llama1b_all,roberta_all,roberta_qv,smollm2_all --steps "$STEPS" --warmup 3 --fwd-steps 10 \
   --time-budget $(( $(left) - 140 )) --out "$OUT/speed.json" > "$OUT/speed.log" 2>&1
