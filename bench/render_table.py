@@ -61,7 +61,8 @@ def render(res: dict, summary_only: bool = False) -> str:
         def med(meth, key):
             return (m.get(meth, {}).get(key) or {}).get("median")
 
-        base_fwd = (c.get("base", {}).get("fwd_ms") or {}).get("median")
+        base = c.get("base", {})
+        base_fwd = (base.get("fwd_merged_phase_ms") or base.get("fwd_ms") or {}).get("median")
         summary.append(
             f"| {title} | {ms(m.get('lora_r4', {}).get('train_ms'))} | {ms(m.get('peft_vblora', {}).get('train_ms'))} "
             f"| {ms(m.get('ours', {}).get('train_ms'))} | {ratio(med('ours', 'train_ms'), med('lora_r4', 'train_ms'))} "
@@ -69,7 +70,10 @@ def render(res: dict, summary_only: bool = False) -> str:
             f"| {ratio(med('ours', 'fwd_ms'), med('lora_r4', 'fwd_ms'))} "
             f"| {ratio(med('ours', 'fwd_merged_ms'), base_fwd)} "
             f"| {ratio(m.get('ours', {}).get('peak_bytes'), m.get('lora_r64', {}).get('peak_bytes'))} |")
-        details += [f"**{title}** (base model forward: {ms(c.get('base', {}).get('fwd_ms'))} ms)", "",
+        pr = {k: v["median"] for k, v in (c.get("paired_ratios") or {}).items() if v}
+        paired = ("; medians of per-round ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in pr.items())) if pr else ""
+        details += [f"**{title}** (base model forward: {ms(base.get('fwd_ms'))} ms in the unmerged phase, "
+                    f"{ms(base.get('fwd_merged_phase_ms'))} ms in the merged phase{paired})", "",
                     "| method | train step | fwd unmerged | fwd merged | peak MiB | static MiB | trainable | stored "
                     "| logits+grad+AdamW MiB (share of peak) |",
                     "|---|---|---|---|---|---|---|---|---|"]

@@ -296,7 +296,7 @@ def run_case(name: str, case: Case, args, log) -> dict:
     out = {"case": asdict(case), "methods": {}, "errors": errors}
     base = next((r for r in runners if r.method == "base"), None)
     if base is not None:
-        out["base"] = {"fwd_ms": summary(base.times["fwd"] + base.times["fwd_merged"]),
+        out["base"] = {"fwd_ms": summary(base.times["fwd"]), "fwd_merged_phase_ms": summary(base.times["fwd_merged"]),
                        "params": sum(p.numel() for p in base.model.parameters()),
                        "static_bytes": static_bytes(base.model, None)}
     for r in trainers:
@@ -313,6 +313,7 @@ def run_case(name: str, case: Case, args, log) -> dict:
             **count(r.method, r.model, case),
         }
     out["ratios"] = ratios(out)
+    out["paired_ratios"] = paired_ratios({r.method: r.times for r in runners})
     out["seconds"] = round(time.perf_counter() - t_case, 1)
     del runners, trainers, base
     gc.collect()
@@ -330,7 +331,7 @@ def ratios(res: dict) -> dict:
     def div(a, b):
         return round(a / b, 4) if a and b else None
 
-    base_fwd = (res.get("base", {}).get("fwd_ms") or {}).get("median")
+    base_fwd = (res.get("base", {}).get("fwd_merged_phase_ms") or {}).get("median")  # same phase as merged
     return {
         "train_ours_vs_lora_r4": div(med("ours", "train_ms"), med("lora_r4", "train_ms")),
         "train_peft_vblora_vs_ours": div(med("peft_vblora", "train_ms"), med("ours", "train_ms")),
@@ -339,6 +340,23 @@ def ratios(res: dict) -> dict:
         "fwd_ours_vs_lora_r4": div(med("ours", "fwd_ms"), med("lora_r4", "fwd_ms")),
         "fwd_merged_ours_vs_base": div(med("ours", "fwd_merged_ms"), base_fwd),
         "peak_ours_vs_lora_r64": div(m.get("ours", {}).get("peak_bytes"), m.get("lora_r64", {}).get("peak_bytes")),
+    }
+
+
+def paired_ratios(times: dict) -> dict:
+    """Median over interleaved rounds of the per-round ratio: robust when the machine's load drifts."""
+
+    def paired(a, ka, b, kb):
+        xa, xb = times.get(a, {}).get(ka, []), times.get(b, {}).get(kb, [])
+        rs = [x / y for x, y in zip(xa, xb) if x and y]
+        return {"median": round(statistics.median(rs), 4), "min": round(min(rs), 4), "max": round(max(rs), 4)} \
+            if rs else None
+
+    return {
+        "train_ours_vs_lora_r4": paired("ours", "train", "lora_r4", "train"),
+        "train_peft_vblora_vs_ours": paired("peft_vblora", "train", "ours", "train"),
+        "fwd_ours_vs_lora_r4": paired("ours", "fwd", "lora_r4", "fwd"),
+        "fwd_merged_ours_vs_base": paired("ours", "fwd_merged", "base", "fwd_merged"),
     }
 
 
