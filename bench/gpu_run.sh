@@ -53,13 +53,16 @@ import json, sys; sys.argv = ['parity']
 sys.path.insert(0, 'bench')
 import parity
 r = parity.check_compile('$DEVICE'); print('PASS' if r['ok'] else 'FAIL', 'compile', r)
-json.dump(r, open('$OUT/compile.json', 'w'), indent=1)" > "$OUT/compile.log" 2>&1
+json.dump({'device': '$DEVICE', 'checks': {'compile': r}}, open('$OUT/compile.json', 'w'), indent=1, default=str)
+" > "$OUT/compile.log" 2>&1
   echo "compile check exit $?" >> "$OUT/compile.log"
   grep -E "^(PASS|FAIL)|exit" "$OUT/compile.log"
 fi
 
 # 4. the tables: full version to a file, short summary printed last
-$PY bench/render_table.py "$OUT/speed.json" --parity "$OUT/parity.json" > "$OUT/table.md" 2>&1
+COMPILE_JSON=""
+[ -f "$OUT/compile.json" ] && COMPILE_JSON="--parity $OUT/compile.json"
+$PY bench/render_table.py "$OUT/speed.json" --parity "$OUT/parity.json" $COMPILE_JSON > "$OUT/table.md" 2>&1
 echo
 echo "total $(( $(date +%s) - START ))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 echo
