@@ -19,6 +19,14 @@ from vblora.train.run import train
 QUIET = {"log": lambda *a: None}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _close(a: dict, b: dict, tol: float) -> None:
     for split in ("validation", "test"):
         for k, v in a["metrics"][split].items():
@@ -70,7 +78,7 @@ def test_torchrun_two_processes_match_one(tiny_bert, cls_files, tmp_path):
         args += [f"--{k.replace('_', '-')}", v]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "vblora", "train", *args],
+                           "--master_port", str(_free_port()), "-m", "vblora", "train", *args],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads(Path(tmp_path / "two" / "results.json").read_text())

@@ -80,7 +80,8 @@ def format_table(summary: dict) -> str:
     lines = [head]
     for r in summary["rows"]:
         if not r["runs"]:
-            lines.append(f"| {r['method']} | failed: {r['errors'][:1]} | | | | | | |")
+            state = f"failed: {r['errors'][0]}" if r["errors"] else "not run yet"
+            lines.append(f"| {r['method']} | {state} | | | | | | |")
             continue
         lines.append(f"| {r['method']} | {r['stored_parameters']:,.0f} | {r['epochs']:g} | {r['test_mean']:.4f} | "
                      f"{r['test_std']:.4f} | {r['test_median']:.4f} | {r['validation_mean']:.4f} | "

