@@ -57,8 +57,11 @@ def test_no_graph_break(mode):
     model.train(mode == "train")
     with torch.set_grad_enabled(mode == "train"):
         explained = torch._dynamo.explain(model)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
+    assert not explained.break_reasons
+    # The root pre-hook (one composition for the whole model) is traced as its own frame; the forward, with every
+    # adapted layer, is one graph that takes the composition as an input: one top-k per forward, not one per layer.
+    assert explained.graph_count <= 2
+    assert sum(g.code.count(".topk(") for g in explained.graphs) == 1
 
 
 def test_compiled_matches_eager():
@@ -76,6 +79,14 @@ def test_compiled_matches_eager():
     torch.testing.assert_close(yc, y)
     for a, b in zip(grads(model), ref):
         torch.testing.assert_close(a, b)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # later steps reuse the compiled graphs
+        for _ in range(2):
+            opt.step()
+            opt.zero_grad()
+            compiled(x).square().mean().backward()
+    opt.step()
+    torch.testing.assert_close(compiled(x), model(x))  # compiled still follows the updated parameters
 
 
 # -- gradient checkpointing ------------------------------------------------------------------------------------------

@@ -158,8 +158,12 @@ class VectorBank(nn.Module):
     def _composed(self, dtype: torch.dtype) -> tuple[torch.Tensor, tuple | None]:
         """`(sub (N, b), pieces or None)` in `dtype`: from the step / eval cache, or composed now."""
         if torch.compiler.is_compiling():
-            # Traced: compose inline (the compiler deduplicates identical compositions); no Python-side caches.
-            return self.compose_now().to(dtype), None
+            # Traced: the root pre-hook's composition of this trace (no version checks), else compose inline.
+            step = self._step_cache if self._step_cache is not None else {}
+            if ("traced", dtype) not in step:
+                sub = step["traced"].to(dtype) if "traced" in step else self.compose_now().to(dtype)
+                step[("traced", dtype)] = self._with_pieces(sub)
+            return step[("traced", dtype)]
         grad = torch.is_grad_enabled()
         if not grad and not self.training:
             return self._inference_subvectors(dtype)
@@ -216,7 +220,9 @@ class VectorBank(nn.Module):
         checkpoint's recomputation replays exactly the ops of the original forward (casts and views only).
         """
         self._step_cache = {}
-        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            self._step_cache["traced"] = self.compose_now()  # one composition per traced forward
+        elif self.training and torch.is_grad_enabled():
             self._step_cache["fp32"] = (True, self._versions()), self.compose_now()
 
     def forward(self, x=None):
