@@ -209,6 +209,29 @@ def train_e2e(model, examples: list[dict], pad_id: int, epochs: float = 1.0, bat
     return losses
 
 
+def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (no label smoothing) over the target tokens of `examples`: the validation
+    loss of an E2E run (token-weighted, so batch composition does not change it)."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                target = batch["labels"][:, 1:]
+                total += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                                               target.reshape(-1), ignore_index=-100, reduction="sum"))
+                count += int((target != -100).sum())
+    finally:
+        model.train(was_training)
+    return total / max(1, count)
+
 # Settings of an E2E run that `RunConfig` has no field for; recipes keep them under `extra.e2e`.
 # Table 8: warm-up steps, label smoothing. The LoRA/VeRA E2E evaluation: beam 10, length penalty 0.8,
 # no-repeat n-gram 4, 64 new tokens.
