@@ -161,6 +161,7 @@ def train_variant(run, vb: dict, out_dir, *, eval_topk: tuple = (), record_every
         key = f"top{k}" if k is not None else "default"
         evals[key] = {split: _strip(trainer.evaluate(getattr(data, split), metric_key_prefix=split))
                       for split in eval_splits}
+        evals[key]["stored_parameters"] = float(vblora.count_parameters(model)["stored"])  # depends on eval k
     counts = vblora.count_parameters(model)
     bank_bytes = 4 * counts["bank"]
     results = {"variant_vb": vb, "evals": evals, "train_loss": float(train_out.training_loss),
@@ -238,7 +239,7 @@ def summarize(variants: list[Variant], results: dict[str, list[dict]], split: st
                 row.update(median=statistics.median(vals), min=min(vals), max=max(vals),
                            mean=statistics.fmean(vals), std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
                            validation_median=statistics.median(vvals) if vvals else None,
-                           stored_parameters=rs[0]["counts"]["stored"],
+                           stored_parameters=rs[0]["evals"][key].get("stored_parameters", rs[0]["counts"]["stored"]),
                            train_time_s=statistics.fmean(r["train_time_s"] for r in rs))
             rows.append(row)
     return rows
