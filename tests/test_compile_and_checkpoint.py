@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vblora
-from tests.tiny_models import tiny_llama, tokens
+from tiny_models import tiny_llama, tokens
 
 
 class Block(nn.Module):
