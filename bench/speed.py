@@ -249,7 +249,7 @@ def interleave(runners: list[Runner], fn, key: str | None, warmup: int, steps: i
         for j in range(n):
             r = runners[(i + j) % n]  # rotate the order so no method always runs first
             t = fn(r)
-            if i >= warmup and key is not None:
+            if i >= warmup and key is not None and t is not None:
                 r.times[key].append(t)
                 if key == "train" and r.device == "cpu":
                     r.times["train_cpu"].append(getattr(r, "cpu_time", 0.0))
@@ -273,13 +273,15 @@ def run_case(name: str, case: Case, args, log) -> dict:
     def guarded(phase, fn):
         def call(r):
             if r.method in errors:
-                return 0.0
+                return None
             try:
                 return fn(r)
             except Exception as e:
                 errors[r.method] = f"{phase}: {type(e).__name__}: {e}"
                 log(traceback.format_exc())
-                return 0.0
+                if device == "cuda":
+                    torch.cuda.empty_cache()  # e.g. after an out-of-memory error, let the others go on
+                return None
         return call
 
     interleave(trainers, guarded("train", Runner.train_step), "train", args.warmup, args.steps,
