@@ -75,15 +75,16 @@ def summarize(runs: dict[str, list[dict]], seeds: list[int]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    head = ("| method | stored params | epochs | test mean | test std | test median | validation mean | "
-            "train time (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| method | stored params | epochs | seeds run | test mean | test std | test median | validation mean | "
+            "train time (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in summary["rows"]:
         if not r["runs"]:
             state = f"failed: {r['errors'][0]}" if r["errors"] else "not run yet"
-            lines.append(f"| {r['method']} | {state} | | | | | | |")
+            lines.append(f"| {r['method']} | {state} | | | | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['stored_parameters']:,.0f} | {r['epochs']:g} | {r['test_mean']:.4f} | "
+        lines.append(f"| {r['method']} | {r['stored_parameters']:,.0f} | {r['epochs']:g} | {r['runs']} | "
+                     f"{r['test_mean']:.4f} | "
                      f"{r['test_std']:.4f} | {r['test_median']:.4f} | {r['validation_mean']:.4f} | "
                      f"{r['train_time_s_mean']:.0f} |")
     metric = next((r["metric"] for r in summary["rows"] if r.get("runs")), "metric")
