@@ -92,8 +92,11 @@ def test_errors_are_clear(tiny_bert, cls_files, tmp_path):
     from vblora.errors import VBLoRAError
     with pytest.raises(VBLoRAError, match="not in BertForSequenceClassification|matched"):
         train(build_config(None, run_overrides(tiny_bert, cls_files, tmp_path / "r", target_modules=["qkv_proj"])))
-    with pytest.raises(SetupError, match="fp16"):
-        train(build_config(None, run_overrides(tiny_bert, cls_files, tmp_path / "r", fp16=True)))
+    if not torch.cuda.is_available():
+        with pytest.raises(SetupError, match="fp16"):
+            train(build_config(None, run_overrides(tiny_bert, cls_files, tmp_path / "r", fp16=True)))
+        with pytest.raises(SetupError, match="no CUDA GPU"):
+            train(build_config(None, run_overrides(tiny_bert, cls_files, tmp_path / "r", device="cuda")))
     bad = tmp_path / "bad.csv"
     write_csv(bad, make_rows(4, 3) + [{"text": "the film", "label": "meh"}])
     with pytest.raises(DataError, match=r"bad\.csv:6: column 'label': label 'meh' is not one of"):
