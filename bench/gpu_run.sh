@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 TINY=""
 [ "${1:-}" = "--tiny" ] && TINY="--tiny"
 START=$(date +%s)
