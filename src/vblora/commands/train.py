@@ -31,6 +31,12 @@ FLAGS = {
     "num-vectors": (int, "VB-LoRA bank size h"),
     "vector-length": (int, "VB-LoRA sub-vector length b"),
     "topk": (int, "VB-LoRA k"),
+    "selection": (str, "VB-LoRA selection rule: topk | all | noisy_topk | gumbel | st_gumbel (paper Table 5)"),
+    "noise-std": (float, "noise std of noisy_topk"),
+    "temperature": (float, "temperature of gumbel / st_gumbel"),
+    "eval-topk": (int, "VB-LoRA k at evaluation and in the stored adapter (default: --topk)"),
+    "bank": (str, "start VB-LoRA from a trained bank: bank.safetensors (vblora.save_bank), an adapter, or a run dir"),
+    "record-selection-every": (int, "record each sub-vector's top-k selection every N steps (for vblora plot)"),
     "lora-alpha": (float, "LoRA alpha"),
     "dropout": (float, "adapter dropout"),
     "vera-rank": (int, "VeRA rank"),
@@ -63,6 +69,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-modules", nargs="+", default=None,
                    help="module names/suffixes, 'all-linear' (linear layers of the blocks) or one regex")
     p.add_argument("--modules-to-save", nargs="*", default=None, help="modules trained in full (default: the head)")
+    p.add_argument("--freeze-bank", action="store_true", default=None,
+                   help="with --bank: train only the logits (and head); the adapter stores the bank's hash, not the bank")
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
     p.add_argument("--fp16", action="store_true", default=None, help="float16 autocast (CUDA only)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --output")
@@ -71,7 +79,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> dict:
     keys = [f.replace("-", "_") for f in FLAGS] + ["target_modules", "modules_to_save", "bf16", "fp16", "resume",
-                                                   "overwrite"]
+                                                   "overwrite", "freeze_bank"]
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     tm = out.get("target_modules")
     if tm is not None and len(tm) == 1 and (tm[0] == "all-linear" or any(c in tm[0] for c in "*()[]|\\^$")):

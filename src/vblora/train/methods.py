@@ -95,40 +95,61 @@ def _vblora(model, cfg, targets, heads) -> Adapted:
     vcfg = vblora.VBLoRAConfig(target_modules=cfg.target_modules if cfg.target_modules == "all-linear"
                                else _exact_regex(targets), rank=cfg.rank, num_vectors=cfg.num_vectors,
                                vector_length=cfg.vector_length, topk=cfg.topk, dropout=cfg.dropout,
-                               modules_to_save=tuple(heads), seed=cfg.seed)
+                               selection=cfg.selection, noise_std=cfg.noise_std, temperature=cfg.temperature,
+                               eval_topk=cfg.eval_topk, modules_to_save=tuple(heads), seed=cfg.seed)
     model = vblora.add_vblora(model, vcfg)
+    bank_source = _start_bank(model, cfg)
     groups = vblora.parameter_groups(model, lr_bank=cfg.lr_bank, lr_logits=cfg.lr_logits, lr_other=cfg.lr_head,
                                      weight_decay=cfg.weight_decay)
     counts = vblora.count_parameters(model)
 
     def save(d: Path) -> None:
-        if hasattr(vblora, "save_adapter"):
+        if cfg.freeze_bank:  # a shared bank: the adapter stores its sha256; the bank file sits beside it once
+            vblora.save_adapter(model, str(d), bank="reference")
+            vblora.save_bank(model, str(d.parent))  # the run directory, so adapter/ holds only per-task bytes
+        else:
             vblora.save_adapter(model, str(d))
-        else:  # storage work stream not merged yet: the triplet + heads as safetensors (see docs/training.md)
-            _save_vblora_fallback(model, d, vcfg)
 
     return Adapted(model, "vblora", groups, counts["trainable"], float(counts["stored"]), save,
-                   details={k: v for k, v in counts.items() if isinstance(v, (int, float))} | {"config": vcfg.to_dict()})
+                   details={k: v for k, v in counts.items() if isinstance(v, (int, float))}
+                   | {"config": vcfg.to_dict(), "bank_source": bank_source, "freeze_bank": cfg.freeze_bank})
 
 
-def _save_vblora_fallback(model, d: Path, vcfg) -> None:
-    from safetensors.torch import save_file
+def _start_bank(model, cfg) -> str | None:
+    """`--bank PATH`: copy a trained `(h, b)` bank into the model; `--freeze-bank`: stop it training.
+
+    PATH is a bank file (`vblora.save_bank`), an adapter file or directory with the bank inside, or a run directory
+    (its `adapter/`). Returns the file the bank came from.
+    """
+    import torch
 
     import vblora
-    from vblora.bank import index_dtype
-    from vblora.inject import trained_copies
+    from vblora.storage import adapter_file, read_adapter, read_bank
 
+    if cfg.freeze_bank and not cfg.bank:
+        raise SetupError("--freeze-bank needs --bank PATH (a trained bank to share)")
+    if not cfg.bank:
+        return None
+    p = Path(cfg.bank)
+    candidates = [p, p / "bank.safetensors", p / "adapter" / "bank.safetensors", adapter_file(p),
+                  p / "adapter" / "adapter.safetensors"]
+    file = next((c for c in candidates if c.is_file()), None)
+    if file is None:
+        raise SetupError(f"--bank {cfg.bank}: no bank.safetensors or adapter.safetensors there")
+    if file.name == "bank.safetensors":
+        tensor = read_bank(file)[0]
+    else:
+        snap, _ = read_adapter(file, bank_path=file.parent)
+        tensor = snap.bank
     bank = vblora.get_bank(model)
-    idx, w = bank.topk_selection()
-    tensors = {"bank": bank.bank.detach().float().contiguous(),
-               "indices": idx.to(index_dtype(bank.bank.shape[0])).contiguous(),
-               "weights": w[:, :-1].float().contiguous()}  # k-1 stored: the last weight is 1 - sum
-    for name, copy in trained_copies(model).items():
-        for pn, p in copy.trained.state_dict().items():
-            tensors[f"modules_to_save.{name}.{pn}"] = p.detach().float().contiguous()
-    d.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(d / "adapter.safetensors"))
-    (d / "adapter_config.json").write_text(json.dumps({"format": "vblora-fallback-0", **vcfg.to_dict()}, indent=2))
+    if tuple(tensor.shape) != tuple(bank.bank.shape):
+        raise SetupError(f"--bank {file}: bank shape {tuple(tensor.shape)} does not match --num-vectors "
+                         f"{bank.bank.shape[0]} x --vector-length {bank.bank.shape[1]}; set them to the bank's")
+    with torch.no_grad():
+        bank.bank.copy_(tensor.to(bank.bank.dtype))
+    if cfg.freeze_bank:
+        bank.bank.requires_grad_(False)
+    return str(file)
 
 
 def _peft(model, cfg, targets, heads, peft_cfg, lr) -> tuple:

@@ -44,6 +44,13 @@ class RunConfig:
     num_vectors: int = 90          # VB-LoRA bank size h
     vector_length: int = 128       # VB-LoRA b (MiniLM's 384 is not a multiple of the paper's 256)
     topk: int = 2
+    selection: str = "topk"        # VB-LoRA selection rule (paper Table 5): topk|all|noisy_topk|gumbel|st_gumbel
+    noise_std: float = 1.0         # noisy_topk noise
+    temperature: float = 1.0 / 3.0  # gumbel / st_gumbel tau
+    eval_topk: int | None = None   # k at evaluation and in the stored adapter (default topk)
+    bank: str | None = None        # start from this trained bank: a bank.safetensors (vblora.save_bank) or an adapter
+    freeze_bank: bool = False      # with --bank: train only logits and head; the adapter references the bank by hash
+    record_selection_every: int | None = None  # record top-k selections every N steps (vblora plot RUN_DIR)
     lora_alpha: float = 8.0
     dropout: float = 0.0
     vera_rank: int = 256

@@ -181,6 +181,9 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> dict:
         **dev)
     collator = tasks.LMCollator(tok.pad_token_id) if lm else _padding_collator(tok)
     tracker = BestTracker(model, metric, ckpt, is_main)
+    if cfg.record_selection_every and cfg.method == "vblora" and is_main:
+        from vblora.analysis.selection import SelectionCallback
+        callbacks = [*(callbacks or []), SelectionCallback(every=cfg.record_selection_every, run_dir=out)]
     trainer = _Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
                        data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.kind),
                        callbacks=[tracker, *(callbacks or [])], param_groups=adapted.param_groups)
