@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def register(subparsers) -> None:
     from vblora.commands.train import add_run_flags

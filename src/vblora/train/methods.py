@@ -121,8 +121,6 @@ def _start_bank(model, cfg) -> str | None:
     PATH is a bank file (`vblora.save_bank`), an adapter file or directory with the bank inside, or a run directory
     (its `adapter/`). Returns the file the bank came from.
     """
-    import torch
-
     import vblora
     from vblora.storage import adapter_file, read_adapter, read_bank
 
