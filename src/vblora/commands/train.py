@@ -75,11 +75,13 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16", action="store_true", default=None, help="float16 autocast (CUDA only)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --output")
     p.add_argument("--overwrite", action="store_true", default=None, help="discard earlier checkpoints in --output")
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false", default=None,
+                   help="plain random batches instead of length-grouped ones (which need ~half the padding)")
 
 
 def overrides(args: argparse.Namespace) -> dict:
     keys = [f.replace("-", "_") for f in FLAGS] + ["target_modules", "modules_to_save", "bf16", "fp16", "resume",
-                                                   "overwrite", "freeze_bank"]
+                                                   "overwrite", "freeze_bank", "group_by_length"]
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     tm = out.get("target_modules")
     if tm is not None and len(tm) == 1 and (tm[0] == "all-linear" or any(c in tm[0] for c in "*()[]|\\^$")):

@@ -38,6 +38,7 @@ class RunConfig:
     max_eval_samples: int | None = None   # caps the validation split
     max_test_samples: int | None = None   # caps the test split
     max_length: int = 64           # tokens; batches are padded dynamically to their longest sequence
+    group_by_length: bool = True   # batches of similar length (less padding; vblora/train/sampling.py)
     # --- adapter ---
     target_modules: list[str] | str = "all-linear"  # names, "all-linear" (linear layers of the blocks), or regex
     rank: int = 4

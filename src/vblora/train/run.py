@@ -26,6 +26,7 @@ from vblora.train import methods, models, tasks
 from vblora.train.errors import SetupError
 from vblora.train.evaluate import generate_answers, lm_loss
 from vblora.train.options import RunConfig
+from vblora.train.sampling import LengthGroupedEpochSampler, item_lengths
 
 TRAINABLE_FILE = "trainable.pt"
 
@@ -47,9 +48,18 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
 class _Trainer(Trainer):
     """Trainer with our optimizer groups and trainable-only checkpoints (a frozen base is never re-saved)."""
 
-    def __init__(self, *a, param_groups=None, **kw):
+    def __init__(self, *a, param_groups=None, group_by_length=False, **kw):
         self._groups = param_groups
+        self._group_by_length = group_by_length
         super().__init__(*a, **kw)
+
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if not self._group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        a = self.args  # group by the global batch, so 1 process and N processes see the same batches
+        return LengthGroupedEpochSampler(item_lengths(ds), a.per_device_train_batch_size * a.gradient_accumulation_steps
+                                         * max(1, a.world_size), a.seed)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -186,7 +196,8 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> dict:
         callbacks = [*(callbacks or []), SelectionCallback(every=cfg.record_selection_every, run_dir=out)]
     trainer = _Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
                        data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.kind),
-                       callbacks=[tracker, *(callbacks or [])], param_groups=adapted.param_groups)
+                       callbacks=[tracker, *(callbacks or [])], param_groups=adapted.param_groups,
+                       group_by_length=cfg.group_by_length)
     log(f"vblora train: {cfg.method} on {Path(path).name} ({data.kind}), {len(data.train)} train / "
         f"{len(data.validation)} validation / {len(data.test)} test examples, {len(adapted.targets)} adapted modules, "
         f"{adapted.trainable_parameters:,} trainable, {adapted.stored_parameters:,.0f} stored parameters"
