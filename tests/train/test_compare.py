@@ -27,6 +27,12 @@ def test_compare_table_and_reuse(tiny_bert, cls_files, tmp_path):
     assert (lora_cfg["seed"], lora_cfg["rank"], lora_cfg["lora_alpha"], lora_cfg["lr"]) == (1, 4, 8.0, 1e-2)
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| vblora |" in table and "| lora |" in table and "test mean" in table
-    again = run_compare(["vblora", "lora"], [0, 1], tmp_path / "cmp", None, base, {}, log=logs.append)
+    again = run_compare(["vblora", "lora"], [0, 1], tmp_path / "cmp", None, base, {"lora": {"lr": 1e-2}},
+                        log=logs.append)
     assert sum("reusing" in str(x) for x in logs) == 4
     assert format_table(again) == format_table(summary)
+    # a finished run made with other settings is not reused: it runs again with the requested ones
+    logs.clear()
+    run_compare(["lora"], [0], tmp_path / "cmp", None, base, {"lora": {"lr": 2e-2}}, log=logs.append)
+    assert any("other settings" in str(x) for x in logs) and not any("reusing" in str(x) for x in logs)
+    assert json.loads((tmp_path / "cmp" / "lora-seed0" / "results.json").read_text())["config"]["lr"] == 2e-2

@@ -30,13 +30,16 @@ def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | N
         for method in methods:
             run_dir = out / f"{method}-seed{seed}"
             res_file = run_dir / "results.json"
-            if res_file.exists():
-                runs[method].append(json.loads(res_file.read_text()))
-                log(f"[compare] {method} seed {seed}: reusing {res_file}")
-                continue
             ov = {**base_overrides, **METHOD_DEFAULTS.get(method, {}), **method_overrides.get(method, {}),
                   "method": method, "seed": seed, "output": str(run_dir), "overwrite": True}
             cfg = build_config(recipe, ov)
+            if res_file.exists():
+                old = json.loads(res_file.read_text())
+                if _settings(old.get("config", {})) == _settings(cfg.to_dict()):
+                    runs[method].append(old)
+                    log(f"[compare] {method} seed {seed}: reusing {res_file}")
+                    continue
+                log(f"[compare] {method} seed {seed}: {res_file} was made with other settings; running again")
             t = time.time()
             try:
                 runs[method].append(train(cfg, log=log))
@@ -49,6 +52,12 @@ def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | N
     write_summary(summary, out)
     log(format_table(summary))
     return summary
+
+
+def _settings(config: dict) -> dict:
+    """A run's settings as JSON would store them, less the bookkeeping that does not change its result."""
+    skip = {"output", "overwrite", "resume", "logging_steps", "save_steps"}
+    return {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in skip}
 
 
 def summarize(runs: dict[str, list[dict]], seeds: list[int]) -> dict:
@@ -75,15 +84,16 @@ def summarize(runs: dict[str, list[dict]], seeds: list[int]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    head = ("| method | stored params | epochs | seeds run | test mean | test std | test median | validation mean | "
-            "train time (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| method | stored params | adapter bytes | epochs | seeds run | test mean | test std | test median | "
+            "validation mean | train time (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in summary["rows"]:
         if not r["runs"]:
             state = f"failed: {r['errors'][0]}" if r["errors"] else "not run yet"
-            lines.append(f"| {r['method']} | {state} | | | | | | | |")
+            lines.append(f"| {r['method']} | {state} | | | | | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['stored_parameters']:,.0f} | {r['epochs']:g} | {r['runs']} | "
+        lines.append(f"| {r['method']} | {r['stored_parameters']:,.0f} | {r['adapter_bytes']:,} | {r['epochs']:g} | "
+                     f"{r['runs']} | "
                      f"{r['test_mean']:.4f} | "
                      f"{r['test_std']:.4f} | {r['test_median']:.4f} | {r['validation_mean']:.4f} | "
                      f"{r['train_time_s_mean']:.0f} |")
