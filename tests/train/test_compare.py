@@ -36,3 +36,8 @@ def test_compare_table_and_reuse(tiny_bert, cls_files, tmp_path):
     run_compare(["lora"], [0], tmp_path / "cmp", None, base, {"lora": {"lr": 2e-2}}, log=logs.append)
     assert any("other settings" in str(x) for x in logs) and not any("reusing" in str(x) for x in logs)
     assert json.loads((tmp_path / "cmp" / "lora-seed0" / "results.json").read_text())["config"]["lr"] == 2e-2
+    # ...but a setting only VB-LoRA reads (the bank's learning rate) does not invalidate a LoRA run
+    logs.clear()
+    run_compare(["lora"], [0], tmp_path / "cmp", None, {**base, "lr_bank": 7e-3}, {"lora": {"lr": 2e-2}},
+                log=logs.append)
+    assert any("reusing" in str(x) for x in logs)

@@ -54,9 +54,17 @@ def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | N
     return summary
 
 
+# Settings that only one method reads: a LoRA run is still valid when, say, the recipe's bank size changed.
+_ONLY_FOR = {"vblora": {"num_vectors", "vector_length", "topk", "selection", "noise_std", "temperature", "eval_topk",
+                        "bank", "freeze_bank", "record_selection_every", "lr_bank", "lr_logits"},
+             "lora": {"lora_alpha"}, "vera": {"vera_rank"}, "tied-lora": {"tied_rank"}}
+_BOOKKEEPING = {"output", "overwrite", "resume", "logging_steps", "save_steps"}
+
+
 def _settings(config: dict) -> dict:
-    """A run's settings as JSON would store them, less the bookkeeping that does not change its result."""
-    skip = {"output", "overwrite", "resume", "logging_steps", "save_steps"}
+    """The settings that decide a run's result, as JSON stores them (bookkeeping and other methods' knobs left out)."""
+    method = config.get("method")
+    skip = _BOOKKEEPING | {k for m, keys in _ONLY_FOR.items() if m != method for k in keys}
     return {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in skip}
 
 

@@ -239,9 +239,11 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> dict:
         from vblora.train import vader
         results["data"]["split"] = vader.split_info()
     if is_main:
-        adapter_dir = out / "adapter"
+        adapter_dir, fresh = out / "adapter", out / "adapter.saving"
+        shutil.rmtree(fresh, ignore_errors=True)
+        adapted.save(fresh)  # an earlier adapter is replaced only once the new one is completely written
         shutil.rmtree(adapter_dir, ignore_errors=True)
-        adapted.save(adapter_dir)
+        fresh.rename(adapter_dir)
         results["adapter_bytes"] = methods.adapter_bytes(adapter_dir)
         results["adapter_dir"] = str(adapter_dir)
         results["wall_time_s"] = round(time.time() - t0, 2)
