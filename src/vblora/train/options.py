@@ -1,6 +1,7 @@
 """One run's settings: a flat dataclass, filled from a recipe (YAML shipped in `vblora/recipes/`) then CLI flags.
 
-Every field has the offline default's value, so `vblora train` with no arguments is the `minilm-vader` recipe.
+Fields default to the paper's values where it has one; `vblora train` with no arguments loads the `minilm-vader` recipe
+on top (which, for example, raises the bank learning rate to 5e-3).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class RunConfig:
     batch_size: int = 32           # per process
     eval_batch_size: int = 128
     grad_accum: int = 1
-    lr_bank: float = 1e-3          # VB-LoRA vector bank
+    lr_bank: float = 1e-3          # VB-LoRA vector bank (the paper's; the minilm-vader recipe uses 5e-3)
     lr_logits: float = 1e-2        # VB-LoRA selection logits
     lr_head: float = 4e-3          # classifier head (modules_to_save) for every adapter method
     lr: float | None = None        # LoRA/VeRA/Tied-LoRA/full adapter learning rate; default per method below
