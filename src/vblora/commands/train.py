@@ -1,6 +1,6 @@
 """`vblora train`: fine-tune a local transformers model on local data with VB-LoRA or a baseline.
 
-With no arguments: the `minilm-vader` recipe (MiniLM-L6, VADER movie snippets, VB-LoRA all-linear, CPU, ~10 min).
+With no arguments: the `minilm-vader` recipe (MiniLM-L6, VADER movie snippets, VB-LoRA all-linear, CPU, ~5 min).
 Flags override the recipe; every flag maps to a RunConfig field (vblora/train/options.py).
 """
 
