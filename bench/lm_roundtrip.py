@@ -20,19 +20,14 @@ def main() -> int:
     ap.add_argument("run_dir", type=Path)
     args = ap.parse_args()
 
-    import vblora
-    from vblora.train import evaluate, models, tasks
+    from vblora.train import evaluate
 
     res = json.loads((args.run_dir / "results.json").read_text())
     cfg = res["config"]
     samples = [json.loads(line) for line in open(args.run_dir / "samples.jsonl", encoding="utf-8")]
     t = time.time()
-    path, gguf = models.resolve_model(cfg["model"], cfg.get("gguf_file"))
-    tok = models.load_tokenizer(path, gguf)
-    base = models.load_model(path, gguf, "causal-lm")
-    model = vblora.load_adapter(base, str(args.run_dir / "adapter"))  # fresh base + the saved file only
-    prompts = [tasks.prompt_text(tok, s["instruction"], s["input"]) for s in samples]
-    again = evaluate.greedy(model, tok, prompts, cfg["max_new_tokens"])
+    again = evaluate.reloaded_generations(cfg["model"], cfg.get("gguf_file"), args.run_dir / "adapter", samples,
+                                          cfg["max_new_tokens"])  # fresh base + the saved file only
     same = [a == s["generation"] for a, s in zip(again, samples)]
     report = {"run_dir": str(args.run_dir), "generations": len(samples), "identical": sum(same),
               "differences": [{"prompt_input": s["input"], "trained": s["generation"], "reloaded": a}

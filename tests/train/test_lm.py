@@ -93,15 +93,9 @@ def test_gsm8k_jsonl_exact_match(tiny_llama, tmp_path):
 
 def _roundtrip_generations(model_dir: str, res_dir, prompts_from: list[dict], max_new_tokens: int, gguf=None):
     """Greedy generations of the trained model (results' adapter reloaded on a fresh base) vs. in-memory ones."""
-    import vblora
-    from vblora.train import evaluate, models
+    from vblora.train import evaluate
 
-    path, gg = models.resolve_model(model_dir, gguf)
-    tok = models.load_tokenizer(path, gg)
-    prompts = [tasks.prompt_text(tok, r["instruction"], r["input"]) for r in prompts_from]
-    base = models.load_model(path, gg, "causal-lm")
-    loaded = vblora.load_adapter(base, str(res_dir / "adapter"))
-    return evaluate.greedy(loaded, tok, prompts, max_new_tokens)
+    return evaluate.reloaded_generations(model_dir, gguf, res_dir / "adapter", prompts_from, max_new_tokens)
 
 
 def test_lm_adapter_roundtrip_identical_generations(tiny_llama, tmp_path):

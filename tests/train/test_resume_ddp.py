@@ -20,8 +20,8 @@ QUIET = {"log": lambda *a: None}
 
 
 @pytest.fixture
-def cls_files(tmp_path) -> dict:
-    """Like the shared fixture, but sentences of 4-12 words, so length-grouped batching (the default) matters."""
+def varied_files(tmp_path) -> dict:
+    """Like the shared `cls_files`, but sentences of 4-12 words, so length-grouped batching (the default) matters."""
     import random
 
     def rows(n, seed):
@@ -47,8 +47,8 @@ def _close(a: dict, b: dict, tol: float) -> None:
             assert b["metrics"][split][k] == pytest.approx(v, abs=tol), (split, k)
 
 
-def test_resume_after_kill_matches_uninterrupted(tiny_bert, cls_files, tmp_path):
-    ov = run_overrides(tiny_bert, cls_files, tmp_path / "full", method="vblora", save_steps=3, epochs=2,
+def test_resume_after_kill_matches_uninterrupted(tiny_bert, varied_files, tmp_path):
+    ov = run_overrides(tiny_bert, varied_files, tmp_path / "full", method="vblora", save_steps=3, epochs=2,
                        lr_head=5e-2, lr_bank=1e-2, lr_logits=5e-2)
     ref = train(build_config(None, ov), **QUIET)  # 64 examples / bs 8 = 8 steps per epoch, 16 in all
 
@@ -81,14 +81,14 @@ def test_resume_after_kill_matches_uninterrupted(tiny_bert, cls_files, tmp_path)
         [e["validation"]["loss"] for e in ref["per_epoch"]], abs=1e-6)
 
 
-def test_torchrun_two_processes_match_one(tiny_bert, cls_files, tmp_path):
-    one = train(build_config(None, run_overrides(tiny_bert, cls_files, tmp_path / "one", batch_size=8,
+def test_torchrun_two_processes_match_one(tiny_bert, varied_files, tmp_path):
+    one = train(build_config(None, run_overrides(tiny_bert, varied_files, tmp_path / "one", batch_size=8,
                                                           lr_head=5e-2, lr_bank=1e-2, lr_logits=5e-2)), **QUIET)
     args = ["--model", tiny_bert, "--output", str(tmp_path / "two"), "--device", "cpu", "--epochs", "2",
             "--batch-size", "4", "--eval-batch-size", "16", "--vector-length", "32", "--num-vectors", "16",
             "--max-length", "16", "--lr-head", "5e-2", "--lr-bank", "1e-2", "--lr-logits", "5e-2",
             "--logging-steps", "1000"]
-    for k, v in cls_files.items():
+    for k, v in varied_files.items():
         args += [f"--{k.replace('_', '-')}", v]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -54,6 +54,19 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int 
     return outs
 
 
+def reloaded_generations(model_name: str, gguf_file: str | None, adapter_dir, records: list[dict],
+                         max_new_tokens: int) -> list[str]:
+    """Greedy answers to `records` ({'instruction', 'input'}) of a fresh base model with the saved adapter loaded:
+    what a user gets from the adapter file alone (no training-time state, no logits)."""
+    import vblora
+    from vblora.train import models
+
+    path, gguf = models.resolve_model(model_name, gguf_file)
+    tok = models.load_tokenizer(path, gguf)
+    model = vblora.load_adapter(models.load_model(path, gguf, "causal-lm"), str(adapter_dir))
+    return greedy(model, tok, [tasks.prompt_text(tok, r["instruction"], r["input"]) for r in records], max_new_tokens)
+
+
 def answer_word(text: str) -> str:
     words = text.strip().lower().replace(".", " ").split()
     return words[0] if words else ""

@@ -54,12 +54,12 @@ class _Trainer(Trainer):
         super().__init__(*a, **kw)
 
     def _get_train_sampler(self, train_dataset=None):
-        ds = train_dataset if train_dataset is not None else self.train_dataset
         if not self._group_by_length:
             return super()._get_train_sampler(train_dataset)
+        ds = train_dataset if train_dataset is not None else self.train_dataset
         a = self.args  # group by the global batch, so 1 process and N processes see the same batches
-        return LengthGroupedEpochSampler(item_lengths(ds), a.per_device_train_batch_size * a.gradient_accumulation_steps
-                                         * max(1, a.world_size), a.seed)
+        global_batch = a.per_device_train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
+        return LengthGroupedEpochSampler(item_lengths(ds), global_batch, a.seed)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
