@@ -11,51 +11,43 @@ from vblora.errors import ConfigError
 SELECTIONS = ("topk", "all", "noisy_topk", "gumbel", "st_gumbel")
 
 
+def knob(default: Any, help: str) -> Any:
+    """A dataclass field with its one description (`metadata["help"]`, which CLI flags show)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class VBLoRAConfig:
     """Configuration of a VB-LoRA adapter (Li, Han, Ji, NeurIPS 2024).
 
-    target_modules: which modules to adapt. A list of names or dotted name suffixes (``["query", "value"]``
-        matches ``...attention.self.query``), a regex string matched against the full qualified name, or
-        ``"all-linear"``: every Linear / GPT-2 Conv1D inside the repeated transformer blocks (names with a layer
-        index), so embeddings, the pooler and the output / classifier head are left alone, as in the paper.
-    rank: LoRA rank r of every adapted module (paper: 4 for GLUE/E2E/math, 4-6 for Llama-2).
-    num_vectors: bank size h. The paper uses 90 (RoBERTa-base), 256 (GPT-2 medium), 2048 (7B-13B models).
-    vector_length: sub-vector length b (paper: 256). A b that does not divide a module's dimension is allowed:
-        the last sub-vector of each row/column is composed in full and its excess entries are dropped (HF PEFT
-        raises instead), so b=256 works on MiniLM's hidden size 384.
-    topk: k, the number of bank vectors mixed into each sub-vector during training (paper: 2).
-    dropout: dropout on the adapter's input, as in LoRA.
-    init_bank_bound: bank ~ U(-bound, bound) (paper Table 7: U(-0.02, 0.02)).
-    init_logits_std: logits ~ N(0, std^2). We read the paper's "N(0, 0.01)" as std 0.01; HF PEFT's default is 0.1.
-    selection: training-time selection rule (paper Table 5): "topk" (default), "all" (softmax over the whole
-        bank), "noisy_topk" (Gaussian noise of std `noise_std` added to the logits before top-k, training only),
-        "gumbel" (Gumbel-softmax with `temperature` over the whole bank), "st_gumbel" (straight-through: hard
-        one-hot forward, soft gradient).
-    noise_std: noise scale for "noisy_topk".
-    temperature: tau for "gumbel" / "st_gumbel" (paper: 1/3).
-    eval_topk: k used at evaluation and in stored adapters; defaults to `topk` (so the Gumbel variants can be
-        evaluated with top-1 or top-2 softmax, as Table 5 does). With selection="all" it is forced to h.
-    layers: optional layer indices to adapt (the first integer in a module's qualified name); None adapts all.
-    modules_to_save: names/suffixes of modules trained in full (e.g. a classifier head), stored with the adapter.
-    seed: seed of the bank and logits initialisation (independent of the global RNG).
+    Every field is documented once, in its `help` metadata (what `vblora train --help` shows). Notes:
+    a vector_length that does not divide a module's dimension is allowed (the last sub-vector of each row/column
+    is composed in full and its excess entries dropped; HF PEFT raises), so b=256 works on MiniLM's hidden 384.
+    We read the paper's "N(0, 0.01)" for the logits as std 0.01. "all-linear" leaves embeddings, the pooler and
+    the output / classifier head alone, as in the paper.
     """
 
-    target_modules: str | Sequence[str] = "all-linear"
-    rank: int = 4
-    num_vectors: int = 256
-    vector_length: int = 256
-    topk: int = 2
-    dropout: float = 0.0
-    init_bank_bound: float = 0.02
-    init_logits_std: float = 0.01
-    selection: str = "topk"
-    noise_std: float = 1.0
-    temperature: float = 1.0 / 3.0
-    eval_topk: int | None = None
-    layers: Sequence[int] | None = None
-    modules_to_save: Sequence[str] = field(default_factory=tuple)
-    seed: int = 0
+    target_modules: str | Sequence[str] = knob(
+        "all-linear", "modules to adapt: names or dotted suffixes (query value), one regex matched against the full "
+        "name, or all-linear (every Linear / GPT-2 Conv1D inside the repeated blocks)")
+    rank: int = knob(4, "LoRA rank r of every adapted module (paper: 4 for GLUE/E2E/math, 4-6 for Llama-2)")
+    num_vectors: int = knob(256, "bank size h (paper: 90 RoBERTa-base, 256 GPT-2 medium, 2048 for 7B-13B models)")
+    vector_length: int = knob(256, "sub-vector length b (paper: 256); need not divide the module dimensions")
+    topk: int = knob(2, "k: bank vectors mixed into each sub-vector during training (paper: 2)")
+    dropout: float = knob(0.0, "dropout on the adapter's input, as in LoRA")
+    init_bank_bound: float = knob(0.02, "bank ~ U(-bound, bound) at initialisation (paper Table 7: 0.02)")
+    init_logits_std: float = knob(0.01, "logits ~ N(0, std^2) at initialisation (paper: 0.01; HF PEFT: 0.1)")
+    selection: str = knob("topk", "training-time selection rule (paper Table 5): topk | all | noisy_topk | gumbel | "
+                                  "st_gumbel")
+    noise_std: float = knob(1.0, "std of the Gaussian noise noisy_topk adds to the logits")
+    temperature: float = knob(1.0 / 3.0, "tau of gumbel / st_gumbel (paper: 1/3)")
+    eval_topk: int | None = knob(None, "k at evaluation and in the stored adapter (default: topk; h for "
+                                       "selection=all)")
+    layers: Sequence[int] | None = knob(None, "adapt only modules of these layer indices (the first integer in the "
+                                              "qualified name); default: all")
+    modules_to_save: Sequence[str] = knob((), "modules trained in full and stored with the adapter (e.g. a "
+                                              "classifier head)")
+    seed: int = knob(0, "seed of the bank and logits initialisation (independent of the global RNG)")
 
     def __post_init__(self) -> None:
         # Freeze list-valued fields so the config is hashable and cannot be mutated behind our back.
