@@ -48,7 +48,7 @@ def prepare(layers: int, work: Path) -> dict:
     import torch
 
     import vblora
-    from vblora.interop import export_peft
+    from vblora.storage.peft_vblora import export_peft
     from vblora.storage import save_adapter
 
     cfg = vblora.VBLoRAConfig(target_modules="all-linear", rank=R, num_vectors=H, vector_length=B, topk=K)

@@ -115,12 +115,12 @@ def check_eval_cache(device: str) -> dict:
     bank = vblora.get_bank(ours)
     with torch.no_grad():
         y1 = ours(input_ids=x).logits
-        cached = bank._eval_cache[1]
+        cached = bank._inference[1]
         y1b = ours(input_ids=x).logits
-        reused = bank._eval_cache[1] is cached
+        reused = bank._inference[1] is cached
         bank.bank.mul_(2.0)
         y2 = ours(input_ids=x).logits
-    changed = bank._eval_cache[1] is not cached and not torch.allclose(y1, y2)
+    changed = bank._inference[1] is not cached and not torch.allclose(y1, y2)
     return {"ok": bool(reused and changed and torch.equal(y1, y1b)), "reused": reused, "invalidated": changed}
 
 

@@ -43,7 +43,7 @@ def main() -> None:
     import transformers
 
     import vblora
-    from vblora.interop import export_peft
+    from vblora.storage.peft_vblora import export_peft
     from vblora.storage import load_adapter, save_adapter
 
     torch.manual_seed(0)

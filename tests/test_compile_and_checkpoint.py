@@ -149,7 +149,7 @@ def test_eval_cache_invalidated_by_optimizer_step():
     model.eval()
     with torch.no_grad():
         y2 = model(x)
-        vblora.get_bank(model)._eval_cache = None  # a fresh composition gives the same output
+        vblora.get_bank(model)._inference = None  # a fresh composition gives the same output
         y3 = model(x)
     assert not torch.allclose(y1, y2)
     torch.testing.assert_close(y2, y3, rtol=0, atol=0)

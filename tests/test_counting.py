@@ -58,7 +58,8 @@ def test_general_formula_from_shapes(h, k):
 
 def test_uint8_up_to_256_vectors():
     # h = 256 fits uint8 (PEFT uses int16 there): w = 1/4
-    assert vblora.inject.index_width(256) == 0.25 and vblora.inject.index_width(257) == 0.5
+    from vblora.layout import stored_count
+    assert stored_count(256, 1, 1, 1) == 256 + 0.25 and stored_count(257, 1, 1, 1) == 257 + 0.5  # index widths
 
 
 def test_modules_to_save_are_counted():

@@ -9,9 +9,9 @@ import torch
 
 import vblora
 from vblora.errors import AdapterFormatError
-from vblora.interop import export_peft, import_peft
-from vblora.lora_export import export_lora, merge_and_save
-from vblora.snapshot import lora_factors, take_snapshot, subvectors
+from vblora.storage.peft_vblora import export_peft, import_peft
+from vblora.storage import export_lora, merge_and_save
+from vblora.storage.snapshot import take_snapshot
 from vblora.storage import load_adapter, save_adapter
 
 try:  # tests/ may or may not be a package
@@ -102,10 +102,10 @@ def test_export_lora_loads_in_peft_with_same_outputs(tmp_path, family, targets):
 def test_lora_factors_match_layers():
     model, _ = adapted("gpt2", vector_length=48)  # non-dividing: excess entries dropped the same way
     snap = take_snapshot(model)
-    sub = subvectors(snap)
+    sub = snap.subvectors()
     for entry in snap.modules:
         layer = vblora.adapted_layers(model)[entry.name]
-        A, B = lora_factors(sub, entry, snap.config.rank)
+        A, B = snap.layout.factors(sub, entry)
         with torch.no_grad():
             assert torch.allclose(A, layer.lora_A(), atol=1e-7) and torch.allclose(B, layer.lora_B(), atol=1e-7)
 

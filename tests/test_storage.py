@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import vblora
 from vblora.errors import AdapterFormatError
-from vblora.packing import index_bits, pack_bits, unpack_bits
+from vblora.storage.encoding import index_bits, pack_bits, unpack_bits
 from vblora.storage import load_adapter, read_adapter, save_adapter, save_bank
 
 try:  # tests/ may or may not be a package
@@ -74,7 +74,7 @@ def test_roberta_base_fp32_bytes_equal_paper_count_and_header_small(tmp_path):
     assert os.path.getsize(path) - tensor_bytes(path) <= 16 * 1024
     assert load_file(path)["indices"].dtype == torch.uint8
     # against PEFT's save_only_topk_weights layout of the same adapter (bench/storage_sizes.py uses PEFT's own file)
-    from vblora.interop import export_peft
+    from vblora.storage.peft_vblora import export_peft
 
     peft_topk = os.path.getsize(export_peft(model, tmp_path / "peft", save_only_topk_weights=True)
                                 / "adapter_model.safetensors")
@@ -161,7 +161,7 @@ def test_crash_mid_save_leaves_previous_adapter_loadable(tmp_path, monkeypatch):
 
 
 def test_crash_after_partial_write(tmp_path, monkeypatch):
-    import vblora.safefile as sf
+    import vblora.storage.files as sf
 
     model, base = adapted("llama")
     path = save_adapter(model, tmp_path)
@@ -295,7 +295,7 @@ def test_public_api():
 
 def test_loading_onto_an_adapted_model_is_refused(tmp_path):
     from vblora.errors import TargetError
-    from vblora.interop import export_peft, import_peft
+    from vblora.storage.peft_vblora import export_peft, import_peft
 
     model, _ = adapted("llama")
     path = save_adapter(model, tmp_path / "a")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vblora
-from vblora.checkpoint import load_checkpoint, save_checkpoint
+from vblora.storage.checkpoint import load_checkpoint, save_checkpoint
 from vblora.errors import AdapterFormatError
 
 try:  # tests/ may or may not be a package

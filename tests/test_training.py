@@ -68,9 +68,9 @@ def test_eval_cache_reused_and_invalidated_by_update():
     x = torch.randn(2, 32)
     with torch.no_grad():
         y1 = model(x)
-        cached = bank._eval_cache[1]
+        cached = bank._inference[1]
         model(x)
-        assert bank._eval_cache[1] is cached  # reused
+        assert bank._inference[1] is cached  # reused
         bank.bank.add_(0.5)  # an optimizer step bumps the version
         y2 = model(x)
-    assert bank._eval_cache[1] is not cached and not torch.allclose(y1, y2)
+    assert bank._inference[1] is not cached and not torch.allclose(y1, y2)

@@ -18,12 +18,9 @@ from vblora.inject import (
     unload,
     unmerge,
 )
-from vblora.checkpoint import load_checkpoint, save_checkpoint
-from vblora.interop import export_peft, import_peft
-from vblora.lora_export import export_lora, merge_and_save
-from vblora.storage import load_adapter, save_adapter, save_bank
-
-__version__ = "0.1.0"
+from vblora.storage import (export_lora, export_peft, import_peft, load_adapter, load_checkpoint, merge_and_save,
+                            save_adapter, save_bank, save_checkpoint)
+from vblora.version import __version__
 
 __all__ = [
     "VBLoRAConfig",

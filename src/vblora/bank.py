@@ -15,6 +15,7 @@ from torch import nn
 
 from vblora.config import VBLoRAConfig
 from vblora.errors import NonFiniteError
+from vblora.layout import Layout
 
 
 def compose(logits: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
@@ -69,13 +70,23 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def index_dtype(num_vectors: int) -> torch.dtype:
-    """Smallest unsigned integer type that holds indices < num_vectors (uint8 for h <= 256, as the paper)."""
-    if num_vectors <= 256:
-        return torch.uint8
-    if num_vectors <= 65536:
-        return torch.uint16
-    return torch.int32
+Pieces = list  # per module `(A rows (a_count, b), B rows (b_count, b))`, from `Layout.split`
+
+
+class _Step:
+    """The composition of one root forward pass. `fp32` holds the `(N, b)` float32 sub-vectors (with or without a
+    graph), `pieces` their per-module split per activation dtype: both bounded by the dtypes in use, never by calls.
+
+    open: the root forward is running. reentrant: a training-mode forward ran without grad inside it (the first pass
+    of a reentrant checkpoint). consumed: gradient reached the composition (its graph is spent)."""
+
+    def __init__(self, versions: tuple) -> None:
+        self.versions, self.open, self.reentrant, self.consumed = versions, True, False, False
+        self.fp32: dict[bool, torch.Tensor] = {}  # grad mode -> (N, b)
+        self.pieces: dict[tuple, Pieces] = {}  # (dtype, grad mode) -> pieces
+
+    def mark_consumed(self, grad: torch.Tensor) -> None:
+        self.consumed = True
 
 
 class VectorBank(nn.Module):
@@ -83,147 +94,144 @@ class VectorBank(nn.Module):
 
     Training form: parameters `bank` and `logits`. Frozen form (after `freeze_selection()` or loading an adapter):
     parameter `bank` and buffers `indices (N, k)` (int64) and `weights (N, k)`, with no `(N, h)` logits at all.
-    `layout` lists `(module name, Slot)` in row order, for error messages and storage.
+    `layout` (a `vblora.layout.Layout`) says which rows each adapted module owns.
+
+    Composition state: the root module's forward hooks open and close a `_Step`; all adapted layers of that forward
+    read their rows from one composition. No-grad evaluation reuses one cached composition, keyed on the parameters'
+    identity and version counters and on the config, so an optimizer step or a config change is seen without anybody
+    resetting anything.
     """
 
-    def __init__(self, config: VBLoRAConfig, num_subvectors: int, *, with_logits: bool = True) -> None:
+    def __init__(self, config: VBLoRAConfig, layout: Layout, *, with_logits: bool = True) -> None:
         super().__init__()
-        self.config = config
-        self.num_subvectors = num_subvectors
-        self.layout: list = []
+        self.config, self.layout = config, layout
+        n = layout.num_subvectors
         g = torch.Generator().manual_seed(config.seed)
         h, b = config.num_vectors, config.vector_length
         bound = config.init_bank_bound
         self.bank = nn.Parameter(torch.rand(h, b, generator=g) * (2 * bound) - bound)
         if with_logits:
-            self.logits = nn.Parameter(torch.randn(num_subvectors, h, generator=g) * config.init_logits_std)
+            self.logits = nn.Parameter(torch.randn(n, h, generator=g) * config.init_logits_std)
         else:
             self.register_parameter("logits", None)
             k = config.stored_topk
-            self.register_buffer("indices", torch.zeros(num_subvectors, k, dtype=torch.long))
-            self.register_buffer("weights", torch.full((num_subvectors, k), 1.0 / k))
-        self._step_cache: dict | None = None  # per-forward composition, keyed by (dtype, device, grad mode)
-        self._eval_cache: tuple | None = None  # (key, tensor): reused across no-grad forwards until params change
+            self.register_buffer("indices", torch.zeros(n, k, dtype=torch.long))
+            self.register_buffer("weights", torch.full((n, k), 1.0 / k))
+        self._step: _Step | None = None
+        self._inference: tuple | None = None  # (key, pieces) of the last no-grad evaluation composition
 
     @property
     def frozen(self) -> bool:
         return self.logits is None
 
-    # -- composition -------------------------------------------------------------------------------------------
-    def compose_now(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Compose sub-vectors `[start, stop)` (default all `N`) in float32 with the rule for the current mode.
+    @property
+    def num_subvectors(self) -> int:
+        return self.layout.num_subvectors
 
-        Every rule works row by row, so composing a range of rows gives exactly those rows of the full composition.
-        """
+    # -- composition rules ---------------------------------------------------------------------------------------
+    def compose_rows(self, start: int = 0, stop: int | None = None, *, stored: bool = False) -> torch.Tensor:
+        """Sub-vectors `[start, stop)` (default all `N`) in float32, by the rule of the current mode, or by the
+        stored rule (frozen selection, else top-`eval_topk` softmax; full softmax for select-all) if `stored` or in
+        eval mode. Every rule works row by row, so a range of rows equals those rows of the full composition."""
         rows = slice(start, stop)
         with _no_autocast(self.bank.device.type):  # fp32 master composition, even under autocast
             if self.frozen:
                 return compose_selected(self.indices[rows], self.weights[rows], self.bank)
-            if self.training:
+            if self.training and not stored:
                 return compose_training(self.logits[rows], self.bank, self.config)
             return compose_eval(self.logits[rows], self.bank, self.config)
 
+    @torch.no_grad()
+    def stored_subvectors(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """`(rows, b)` float32 by the stored rule, whatever the mode: what merge, unmerge and every export use."""
+        return self.compose_rows(start, stop, stored=True)
+
     def subvectors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`(N, b)` sub-vectors for this forward pass, in `dtype` (the activation dtype).
+        """`(N, b)` sub-vectors by the current mode's rule, composed now (for analysis; layers use `module_rows`)."""
+        return self.compose_rows().to(dtype or self.bank.dtype)
 
-        Composed once per root forward (the model's pre-hook opens a step), once per parameter change in
-        no-grad inference, and afresh when called outside a root forward.
-        """
-        return self._composed(dtype or self.bank.dtype)[0]
-
-    def rows(self, slot, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(a_count, b)` and `(b_count, b)` sub-vector rows of one module's A and B for this forward pass.
-
-        Taken from one `split` of the step's composition: its backward is a single concatenation, where per-module
-        slices would each scatter into a fresh `(N, b)` zero tensor in the backward pass. Inside a reentrant
-        checkpoint's recomputation (whose inner backward would free a shared graph) only this module's rows are
-        composed, afresh.
-        """
-        if self._recomputing_reentrant():
-            a = self.compose_now(slot.a_start, slot.b_start + slot.b_count).to(dtype)
-            return a[:slot.a_count], a[slot.a_count:]
-        sub, pieces = self._composed(dtype)
-        i = None if pieces is None else self._piece_index().get(slot.a_start)
-        if i is None or pieces[i].shape[0] != slot.a_count:
-            return sub[slot.a_start:slot.a_start + slot.a_count], sub[slot.b_start:slot.b_start + slot.b_count]
-        return pieces[i], pieces[i + 1]
-
-    def _recomputing_reentrant(self) -> bool:
-        # A no-grad forward in training mode within this step means reentrant checkpointing; a forward run while a
-        # backward pass is executing is its recomputation. (Non-reentrant recomputation must instead replay the
-        # original forward's ops exactly, i.e. reuse the step's composition, which was made before any region.)
-        return (self._step_cache is not None and self._step_cache.get("reentrant", False)
-                and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1)
-
-    def _composed(self, dtype: torch.dtype) -> tuple[torch.Tensor, tuple | None]:
-        """`(sub (N, b), pieces or None)` in `dtype`: from the step / eval cache, or composed now."""
-        if torch.compiler.is_compiling():
-            # Traced: the root pre-hook's composition of this trace (no version checks), else compose inline.
-            step = self._step_cache if self._step_cache is not None else {}
-            if ("traced", dtype) not in step:
-                sub = step["traced"].to(dtype) if "traced" in step else self.compose_now().to(dtype)
-                step[("traced", dtype)] = self._with_pieces(sub)
-            return step[("traced", dtype)]
+    # -- composition state -----------------------------------------------------------------------------------------
+    def module_rows(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(a_count, b)` and `(b_count, b)` rows of module `i` for the running forward pass, in `dtype`."""
+        if torch.compiler.is_compiling():  # traced: the root pre-hook's composition, no version checks
+            step = self._step
+            if step is None or not step.fp32:
+                return self.layout.split(self.compose_rows().to(dtype))[i]
+            return self.layout.split(next(iter(step.fp32.values())).to(dtype))[i]
         grad = torch.is_grad_enabled()
-        if not grad and not self.training:
-            return self._inference_subvectors(dtype)
-        if self._step_cache is None:
-            return self.compose_now().to(dtype), None
-        if not grad:
-            self._step_cache["reentrant"] = True
-        key = (dtype, grad, self.bank.device, self._versions())
-        out = self._step_cache.get(key)
-        if out is None:
-            fp32 = self._step_cache.get("fp32")
-            if fp32 is None or fp32[0] != (grad, self._versions()):
-                fp32 = (grad, self._versions()), self.compose_now()
-            out = self._step_cache[key] = self._with_pieces(fp32[1].to(dtype))
-        return out
+        if not self.training and not (grad and self._trainable()):
+            return self._inference_pieces(dtype)[i]
+        step = self._step
+        if step is not None and step.open:
+            step.reentrant |= not grad and self.training
+            return self._step_pieces(step, dtype, grad)[i]
+        if step is not None and grad and step.reentrant:
+            # A reentrant checkpoint recomputing its region inside backward: that region's own inner backward would
+            # free a shared graph, so compose only this module's rows, afresh.
+            s = self.layout.entries[i].slot
+            rows = self.compose_rows(s.a_start, s.stop).to(dtype)
+            return rows[:s.a_count], rows[s.a_count:]
+        if step is not None and grad and not step.consumed and step.versions == self._versions():
+            # A non-reentrant checkpoint recomputing inside backward must replay the original forward's ops exactly:
+            # the same composition (made in the pre-hook, before any checkpointed region), cast and split.
+            return self._step_pieces(step, dtype, grad)[i]
+        return self.layout.split(self.compose_rows().to(dtype))[i]  # outside a root forward: compose, keep nothing
 
-    def _piece_index(self) -> dict:
-        """`{slot.a_start: index of its A piece}` for a layout of consecutive (A, B) blocks covering all N rows."""
-        cached = getattr(self, "_pieces_for", None)
-        if cached is None or cached[0] != len(self.layout):
-            sizes, index, row = [], {}, 0
-            for _, slot in self.layout:
-                if slot.a_start != row or slot.b_start != row + slot.a_count:
-                    sizes = None
-                    break
-                index[slot.a_start] = len(sizes)
-                sizes += [slot.a_count, slot.b_count]
-                row += slot.a_count + slot.b_count
-            if not sizes or row != self.num_subvectors:
-                sizes, index = None, {}
-            self._pieces_for = cached = (len(self.layout), sizes, index)
-        return cached[2]
+    def _step_pieces(self, step: _Step, dtype: torch.dtype, grad: bool) -> Pieces:
+        key = (dtype, grad)
+        if key not in step.pieces:
+            if True in step.fp32:  # one draw per forward, also for a no-grad region inside it
+                fp32 = step.fp32[True] if grad else step.fp32[True].detach()
+            else:
+                fp32 = step.fp32.get(grad)
+                if fp32 is None:
+                    with torch.set_grad_enabled(grad):
+                        fp32 = step.fp32[grad] = self.compose_rows()
+            step.pieces[key] = self.layout.split(fp32.to(dtype))
+        return step.pieces[key]
 
-    def _with_pieces(self, sub: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
-        self._piece_index()
-        sizes = self._pieces_for[1]
-        return sub, (sub.split(sizes) if sizes else None)
+    def _inference_pieces(self, dtype: torch.dtype) -> Pieces:
+        key = (self._versions(), self.config, dtype, self.bank.device)
+        if self._inference is None or self._inference[0] != key:
+            with torch.no_grad():
+                self._inference = (key, self.layout.split(self.compose_rows().to(dtype)))
+        return self._inference[1]
+
+    def _trainable(self) -> bool:
+        return self.bank.requires_grad or (not self.frozen and self.logits.requires_grad)
 
     def _versions(self) -> tuple:
-        # In-place optimizer updates bump `_version`, so a cached composition is never used after a change.
+        # In-place updates (optimizer steps, copy_, load_state_dict) bump a tensor's version counter, and `.to()` /
+        # `.data =` give it new storage: either way a cached composition is never used after a change. (`_version`
+        # is the only cheap signal of an in-place update that torch offers.)
         sources = [self.bank] + ([self.indices, self.weights] if self.frozen else [self.logits])
-        return tuple((id(t), t._version) for t in sources)
+        return tuple((t.data_ptr(), t._version) for t in sources)
 
-    def _inference_subvectors(self, dtype: torch.dtype) -> tuple[torch.Tensor, tuple | None]:
-        key = (dtype, self.bank.device, self.training, self._versions())
-        if self._eval_cache is None or self._eval_cache[0] != key or self.training:
-            self._eval_cache = (key, self._with_pieces(self.compose_now().to(dtype)))
-        return self._eval_cache[1]
+    def attach(self, root: nn.Module) -> None:
+        """Let `root`'s forward open and close the composition steps (called once, by `add_vblora`)."""
+        self._hooks = (root.register_forward_pre_hook(self.begin_step), root.register_forward_hook(self.end_step))
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
 
     def begin_step(self, *_args) -> None:
-        """Root forward pre-hook: start a new composition step (the previous step's graph is released).
+        """Root forward pre-hook: open a new step (the previous one and its graph are released). With grad, compose
+        here, before any checkpointed region, so a non-reentrant checkpoint's recomputation replays the same ops."""
+        if torch.compiler.is_compiling():  # traced: one composition per forward, read by every layer
+            self._step = _Step(())
+            self._step.fp32[torch.is_grad_enabled()] = self.compose_rows()
+            return
+        self._step = step = _Step(self._versions())
+        if torch.is_grad_enabled() and (self.training or self._trainable()):
+            step.fp32[True] = sub = self.compose_rows()
+            if sub.requires_grad:
+                sub.register_hook(step.mark_consumed)
 
-        A training forward with grad composes here, before any checkpointed region, so a non-reentrant
-        checkpoint's recomputation replays exactly the ops of the original forward (casts and views only).
-        """
-        self._step_cache = {}
-        if torch.compiler.is_compiling():
-            self._step_cache["traced"] = self.compose_now()  # one composition per traced forward
-        elif self.training and torch.is_grad_enabled():
-            self._step_cache["fp32"] = (True, self._versions()), self.compose_now()
+    def end_step(self, *_args) -> None:
+        """Root forward hook: the forward is over (recomputations inside backward may still read the step)."""
+        if self._step is not None:
+            self._step.open = False
 
     def forward(self, x=None):
         """Identity. The bank computes nothing per input; passing input through keeps `nn.Sequential` roots
@@ -233,7 +241,7 @@ class VectorBank(nn.Module):
     # -- selection ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def topk_selection(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(indices (N, k) int64, weights (N, k) float32)` of the evaluation rule, from logits or the frozen form."""
+        """`(indices (N, k) int64, weights (N, k) float32)` of the stored rule, from logits or the frozen form."""
         if self.frozen:
             return self.indices.clone(), self.weights.float().clone()
         k = k or self.config.stored_topk
@@ -250,17 +258,8 @@ class VectorBank(nn.Module):
         self.register_parameter("logits", None)
         self.register_buffer("indices", idx)
         self.register_buffer("weights", w.to(self.bank.dtype))
-        self._eval_cache = None
 
     # -- checks ------------------------------------------------------------------------------------------------
-    def owner_of(self, row: int) -> str:
-        for name, slot in self.layout:
-            if slot.a_start <= row < slot.a_start + slot.a_count:
-                return f"{name} (A)"
-            if slot.b_start <= row < slot.b_start + slot.b_count:
-                return f"{name} (B)"
-        return "?"
-
     @torch.no_grad()
     def check_finite(self) -> None:
         """Raise `NonFiniteError` naming the tensor and the first bad module if bank or logits hold NaN/inf."""
@@ -274,8 +273,8 @@ class VectorBank(nn.Module):
         if len(bad_rows):
             row = int(bad_rows[0])
             what = "mixing weights" if self.frozen else "logits"
-            raise NonFiniteError(f"VB-LoRA {what} of sub-vector {row} of module {self.owner_of(row)} hold NaN/inf "
-                                 f"values; lower the logits learning rate or reload a checkpoint")
+            raise NonFiniteError(f"VB-LoRA {what} of sub-vector {row} of module {self.layout.owner_of(row)} hold "
+                                 f"NaN/inf values; lower the logits learning rate or reload a checkpoint")
 
     def extra_repr(self) -> str:
         h, b = self.bank.shape

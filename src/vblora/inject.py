@@ -10,16 +10,17 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from vblora.bank import VectorBank, index_dtype
+from vblora.bank import VectorBank
 from vblora.config import VBLoRAConfig
 from vblora.errors import TargetError
-from vblora.layers import Slot, TrainedCopy, VBLoRALayer, base_dims, layer_class, slot_sizes
+from vblora.layers import TrainedCopy, VBLoRALayer, layer_class
+from vblora.layout import Layout, stored_count
 
 BANK_ATTR = "vblora_bank"
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The user's model under DDP / torch.compile wrappers."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
@@ -88,31 +89,23 @@ def add_vblora(model: nn.Module, config: VBLoRAConfig, *, with_logits: bool = Tr
     (a forward pre-hook on the root opens each composition step). `with_logits=False` builds the inference form
     (indices and weights buffers, no `(N, h)` logits), which `load_adapter` then fills.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if hasattr(model, BANK_ATTR):
         raise TargetError(f"{type(model).__name__} already has a VB-LoRA adapter (model.{BANK_ATTR}). Remove it with "
                           f"vblora.unload(model) first, or load another adapter with vblora.load_adapter(base, path) "
                           f"on a fresh base model")
     targets = find_targets(model, config)
-    slots, offset = [], 0
-    for name, module in targets:
-        fan_in, fan_out = base_dims(module)
-        a_count, b_count = slot_sizes(fan_in, fan_out, config.rank, config.vector_length)
-        slots.append(Slot(offset, a_count, offset + a_count, b_count))
-        offset += a_count + b_count
+    layout = Layout.build(targets, config.rank, config.vector_length)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    bank = VectorBank(config, num_subvectors=offset, with_logits=with_logits).to(device)
-    bank.layout = [(name, slot) for (name, _), slot in zip(targets, slots)]
+    bank = VectorBank(config, layout, with_logits=with_logits).to(device)
 
     model.requires_grad_(False)
-    for (name, module), slot in zip(targets, slots):
-        fan_in, fan_out = base_dims(module)
-        cls = layer_class(module)
-        _set_child(model, name, cls(module, bank, slot, fan_in, fan_out, config.rank, config.dropout))
+    for i, (name, module) in enumerate(targets):
+        _set_child(model, name, layer_class(module)(module, bank, i, config.dropout))
     for name in _modules_to_save(model, config):
         _set_child(model, name, TrainedCopy(model.get_submodule(name)))
     model.add_module(BANK_ATTR, bank)
-    bank._hook = model.register_forward_pre_hook(bank.begin_step)
+    bank.attach(model)  # the root forward opens and closes one composition step
     return model
 
 
@@ -130,7 +123,7 @@ def _modules_to_save(model: nn.Module, config: VBLoRAConfig) -> list[str]:
 
 
 def get_bank(model: nn.Module) -> VectorBank:
-    bank = getattr(_unwrap(model), BANK_ATTR, None)
+    bank = getattr(unwrap(model), BANK_ATTR, None)
     if not isinstance(bank, VectorBank):
         raise TargetError(f"{type(model).__name__} has no VB-LoRA adapter; call vblora.add_vblora(model, config) "
                           f"or vblora.load_adapter(model, path) first")
@@ -138,11 +131,11 @@ def get_bank(model: nn.Module) -> VectorBank:
 
 
 def adapted_layers(model: nn.Module) -> dict[str, VBLoRALayer]:
-    return {n: m for n, m in _unwrap(model).named_modules() if isinstance(m, VBLoRALayer)}
+    return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, VBLoRALayer)}
 
 
 def trained_copies(model: nn.Module) -> dict[str, TrainedCopy]:
-    return {n: m for n, m in _unwrap(model).named_modules() if isinstance(m, TrainedCopy)}
+    return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, TrainedCopy)}
 
 
 def parameter_groups(model: nn.Module, lr_bank: float = 1e-3, lr_logits: float = 1e-2, lr_other: float = 4e-3,
@@ -158,41 +151,33 @@ def parameter_groups(model: nn.Module, lr_bank: float = 1e-3, lr_logits: float =
     if not bank.frozen:
         groups.append({"name": "vblora_logits", "params": [bank.logits], "lr": lr_logits,
                        "weight_decay": weight_decay})
-    other = [p for p in _unwrap(model).parameters() if p.requires_grad and id(p) not in special]
+    other = [p for p in unwrap(model).parameters() if p.requires_grad and id(p) not in special]
     if other:
         groups.append({"name": "other", "params": other, "lr": lr_other, "weight_decay": weight_decay})
     return [g for g in groups if g["params"][0].requires_grad]
 
 
-def index_width(num_vectors: int) -> float:
-    """Width of one stored index in float32 units: 1/4 for uint8 (h <= 256), 1/2 for uint16, 1 beyond."""
-    return torch.tensor([], dtype=index_dtype(num_vectors)).element_size() / 4
-
-
 def count_parameters(model: nn.Module) -> dict:
     """Trainable and stored parameters.
 
-    stored: the paper's float32-equivalent count of the saved triplet, h*b + N*(k*w + (k-1)) with w the index
-    width in float32 units, plus the parameters of `modules_to_save`. A float, since index widths are fractions.
+    stored: the paper's float32-equivalent count of the saved triplet (`vblora.layout.stored_count`), plus the
+    parameters of `modules_to_save`. A float, since index widths are fractions.
     lora_equivalent: what LoRA of the same rank on the same modules stores, sum of r*(in + out).
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     bank = get_bank(model)
-    cfg = bank.config
     h, b = bank.bank.shape
-    n, k = bank.num_subvectors, cfg.stored_topk
-    w = index_width(h)
+    adapter = stored_count(h, b, bank.num_subvectors, bank.config.stored_topk)
     other = sum(p.numel() for c in trained_copies(model).values() for p in c.trained.parameters())
-    adapter = h * b + n * (k * w + (k - 1))
     return {
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "stored": adapter + other,
         "stored_adapter": adapter,
         "stored_other": other,
         "bank": h * b,
-        "subvectors": n,
+        "subvectors": bank.num_subvectors,
         "stored_bytes": int(round(4 * adapter)) + 4 * other,
-        "lora_equivalent": sum(l.rank * (l.in_features + l.out_features) for l in adapted_layers(model).values()),
+        "lora_equivalent": bank.layout.lora_equivalent(),
         "base": sum(p.numel() for n_, p in model.named_parameters() if not n_.startswith(BANK_ATTR)
                     and ".trained." not in n_),
     }
@@ -233,7 +218,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove the adapter: put base layers back (with dW merged in if `merge`), trained heads in place of originals."""
-    model = _unwrap(model)
+    model = unwrap(model)
     bank = get_bank(model)
     for name, layer in adapted_layers(model).items():
         if merge:
@@ -243,6 +228,6 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _set_child(model, name, layer.base)
     for name, wrapper in trained_copies(model).items():
         _set_child(model, name, wrapper.trained if merge else wrapper.original)
-    bank._hook.remove()
+    bank.detach()
     delattr(model, BANK_ATTR)
     return model

@@ -1,55 +1,36 @@
 """Adapter layers. Each holds its base layer (`self.base`) and reads its A and B from the shared bank.
 
-Layout (Eq. 3.1, HF PEFT): dW = B A with A `(r, in)` and B `(out, r)`. A module owns `a_count = r * ceil(in/b)`
-consecutive sub-vector rows for A (ordered `(r, ceil(in/b))`) then `b_count = ceil(out/b) * r` rows for B (ordered
-`(ceil(out/b), r)`). When b does not divide a dimension, the last sub-vector is composed in full and its excess
-entries are dropped.
+The sub-vector layout (which rows, how they become A `(r, in)` and B `(out, r)`) is `vblora.layout`'s; a layer only
+knows its entry in it.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vblora.bank import VectorBank
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Rows of one module's sub-vectors in the bank's `(N, ...)` tensors."""
-
-    a_start: int
-    a_count: int
-    b_start: int
-    b_count: int
-
-
-def slot_sizes(in_features: int, out_features: int, rank: int, vector_length: int) -> tuple[int, int]:
-    """Number of A and B sub-vectors of a `(out, in)` module: r*ceil(in/b) and ceil(out/b)*r."""
-    return rank * math.ceil(in_features / vector_length), math.ceil(out_features / vector_length) * rank
+from vblora.layout import ModuleEntry, kind_of
 
 
 class VBLoRALayer(nn.Module):
     """Base of the adapter layers: `base(x) + adapter(x)` with A and B taken from the bank's composition.
 
-    Subclasses set `weight_is_transposed` (base weight stored `(in, out)`, e.g. GPT-2 Conv1D) and implement
-    `adapter(x, A, B)`. `merged` and `disabled` are plain flags; merging never happens as a side effect.
+    Subclasses implement `adapter(x, A, B)`. `merged` and `disabled` are plain flags; merging never happens as a side
+    effect. Merge, unmerge and `delta_weight` use the stored rule (top-`eval_topk` softmax, or the frozen selection)
+    in every mode, so a merge and its unmerge always cancel, even while training with a random selection rule.
     """
 
-    weight_is_transposed = False
-
-    def __init__(self, base: nn.Module, bank: VectorBank, slot: Slot, in_features: int, out_features: int,
-                 rank: int, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, bank: VectorBank, index: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
         object.__setattr__(self, "_bank", bank)  # a reference, not a submodule: the bank is registered once
-        self.slot = slot
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.index = index  # position in bank.layout
+        entry = self.entry
+        self.in_features, self.out_features, self.rank = entry.in_features, entry.out_features, bank.layout.rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
@@ -58,37 +39,31 @@ class VBLoRALayer(nn.Module):
     def bank(self) -> VectorBank:
         return self._bank
 
-    def lora_A(self, sub: torch.Tensor | None = None) -> torch.Tensor:
-        """`(r, in)` from the `(N, b)` sub-vectors (composed now if not given)."""
-        sub = self._bank.compose_now() if sub is None else sub
-        s = self.slot
-        return self._A(sub[s.a_start:s.a_start + s.a_count])
+    @property
+    def entry(self) -> ModuleEntry:
+        return self._bank.layout.entries[self.index]
 
-    def lora_B(self, sub: torch.Tensor | None = None) -> torch.Tensor:
-        """`(out, r)`: rows `(ceil(out/b), r, b)` -> `(ceil(out/b) * b, r)`, excess dropped."""
-        sub = self._bank.compose_now() if sub is None else sub
-        s = self.slot
-        return self._B(sub[s.b_start:s.b_start + s.b_count])
+    @property
+    def slot(self):
+        return self.entry.slot
 
-    def _A(self, rows: torch.Tensor) -> torch.Tensor:
-        """`(a_count, b)` rows -> `(r, in)` (a view; the trim only when b does not divide `in`)."""
-        A = rows.reshape(self.rank, -1)
-        return A if A.shape[1] == self.in_features else A[:, :self.in_features]
+    def _stored_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s, layout = self.slot, self._bank.layout
+        rows = self._bank.stored_subvectors(s.a_start, s.stop)  # this module's rows only, float32
+        return layout.A(rows[:s.a_count], self.entry), layout.B(rows[s.a_count:], self.entry)
 
-    def _B(self, rows: torch.Tensor) -> torch.Tensor:
-        """`(b_count, b)` rows ordered `(ceil(out/b), r)` -> `(out, r)`."""
-        r, b = self.rank, rows.shape[1]
-        nb = rows.shape[0] // r
-        B = rows.view(nb, r, b).transpose(1, 2).reshape(nb * b, r)
-        return B if nb * b == self.out_features else B[:self.out_features]
+    def lora_A(self) -> torch.Tensor:
+        """`(r, in)` float32 by the stored rule."""
+        return self._stored_factors()[0]
+
+    def lora_B(self) -> torch.Tensor:
+        """`(out, r)` float32 by the stored rule."""
+        return self._stored_factors()[1]
 
     def delta_weight(self) -> torch.Tensor:
-        """dW = B A (float32) in the base weight's layout."""
-        s = self.slot
-        with torch.no_grad():
-            rows = self._bank.compose_now(s.a_start, s.b_start + s.b_count).float()  # this module's rows only
-        dw = self._B(rows[s.a_count:]) @ self._A(rows[:s.a_count])  # (out, in)
-        return dw.T if self.weight_is_transposed else dw
+        """dW = B A (float32, stored rule) in the base weight's layout."""
+        A, B = self._stored_factors()
+        return self._bank.layout.delta(A, B, self.entry)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -108,8 +83,9 @@ class VBLoRALayer(nn.Module):
         out = self.base(x, *args, **kwargs)
         if self.merged or self.disabled:
             return out
-        a_rows, b_rows = self._bank.rows(self.slot, out.dtype)  # composed once per forward for the whole model
-        return out + self.adapter(x, self._A(a_rows), self._B(b_rows)).to(out.dtype)
+        a_rows, b_rows = self._bank.module_rows(self.index, out.dtype)  # composed once per forward for the model
+        layout = self._bank.layout
+        return out + self.adapter(x, layout.A(a_rows, self.entry), layout.B(b_rows, self.entry)).to(out.dtype)
 
     def adapter(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         # (..., in) -> (..., r) -> (..., out); never forms dW.
@@ -124,9 +100,7 @@ class VBLoRALinear(VBLoRALayer):
 
 
 class VBLoRAConv1D(VBLoRALayer):
-    """Adapter over HF GPT-2 `Conv1D`: same math as Linear, weight stored transposed `(in, out)`."""
-
-    weight_is_transposed = True
+    """Adapter over HF GPT-2 `Conv1D`: same math as Linear; its weight is stored transposed `(in, out)`."""
 
 
 class VBLoRAEmbedding(VBLoRALayer):
@@ -135,8 +109,6 @@ class VBLoRAEmbedding(VBLoRALayer):
     A is `(r, num_embeddings)`, B `(embedding_dim, r)`; the forward looks up columns of A instead of multiplying by
     a one-hot vector. The base weight is `(num_embeddings, embedding_dim)`, i.e. dW transposed.
     """
-
-    weight_is_transposed = True
 
     def adapter(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, A.T) @ B.T  # (..., r) @ (r, out)
@@ -164,21 +136,10 @@ class TrainedCopy(nn.Module):
             return getattr(super().__getattr__("trained"), name)
 
 
+LAYER_CLASSES = {"linear": VBLoRALinear, "conv1d": VBLoRAConv1D, "embedding": VBLoRAEmbedding}
+
+
 def layer_class(base: nn.Module) -> type[VBLoRALayer] | None:
     """Adapter class for a base module, or None if it cannot be adapted."""
-    if isinstance(base, nn.Linear):
-        return VBLoRALinear
-    if isinstance(base, nn.Embedding):
-        return VBLoRAEmbedding
-    if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):  # transformers.pytorch_utils.Conv1D, no import
-        return VBLoRAConv1D
-    return None
-
-
-def base_dims(base: nn.Module) -> tuple[int, int]:
-    """`(in_features, out_features)` of an adaptable base module."""
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features
-    if isinstance(base, nn.Embedding):
-        return base.num_embeddings, base.embedding_dim
-    return base.weight.shape[0], base.weight.shape[1]  # Conv1D: weight (in, out)
+    kind = kind_of(base)
+    return LAYER_CLASSES[kind.name] if kind is not None else None

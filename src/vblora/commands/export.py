@@ -14,9 +14,7 @@ def load_base(base: str, architecture: str | None):
 
 
 def run(args) -> int:
-    from vblora.interop import export_peft
-    from vblora.lora_export import export_lora, merge_and_save
-    from vblora.storage import load_adapter, read_adapter
+    from vblora.storage import export_lora, export_peft, load_adapter, merge_and_save, read_adapter
 
     snap, _ = read_adapter(args.path, bank_path=args.bank)
     if args.to == "peft":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 def run(args) -> int:
     from vblora.commands.export import load_base
-    from vblora.interop import import_peft, read_peft_dir
+    from vblora.storage.peft_vblora import import_peft, read_peft_dir
     from vblora.storage import save_adapter
 
     conf, _, _ = read_peft_dir(args.peft_dir)

@@ -9,9 +9,9 @@ import json
 def summary(path: str, bank_path: str | None = None) -> dict:
     """What `inspect` prints, as a dict (also used by tests and `--json`)."""
     from vblora.errors import AdapterFormatError
-    from vblora.inject import index_width
-    from vblora.safefile import parse_json_metadata, read_safetensors
+    from vblora.layout import stored_count
     from vblora.storage import adapter_file, read_adapter
+    from vblora.storage.files import parse_json_metadata, read_safetensors
 
     file = adapter_file(path)
     tensors, metadata, size = read_safetensors(file)
@@ -38,7 +38,7 @@ def summary(path: str, bank_path: str | None = None) -> dict:
         "library_version": header.get("library_version"), "precision": header.get("precision"),
         "packed_indices": header.get("indices", {}).get("packed"), "bank_mode": header.get("bank", {}).get("mode"),
         "config": cfg, "modules": len(header.get("modules", [])), "subvectors": n, "k": k,
-        "stored_parameters": h * b + n * (k * index_width(h) + (k - 1)) + extras if h else None,
+        "stored_parameters": stored_count(h, b, n, k) + extras if h else None,
         "bytes": components, "base": header.get("base"), "verified": verified,
     }
 
@@ -46,7 +46,7 @@ def summary(path: str, bank_path: str | None = None) -> dict:
 def bank_summary(path: str) -> dict:
     """What `inspect` prints for a shared bank file (`vblora.save_bank`)."""
     from vblora.errors import AdapterFormatError
-    from vblora.storage import BANK_FILE, adapter_file, read_bank
+    from vblora.storage.native import BANK_FILE, adapter_file, read_bank
 
     file = adapter_file(path, BANK_FILE)
     try:
@@ -60,7 +60,7 @@ def bank_summary(path: str) -> dict:
 def run(args) -> int:
     from pathlib import Path
 
-    from vblora.storage import ADAPTER_FILE
+    from vblora.storage.native import ADAPTER_FILE
 
     path = Path(args.path)
     if path.name.endswith("bank.safetensors") or (path.is_dir() and not (path / ADAPTER_FILE).exists()

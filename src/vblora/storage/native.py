@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vblora.bank import index_dtype
 from vblora.config import VBLoRAConfig
 from vblora.errors import AdapterFormatError, VBLoRAError
 from vblora.inject import get_bank
-from vblora.packing import (complete_weights, dequantize_bank, dequantize_weights, index_bits, narrow_indices,
-                            pack_bits, quantize_bank, quantize_weights, unpack_bits)
-from vblora.safefile import (canonical_json, json_sha256, parse_json_metadata, read_safetensors, tensors_sha256,
-                             write_safetensors)
-from vblora.snapshot import (KINDS, MODULE_FIELDS, AdapterSnapshot, ModuleEntry, build_model, expected_slots,
-                             take_snapshot)
+from vblora.layout import KINDS, MODULE_FIELDS, ModuleEntry, index_dtype
+from vblora.storage.encoding import (complete_weights, dequantize_bank, dequantize_weights, index_bits,
+                                     narrow_indices, pack_bits, quantize_bank, quantize_weights, unpack_bits)
+from vblora.storage.files import (canonical_json, json_sha256, parse_json_metadata, read_safetensors,
+                                  tensors_sha256, write_safetensors)
+from vblora.storage.snapshot import AdapterSnapshot, build_model, check_layout, take_snapshot
+from vblora.version import __version__
 
 FORMAT, FORMAT_VERSION = "vblora-adapter", 1
 BANK_FORMAT = "vblora-bank"
@@ -79,8 +79,6 @@ def write_adapter(file: Path, tensors: dict[str, torch.Tensor], header: dict) ->
 def encode(snap: AdapterSnapshot, precision: str = "fp32", pack_indices: bool = False,
            bank_mode: str = "embed") -> tuple[dict[str, torch.Tensor], dict]:
     """Snapshot -> (tensors, JSON header) of the adapter file."""
-    import vblora
-
     h, b = snap.bank.shape
     n, k = snap.indices.shape
     int8 = precision == "int8"
@@ -101,7 +99,7 @@ def encode(snap: AdapterSnapshot, precision: str = "fp32", pack_indices: bool = 
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "library_version": vblora.__version__,
+        "library_version": __version__,
         "config": snap.config.to_dict(),
         "precision": precision,
         "bank": {"mode": bank_mode, "shape": [h, b],
@@ -170,9 +168,8 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
         fail(f"bank entry {bank_meta} does not match the config (h={h}, b={b})")
     if not modules or any(m.kind not in KINDS for m in modules):
         fail("module table is empty or names an unknown layer kind")
-    if [m.slot for m in modules] != expected_slots(modules, cfg.rank, b):
-        fail("module offsets are inconsistent with their shapes (rank, vector_length)")
-    n = modules[-1].slot.b_start + modules[-1].slot.b_count
+    layout = check_layout(str(file), modules, cfg)
+    n = layout.num_subvectors
     if idx_meta.get("shape") != [n, k] or idx_meta.get("bits") != index_bits(h) or not isinstance(packed, bool):
         fail(f"indices entry {idx_meta} does not match {n} sub-vectors, k={k}, h={h}")
 
@@ -212,8 +209,8 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
     bad = (indices >= h).nonzero()
     if len(bad):
         row = int(bad[0, 0])
-        owner = next((m.name for m in modules if m.slot.a_start <= row < m.slot.b_start + m.slot.b_count), "?")
-        fail(f"index {int(indices[row, bad[0, 1]])} >= num_vectors {h} (sub-vector {row}, module {owner})")
+        fail(f"index {int(indices[row, bad[0, 1]])} >= num_vectors {h} (sub-vector {row}, module "
+             f"{layout.owner_of(row)})")
     partial = dequantize_weights(tensors["weights"]) if int8 else tensors["weights"].float()
     if not torch.isfinite(partial).all():
         fail("mixing weights hold NaN/inf")
@@ -280,4 +277,4 @@ def _resolve_bank(file: Path, want: str | None, bank_path: str | os.PathLike | N
     return bank
 
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter", "save_bank", "read_bank", "encode", "decode"]
+

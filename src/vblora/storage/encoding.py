@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from vblora.bank import index_dtype
+from vblora.layout import index_dtype
 
 INDEX_DTYPES = {torch.uint8: "uint8", torch.uint16: "uint16", torch.int32: "int32"}
 

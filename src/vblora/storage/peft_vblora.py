@@ -1,0 +1,231 @@
+"""HF PEFT's VB-LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`), both directions.
+
+PEFT keeps per-module logits `vblora_logits_A (r, in/b, h)` and `vblora_logits_B (out/b, r, h)` (our bank rows of
+that module viewed in those shapes) and the bank under `base_model.vblora_vector_bank`. With
+`save_only_topk_weights` it writes `<...>.vblora_logits_A_topk_indices (r, in/b, k)` (uint8 for h < 256, int16 below
+2**15, else int32) and `<...>_topk_weights (r, in/b, k-1)` float32 instead. Both directions go through an
+`AdapterSnapshot`: export encodes one, import decodes one and loads it with `build_model`, like the native file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vblora.config import VBLoRAConfig
+from vblora.errors import AdapterFormatError, VBLoRAError
+from vblora.inject import unwrap
+from vblora.layout import Layout
+from vblora.storage.encoding import complete_weights
+from vblora.storage.files import atomic_write, read_safetensors, write_safetensors
+from vblora.storage.snapshot import AdapterSnapshot, build_model, refuse_adapted, take_snapshot
+
+PREFIX = "base_model.model."
+BANK_KEY = "base_model.vblora_vector_bank"
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+LOGITS_A, LOGITS_B = ".vblora_logits_A", ".vblora_logits_B"
+TOPK_INDICES, TOPK_WEIGHTS = "_topk_indices", "_topk_weights"
+
+
+def snapshot_of(model_or_path, *, with_logits: bool = False) -> AdapterSnapshot:
+    """A snapshot from an adapted model, an AdapterSnapshot, or a native adapter file."""
+    if isinstance(model_or_path, AdapterSnapshot):
+        return model_or_path
+    if isinstance(model_or_path, nn.Module):
+        return take_snapshot(model_or_path, with_logits=with_logits)
+    from vblora.storage.native import read_adapter
+
+    return read_adapter(model_or_path)[0]
+
+
+def write_peft_dir(out_dir: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a PEFT adapter directory; each file atomically, weights first (config last marks completion)."""
+    out = Path(out_dir)
+    write_safetensors(out / WEIGHTS_FILE, tensors, {"format": "pt"})
+    atomic_write(out / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return out
+
+
+def peft_config_common(snap: AdapterSnapshot) -> dict:
+    """adapter_config.json fields that every PEFT format written here shares."""
+    return {"task_type": None, "base_model_name_or_path": None, "revision": None, "inference_mode": True,
+            "r": snap.config.rank, "target_modules": [m.name for m in snap.modules], "exclude_modules": None,
+            "fan_in_fan_out": any(m.kind == "conv1d" for m in snap.modules), "bias": "none",
+            "modules_to_save": sorted(snap.extras) or None, "layers_to_transform": None, "layers_pattern": None,
+            "auto_mapping": {"base_model_class": snap.architecture, "parent_library": None}
+            if snap.architecture else None}
+
+
+def peft_index_dtype(num_vectors: int) -> torch.dtype:
+    """PEFT's choice of index dtype (model.py `_get_adapter_state_dict`), so its loader sees what it writes."""
+    return torch.uint8 if num_vectors < 2**8 else torch.int16 if num_vectors < 2**15 else torch.int32
+
+
+def peft_parts(layout: Layout, b: int):
+    """Per module and part: `(name, suffix, rows slice, PEFT shape without the last axis)`."""
+    for m in layout.entries:
+        s, r = m.slot, layout.rank
+        yield m.name, LOGITS_A, slice(s.a_start, s.a_start + s.a_count), (r, m.in_features // b)
+        yield m.name, LOGITS_B, slice(s.b_start, s.stop), (m.out_features // b, r)
+
+
+# -- export ---------------------------------------------------------------------------------------------------------
+
+def export_peft(model_or_path, out_dir: str | os.PathLike, *, save_only_topk_weights: bool = False) -> Path:
+    """Write an adapted model (or an adapter file) as an HF PEFT VB-LoRA adapter directory.
+
+    Full-logits variant: a model still in training form exports its real logits (PEFT can resume training);
+    otherwise logits are rebuilt from the selection (log-weights at the chosen indices, a finite floor elsewhere),
+    which PEFT's top-k turns back into the same sub-vectors. PEFT's `topk` is our `stored_topk`. An int8 adapter is
+    dequantised. Raises AdapterFormatError naming the module PEFT cannot represent (Embedding targets, or a
+    vector_length that does not divide a dimension).
+    """
+    snap = snapshot_of(model_or_path, with_logits=not save_only_topk_weights)
+    cfg = snap.config
+    h, b = snap.bank.shape
+    k = cfg.stored_topk
+    for m in snap.modules:
+        if m.kind == "embedding":
+            raise AdapterFormatError(f"PEFT's VB-LoRA cannot represent module {m.name}: Embedding targets are not "
+                                     f"supported there; use vblora.export_lora for a plain LoRA adapter")
+        if m.in_features % b or m.out_features % b:
+            raise AdapterFormatError(f"PEFT's VB-LoRA cannot represent module {m.name}: vector_length {b} does not "
+                                     f"divide its dimensions in={m.in_features}, out={m.out_features} (train with "
+                                     f"a vector_length that divides them, or use vblora.export_lora)")
+    logits = None
+    if not save_only_topk_weights:
+        logits = snap.logits if snap.logits is not None else logits_from_selection(snap.indices, snap.weights, h)
+    tensors = {BANK_KEY: snap.bank.float().contiguous()}
+    for name, suffix, rows, shape in peft_parts(snap.layout, b):
+        key = f"{PREFIX}{name}{suffix}"
+        if logits is not None:
+            tensors[key] = logits[rows].reshape(*shape, h).contiguous()
+        else:
+            tensors[key + TOPK_INDICES] = snap.indices[rows].reshape(*shape, k).to(peft_index_dtype(h)).contiguous()
+            tensors[key + TOPK_WEIGHTS] = snap.weights[rows, :k - 1].reshape(*shape, k - 1).float().contiguous()
+    for name, state in snap.extras.items():
+        tensors.update({f"{PREFIX}{name}.{key}": t for key, t in state.items()})
+    peft_config = {**peft_config_common(snap), "peft_type": "VBLORA", "num_vectors": h, "vector_length": b,
+                   "topk": k, "save_only_topk_weights": bool(save_only_topk_weights), "vblora_dropout": cfg.dropout,
+                   "init_vector_bank_bound": cfg.init_bank_bound, "init_logits_std": cfg.init_logits_std}
+    return write_peft_dir(out_dir, peft_config, tensors)
+
+
+def logits_from_selection(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> torch.Tensor:
+    """`(N, k)` indices and weights -> `(N, h)` logits whose top-k softmax gives back the weights.
+
+    Selected entries hold log(weight); the rest a finite floor 30 below the smallest selected logit (finite, so
+    PEFT's training-time inf check passes and the selection is unambiguous).
+    """
+    chosen = weights.float().clamp_min(1e-30).log()  # (N, k)
+    floor = float(chosen.min()) - 30.0
+    return torch.full((indices.shape[0], num_vectors), floor).scatter_(1, indices.long(), chosen)
+
+
+# -- import ---------------------------------------------------------------------------------------------------------
+
+def read_peft_dir(in_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """`(adapter_config, tensors, directory)` of a PEFT VB-LoRA adapter; refuses pickle (`adapter_model.bin`)."""
+    d = Path(in_dir)
+    if not (d / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"no PEFT adapter at {d} (missing {CONFIG_FILE})")
+    try:
+        conf = json.loads((d / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(f"{d / CONFIG_FILE}: corrupt JSON ({e})") from None
+    if not isinstance(conf, dict) or conf.get("peft_type") != "VBLORA":
+        raise AdapterFormatError(f"{d}: peft_type {conf.get('peft_type') if isinstance(conf, dict) else None!r} "
+                                 f"is not a VB-LoRA adapter (expected 'VBLORA')")
+    if not (d / WEIGHTS_FILE).is_file():
+        extra = " (adapter_model.bin is a pickle; re-save it with safe_serialization=True)" \
+            if (d / "adapter_model.bin").exists() else ""
+        raise AdapterFormatError(f"{d}: missing {WEIGHTS_FILE}{extra}")
+    if conf.get("bias", "none") != "none":
+        raise AdapterFormatError(f"{d}: bias={conf['bias']!r} is not supported (only 'none')")
+    tensors, _, _ = read_safetensors(d / WEIGHTS_FILE)
+    return conf, tensors, d
+
+
+def read_peft(in_dir: str | os.PathLike, module_order: list[str] | None = None) -> AdapterSnapshot:
+    """Decode a PEFT VB-LoRA directory into a snapshot: indices and weights for the top-k variant (never
+    allocating `(N, h)` logits), logits for the full variant (so training can continue). PEFT's file is keyed by
+    name; `module_order` (the base model's module names) gives our row order, else the file's."""
+    conf, tensors, d = read_peft_dir(in_dir)
+    topk_only = bool(conf.get("save_only_topk_weights"))
+    bank = tensors.pop(BANK_KEY, None)
+    if bank is None:
+        bank = next((tensors.pop(k) for k in list(tensors) if k.startswith(BANK_KEY + ".")), None)
+    if bank is None or bank.dim() != 2:
+        raise AdapterFormatError(f"{d}: missing the vector bank '{BANK_KEY}'")
+    h, b = bank.shape
+    suffix = LOGITS_A + (TOPK_INDICES if topk_only else "")
+    names = [key[len(PREFIX):-len(suffix)] for key in tensors if key.startswith(PREFIX) and key.endswith(suffix)]
+    if not names:
+        raise AdapterFormatError(f"{d}: no '*{suffix}' tensors; adapter_config save_only_topk_weights="
+                                 f"{topk_only} does not match the weights file")
+    position = {name: i for i, name in enumerate(module_order or [])}
+    names.sort(key=lambda name: position.get(name, len(position)))
+    kind = "conv1d" if conf.get("fan_in_fan_out") else "linear"
+    try:
+        cfg = VBLoRAConfig(
+            target_modules=tuple(names), rank=int(conf["r"]), num_vectors=h, vector_length=b,
+            topk=int(conf["topk"]), dropout=float(conf.get("vblora_dropout", 0.0)),
+            init_bank_bound=float(conf.get("init_vector_bank_bound", 0.02)),
+            init_logits_std=float(conf.get("init_logits_std", 0.1)),
+            modules_to_save=tuple(conf.get("modules_to_save") or ()))
+        specs = []
+        for name in names:  # module dims from the tensor shapes: A (r, in/b, .), B (out/b, r, .)
+            a, bb = tensors[PREFIX + name + suffix], tensors[PREFIX + name + LOGITS_B + suffix[len(LOGITS_A):]]
+            specs.append((name, kind, a.shape[1] * b, bb.shape[0] * b))
+    except (VBLoRAError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise AdapterFormatError(f"{d}: cannot read the adapter: {type(e).__name__}: {e}") from None
+    layout = Layout.from_specs(specs, cfg.rank, b)
+    n, k = layout.num_subvectors, cfg.stored_topk
+
+    def take(key: str, shape: tuple) -> torch.Tensor:
+        t = tensors.pop(key, None)
+        if t is None or tuple(t.shape) != shape:
+            got = None if t is None else tuple(t.shape)
+            raise AdapterFormatError(f"{d}: tensor '{key}' is {got}, expected {shape}")
+        return t
+
+    indices, weights = torch.zeros(n, k, dtype=torch.long), torch.full((n, k), 1.0 / k)
+    logits = None if topk_only else torch.empty(n, h)
+    for name, part, rows, shape in peft_parts(layout, b):
+        key = PREFIX + name + part
+        if topk_only:
+            idx = take(key + TOPK_INDICES, (*shape, k)).long().reshape(-1, k)
+            w = take(key + TOPK_WEIGHTS, (*shape, k - 1)).float().reshape(-1, k - 1)
+            if (idx < 0).any() or (idx >= h).any() or not torch.isfinite(w).all():
+                raise AdapterFormatError(f"{d}: {key}: indices out of [0, {h}) or non-finite weights")
+            indices[rows], weights[rows] = idx, complete_weights(w)
+        else:
+            logits[rows] = take(key, (*shape, h)).float().reshape(-1, h)
+    if logits is not None:
+        top, idx = logits.topk(k, dim=-1)
+        indices, weights = idx, top.softmax(dim=-1)
+        if not torch.isfinite(logits).all():
+            logits = None  # -inf logits (a re-inflated top-k adapter saved in full): inference form only
+    extras: dict[str, dict[str, torch.Tensor]] = {}
+    for name in cfg.modules_to_save:
+        prefix = f"{PREFIX}{name}."
+        extras[name] = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
+    if tensors:
+        raise AdapterFormatError(f"{d}: unexpected tensors {sorted(tensors)[:5]}")
+    arch = (conf.get("auto_mapping") or {}).get("base_model_class") or ""
+    return AdapterSnapshot(cfg, bank.float(), indices, weights, list(layout.entries), extras, architecture=arch,
+                           logits=logits)
+
+
+def import_peft(base_model: nn.Module, in_dir: str | os.PathLike, *, strict: bool = True,
+                trainable: bool = False) -> nn.Module:
+    """Wrap `base_model` in place with an HF PEFT VB-LoRA adapter directory and return it (training form for the
+    full-logits variant, inference form for `save_only_topk_weights`). With trainable=False (default) the adapter
+    is frozen and the model put in eval mode."""
+    refuse_adapted(base_model)
+    snap = read_peft(in_dir, [name for name, _ in unwrap(base_model).named_modules()])
+    return build_model(base_model, snap, str(in_dir), strict=strict, trainable=trainable)

@@ -1,0 +1,166 @@
+"""`AdapterSnapshot`: an adapter in memory, independent of any file format. Every format reads and writes one.
+
+`take_snapshot(model)` reads it from an adapted model (training or inference form); `build_model(base, snap)` is the
+one loader: it checks that the base model is the one the adapter was made for, then rebuilds the adapter on it,
+straight from indices and weights (inference form, no `(N, h)` logits) or from logits (training form, when the
+snapshot carries them, e.g. a PEFT full-logits directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vblora.bank import compose_selected
+from vblora.config import VBLoRAConfig
+from vblora.errors import AdapterFormatError, TargetError, VBLoRAError
+from vblora.inject import BANK_ATTR, add_vblora, find_targets, get_bank, trained_copies, unwrap
+from vblora.layout import Layout, ModuleEntry, kind_of, module_dims
+
+
+@dataclass
+class AdapterSnapshot:
+    """The triplet plus what is needed to rebuild the model.
+
+    bank `(h, b)` float32, indices `(N, k)` int64, weights `(N, k)` float32 (summing to 1 per row), modules in row
+    order, extras {module name: state dict of its trained copy (`modules_to_save`)}, and, for a training-form
+    source only, logits `(N, h)` float32.
+    """
+
+    config: VBLoRAConfig
+    bank: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+    modules: list[ModuleEntry]
+    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    architecture: str = ""
+    model_type: str | None = None
+    logits: torch.Tensor | None = None
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.modules, self.config.rank, self.config.vector_length)
+
+    @property
+    def num_subvectors(self) -> int:
+        return int(self.indices.shape[0])
+
+    def subvectors(self) -> torch.Tensor:
+        """`(N, b)` float32 composed by the stored rule."""
+        return compose_selected(self.indices, self.weights, self.bank)
+
+    def fingerprint(self) -> dict:
+        """The base model's identity as the adapter sees it: class name, model_type and adapted weight shapes."""
+        shapes = json.dumps([[m.name, list(m.weight_shape)] for m in self.modules], separators=(",", ":"))
+        return {"architecture": self.architecture, "model_type": self.model_type,
+                "weights_sha256": hashlib.sha256(shapes.encode()).hexdigest()}
+
+
+@torch.no_grad()
+def take_snapshot(model: nn.Module, *, with_logits: bool = False) -> AdapterSnapshot:
+    """Read the adapter of `model` (the stored top-k selection, on CPU, float32; its logits too if asked and the
+    model is in training form)."""
+    model = unwrap(model)
+    bank = get_bank(model)
+    bank.check_finite()
+    indices, weights = bank.topk_selection()
+    extras = {name: {k: v.detach().cpu().clone() for k, v in copy.trained.state_dict().items()}
+              for name, copy in trained_copies(model).items()}
+    logits = bank.logits.detach().float().cpu().clone() if with_logits and not bank.frozen else None
+    return AdapterSnapshot(
+        config=bank.config, bank=bank.bank.detach().float().cpu().clone(), indices=indices.cpu().long(),
+        weights=weights.cpu().float(), modules=list(bank.layout.entries), extras=extras,
+        architecture=type(model).__name__, model_type=getattr(getattr(model, "config", None), "model_type", None),
+        logits=logits)
+
+
+def check_layout(source: str, modules: list[ModuleEntry], config: VBLoRAConfig) -> Layout:
+    """The layout of a file's module table; AdapterFormatError unless its rows are the contiguous layout that the
+    modules' shapes give."""
+    layout = Layout.from_specs([(m.name, m.kind, m.in_features, m.out_features) for m in modules],
+                               config.rank, config.vector_length)
+    if not modules or list(layout.entries) != list(modules):
+        raise AdapterFormatError(f"{source}: module offsets are inconsistent with their shapes (rank, vector_length)")
+    return layout
+
+
+def refuse_adapted(base: nn.Module) -> None:
+    """An adapter loads onto a plain base model only (TargetError, as `add_vblora` raises, before any comparison)."""
+    if hasattr(unwrap(base), BANK_ATTR):
+        raise TargetError(f"{type(unwrap(base)).__name__} already has a VB-LoRA adapter (model.{BANK_ATTR}); load "
+                          f"onto a fresh base model, or remove it first with vblora.unload(model)")
+
+
+def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool = True) -> None:
+    """Raise AdapterFormatError saying what differs if `base` is not the model the adapter was saved from."""
+    refuse_adapted(base)
+    base = unwrap(base)
+    problems = []
+    arch = type(base).__name__
+    if strict and snap.architecture and arch != snap.architecture:
+        problems.append(f"architecture: adapter was saved from {snap.architecture}, base model is {arch} "
+                        f"(pass strict=False to load across architectures with the same module names)")
+    try:
+        found = find_targets(base, snap.config)
+    except TargetError:
+        found = []  # nothing matches: every adapted module is reported missing below
+    have = {name: (kind_of(m).name, *module_dims(m)) for name, m in found}
+    want = {m.name: (m.kind, m.in_features, m.out_features) for m in snap.modules}
+    missing = [n for n in want if n not in have]
+    extra = [n for n in have if n not in want]
+    if missing:
+        problems.append(f"{len(missing)} adapted module(s) missing from the base model, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"{len(extra)} base module(s) match the adapter's targets but were not adapted, "
+                        f"e.g. {extra[:3]}")
+    for name in want:
+        if name in have and have[name] != want[name]:
+            k0, i0, o0 = want[name]
+            k1, i1, o1 = have[name]
+            problems.append(f"module {name}: adapter has {k0} {i0}->{o0}, base model has {k1} {i1}->{o1}")
+    if not missing and not extra and [n for n, _ in found] != [m.name for m in snap.modules]:
+        problems.append("adapted modules appear in a different order in the base model")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else "")
+        raise AdapterFormatError(f"{source}: adapter does not fit this base model: {shown}")
+
+
+@torch.no_grad()
+def build_model(base: nn.Module, snap: AdapterSnapshot, source: str = "adapter", *, strict: bool = True,
+                trainable: bool = False) -> nn.Module:
+    """Wrap `base` in place with `snap` and return it: training form if the snapshot carries logits, else the
+    inference form (buffers `indices (N, k)` and `weights (N, k)`, no `(N, h)` logits). With `trainable=False` the
+    adapter is frozen and the model put in eval mode."""
+    check_base(base, snap, source, strict)
+    try:
+        model = add_vblora(base, snap.config, with_logits=snap.logits is not None)
+    except VBLoRAError as e:
+        raise AdapterFormatError(f"{source}: {e}") from None
+    bank = get_bank(model)
+    if list(bank.layout.entries) != list(snap.modules):
+        raise AdapterFormatError(f"{source}: module offsets in the adapter do not match the layout of the base model")
+    bank.bank.copy_(snap.bank.to(bank.bank.dtype))
+    if snap.logits is not None:
+        bank.logits.copy_(snap.logits.to(bank.logits.dtype))
+    else:
+        bank.indices.copy_(snap.indices)
+        bank.weights.copy_(snap.weights.to(bank.weights.dtype))
+    copies = trained_copies(model)
+    if set(copies) != set(snap.extras):
+        raise AdapterFormatError(f"{source}: modules_to_save {sorted(snap.extras)} do not match the base model's "
+                                 f"{sorted(copies)}")
+    for name, state in snap.extras.items():
+        try:
+            copies[name].trained.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise AdapterFormatError(f"{source}: modules_to_save entry {name}: {e}") from None
+    if not trainable:
+        bank.requires_grad_(False)
+        for c in copies.values():
+            c.trained.requires_grad_(False)
+        model.eval()
+    return model
