@@ -1,12 +1,25 @@
-"""Reading the user's labelled text files (CSV, TSV incl. GLUE layouts, JSONL) into checked examples.
+"""Reading the user's labelled text files (CSV, TSV incl. GLUE layouts, JSONL, JSON list) into checked examples.
 
-Every error names the file, the line and the column, because a bad row in a 100k-line file is otherwise a hunt.
+Every error is a `DataError` that names the file and the physical line (as `grep -n` or an editor counts lines, also
+after a quoted CSV field that spans lines), and the column, because a bad row in a 100k-line file is otherwise a hunt.
+CSV is read with the stdlib csv module (a newline inside a quoted field is kept as a newline); an unclosed quote is
+reported where it starts. TSV is read without quote handling (GLUE TSVs have unbalanced quotes inside sentences).
+
+Labels follow one rule, decided on the training file: a label column is numeric or categorical as a whole.
+- Numeric: every label is a finite number. If all are integer-valued ("0", "1", "1.0", " 2") the task is
+  classification with the integers as class ids in numeric order ("2" before "10"); if any is not an integer
+  ("0.5") it is regression. Integer scores are thus classes; pass `--task regression` to regress on them.
+- Categorical: every label is a class name (text that is not a number); classes are in sorted order. Here "nan" or
+  "inf" are names like any other (e.g. "nan" is the ISO 639-3 code of Min Nan).
+- A value that breaks the rule is an error at its file:line: a blank label, `nan` / `inf` / `-inf` or a word among
+  numbers, or a number among class names (the minority kind is the one reported; a tie goes to the first row's kind).
 The label set comes from the training file; a label outside it in validation/test is an error, not a new class.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -63,7 +76,7 @@ def read_table(path: str | Path, fmt: str | None = None, names: list[str] | None
         raise DataError(f"{path}: is a directory, expected a data file")
     fmt = file_format(path, fmt)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")  # a BOM (Excel) is not part of the header
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
@@ -77,35 +90,65 @@ def read_table(path: str | Path, fmt: str | None = None, names: list[str] | None
 
 
 def _read_delimited(path: Path, text: str, delim: str, names: list[str] | None) -> Table:
-    # GLUE TSVs contain unbalanced quotes inside sentences, so TSV is read without quote handling.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(text.splitlines(), delimiter=delim, quoting=quoting)
+    kind = "TSV" if delim == "\t" else "CSV"
+    quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs: unbalanced quotes in sentences
+    # Lines split on "\n" only (str.splitlines would also split on \u2028, \x0c, ...) and keep it, so a newline in a
+    # quoted field survives and reader.line_num counts physical lines.
+    physical = io.StringIO(text).readlines()
+    reader = csv.reader(physical, delimiter=delim, quoting=quoting)
     rows, lines = [], []
     header = names
+    end = 0  # physical line on which the previous record ended
     try:
-        for i, rec in enumerate(reader, start=1):
+        for rec in reader:
+            start, end = end + 1, reader.line_num
+            if quoting != csv.QUOTE_NONE and (end > start or end == len(physical)):
+                _check_quotes(path, physical, start, end, rec)
             if not rec or all(not c.strip() for c in rec):
                 continue  # blank line
             if header is None:
                 header = [c.strip() for c in rec]
                 if len(set(header)) != len(header):
-                    raise DataError(f"{path}:{i}: duplicate column names in header {header}")
+                    raise DataError(f"{path}:{start}: duplicate column names in header {header}")
                 continue
             if len(rec) != len(header):
-                raise DataError(f"{path}:{i}: expected {len(header)} columns ({', '.join(header)}), found {len(rec)}")
+                span = (f" in the record on lines {start}-{end} (a quoted field spans lines: check for a stray or "
+                        f"unclosed quote)" if end > start else "")
+                raise DataError(f"{path}:{start}: expected {len(header)} columns ({', '.join(header)}), "
+                                f"found {len(rec)}{span}")
             rows.append(dict(zip(header, rec)))
-            lines.append(i)
+            lines.append(start)
     except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: malformed {'TSV' if delim == chr(9) else 'CSV'}: {e}") from None
+        raise DataError(f"{path}:{reader.line_num}: malformed {kind}: {e}") from None
     if not rows:
         raise DataError(f"{path}: no data rows")
     return Table(path, rows, lines, list(header or []))
 
 
+def _check_quotes(path: Path, physical: list[str], start: int, end: int, rec: list[str]) -> None:
+    """A record read leniently over lines start..end must also read strictly (the check that catches quotes gone
+    wrong: the lenient reader takes an unclosed quote's field to the end of the file, or to the next stray quote)."""
+    strict = csv.reader(physical[start - 1:end], strict=True)
+    try:
+        for _ in strict:
+            pass
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):  # ends inside a quoted field: the last one, holding all the newlines
+            opened = max(start, end - rec[-1].count("\n") + physical[-1].endswith("\n"))
+            raise DataError(f"unclosed quote starting at {path}:{opened}: the quoted field runs to the end of the "
+                            f"file; close it (a quote that is part of the text is written \"\" inside a quoted "
+                            f"field)") from None
+        if end == start:
+            return  # one line: the lenient reading ("a" ,1 -> 'a ') is kept
+        raise DataError(f"{path}:{start}: malformed CSV: a quoted field runs over lines {start}-{end} and has text "
+                        f"after its closing quote on line {start - 1 + strict.line_num} ({e}); check for a stray or "
+                        f"unclosed quote") from None
+
+
 def _read_jsonl(path: Path, text: str) -> Table:
     rows, lines = [], []
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(text.split("\n"), start=1):  # "\n" only: JSON strings may hold a raw \u2028
         if not line.strip():
             continue
         try:
@@ -131,7 +174,7 @@ def _read_json_list(path: Path, text: str) -> Table:
         obj = obj["data"]
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
         raise DataError(f"{path}: expected a JSON list of objects")
-    starts = [i + 1 for i, line in enumerate(text.splitlines()) if line.lstrip().startswith("{")]
+    starts = [i + 1 for i, line in enumerate(text.split("\n")) if line.lstrip().startswith("{")]
     lines = starts if len(starts) == len(obj) else [1] * len(obj)
     if not obj:
         raise DataError(f"{path}: no data rows")
@@ -139,19 +182,43 @@ def _read_json_list(path: Path, text: str) -> Table:
 
 
 def column(table: Table, name: str, i: int, *, required: bool = True) -> str | None:
-    """Value of column `name` in row i as a string; names file, line and column when it is missing."""
+    """Value of column `name` in row i as a string; names file, line and column when it is missing or empty."""
     row = table.rows[i]
     if name not in row:
         if i == 0 or required:
-            cols = ", ".join(table.columns or row.keys())
-            raise DataError(f"{table.path}:{table.lines[i]}: no column '{name}' (columns: {cols})")
+            if name not in _columns(table):
+                raise DataError(f"{table.path}:{table.lines[i]}: no column '{name}' (columns: "
+                                f"{', '.join(_columns(table))})")
+            raise DataError(f"{table.path}:{table.lines[i]}: no column '{name}' in this record (it has: "
+                            f"{', '.join(map(str, row)) or 'nothing'}); add it or remove the record")
         return None
     value = row[name]
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
-            raise DataError(f"{table.path}:{table.lines[i]}: column '{name}' is empty")
+            raise DataError(f"{table.path}:{table.lines[i]}: column '{name}' is empty; fill it in or remove the row")
         return None
     return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _columns(table: Table) -> list[str]:
+    return table.columns or sorted({str(k) for r in table.rows for k in r})
+
+
+def _require_columns(table: Table, wanted: dict[str, str | None]) -> None:
+    """Check that the columns `wanted` ({flag: column}) exist; else list those present as suggestions for the flags."""
+    cols = _columns(table)
+    missing = {flag: name for flag, name in wanted.items() if name and name not in cols}
+    if not missing:
+        return
+    free = [c for c in cols if c not in wanted.values()]
+    what = " or ".join(f"'{n}'" for n in missing.values())
+    if len(missing) == 1:
+        flag = next(iter(missing))
+        hint = (f"pass {flag} {free[0]}" if len(free) == 1 else f"pass {flag} with one of: {', '.join(free)}"
+                if free else f"add the column or pass {flag}")
+    else:
+        hint = "pass " + " and ".join(missing)
+    raise DataError(f"no column {what} in {table.path}; columns: {', '.join(cols) or 'none'}; {hint}")
 
 
 # ---- labels -------------------------------------------------------------------------------------------------
@@ -163,6 +230,18 @@ def _as_number(s: str) -> float | None:
     except ValueError:
         return None
     return v if math.isfinite(v) else None
+
+
+def _kind(s: str) -> str:
+    """'number' (finite), 'non-finite' (nan, inf, -inf, ...) or 'name'."""
+    try:
+        return "number" if math.isfinite(float(s)) else "non-finite"
+    except ValueError:
+        return "name"
+
+
+_FIX = "fix the value or remove the row"
+_RULE = "a label column is all numbers or all class names"
 
 
 @dataclass
@@ -180,11 +259,11 @@ class LabelSpace:
         if self.regression:
             v = _as_number(raw)
             if v is None:
-                raise DataError(f"{where}: label '{raw}' is not a number (regression task)")
+                raise DataError(f"{where}: label '{raw}' is not a finite number (regression task); {_FIX}")
             return v
         key = _canon(raw)
         if key not in self._index:
-            raise DataError(f"{where}: label '{raw}' is not one of the training labels {self.names}")
+            raise DataError(f"{where}: label '{raw}' is not one of the training labels {self.names}; {_FIX}")
         return self._index[key]
 
     def __post_init__(self):
@@ -197,10 +276,27 @@ def _canon(raw: str) -> str:
     return str(int(v)) if v is not None and v == int(v) else s  # "1", "1.0", " 1" are one class
 
 
-def infer_labels(values: list[str], task: str | None = None) -> LabelSpace:
-    """Label set from the training labels: integers or strings -> classes; any non-integer number -> regression."""
+def infer_labels(values: list[str], task: str | None = None, where: list[str] | None = None) -> LabelSpace:
+    """Label set from the training labels (the rule is in the module docstring); `where[i]` locates values[i]."""
+    where = where or [f"label {i + 1}" for i in range(len(values))]
+    if task == "regression":
+        return LabelSpace([], regression=True)
+    for v, w in zip(values, where):
+        if not str(v).strip():
+            raise DataError(f"{w}: label is empty; fill it in or remove the row")
+    kinds = [_kind(v) for v in values]
+    n_num, n_name = kinds.count("number"), kinds.count("name")
+    if task is None and n_num and n_num < len(kinds):  # numbers mixed with non-finite values or names
+        numeric = n_num > n_name or (n_num == n_name and kinds[0] == "number")
+        example = values[kinds.index("number" if numeric else "name")]
+        bad = next(i for i, k in enumerate(kinds) if (k != "number") == numeric)
+        if numeric:
+            raise DataError(f"{where[bad]}: label '{values[bad]}' is not a finite number, while the column's other "
+                            f"labels are numbers (e.g. '{example}'); {_RULE}: {_FIX}")
+        raise DataError(f"{where[bad]}: label '{values[bad]}' is a number, while the column's other labels are "
+                        f"class names (e.g. '{example}'); {_RULE}: {_FIX}")
     nums = [_as_number(v) for v in values]
-    if task == "regression" or (task is None and all(n is not None for n in nums) and any(n != int(n) for n in nums)):
+    if task is None and n_num == len(kinds) and any(n != int(n) for n in nums):
         return LabelSpace([], regression=True)
     if all(n is not None and n == int(n) for n in nums):
         names = [str(x) for x in sorted({int(n) for n in nums})]  # numeric order: "2" before "10"
@@ -223,11 +319,12 @@ class Examples:
 def load_split(table: Table, text_col: str, pair_col: str | None, label_col: str,
                labels: LabelSpace | None) -> tuple[Examples, LabelSpace]:
     """Extract text/pair/label columns; infers the label space when `labels` is None (training split)."""
+    _require_columns(table, {"--text-column": text_col, "--text-pair-column": pair_col, "--label-column": label_col})
     texts = [column(table, text_col, i) for i in range(len(table.rows))]
     pairs = [column(table, pair_col, i) for i in range(len(table.rows))] if pair_col else None
     raw = [column(table, label_col, i) for i in range(len(table.rows))]
-    if labels is None:
-        labels = infer_labels(raw)
     where = [f"{table.path}:{line}: column '{label_col}'" for line in table.lines]
+    if labels is None:
+        labels = infer_labels(raw, where=where)
     ids = [labels.encode(r, w) for r, w in zip(raw, where)]
     return Examples(texts, pairs, ids), labels
