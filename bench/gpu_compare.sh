@@ -32,7 +32,7 @@ python - "$RUNS" "$OUT" "$METHODS" "$SEEDS" <<'PY'
 import json, sys
 from pathlib import Path
 sys.path.insert(0, "src")
-from vblora.train.compare import format_table, summarize
+from vblora.experiments.compare import format_table, summarize
 runs_dir, out, methods, seeds = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(","), int(sys.argv[4])
 runs = {m: [json.loads((runs_dir / f"{m}-seed{s}" / "results.json").read_text())
             for s in range(seeds) if (runs_dir / f"{m}-seed{s}" / "results.json").exists()] for m in methods}

@@ -1,6 +1,6 @@
 """Figures of the vector selection (paper Figures 3-9, plus selection churn), from a recorded run directory.
 
-Every function takes a `vblora.analysis.selection.Selection` (see `load_selection`) and a PNG path, draws with the
+Every function takes a `vblora.train.selection.Selection` (see `load_selection`) and a PNG path, draws with the
 headless Agg backend, and returns the path. `plot_all(run_dir)` writes them all. Bank vectors are indexed by their
 bank row; Figures 6 and 7 sort them by the norm of the final bank, as the paper does.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vblora.analysis.selection import Selection, load_selection
+from vblora.train.selection import Selection, load_selection
 
 DPI = 150
 

@@ -6,7 +6,7 @@ import json
 
 from _train_helpers import run_overrides
 
-from vblora.train.compare import format_table, run_compare
+from vblora.experiments.compare import format_table, run_compare
 
 
 def test_compare_table_and_reuse(tiny_bert, cls_files, tmp_path):

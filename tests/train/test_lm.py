@@ -8,8 +8,8 @@ import pytest
 from _train_helpers import write_jsonl
 
 from vblora.train import tasks
-from vblora.train.options import build_config
-from vblora.train.run import train
+from vblora.train.config import build_config
+from vblora.train.pipeline import train
 
 
 def _alpaca(n: int) -> list[dict]:

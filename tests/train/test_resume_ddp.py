@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from _train_helpers import WORDS_NEU, make_rows, run_overrides, write_csv
 
-from vblora.train.options import build_config
-from vblora.train.run import train
+from vblora.train.config import build_config
+from vblora.train.pipeline import train
 
 QUIET = {"log": lambda *a: None}
 
@@ -57,8 +57,8 @@ def test_resume_after_kill_matches_uninterrupted(tiny_bert, varied_files, tmp_pa
     script.write_text(textwrap.dedent(f"""
         import os, signal, json
         from transformers import TrainerCallback
-        from vblora.train.options import build_config
-        from vblora.train.run import train
+        from vblora.train.config import build_config
+        from vblora.train.pipeline import train
 
         class KillAt(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):

@@ -7,8 +7,8 @@ from _train_helpers import run_overrides
 
 import vblora
 from vblora.storage import read_bank
-from vblora.train.options import build_config
-from vblora.train.run import train
+from vblora.train.config import build_config
+from vblora.train.pipeline import train
 
 
 def test_frozen_shared_bank_task_stores_only_indices_and_weights(tiny_bert, cls_files, tmp_path):

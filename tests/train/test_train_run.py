@@ -10,8 +10,8 @@ import torch
 
 from _train_helpers import make_rows, run_overrides, write_csv, write_jsonl
 from vblora.train.errors import DataError, SetupError
-from vblora.train.options import build_config
-from vblora.train.run import train
+from vblora.train.config import build_config
+from vblora.train.pipeline import train
 
 METHODS = ["vblora", "lora", "vera", "tied-lora", "full"]
 

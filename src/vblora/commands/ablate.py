@@ -1,7 +1,7 @@
 """`vblora ablate selection | vector-length | shared-bank`: the paper's Tables 5 and 6, and a shared bank across tasks.
 
-Every variant runs over several seeds through the `vblora train` pipeline's data and model loading (see
-`vblora.analysis.ablate`). Runs land in OUT/<variant>-seed<k>/results.json and are reused when the command is run
+Every variant x seed is one `vblora train` run (vblora.experiments.ablate), scored the same way: best validation
+epoch, test at that epoch. Runs land in OUT/<variant>-seed<k>/results.json and are reused when the command is run
 again, so a killed study continues. The table (median, min-max, mean +- std over seeds, with the budget it ran
 under) is printed and saved as OUT/ablation.md and OUT/ablation.json.
 """
@@ -23,24 +23,26 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is fastest on a busy shared machine; default: torch's choice)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="any other `vblora train` setting, e.g. model=PATH train_file=... lr_logits=0.02")
+                   help="any other `vblora train` setting (YAML values), e.g. model=PATH train_file=... lr_logits=0.02")
 
 
 def _budget(args):
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
-    from vblora.analysis.ablate import Budget
+    from vblora.experiments.ablate import Budget
     return Budget(args.max_train_samples or None, args.max_eval_samples or None, args.epochs, args.batch_size)
 
 
 def _overrides(args) -> dict:
+    import yaml
+
     out = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"vblora ablate: --set expects KEY=VALUE, got {item!r}")
-        out[key.replace("-", "_")] = value
+        out[key.replace("-", "_")] = yaml.safe_load(value)
     return out
 
 
@@ -48,7 +50,8 @@ def _study(args, variants, title: str) -> int:
     import json
     from pathlib import Path
 
-    from vblora.analysis import ablate as A
+    from vblora.commands._flags import user_errors
+    from vblora.experiments import ablate as A
 
     if args.variants:
         unknown = set(args.variants) - {v.name for v in variants}
@@ -57,7 +60,11 @@ def _study(args, variants, title: str) -> int:
             return 2
         variants = [v for v in variants if v.name in args.variants]
     budget, out = _budget(args), Path(args.out)
-    rows = A.run_study(variants, args.seeds, out, _overrides(args), budget, args.recipe)
+    rows = []
+    code = user_errors("ablate", lambda: rows.extend(A.run_study(variants, args.seeds, out, _overrides(args), budget,
+                                                                 args.recipe)))
+    if code:
+        return code
     table = A.format_table(rows, f"{title}\n\nBudget per run: {budget.describe()}; seeds {args.seeds}.")
     print(table)
     (out / "ablation.md").write_text(table + "\n")
@@ -67,12 +74,12 @@ def _study(args, variants, title: str) -> int:
 
 
 def run_selection(args) -> int:
-    from vblora.analysis.ablate import selection_variants
+    from vblora.experiments.ablate import selection_variants
     return _study(args, selection_variants(), "Selection rules (paper Table 5)")
 
 
 def run_vector_length(args) -> int:
-    from vblora.analysis.ablate import vector_length_variants
+    from vblora.experiments.ablate import vector_length_variants
     variants = vector_length_variants(args.budget, tuple(args.lengths))
     return _study(args, variants, f"Sub-vector length at a fixed bank budget h*b = {args.budget:,} (paper Table 6)")
 
@@ -81,24 +88,18 @@ def run_shared_bank(args) -> int:
     import json
     from pathlib import Path
 
-    import torch
+    from vblora.experiments.shared_bank import format_shared_bank, shared_bank_study
+    from vblora.train import vader
 
-    from vblora.analysis import ablate as A
-
-    if args.bank.endswith(".safetensors"):
-        from vblora.storage import read_bank
-        bank, _ = read_bank(args.bank)
-    else:
-        bank = torch.load(Path(args.bank) / "bank.pt" if Path(args.bank).is_dir() else args.bank)
     task = _overrides(args)
     if "train_file" not in task:
-        paths = A.vader_corpus(args.task2)
+        paths = vader.fetch_corpus(args.task2)
         task.update(dataset="none", train_file=str(paths["train"]), validation_file=str(paths["validation"]),
                     test_file=str(paths["test"]))
     budget, out = _budget(args), Path(args.out)
-    rows = A.shared_bank_study(bank, args.seeds, out, task, budget, args.recipe)
-    table = A.format_shared_bank(rows, f"Shared bank: task 2 = {task.get('train_file')}; bank {tuple(bank.shape)} "
-                                       f"from {args.bank}\n\nBudget per run: {budget.describe()}; seeds {args.seeds}.")
+    rows = shared_bank_study(args.bank, args.seeds, out, task, budget, args.recipe)
+    table = format_shared_bank(rows, f"Shared bank: task 2 = {task.get('train_file')}; bank from {args.bank}\n\n"
+                                     f"Budget per run: {budget.describe()}; seeds {args.seeds}.")
     print(table)
     (out / "shared_bank.md").write_text(table + "\n")
     (out / "shared_bank.json").write_text(json.dumps({"budget": budget.describe(), "rows": rows}, indent=2))
@@ -123,8 +124,8 @@ def register(subparsers) -> None:
     v.set_defaults(func=run_vector_length)
     b = sub.add_parser("shared-bank", help="task 2 with a fresh bank vs the frozen task-1 bank (logits only)")
     _common(b, "runs/ablate-shared-bank")
-    b.add_argument("--bank", required=True, help="task-1 bank: a bank.safetensors (vblora.save_bank), a bank.pt, "
-                                                 "or a run directory holding bank.pt")
+    b.add_argument("--bank", required=True, help="task-1 bank: a bank.safetensors (vblora.save_bank), a bank.pt, an "
+                                                 "adapter, or a run directory")
     b.add_argument("--task2", default="tweets", choices=["tweets", "amazon", "nyt"],
                    help="VADER corpus for task 2 (default tweets), unless --set train_file=... is given")
     b.set_defaults(func=run_shared_bank)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from vblora.commands.train import add_run_flags
+    from vblora.commands._flags import add_run_flags
 
     p = subparsers.add_parser("compare", help="run methods x seeds through `vblora train` and tabulate test scores",
                               description=__doc__)
@@ -13,8 +13,8 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     p.add_argument("--set", dest="method_overrides", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="per-method setting, e.g. --set vblora:epochs=2 --set lora:lr=1e-3")
-    add_run_flags(p)
-    p.set_defaults(func=run, output=None)
+    add_run_flags(p)  # --method / --seed are ignored: --methods and --seeds decide
+    p.set_defaults(func=run)
 
 
 def _parse_overrides(items: list[str]) -> dict[str, dict]:
@@ -34,19 +34,14 @@ def _parse_overrides(items: list[str]) -> dict[str, dict]:
 def run(args) -> int:
     from pathlib import Path
 
-    from vblora.commands.train import overrides
-    from vblora.train.compare import run_compare
-    from vblora.train.errors import TrainError
+    from vblora.commands._flags import given, user_errors
+    from vblora.experiments.compare import run_compare
 
-    base = overrides(args)
+    base = {k: v for k, v in given(args).items() if k not in ("method", "seed")}
     out = Path(base.pop("output", None) or "runs/compare")
-    base.pop("method", None)
-    base.pop("seed", None)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    try:
-        run_compare(methods, list(range(args.seeds)), out, args.recipe, base, _parse_overrides(args.method_overrides))
-    except TrainError as e:
-        print(f"vblora compare: error: {e}")
-        return 2
-    print(f"saved {out / 'compare.md'} and {out / 'compare.json'}")
-    return 0
+    code = user_errors("compare", lambda: run_compare(methods, list(range(args.seeds)), out, base.pop("recipe", None),
+                                                      base, _parse_overrides(args.method_overrides)))
+    if code == 0:
+        print(f"saved {out / 'compare.md'} and {out / 'compare.json'}")
+    return code

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-try:  # the core's base class, so `except vblora.errors.VBLoRAError` catches ours too
-    from vblora.errors import VBLoRAError as _Base
-except ImportError:  # core not importable (only while the core is being written)
-    _Base = ValueError
+from vblora.errors import VBLoRAError
 
 
-class TrainError(_Base):
+class TrainError(VBLoRAError):  # the core's base class: `except VBLoRAError` catches ours too
     """Base of the pipeline's errors (a ValueError)."""
 
 

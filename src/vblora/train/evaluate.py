@@ -1,4 +1,4 @@
-"""Held-out evaluation for causal-LM tasks: token-weighted loss / perplexity and greedy generations.
+"""Held-out evaluation for causal-LM tasks: token-weighted loss / perplexity and generations (greedy or beam).
 
 Trainer's eval loss averages per-batch means; `lm_loss` weights every response token equally, which is what
 perplexity means. Generations are greedy (deterministic), batched with left padding.
@@ -31,24 +31,29 @@ def lm_loss(model, dataset, collator, batch_size: int) -> dict[str, float]:
         total += float(loss)
         count += int((shift_labels != -100).sum())
     mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": M.perplexity(mean), "tokens": count}
+    return {"loss": mean, "perplexity": M.perplexity(mean), "tokens": count, "examples": len(dataset)}
 
 
 @torch.no_grad()
-def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of `prompts` (already templated), decoded without special tokens."""
+def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 16, num_beams: int = 1,
+             length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[str]:
+    """Continuations of `prompts` (already templated), greedy or beam search, decoded without special tokens."""
     model.eval()
     device = next(model.parameters()).device
     side = tok.padding_side
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends where generation starts
+    kw = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, pad_token_id=tok.pad_token_id,
+              eos_token_id=tok.eos_token_id)
+    if num_beams > 1:
+        kw.update(length_penalty=length_penalty, early_stopping=True)
+    if no_repeat_ngram_size:
+        kw["no_repeat_ngram_size"] = no_repeat_ngram_size
     outs = []
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
-            outs += tok.batch_decode(new, skip_special_tokens=True)
+            gen = model.generate(**enc, **kw)
+            outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)  # new tokens
     finally:
         tok.padding_side = side
     return outs
@@ -64,7 +69,8 @@ def reloaded_generations(model_name: str, gguf_file: str | None, adapter_dir, re
     path, gguf = models.resolve_model(model_name, gguf_file)
     tok = models.load_tokenizer(path, gguf)
     model = vblora.load_adapter(models.load_model(path, gguf, "causal-lm"), str(adapter_dir))
-    return greedy(model, tok, [tasks.prompt_text(tok, r["instruction"], r["input"]) for r in records], max_new_tokens)
+    return generate(model, tok, [tasks.prompt_text(tok, r["instruction"], r["input"]) for r in records],
+                    max_new_tokens)
 
 
 def answer_word(text: str) -> str:
@@ -84,7 +90,7 @@ def generate_answers(model, tok, data, cfg, out_dir: Path | None) -> dict[str, f
     if n == 0:
         return {}
     prompts = [tasks.prompt_text(tok, r["instruction"], r["input"]) for r in recs[:n]]
-    gens = greedy(model, tok, prompts, cfg.max_new_tokens)
+    gens = generate(model, tok, prompts, cfg.max_new_tokens)
     result: dict[str, float] = {}
     if n_score:
         refs, preds = [r["output"] for r in recs[:n_score]], gens[:n_score]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vblora.train.errors import SetupError
-from vblora.train.options import RunConfig
+from vblora.train.config import RunConfig
 
 HEAD_NAMES = ("pre_classifier", "classifier", "score")  # sequence-classification heads of HF models
 
@@ -37,8 +37,9 @@ class Adapted:
 
 
 def head_modules(model: nn.Module, cfg: RunConfig) -> list[str]:
-    if cfg.modules_to_save is not None:
-        return list(cfg.modules_to_save)
+    """modules_to_save as given, else the model's sequence-classification head (if it has one)."""
+    if cfg.vblora.modules_to_save:
+        return list(cfg.vblora.modules_to_save)
     return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
 
 
@@ -47,22 +48,14 @@ def resolve_targets(model: nn.Module, cfg: RunConfig) -> list[str]:
     import vblora
     from vblora.inject import find_targets
 
-    spec = cfg.target_modules
-    if isinstance(spec, (list, tuple)) and len(spec) == 1 and spec[0] == "all-linear":
-        spec = "all-linear"
-    probe = vblora.VBLoRAConfig(target_modules=spec)
-    names = [n for n, _ in find_targets(model, probe)]
+    spec = cfg.vblora.target_modules
+    names = [n for n, _ in find_targets(model, vblora.VBLoRAConfig(target_modules=spec, layers=cfg.vblora.layers))]
     if isinstance(spec, (list, tuple)):  # every name asked for must exist somewhere
         for t in spec:
             if not any(n == t or n.endswith("." + t) for n in names):
                 raise SetupError(f"target module '{t}' is not in {type(model).__name__} "
                                  f"(adaptable modules end in e.g. {sorted({n.rsplit('.', 1)[-1] for n in names})})")
     return names
-
-
-def _exact_regex(names: list[str]) -> str:
-    import re
-    return "(" + "|".join(re.escape(n) for n in names) + ")"
 
 
 def _count(params) -> int:
@@ -92,11 +85,7 @@ def apply_method(model: nn.Module, cfg: RunConfig) -> Adapted:
 def _vblora(model, cfg, targets, heads) -> Adapted:
     import vblora
 
-    vcfg = vblora.VBLoRAConfig(target_modules=cfg.target_modules if cfg.target_modules == "all-linear"
-                               else _exact_regex(targets), rank=cfg.rank, num_vectors=cfg.num_vectors,
-                               vector_length=cfg.vector_length, topk=cfg.topk, dropout=cfg.dropout,
-                               selection=cfg.selection, noise_std=cfg.noise_std, temperature=cfg.temperature,
-                               eval_topk=cfg.eval_topk, modules_to_save=tuple(heads), seed=cfg.seed)
+    vcfg = cfg.vblora.replace(modules_to_save=tuple(heads))  # adapts exactly `targets` (same matching rules)
     model = vblora.add_vblora(model, vcfg)
     bank_source = _start_bank(model, cfg)
     groups = vblora.parameter_groups(model, lr_bank=cfg.lr_bank, lr_logits=cfg.lr_logits, lr_other=cfg.lr_head,
@@ -115,30 +104,33 @@ def _vblora(model, cfg, targets, heads) -> Adapted:
                    | {"config": vcfg.to_dict(), "bank_source": bank_source, "freeze_bank": cfg.freeze_bank})
 
 
-def _start_bank(model, cfg) -> str | None:
-    """`--bank PATH`: copy a trained `(h, b)` bank into the model; `--freeze-bank`: stop it training.
-
-    PATH is a bank file (`vblora.save_bank`), an adapter file or directory with the bank inside, or a run directory
-    (its `adapter/`). Returns the file the bank came from.
-    """
-    import vblora
+def read_bank_tensor(path: str | Path) -> tuple[torch.Tensor, Path]:
+    """A trained `(h, b)` bank and the file it came from: a bank file (`vblora.save_bank`, or a tensor saved with
+    torch.save as bank.pt), an adapter file or directory with the bank inside, or a run directory (its adapter/)."""
     from vblora.storage import adapter_file, read_adapter, read_bank
+
+    p = Path(path)
+    candidates = [p, p / "bank.safetensors", p / "adapter" / "bank.safetensors", adapter_file(p),
+                  p / "adapter" / "adapter.safetensors", p / "bank.pt"]
+    file = next((c for c in candidates if c.is_file()), None)
+    if file is None:
+        raise SetupError(f"--bank {path}: no bank.safetensors, adapter.safetensors or bank.pt there")
+    if file.suffix == ".pt":
+        return torch.load(file, map_location="cpu", weights_only=True), file
+    if file.name == "bank.safetensors":
+        return read_bank(file)[0], file
+    return read_adapter(file, bank_path=file.parent)[0].bank, file
+
+
+def _start_bank(model, cfg) -> str | None:
+    """`--bank PATH`: copy a trained bank into the model; `--freeze-bank`: stop it training. Returns its file."""
+    import vblora
 
     if cfg.freeze_bank and not cfg.bank:
         raise SetupError("--freeze-bank needs --bank PATH (a trained bank to share)")
     if not cfg.bank:
         return None
-    p = Path(cfg.bank)
-    candidates = [p, p / "bank.safetensors", p / "adapter" / "bank.safetensors", adapter_file(p),
-                  p / "adapter" / "adapter.safetensors"]
-    file = next((c for c in candidates if c.is_file()), None)
-    if file is None:
-        raise SetupError(f"--bank {cfg.bank}: no bank.safetensors or adapter.safetensors there")
-    if file.name == "bank.safetensors":
-        tensor = read_bank(file)[0]
-    else:
-        snap, _ = read_adapter(file, bank_path=file.parent)
-        tensor = snap.bank
+    tensor, file = read_bank_tensor(cfg.bank)
     bank = vblora.get_bank(model)
     if tuple(tensor.shape) != tuple(bank.bank.shape):
         raise SetupError(f"--bank {file}: bank shape {tuple(tensor.shape)} does not match --num-vectors "
@@ -169,10 +161,11 @@ def _peft(model, cfg, targets, heads, peft_cfg, lr) -> tuple:
 def _lora(model, cfg, targets, heads) -> Adapted:
     from peft import LoraConfig
 
-    pc = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, target_modules=targets,
+    rank = cfg.vblora.rank  # the shared adapter knobs (rank, dropout, targets, heads) live in cfg.vblora
+    pc = LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.vblora.dropout, target_modules=targets,
                     modules_to_save=heads or None)
     pmodel, groups, n, save = _peft(model, cfg, targets, heads, pc, cfg.method_lr())
-    return Adapted(pmodel, "lora", groups, n, float(n), save, details={"rank": cfg.rank, "alpha": cfg.lora_alpha})
+    return Adapted(pmodel, "lora", groups, n, float(n), save, details={"rank": rank, "alpha": cfg.lora_alpha})
 
 
 def _vera(model, cfg, targets, heads) -> Adapted:
@@ -180,7 +173,7 @@ def _vera(model, cfg, targets, heads) -> Adapted:
 
     # save_projection=False: the frozen random projections are regenerated from the seed, so VeRA stores only
     # its scaling vectors (and the head), which is what the VeRA and VB-LoRA papers count.
-    pc = VeraConfig(r=cfg.vera_rank, target_modules=targets, vera_dropout=cfg.dropout, modules_to_save=heads or None,
+    pc = VeraConfig(r=cfg.vera_rank, target_modules=targets, vera_dropout=cfg.vblora.dropout, modules_to_save=heads or None,
                     projection_prng_key=cfg.seed, save_projection=False)
     pmodel, groups, n, save = _peft(model, cfg, targets, heads, pc, cfg.method_lr())
     return Adapted(pmodel, "vera", groups, n, float(n), save, details={"rank": cfg.vera_rank})
@@ -191,7 +184,7 @@ def _tied(model, cfg, targets, heads) -> Adapted:
 
     from vblora.train.tied_lora import add_tied_lora
 
-    model = add_tied_lora(model, targets, rank=cfg.tied_rank, dropout=cfg.dropout, modules_to_save=heads,
+    model = add_tied_lora(model, targets, rank=cfg.tied_rank, dropout=cfg.vblora.dropout, modules_to_save=heads,
                           seed=cfg.seed)
     head = _head_params(model, heads)
     head_ids = {id(p) for p in head}

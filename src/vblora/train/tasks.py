@@ -9,13 +9,14 @@ separately and concatenated, and `labels` is -100 on the prompt so the loss cove
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from vblora.train import data as D
 from vblora.train import vader
 from vblora.train.errors import DataError
-from vblora.train.options import RunConfig
+from vblora.train.config import RunConfig
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
@@ -37,11 +38,14 @@ class ListDataset(torch.utils.data.Dataset):
 class TaskData:
     kind: str                       # classification|regression|causal-lm|gsm8k
     train: ListDataset
-    validation: ListDataset
+    validation: ListDataset | None  # None: no best-epoch selection, the final state is scored
     test: ListDataset
     labels: D.LabelSpace | None = None
     raw: dict = field(default_factory=dict)  # split -> list of raw records (LM: prompts/answers for generation)
     info: dict = field(default_factory=dict)
+    # the task's own scoring of the best state, (model, tokenizer, data, cfg, out_dir | None) -> test metrics;
+    # None: LM tasks score greedy answers (evaluate.generate_answers)
+    evaluate: Callable | None = None
 
 
 def _files(cfg: RunConfig) -> dict[str, str]:

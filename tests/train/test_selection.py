@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vblora
-from vblora.analysis.selection import (SelectionCallback, SelectionRecorder, load_selection, module_type,
+from vblora.train.selection import (SelectionCallback, SelectionRecorder, load_selection, module_type,
                                        record_selection)
 
 from _selection_run import batches, recorded_run, tiny_classifier
@@ -55,7 +55,8 @@ def test_recorder_interval_files_and_metadata(tmp_path):
     assert meta["records"] == 5 and meta["every"] == 3 and meta["num_subvectors"] == n and meta["topk"] == 2
     # every sub-vector is described: layer, module, A/B, position in the matrix
     bank = vblora.get_bank(model)
-    for i, (name, slot) in enumerate(bank.layout):
+    for i, entry in enumerate(bank.layout.entries):
+        name, slot = entry.name, entry.slot
         a = slice(slot.a_start, slot.a_start + slot.a_count)
         b = slice(slot.b_start, slot.b_start + slot.b_count)
         assert (sel.module[a] == i).all() and (sel.matrix[a] == 0).all() and (sel.matrix[b] == 1).all()

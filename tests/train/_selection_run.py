@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import vblora
-from vblora.analysis.selection import SelectionRecorder
+from vblora.train.selection import SelectionRecorder
 
 
 def tiny_classifier(layers: int = 3):

@@ -7,23 +7,24 @@ printed and saved as OUT/compare.md and OUT/compare.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
 from pathlib import Path
 
-from vblora.train.options import build_config
+from vblora.config import VBLoRAConfig
+from vblora.train.config import build_config
+from vblora.train.pipeline import train
 
 # Per-method settings of the paper-style comparison (issue #5): LoRA r=4 alpha 8, VeRA r=256, Tied-LoRA r=8,
-# VB-LoRA r=4 k=2 (its recipe's bank). Users override with --method-override METHOD:key=value.
+# VB-LoRA r=4 k=2 (its recipe's bank). Users override with --set METHOD:key=value.
 METHOD_DEFAULTS: dict[str, dict] = {"lora": {"rank": 4, "lora_alpha": 8.0}, "vera": {"vera_rank": 256},
                                     "tied-lora": {"tied_rank": 8}, "vblora": {"rank": 4, "topk": 2}, "full": {}}
 
 
 def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | None, base_overrides: dict,
-                method_overrides: dict[str, dict], log=print) -> dict:
-    from vblora.train.run import train
-
+                method_overrides: dict[str, dict], log=print, train_fn=train) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in seeds:  # seed-major: a compare stopped early still has every method at the first seeds
@@ -42,7 +43,7 @@ def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | N
                 log(f"[compare] {method} seed {seed}: {res_file} was made with other settings; running again")
             t = time.time()
             try:
-                runs[method].append(train(cfg, log=log))
+                runs[method].append(train_fn(cfg, log=log))
             except Exception as e:  # one failing method must not lose the others' hours
                 log(f"[compare] {method} seed {seed} FAILED: {type(e).__name__}: {e}")
                 runs[method].append({"error": f"{type(e).__name__}: {e}"})
@@ -55,8 +56,10 @@ def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | N
 
 
 # Settings that only one method reads: a LoRA run is still valid when, say, the recipe's bank size changed.
-_ONLY_FOR = {"vblora": {"num_vectors", "vector_length", "topk", "selection", "noise_std", "temperature", "eval_topk",
-                        "bank", "freeze_bank", "record_selection_every", "lr_bank", "lr_logits"},
+# Every method reads the shared adapter knobs (targets, rank, dropout, heads); the rest of VBLoRAConfig is VB-LoRA's.
+_SHARED = {"target_modules", "rank", "dropout", "layers", "modules_to_save"}
+_ONLY_FOR = {"vblora": {f.name for f in dataclasses.fields(VBLoRAConfig)} - _SHARED - {"seed"}
+             | {"bank", "freeze_bank", "record_selection_every", "lr_bank", "lr_logits", "extra_eval_topk"},
              "lora": {"lora_alpha"}, "vera": {"vera_rank"}, "tied-lora": {"tied_rank"}}
 _BOOKKEEPING = {"output", "overwrite", "resume", "logging_steps", "save_steps"}
 

@@ -1,4 +1,5 @@
-"""The whole E2E path on a tiny file written here: CSV -> examples -> VB-LoRA GPT-2 -> train -> decode -> metrics."""
+"""The whole E2E path on a tiny file written here: CSV -> examples -> the pipeline trains a VB-LoRA GPT-2 -> the saved
+adapter decodes -> metrics."""
 
 import csv
 
@@ -9,8 +10,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import vblora  # noqa: E402
-from vblora.analysis import e2e_data as ed  # noqa: E402
-from vblora.analysis import e2e_metrics as em  # noqa: E402
+from vblora.experiments import e2e as ed  # noqa: E402
+from vblora.experiments import e2e_metrics as em  # noqa: E402
 
 ROWS = [
     ("name[The Eagle], eatType[coffee shop], near[Burger King]", "The Eagle is a coffee shop near Burger King."),
@@ -61,14 +62,16 @@ def test_reading_grouping_and_examples(tmp_path):
     assert [len(x.refs) for x in evs] == [2, 3, 1, 2, 1]
     assert evs[1].refs == tuple(r for m, r in ROWS if m == ROWS[2][0])
     assert ed.linearize_mr(ROWS[0][0]) == "name : The Eagle | eatType : coffee shop | near : Burger King"
-    tok = tiny_tokenizer([ed.prompt_text(m) + " " + r for m, r in rows])
-    ex = ed.build_train_examples(rows, tok, max_length=64)
+    opts = ed.E2EOptions()
+    tok = tiny_tokenizer([opts.prompt(m) + " " + r for m, r in rows])
+    ex = ed.build_examples(rows, tok, max_length=64)
     assert len(ex) == len(rows)
-    p = tok(ed.prompt_text(ROWS[0][0]), add_special_tokens=False)["input_ids"]
+    p = tok(opts.prompt(ROWS[0][0]), add_special_tokens=False)["input_ids"]
     assert ex[0]["labels"][:len(p)] == [-100] * len(p)  # loss on the target only
     assert ex[0]["labels"][len(p):] == ex[0]["input_ids"][len(p):]
     assert ex[0]["input_ids"][-1] == tok.eos_token_id
-    batch = ed.collate(ex[:3], ed.pad_id_of(tok))
+    from vblora.train.tasks import LMCollator
+    batch = LMCollator(tok.pad_token_id)(ex[:3])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     # an unreferenced test file (header "mr" only) reads, with no references
     path2 = tmp_path / "test.csv"
@@ -79,32 +82,51 @@ def test_reading_grouping_and_examples(tmp_path):
         ed.read_e2e_csv(tmp_path / "bad.csv")
 
 
-def test_e2e_path_on_a_tiny_gpt2(tmp_path):
-    path = tmp_path / "train.csv"
-    write_csv(path, ROWS)
-    rows = ed.read_e2e_csv(path)
-    tok = tiny_tokenizer([ed.prompt_text(m) + " " + r for m, r in rows])
+def tiny_gpt2(tmp_path, texts):
+    """A 2-layer GPT-2 and its word-level tokenizer, saved like a hub model; returns the directory."""
+    tok = tiny_tokenizer(texts)
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=128,
                                   bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id)
-    model = transformers.GPT2LMHeadModel(cfg)
-    for p in model.parameters():  # a "pretrained" base: frozen, as add_vblora leaves it
-        p.requires_grad_(False)
-    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules=["c_attn", "c_proj", "c_fc"],
-                                                         num_vectors=16, vector_length=32, rank=2))
-    assert len(vblora.adapted_layers(model)) == 2 * 4  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj per block
-    ex = ed.build_train_examples(rows, tok, max_length=64)
-    losses = ed.train_e2e(model, ex, ed.pad_id_of(tok), batch_size=4, max_steps=30, warmup_steps=3,
-                          lr_bank=1e-2, lr_logits=5e-2, label_smoothing=0.1)
-    assert len(losses) == 30 and all(map(lambda x: x == x, losses))
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # the adapter learns on its own data
+    d = tmp_path / "gpt2-tiny"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_e2e_path_on_a_tiny_gpt2(tmp_path):
+    from vblora.train.config import build_config
+    from vblora.train.pipeline import train
+
+    path = tmp_path / "train.csv"
+    write_csv(path, ROWS)
+    rows = ed.read_e2e_csv(path)
+    model_dir = tiny_gpt2(tmp_path, [ed.E2EOptions().prompt(m) + " " + r for m, r in rows])
+    losses = []
+
+    class Losses(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            losses.extend([logs["loss"]] if "loss" in (logs or {}) else [])
+
+    cfg = build_config("e2e-gpt2-medium", {"model": str(model_dir), "train_file": str(path), "test_file": str(path),
+                                           "output": str(tmp_path / "run"), "device": "cpu", "max_steps": 30,
+                                           "warmup_steps": 3, "batch_size": 4, "num_vectors": 16, "vector_length": 32,
+                                           "rank": 2, "lr_bank": 1e-2, "lr_logits": 5e-2, "logging_steps": 5,
+                                           "max_new_tokens": 12})
+    res = train(cfg, callbacks=[Losses()], log=lambda *_: None, task=ed.task(ed.E2EOptions(num_beams=1)))
+    assert res["steps"] == 30 and res["best_epoch"] is None and res["metrics"]["validation"] == {}  # no dev file
+    assert res["adapted_modules"] == 2 * 4  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj per block
+    assert len(losses) == 6 and losses[-1] < losses[0]  # the adapter learns on its own data
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = vblora.load_adapter(transformers.AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "run" / "adapter")
     evs = ed.load_eval_set(path)
-    greedy = ed.generate_e2e(model, tok, [x.mr for x in evs], max_new_tokens=12)
+    greedy = ed.generate_e2e(model, tok, [x.mr for x in evs], ed.E2EOptions(num_beams=1), max_new_tokens=12)
     assert len(greedy) == len(evs) and all(isinstance(g, str) for g in greedy)
+    assert greedy == (tmp_path / "run" / "predictions.txt").read_text(encoding="utf-8").split("\n")[:-1]
     fast = ("exact", "stem", "synonym") if em.meteor_unavailable() is None else None
-    out = ed.evaluate_e2e(model, tok, evs, num_beams=2, max_new_tokens=12, no_repeat_ngram_size=4,
-                          length_penalty=0.8, meteor_modules=fast, predictions_path=tmp_path / "pred.txt")
+    opts = ed.E2EOptions(num_beams=2, no_repeat_ngram_size=4, length_penalty=0.8, meteor_modules=fast)
+    out = ed.evaluate_e2e(model, tok, evs, opts, max_new_tokens=12, predictions_path=tmp_path / "pred.txt")
     assert set(em.METRICS) <= set(out) and len(out["predictions"]) == len(evs)
     assert (tmp_path / "pred.txt").read_text(encoding="utf-8").count("\n") == len(evs)
     assert out["NIST"] >= 0.0
@@ -129,15 +151,18 @@ def test_e2e_path_on_a_tiny_gpt2(tmp_path):
 
 def test_recipes_hold_table_8():
     pytest.importorskip("yaml")
-    from vblora.train.options import build_config
+    from vblora.train.config import build_config
 
     for name, epochs, bank in (("e2e-gpt2-medium", 4, 256), ("e2e-gpt2-large", 5, 350)):
         cfg = build_config(name, {"model": "/local/gpt2", "train_file": "trainset.csv"})
-        assert (cfg.epochs, cfg.num_vectors, cfg.vector_length, cfg.rank) == (epochs, bank, 256, 4)
+        vb = cfg.vblora
+        assert (cfg.epochs, vb.num_vectors, vb.vector_length, vb.rank) == (epochs, bank, 256, 4)
         assert (cfg.batch_size, cfg.weight_decay, cfg.lr_bank, cfg.lr_logits) == (8, 0.01, 1e-3, 1e-2)
-        assert cfg.lr_scheduler == "linear" and set(cfg.target_modules) == {"c_attn", "c_proj", "c_fc"}
-        opts = ed.e2e_options(cfg.extra)
-        assert (opts["warmup_steps"], opts["label_smoothing"]) == (500, 0.1)
-        assert ed.decoding_kwargs(opts)["num_beams"] == 10
+        assert cfg.lr_scheduler == "linear" and set(vb.target_modules) == {"c_attn", "c_proj", "c_fc"}
+        assert (cfg.warmup_steps, cfg.label_smoothing, cfg.max_new_tokens) == (500, 0.1, 64)
+        assert ed.E2EOptions.from_recipe(cfg.extra).generate_kwargs()["num_beams"] == 10
     with pytest.raises(ValueError, match="unknown"):
-        ed.e2e_options({"e2e": {"beams": 4}})
+        ed.E2EOptions.from_recipe({"e2e": {"beams": 4}})
+    # an older recipe that kept the run settings under extra.e2e still works
+    old = build_config(None, {"train_file": "x", "extra": {"e2e": {"warmup_steps": 7, "label_smoothing": 0.2}}})
+    assert (old.warmup_steps, old.label_smoothing) == (7, 0.2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vblora import plots
-from vblora.analysis.selection import load_selection
+from vblora.train.selection import load_selection
 
 from _selection_run import recorded_run
 

@@ -52,7 +52,8 @@ def subvector_table(bank) -> tuple[list[dict], dict[str, np.ndarray]]:
     matrix = np.zeros(n, np.uint8)
     position = np.zeros(n, np.int32)
     modules = []
-    for i, (name, slot) in enumerate(bank.layout):
+    for i, entry in enumerate(bank.layout.entries):
+        name, slot = entry.name, entry.slot
         lay = _layer_of(name)
         modules.append({"name": name, "type": module_type(name), "layer": lay, "a_start": slot.a_start,
                         "a_count": slot.a_count, "b_start": slot.b_start, "b_count": slot.b_count})
@@ -69,7 +70,7 @@ def record_selection(model, step: int, k: int | None = None) -> dict:
     Works inside any training loop (no Trainer needed). `k` defaults to the stored top-k of the config, capped at
     the training top-k for select-all (whose stored k is the whole bank).
     """
-    from vblora.bank import index_dtype
+    from vblora.layout import index_dtype
     from vblora.inject import get_bank
 
     bank = get_bank(model)

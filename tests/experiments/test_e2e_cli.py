@@ -12,8 +12,8 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("yaml")
 
 import vblora  # noqa: E402
-from vblora.analysis import e2e_data as ed  # noqa: E402
-from vblora.analysis import e2e_metrics as em  # noqa: E402
+from vblora.experiments import e2e as ed  # noqa: E402
+from vblora.experiments import e2e_metrics as em  # noqa: E402
 from vblora.cli import main  # noqa: E402
 
 from test_e2e_path import ROWS, tiny_tokenizer, write_csv  # noqa: E402  (tests/analysis is on sys.path)
@@ -31,7 +31,7 @@ def one_thread():
 def e2e_files(tmp_path):
     for name, rows in (("train", ROWS), ("dev", ROWS[:3]), ("test", ROWS)):
         write_csv(tmp_path / f"{name}.csv", rows)
-    tok = tiny_tokenizer([ed.prompt_text(m) + " " + r for m, r in ROWS])
+    tok = tiny_tokenizer([ed.E2EOptions().prompt(m) + " " + r for m, r in ROWS])
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=128,
                                   bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
@@ -71,8 +71,8 @@ def test_e2e_command_end_to_end(e2e_files):
     for m in ("bleu", "meteor", "rouge_l", "cider"):  # a metric that could not run says why
         assert test[m] is not None or m.upper() in {k.upper() for k in test["notes"]}
     assert math.isfinite(res["metrics"]["validation"]["loss"]) and res["metrics"]["validation"]["examples"] == 3
-    assert res["steps"] == 6 and res["config"]["num_vectors"] == 16 and res["e2e"]["warmup_steps"] == 2
-    assert res["config"]["recipe"] == "e2e-gpt2-medium" and res["e2e"]["label_smoothing"] == 0.1  # from the recipe
+    assert res["steps"] == 6 and res["config"]["num_vectors"] == 16 and res["config"]["warmup_steps"] == 2
+    assert res["config"]["recipe"] == "e2e-gpt2-medium" and res["config"]["label_smoothing"] == 0.1  # the recipe's
     assert res["stored_parameters"] > 0 and res["wall_time_s"] > 0
     assert res["adapter_bytes"] == (out / "adapter" / "adapter.safetensors").stat().st_size
     text = (out / "predictions.txt").read_text(encoding="utf-8")
@@ -82,9 +82,10 @@ def test_e2e_command_end_to_end(e2e_files):
     # the saved adapter on a fresh base reproduces the run's greedy outputs
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     fresh = vblora.load_adapter(transformers.AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
-    decoding = ed.decoding_kwargs(res["e2e"])  # greedy, with the recipe's no-repeat 4-gram rule
-    assert decoding["num_beams"] == 1 and decoding["no_repeat_ngram_size"] == 4
-    again = ed.generate_e2e(fresh, tok, [x.mr for x in ed.load_eval_set(d / "test.csv")], **decoding)
+    opts = ed.E2EOptions(**res["e2e"])  # greedy, with the recipe's no-repeat 4-gram rule
+    assert opts.num_beams == 1 and opts.no_repeat_ngram_size == 4
+    again = ed.generate_e2e(fresh, tok, [x.mr for x in ed.load_eval_set(d / "test.csv")], opts,
+                            res["config"]["max_new_tokens"])
     assert again == preds
 
 

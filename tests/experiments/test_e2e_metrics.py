@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from vblora.analysis import e2e_metrics as em
+from vblora.experiments import e2e_metrics as em
 
 NO_COCO = None if em._coco_jar_dir() else "pycocoevalcap is not installed (pip install 'vblora[e2e]')"
 NO_JAVA = em.meteor_unavailable()

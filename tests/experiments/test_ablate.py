@@ -4,10 +4,11 @@ and summarises median and spread (with a fake training function; the real runs a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from vblora.analysis import ablate as A
+from vblora.experiments import ablate as A
 
 
 def test_selection_variants_are_table_5():
@@ -28,14 +29,16 @@ def test_vector_length_variants_keep_the_budget():
 
 
 def _fake_train(calls):
-    def fn(cfg, vb, out_dir, eval_topk=(), eval_splits=("test",), log=print):
-        calls.append((vb.get("selection"), vb.get("topk"), cfg.seed, cfg.max_train_samples, cfg.epochs))
-        acc = 0.7 + 0.01 * (vb.get("topk") or 0) + 0.001 * cfg.seed
-        evals = {(f"top{k}" if k else "default"): {s: {"accuracy": acc - 0.01 * (k or 0)} for s in eval_splits}
-                 for k in (eval_topk or (None,))}
-        r = {"evals": evals, "seed": cfg.seed, "counts": {"stored": 1000.0}, "train_time_s": 1.0}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(r))
+    def fn(cfg, log=print):  # what `vblora.train.pipeline.train` returns and writes, reduced to what studies read
+        vb = cfg.vblora
+        calls.append((vb.selection, vb.topk, cfg.seed, cfg.max_train_samples, cfg.epochs))
+        acc = 0.7 + 0.01 * vb.topk + 0.001 * cfg.seed
+        split = {"validation": {"accuracy": acc}, "test": {"accuracy": acc}}
+        r = {"metrics": split, "primary_metric": "accuracy", "seed": cfg.seed, "stored_parameters": 1000.0,
+             "train_time_s": 1.0, "eval_topk": {str(k): {s: {"accuracy": acc - 0.01 * k} for s in split}
+                                                | {"stored_parameters": 900.0} for k in cfg.extra_eval_topk}}
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output) / "results.json").write_text(json.dumps(r))
         return r
     return fn
 
@@ -46,6 +49,7 @@ def test_run_study_every_variant_and_seed_then_resumes(tmp_path):
     budget = A.Budget(max_train_samples=100, epochs=0.5)
     rows = A.run_study(variants, [0, 1, 2], tmp_path, {}, budget, train_fn=_fake_train(calls))
     assert len(calls) == 9 and {c[3:] for c in calls} == {(100, 0.5)}
+    assert {c[:2] for c in calls} == {("topk", 1), ("topk", 2), ("gumbel", 2)}
     by = {r["variant"]: r for r in rows}
     assert list(by) == ["top-1", "top-2", "gumbel (eval top-1)", "gumbel (eval top-2)"]
     assert by["top-2"]["runs"] == 3 and by["top-2"]["median"] == pytest.approx(0.721)

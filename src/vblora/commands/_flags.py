@@ -1,0 +1,63 @@
+"""CLI flags derived from dataclass fields: one `--name` per field, its help text and shown default from the field.
+
+Flags default to "not given" (absent from the namespace), so a recipe's value stands unless a flag overrides it.
+bool fields get `--x / --no-x`; list fields take several values; every value is read by `vblora.train.config.coerce`
+(the same reader as recipe keys), so `--dataset none` and `--lr-bank 1e-3` mean what they mean in YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def show(value) -> str:
+    """A default as one would type it on the command line."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value else "none"
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def add_flags(p: argparse.ArgumentParser, fields: dict[str, dataclasses.Field], hints: dict, shown: dict,
+              skip: tuple = ()) -> None:
+    from vblora.train.config import kind
+
+    for name, f in fields.items():
+        if name in skip or "help" not in f.metadata or kind(hints[name])[0] is dict:
+            continue
+        typ, listy, _ = kind(hints[name])
+        help_ = f"{f.metadata['help']} (default: {show(shown[name])})".replace("%", "%%")
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        else:
+            p.add_argument(flag, nargs="*" if listy else None, default=argparse.SUPPRESS, help=help_,
+                           metavar={int: "N", float: "X"}.get(typ, "TEXT"))
+
+
+def add_run_flags(p: argparse.ArgumentParser, recipe: str | None = None, skip: tuple = ()) -> None:
+    """Every RunConfig / VBLoRAConfig setting as a flag; shown defaults are those of `recipe` (None: the defaults)."""
+    from vblora.train import config as C
+
+    add_flags(p, C.settings(), C.HINTS, C.recipe_defaults(recipe), skip)
+
+
+def given(args: argparse.Namespace, fields=None) -> dict:
+    """The settings given on the command line (text; `build_config` / `coerce` read them into their types)."""
+    from vblora.train.config import settings
+
+    return {k: getattr(args, k) for k in (fields if fields is not None else settings()) if hasattr(args, k)}
+
+
+def user_errors(command: str, fn) -> int:
+    """Run `fn()`; a user error (the pipeline's or the core's, all VBLoRAError) prints one line and returns 2."""
+    from vblora.errors import VBLoRAError
+
+    try:
+        code = fn()
+        return code if isinstance(code, int) else 0
+    except VBLoRAError as e:
+        print(f"vblora {command}: error: {e}")
+        return 2

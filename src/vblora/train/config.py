@@ -1,0 +1,255 @@
+"""One run's settings: `RunConfig`, which holds the method's `VBLoRAConfig`, and the recipes that fill it.
+
+Every setting has one default and one help text (its field's `metadata`). `vblora train` flags and recipe keys are
+derived from the fields of both dataclasses (`settings()`; flags in commands/_flags.py), so `--help` shows what a
+run without a recipe does. Those defaults ARE the offline default task (MiniLM-L6 on the VADER movie snippets;
+recipes/minilm-vader.yaml says the same). Keys are flat: VBLoRAConfig's field names (rank, num_vectors, ...) are
+unique and land in `RunConfig.vblora`; its `seed` is the run's `seed`. The baselines read the shared adapter knobs
+(target_modules, rank, dropout, modules_to_save) from there too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from vblora.config import VBLoRAConfig
+from vblora.train.errors import SetupError
+
+METHODS = ("vblora", "lora", "vera", "tied-lora", "full")
+TASKS = ("classification", "regression", "causal-lm", "gsm8k")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def opt(default, help: str):
+    """A dataclass field with its default and help text (list defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# MiniLM's hidden size 384 is not a multiple of the paper's b=256; h=90 is the paper's RoBERTa-base bank.
+DEFAULT_VBLORA = VBLoRAConfig(target_modules="all-linear", rank=4, num_vectors=90, vector_length=128, topk=2)
+
+
+@dataclass
+class RunConfig:
+    # --- what to train ---
+    recipe: str | None = opt(None, "shipped recipe name or a .yaml path; its settings replace these defaults "
+                                   "(--list-recipes)")
+    model: str = opt("minilm", "local model directory, or the offline aliases minilm / smollm2 (no hub access)")
+    gguf_file: str | None = opt(None, "GGUF weights file inside --model (dequantised to fp32 on load)")
+    task: str = opt("classification", "classification | regression (also inferred from float labels) | causal-lm "
+                                      "| gsm8k")
+    method: str = opt("vblora", "vblora | lora | vera | tied-lora | full")
+    # --- data: the built-in VADER split, or the user's files ---
+    dataset: str | None = opt("vader-movie", "built-in data: vader-movie | vader-movie-instruct | none (the files "
+                                             "below; giving --train-file implies none)")
+    train_file: str | None = opt(None, "training data (CSV, TSV incl. GLUE layouts, JSONL; Alpaca JSON for LM)")
+    validation_file: str | None = opt(None, "validation data (the best epoch is chosen on it)")
+    test_file: str | None = opt(None, "test data (reported at the best validation epoch)")
+    data_format: str | None = opt(None, "csv | tsv | jsonl | json (none: from the file suffix)")
+    glue_task: str | None = opt(None, "GLUE TSV layout: sst2 cola mrpc qnli rte stsb qqp mnli")
+    text_column: str = opt("text", "column of the text")
+    text_pair_column: str | None = opt(None, "column of the second text, for pair tasks")
+    label_column: str = opt("label", "column of the label")
+    max_train_samples: int | None = opt(None, "use only the first N training examples")
+    max_eval_samples: int | None = opt(None, "use only the first N validation examples")
+    max_test_samples: int | None = opt(None, "use only the first N test examples")
+    max_length: int = opt(64, "maximum tokens per example (batches are padded dynamically)")
+    group_by_length: bool = opt(True, "batches of similar length (about half the padding; train/sampling.py)")
+    # --- adapter: VB-LoRA's knobs are the VBLoRAConfig fields, one flag each ---
+    vblora: VBLoRAConfig = opt(DEFAULT_VBLORA, "the VB-LoRA settings (flags and keys: its field names)")
+    bank: str | None = opt(None, "start VB-LoRA from a trained bank: bank.safetensors (vblora.save_bank), "
+                                 "bank.pt, an adapter, or a run dir")
+    freeze_bank: bool = opt(False, "with --bank: train only the logits (and head); the adapter stores the bank's "
+                                   "hash, the bank sits beside it once")
+    record_selection_every: int | None = opt(None, "record each sub-vector's top-k selection every N steps "
+                                                   "(for vblora plot)")
+    lora_alpha: float = opt(8.0, "LoRA alpha")
+    vera_rank: int = opt(256, "VeRA rank")
+    tied_rank: int = opt(8, "Tied-LoRA rank")
+    # --- optimisation (paper Table 7: AdamW, linear schedule, warm-up ratio 0.06) ---
+    epochs: float = opt(2.0, "training epochs")
+    max_steps: int | None = opt(None, "stop after N optimizer steps (none: the epochs decide)")
+    batch_size: int = opt(32, "batch size per process")
+    eval_batch_size: int = opt(128, "evaluation (and generation) batch size")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    lr_bank: float = opt(5e-3, "VB-LoRA vector bank learning rate (paper: 1e-3; 5e-3 chosen on VADER validation)")
+    lr_logits: float = opt(1e-2, "VB-LoRA logits learning rate")
+    lr_head: float = opt(4e-3, "learning rate of the trained head (modules_to_save), every method")
+    lr: float | None = opt(None, "adapter learning rate of LoRA/VeRA/Tied-LoRA/full (none: per method, DEFAULT_LR)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_ratio: float = opt(0.06, "linear warm-up as a fraction of the steps")
+    warmup_steps: int = opt(0, "linear warm-up steps; replaces --warmup-ratio when > 0 (E2E, Table 8: 500)")
+    lr_scheduler: str = opt("linear", "transformers learning-rate schedule")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm")
+    label_smoothing: float = opt(0.0, "label smoothing of the training loss (E2E, Table 8: 0.1)")
+    seed: int = opt(0, "seed of initialisation (the bank and logits too) and data order")
+    # --- evaluation ---
+    extra_eval_topk: list[int] = opt([], "also score the best state with these top-k softmax rules (Table 5's "
+                                         "Gumbel rows); results under eval_topk")
+    num_samples: int = opt(8, "greedy generations written to samples.jsonl (LM tasks)")
+    max_new_tokens: int = opt(32, "generated tokens per answer (LM tasks)")
+    generate_eval: int | None = opt(None, "score greedy answers on the first N test examples (LM tasks; none: all "
+                                          "for GSM8K / sentiment answers)")
+    # --- machinery ---
+    output: str = opt("runs/minilm-vader", "run directory: results.json, adapter/, checkpoints/")
+    device: str = opt("auto", "auto | cpu | cuda")
+    bf16: bool = opt(False, "bfloat16 autocast")
+    fp16: bool = opt(False, "float16 autocast (CUDA only)")
+    save_steps: int | None = opt(None, "also checkpoint every N optimizer steps")
+    resume: bool = opt(False, "continue from the last checkpoint in --output")
+    overwrite: bool = opt(False, "discard earlier checkpoints in --output")
+    logging_steps: int = opt(50, "log the training loss every N steps (0: never)")
+    extra: dict = opt({}, "free-form settings of experiments (recipe key only, e.g. extra.e2e)")
+
+    def method_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def to_dict(self) -> dict:
+        """Flat, JSON-ready: the same keys a recipe uses (so a results.json config is a recipe of its run)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "vblora"}
+        d.update({k: v for k, v in self.vblora.to_dict().items() if k != "seed"})
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# Adapter learning rates of the baselines when `lr` is not set (common values from their papers: LoRA 5e-4
+# (RoBERTa-base GLUE), VeRA 4e-3-1e-2 for its scaling vectors, full fine-tuning 5e-5 for a small encoder).
+DEFAULT_LR = {"vblora": 1e-3, "lora": 5e-4, "vera": 4e-3, "tied-lora": 1e-3, "full": 5e-5}
+
+
+# ---- settings: names, types, text -> value --------------------------------------------------------------------
+def settings() -> dict[str, dataclasses.Field]:
+    """Every recipe key / flag: RunConfig's fields, with `vblora` expanded into VBLoRAConfig's (its seed is ours)."""
+    run = {f.name: f for f in dataclasses.fields(RunConfig)}
+    out = {}
+    for name, f in run.items():
+        if name == "vblora":
+            out.update({g.name: g for g in dataclasses.fields(VBLoRAConfig) if g.name != "seed"})
+        else:
+            out[name] = f
+    return out
+
+
+HINTS = {**typing.get_type_hints(VBLoRAConfig), **typing.get_type_hints(RunConfig)}
+_REGEX = re.compile(r"[*()\[\]|\\^$]")
+
+
+def kind(tp) -> tuple[type, bool, bool]:
+    """(scalar type, is a list, may be None) of an annotation: `int | None` -> (int, False, True)."""
+    members = list(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+    optional = type(None) in members
+    members = [m for m in members if m is not type(None)]
+    lists = [m for m in members if typing.get_origin(m) in (list, tuple, Sequence)]
+    if lists:
+        return typing.get_args(lists[0])[0], True, optional
+    return members[0], False, optional
+
+
+def coerce(name: str, value, tp=None):
+    """Recipe YAML and CLI text -> the field's type ('1e-3' -> 0.001, 'none' -> None, ['all-linear'] -> str)."""
+    tp = HINTS[name] if tp is None else tp
+    typ, listy, optional = kind(tp)
+    if isinstance(value, str) and value.lower() in ("none", "null") and (optional or listy):
+        return None if optional else []
+    takes_str = str in typing.get_args(tp)  # target_modules: names, or one regex / 'all-linear'
+    if listy and isinstance(value, str) and not takes_str:
+        value = [v for v in value.replace(",", " ").split()]  # --set extra_eval_topk=1,2
+    if listy and isinstance(value, (list, tuple)):
+        items = [_scalar(name, typ, v) for v in value]
+        if takes_str and len(items) == 1 and (items[0] == "all-linear" or _REGEX.search(items[0])):
+            return items[0]
+        return items
+    return _scalar(name, typ, value)
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _scalar(name: str, typ: type, value):
+    if value is None or typ in (dict, typing.Any):
+        return value
+    if typ is bool and isinstance(value, str) and value.lower() in _BOOLS:
+        return _BOOLS[value.lower()]
+    if isinstance(value, bool) == (typ is bool):
+        try:
+            return typ(value)
+        except (TypeError, ValueError):
+            pass
+    raise SetupError(f"setting '{name}': cannot read {value!r} as {typ.__name__}")
+
+
+# ---- recipes -----------------------------------------------------------------------------------------------------
+def recipe_names() -> list[str]:
+    files = resources.files("vblora.recipes")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str, keep_description: bool = False) -> dict:
+    """A recipe by name (shipped) or path (user's YAML): its key -> value mapping (description/notes dropped)."""
+    import yaml
+
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        text = p.read_text()
+    else:
+        f = resources.files("vblora.recipes") / f"{name_or_path}.yaml"
+        if not f.is_file():
+            raise SetupError(f"unknown recipe '{name_or_path}' (shipped: {', '.join(recipe_names())}; or a .yaml path)")
+        text = f.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise SetupError(f"recipe {name_or_path}: expected a mapping of settings")
+    return {k: v for k, v in data.items() if keep_description or k not in ("description", "notes")}
+
+
+def recipe_defaults(name: str | None) -> dict:
+    """The flat settings a run starts from with this recipe (defaults <- recipe; per-task tables left out)."""
+    values = RunConfig().to_dict()
+    if name:
+        values.update({k: v for k, v in load_recipe(name).items() if k != "per_task"}, recipe=name)
+    return values
+
+
+def build_config(recipe: str | None = None, overrides: dict | None = None) -> RunConfig:
+    """Defaults <- recipe <- overrides (None values in overrides mean 'not given')."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    name = given.pop("recipe", None) or recipe
+    values = load_recipe(name) if name else {}
+    per_task = values.pop("per_task", None) or {}
+    values.update(given)
+    if per_task:  # e.g. GLUE recipes: epochs / head learning rate per task (paper Table 7)
+        task = values.get("glue_task")
+        if task not in per_task:
+            raise SetupError(f"recipe {name} needs --glue-task, one of {', '.join(per_task)}")
+        values.update({k: v for k, v in per_task[task].items() if k not in given})
+    known = settings()
+    for k, v in ((values.get("extra") or {}).get("e2e") or {}).items():  # older E2E recipes kept these there
+        if k in known:
+            values.setdefault(k, v)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SetupError(f"unknown setting(s) {unknown}" + (f" in recipe {name}" if name else "") +
+                         f"; known: {', '.join(known)}")
+    if values.get("train_file") and "dataset" not in given:
+        values["dataset"] = None  # the user's files replace the built-in data
+    values = {k: coerce(k, v) for k, v in values.items()}
+    vb = {k: values.pop(k) for k in list(values) if k not in _RUN_FIELDS}
+    cfg = RunConfig(**values, recipe=name)
+    cfg.vblora = DEFAULT_VBLORA.replace(**vb, seed=cfg.seed)
+    for key, allowed in (("method", METHODS), ("task", TASKS), ("device", DEVICES)):
+        if getattr(cfg, key) not in allowed:
+            raise SetupError(f"unknown {key} '{getattr(cfg, key)}' (one of {', '.join(allowed)})")
+    if cfg.dataset is None and not cfg.train_file:
+        raise SetupError("no data: give --train-file (and --validation-file/--test-file) or a dataset")
+    return cfg
+
+
+_RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"vblora"}

@@ -1,0 +1,319 @@
+"""`train(cfg)`: the one training pipeline, from a RunConfig to DIR/results.json and DIR/adapter/.
+
+transformers.Trainer gives the loop, progress bars, gradient accumulation, mixed precision, label smoothing,
+resumable checkpoints and torchrun/accelerate scale-out (DDP; gloo on CPU). We add: the per-method AdamW groups
+(VB-LoRA's three learning rates), checkpoints of the trainable tensors only (`vblora.storage.save_checkpoint`), the
+best validation epoch (kept across a kill/resume), and scoring of that state on test, plus the task's own evaluation
+(generation) and other eval top-k. Every experiment (compare, ablations, E2E) is a loop of configs over `train`,
+so all are scored the same way. This is the only place in the package that builds a Trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from vblora.storage import load_checkpoint, save_checkpoint
+from vblora.train import evaluate, methods, models, tasks
+from vblora.train import metrics as M
+from vblora.train.config import RunConfig
+from vblora.train.errors import SetupError
+from vblora.train.sampling import LengthGroupedEpochSampler, item_lengths
+
+
+class _Trainer(Trainer):
+    """Trainer with our optimizer groups, length-grouped batches and trainable-only checkpoints."""
+
+    def __init__(self, *a, param_groups=None, group_by_length=False, **kw):
+        self._groups, self._group_by_length = param_groups, group_by_length
+        super().__init__(*a, **kw)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self._group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        a = self.args  # group by the global batch, so 1 process and N processes see the same batches
+        global_batch = a.per_device_train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
+        return LengthGroupedEpochSampler(item_lengths(ds), global_batch, a.seed)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = [{k: v for k, v in g.items() if k != "name"} for g in self._groups]
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        return self.optimizer
+
+    def _save(self, output_dir=None, state_dict=None):  # a frozen base is never re-saved
+        save_checkpoint(self.model, output_dir or self.args.output_dir, rng=False)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load_checkpoint(model or self.model, resume_from_checkpoint, restore_rng=False)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+class BestTracker(TrainerCallback):
+    """The trainable state of the best validation epoch: in memory (every process) and in DIR/best (rank 0, for
+    resume). On resume, the best state on disk is read through the model before the Trainer restores the latest
+    checkpoint over it."""
+
+    def __init__(self, model, metric: str, ckpt_dir: Path, is_main: bool):
+        self.model, self.key, self.dir, self.is_main = model, f"eval_{metric}", ckpt_dir / "best", is_main
+        self.sign = 1.0 if M.greater_is_better(metric) else -1.0
+        self.best = self.best_epoch = self.state = self.metrics = None  # metrics: validation, best epoch
+        self.active = True
+        if (self.dir / "best.json").exists():
+            info = json.loads((self.dir / "best.json").read_text())
+            self.best, self.best_epoch, self.metrics = info["value"], info["epoch"], info.get("metrics")
+            load_checkpoint(model, self.dir, restore_rng=False)
+            self.state = trainable_state(model)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if not self.active or not metrics or self.key not in metrics:
+            return
+        value = float(metrics[self.key])
+        if self.best is None or self.sign * value > self.sign * self.best:
+            self.best, self.best_epoch = value, round(float(state.epoch or 0), 4)
+            self.metrics = {k: float(v) for k, v in metrics.items()}
+            self.state = trainable_state(self.model)
+            if self.is_main:
+                save_checkpoint(self.model, self.dir, rng=False)
+                (self.dir / "best.json").write_text(json.dumps({"value": self.best, "epoch": self.best_epoch,
+                                                                "metrics": self.metrics}))
+
+
+def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.build) -> dict:
+    """Train `cfg` and score it; `task(cfg, tokenizer) -> TaskData` builds the data (default: tasks.build).
+
+    Returns (and rank 0 writes to cfg.output/results.json) validation and test metrics of the best epoch, counts,
+    sizes and timings.
+    """
+    t0 = time.time()
+    dev = _device_args(cfg)
+    world, is_main = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
+    out, ckpt, resume = _prepare_output(cfg, is_main)
+
+    set_seed(cfg.seed)
+    path, gguf = models.resolve_model(cfg.model, cfg.gguf_file)
+    tok = models.load_tokenizer(path, gguf)
+    data = task(cfg, tok)
+    lm = data.kind in ("causal-lm", "gsm8k")
+    set_seed(cfg.seed)  # the head's random init does not depend on how much data loading consumed
+    model = models.load_model(path, gguf, "causal-lm" if lm else data.kind,
+                              data.labels.num_labels if data.labels else 0, data.labels.names if data.labels else None)
+    models.set_pad_token(model, tok)
+    adapted = methods.apply_method(model, cfg)
+    model = adapted.model
+
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no directory behind
+    metric = M.primary_metric(data.kind)
+    has_val = data.validation is not None
+    args = TrainingArguments(
+        output_dir=str(ckpt), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.lr_head, weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,  # a float < 1 is a ratio of the steps
+        max_grad_norm=cfg.max_grad_norm, label_smoothing_factor=cfg.label_smoothing,
+        eval_strategy="epoch" if has_val else "no", save_strategy="steps" if cfg.save_steps else "epoch",
+        save_steps=cfg.save_steps or 500, save_total_limit=2, logging_steps=cfg.logging_steps or 1,
+        logging_strategy="steps" if cfg.logging_steps else "no", seed=cfg.seed, data_seed=cfg.seed,
+        report_to="none", bf16=cfg.bf16, fp16=cfg.fp16, remove_unused_columns=False, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False, prediction_loss_only=lm,
+        # token-count loss scaling across processes is right for causal-LM losses only; a classifier's mean loss
+        # would be multiplied by the world size
+        average_tokens_across_devices=lm, disable_tqdm=not sys.stderr.isatty(),  # bars on a terminal, lines in logs
+        **dev)
+    collator = tasks.LMCollator(tok.pad_token_id) if lm else _padding_collator(tok)
+    tracker = BestTracker(model, metric, ckpt, is_main)
+    callbacks = [tracker, *(callbacks or [])]
+    if cfg.record_selection_every and cfg.method == "vblora" and is_main:
+        from vblora.train.selection import SelectionCallback
+        callbacks.append(SelectionCallback(every=cfg.record_selection_every, run_dir=out))
+    trainer = _Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
+                       data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.kind),
+                       callbacks=callbacks, param_groups=adapted.param_groups, group_by_length=cfg.group_by_length)
+    log(f"vblora train: {cfg.method} on {Path(path).name} ({data.kind}), {len(data.train)} train / "
+        f"{len(data.validation or ())} validation / {len(data.test)} test examples, {len(adapted.targets)} adapted "
+        f"modules, {adapted.trainable_parameters:,} trainable, {adapted.stored_parameters:,.0f} stored parameters"
+        + (f", {world} processes" if world > 1 else ""))
+    t_train = time.time()
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    train_time = time.time() - t_train
+    tracker.active = False
+    per_epoch = _per_epoch(trainer.state.log_history)  # before the final evaluations add their own entries
+    if tracker.state is not None:
+        load_trainable(trainer.model, tracker.state)
+
+    def score(split) -> dict:
+        ds = getattr(data, split)
+        if ds is None:
+            return {}
+        if lm:
+            return evaluate.lm_loss(trainer.model, ds, collator, cfg.eval_batch_size)
+        return _strip(trainer.evaluate(ds, metric_key_prefix=split))
+
+    # the best epoch's validation metrics were computed on exactly this state: no second pass
+    val = _strip(tracker.metrics) if tracker.metrics and not lm else score("validation")
+    test = score("test")
+    t_eval = time.time()
+    if data.evaluate is not None:  # the task's own scoring of the best state, e.g. generation
+        test.update(data.evaluate(trainer.model, tok, data, cfg, out if is_main else None))
+    elif lm:
+        test.update(evaluate.generate_answers(trainer.model, tok, data, cfg, out if is_main else None))
+    by_k = {}
+    for k in cfg.extra_eval_topk:  # paper Table 5: the same trained logits scored with another top-k
+        with _eval_topk(trainer.model, k):
+            by_k[str(k)] = {"validation": score("validation"), "test": score("test"),
+                            "stored_parameters": float(_vblora_counts(trainer.model)["stored"])}
+
+    results = {
+        "metrics": {"validation": val, "test": test}, "eval_topk": by_k,
+        "stored_parameters": adapted.stored_parameters, "adapter_bytes": 0,
+        "trainable_parameters": adapted.trainable_parameters,
+        "method": cfg.method, "task": data.kind, "primary_metric": metric, "recipe": cfg.recipe, "seed": cfg.seed,
+        "model": path, "best_epoch": tracker.best_epoch, "per_epoch": per_epoch, "steps": trainer.state.global_step,
+        "train_loss": float(train_out.training_loss), "wall_time_s": None, "train_time_s": round(train_time, 2),
+        "eval_time_s": round(time.time() - t_eval, 2),
+        "world_size": world, "device": "cpu" if dev["use_cpu"] else torch.cuda.get_device_name(0),
+        "adapted_modules": len(adapted.targets), "targets": adapted.targets, "details": adapted.details,
+        "data": {**data.info, "train": len(data.train), "validation": len(data.validation or ()),
+                 "test": len(data.test)},
+        "config": cfg.to_dict(), "versions": versions(),
+    }
+    if cfg.dataset and cfg.dataset.startswith("vader"):
+        from vblora.train import vader
+        results["data"]["split"] = vader.split_info()
+    if is_main:
+        adapter_dir, fresh = out / "adapter", out / "adapter.saving"
+        shutil.rmtree(fresh, ignore_errors=True)
+        adapted.save(fresh)  # an earlier adapter is replaced only once the new one is completely written
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        fresh.rename(adapter_dir)
+        results.update(adapter_bytes=methods.adapter_bytes(adapter_dir), adapter_dir=str(adapter_dir),
+                       wall_time_s=round(time.time() - t0, 2))
+        # CPU seconds of this process (all threads): on a shared machine wall time says little, this does
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        results.update(cpu_time_s=round(ru.ru_utime + ru.ru_stime, 2), load_average=list(os.getloadavg()))
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+        log(summary_line(results) + f"  -> {out / 'results.json'}")
+    return results
+
+
+@contextlib.contextmanager
+def _eval_topk(model, k: int):
+    """Score with top-`k` softmax (and count the stored adapter at that k); the config is restored after."""
+    from vblora import get_bank
+
+    bank = get_bank(model)
+    config = bank.config
+    bank.config = config.replace(eval_topk=k)  # the inference cache is keyed on the config: no reset needed
+    try:
+        yield
+    finally:
+        bank.config = config
+
+
+def _vblora_counts(model) -> dict:
+    from vblora import count_parameters
+    return count_parameters(model)
+
+
+def _device_args(cfg: RunConfig) -> dict:
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise SetupError("--device cuda: no CUDA GPU is visible on this machine (use --device cpu or auto)")
+    if cfg.fp16 and not cuda:
+        raise SetupError("--fp16 needs a CUDA GPU; this machine has none (drop --fp16, or use --bf16 on CPU)")
+    use_cpu = cfg.device == "cpu" or not cuda
+    if cfg.fp16 and use_cpu:
+        raise SetupError("--fp16 with --device cpu: fp16 training needs CUDA (use --bf16 on CPU)")
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch
+    return {"use_cpu": use_cpu, "ddp_backend": "gloo" if (use_cpu and multi) else None}
+
+
+def _prepare_output(cfg: RunConfig, is_main: bool) -> tuple[Path, Path, bool | None]:
+    out = Path(cfg.output)
+    ckpt = out / "checkpoints"
+    has = ckpt.exists() and any(p.name.startswith("checkpoint-") for p in ckpt.iterdir())
+    if has and not cfg.resume and not cfg.overwrite:
+        raise SetupError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite "
+                         f"to start again")
+    if cfg.overwrite and not cfg.resume and out.exists() and is_main:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+    return out, ckpt, (True if has and cfg.resume else None)
+
+
+def _compute_metrics(kind: str):
+    def fn(p):
+        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        if kind == "regression":
+            return M.regression_metrics(preds, p.label_ids)
+        return M.classification_metrics(preds, p.label_ids)
+    return fn
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    import vblora
+    return {"vblora": vblora.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _padding_collator(tok):
+    from transformers import DataCollatorWithPadding
+    return DataCollatorWithPadding(tok)  # pads each batch to its own longest sequence (dynamic padding)
+
+
+def _strip(m: dict) -> dict:
+    """`eval_accuracy` -> `accuracy`; keep metrics, drop runtime counters."""
+    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+    return {k.split("_", 1)[1]: float(v) for k, v in m.items() if not any(k.endswith(s) for s in skip)}
+
+
+def _per_epoch(history: list[dict]) -> list[dict]:
+    rows, train_loss = [], None
+    for h in history:
+        if "loss" in h:
+            train_loss = h["loss"]
+        if "eval_loss" in h:
+            rows.append({"epoch": h.get("epoch"), "step": h.get("step"), "train_loss": train_loss,
+                         "validation": _strip({k: v for k, v in h.items() if k.startswith("eval_")})})
+    return rows
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return list(o) if isinstance(o, (set, tuple)) else str(o)
+
+
+def summary_line(r: dict) -> str:
+    t = r["metrics"]["test"]
+    key = r["primary_metric"] if r["primary_metric"] in t else next(iter(t), None)
+    shown = ", ".join(f"{k} {t[k]:.4f}" for k in (key, "perplexity", "exact_match", "answer_accuracy")
+                      if k in t and k is not None)
+    wall = f", wall {r['wall_time_s']:.0f} s" if r.get("wall_time_s") else ""
+    return (f"{r['method']}: test {shown} | stored parameters {r['stored_parameters']:,.0f} | "
+            f"adapter bytes {r['adapter_bytes']:,} | best epoch {r['best_epoch']}{wall}")
