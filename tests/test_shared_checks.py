@@ -95,3 +95,66 @@ def test_unload_returns_merged_base(case):
     assert not hasattr(plain, "vblora_bank") and not vblora.adapted_layers(plain)
     assert type(plain) is type(base)
     torch.testing.assert_close(_run(plain, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- every selection rule, in training and in eval mode ----------------------------------------------------------
+# merge / unmerge / disable / save use the stored rule (top-eval_topk softmax, full softmax for select-all) whatever
+# the mode: a random training rule (noisy top-k, Gumbel) must not make merge and unmerge draw different updates.
+RULES = {
+    "topk": {}, "topk-eval1": dict(eval_topk=1), "all": dict(selection="all"), "noisy_topk": dict(selection="noisy_topk"),
+    "gumbel": dict(selection="gumbel", eval_topk=2), "st_gumbel": dict(selection="st_gumbel", eval_topk=1),
+}
+RULE_CASES = ["llama-all-linear", "gpt2-conv1d", "embedding+non-dividing", "roberta-head-trained"]
+
+
+@pytest.fixture(params=[(c, r, m) for c in RULE_CASES for r in RULES for m in ("train", "eval")],
+                ids=lambda p: "-".join(p))
+def rule_case(request):
+    name, rule, mode = request.param
+    build, kwargs = CASES[name]
+    base = build().train(mode == "train")
+    cfg = vblora.VBLoRAConfig(rank=2, num_vectors=16, vector_length=32, init_logits_std=0.5, **kwargs, **RULES[rule])
+    model = vblora.add_vblora(copy.deepcopy(base), cfg).train(mode == "train")
+    return base, model, tokens(vocab=100)
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_merge_then_unmerge_restores_base_under_every_rule(rule_case):
+    _, model, _ = rule_case
+    before = _weights(model)
+    vblora.merge(model)
+    merged = _weights(model)
+    assert any(not torch.equal(p, before[n]) for n, p in merged.items())
+    vblora.unmerge(model)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+    vblora.merge(model)  # the same update again: deterministic, mode-independent
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, merged[n], rtol=0, atol=1e-6)
+
+
+def test_disable_adapter_keeps_weights_bit_identical_under_every_rule(rule_case):
+    base, model, ids = rule_case
+    expected = _run(base, ids)
+    for merged in (False, True):
+        if merged:
+            vblora.merge(model)
+        before = _weights(model)
+        for _ in range(3):  # repeated use must not drift
+            with vblora.disable_adapter(model):
+                torch.testing.assert_close(_run(model, ids), expected, rtol=0, atol=1e-5 if merged else 0)
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]), n
+
+
+def test_save_load_reproduces_outputs_under_every_rule(rule_case, tmp_path):
+    base, model, ids = rule_case
+    vblora.save_adapter(model, tmp_path)  # saved in either mode: the stored rule
+    loaded = vblora.load_adapter(copy.deepcopy(base), tmp_path)
+    model.eval()
+    torch.testing.assert_close(_run(loaded, ids), _run(model, ids), rtol=1e-5, atol=1e-5)
+    vblora.merge(model.train())  # a merge made in training mode gives the same model as eval
+    torch.testing.assert_close(_run(model.eval(), ids), _run(loaded, ids), rtol=1e-5, atol=1e-5)

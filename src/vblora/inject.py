@@ -200,10 +200,11 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: adapter layers pass through (merged ones are unmerged meanwhile), heads use originals."""
+    """Run the base model: adapter layers pass through, heads use their originals. Merged layers are unmerged
+    meanwhile and their merged weights restored afterwards bit for bit (a copy, not a re-merge, so nothing drifts)."""
     layers, copies = adapted_layers(model).values(), trained_copies(model).values()
-    was_merged = [layer for layer in layers if layer.merged]
-    for layer in was_merged:
+    was_merged = [(layer, layer.base.weight.detach().clone()) for layer in layers if layer.merged]
+    for layer, _ in was_merged:
         layer.unmerge()
     for m in [*layers, *copies]:
         m.disabled = True
@@ -212,8 +213,10 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m in [*layers, *copies]:
             m.disabled = False
-        for layer in was_merged:
-            layer.merge()
+        with torch.no_grad():
+            for layer, weight in was_merged:
+                layer.base.weight.copy_(weight)
+                layer.merged = True
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
