@@ -74,3 +74,27 @@ def test_eval_cache_reused_and_invalidated_by_update():
         bank.bank.add_(0.5)  # an optimizer step bumps the version
         y2 = model(x)
     assert bank._inference[1] is not cached and not torch.allclose(y1, y2)
+
+
+def test_composition_state_is_bounded_and_needs_no_manual_reset():
+    """A submodule called directly in training keeps nothing; a config change is seen by the inference cache."""
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules=["0", "1"], num_vectors=8, vector_length=16,
+                                                         topk=2, init_logits_std=1.0))
+    bank = vblora.get_bank(model)
+    x = torch.randn(2, 32)
+    model.train()
+    model(x).sum().backward()  # a root forward: one step, one composition
+    for _ in range(20):  # direct calls of a submodule, outside any root forward
+        model[0](x).sum().backward()
+    assert len(bank._step.pieces) <= 1 and len(bank._step.fp32) <= 1
+    model.eval()
+    with torch.no_grad():
+        y2 = model(x)
+        bank.config = bank.config.replace(eval_topk=1)  # e.g. Table 5's "evaluate with top-1": no reset by hand
+        y1 = model(x)
+    assert not torch.allclose(y1, y2)
+    with torch.no_grad():
+        expected = model[1].base(model[0].base(x) + x @ model[0].lora_A().T @ model[0].lora_B().T)
+        expected = expected + (model[0](x)) @ model[1].lora_A().T @ model[1].lora_B().T
+    torch.testing.assert_close(y1, expected, rtol=1e-5, atol=1e-5)
