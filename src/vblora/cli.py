@@ -1,19 +1,30 @@
-"""The `vblora` command: a thin dispatcher over `vblora.commands.*` (one module per subcommand)."""
+"""The `vblora` command: a thin dispatcher over `vblora.commands.*` (one module per subcommand).
+
+User errors never show a traceback: every `VBLoRAError` (bad config, data, adapter file, base model), a missing or
+unreadable file, a missing optional dependency, all end as one line `vblora CMD: error: ...` and exit code 2.
+`--debug` (or VBLORA_DEBUG=1) shows the traceback instead. A closed pipe (`vblora inspect ... | head`) ends quietly.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
 from vblora import commands
+from vblora.errors import VBLoRAError
+
+EXTRAS = {"transformers": "hf", "accelerate": "hf", "yaml": "hf", "peft": "peft", "sklearn": "train",
+          "scipy": "train", "matplotlib": "plot", "nltk": "e2e", "pycocoevalcap": "e2e"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vblora",
-        description="VB-LoRA: fine-tune models with a global vector bank; store adapters in kilobytes.",
+        description="VB-LoRA: fine-tune models with a global vector bank; store adapters in kilobytes. "
+                    "Add --debug anywhere to see the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
@@ -23,13 +34,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(e: BaseException) -> str | None:
+    """The one line a user sees for an error of theirs, or None for a bug (which keeps its traceback)."""
+    if isinstance(e, VBLoRAError):
+        return str(e)
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        extra = EXTRAS.get(e.name.split(".")[0], "all")
+        return f"this needs the optional package '{e.name}': pip install 'vblora[{extra}]'"
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+    if isinstance(e, OSError) and e.errno is not None:  # e.g. a full disk
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("VBLORA_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader went away: stop quietly, and keep Python from complaining at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"vblora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        line = user_error(e)
+        if line is None or debug:
+            raise
+        print(f"vblora {args.command}: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
