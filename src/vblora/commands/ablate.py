@@ -50,7 +50,6 @@ def _study(args, variants, title: str) -> int:
     import json
     from pathlib import Path
 
-    from vblora.commands._flags import user_errors
     from vblora.experiments import ablate as A
 
     if args.variants:
@@ -60,11 +59,7 @@ def _study(args, variants, title: str) -> int:
             return 2
         variants = [v for v in variants if v.name in args.variants]
     budget, out = _budget(args), Path(args.out)
-    rows = []
-    code = user_errors("ablate", lambda: rows.extend(A.run_study(variants, args.seeds, out, _overrides(args), budget,
-                                                                 args.recipe)))
-    if code:
-        return code
+    rows = A.run_study(variants, args.seeds, out, _overrides(args), budget, args.recipe)
     table = A.format_table(rows, f"{title}\n\nBudget per run: {budget.describe()}; seeds {args.seeds}.")
     print(table)
     (out / "ablation.md").write_text(table + "\n")
@@ -106,6 +101,13 @@ def run_shared_bank(args) -> int:
     return 0
 
 
+def _guarded(fn):
+    def run(args) -> int:  # user errors (bad settings, missing files) print one line and exit 2
+        from vblora.train.flags import user_errors
+        return user_errors("ablate", lambda: fn(args))
+    return run
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("ablate", help="ablations: selection rules (Table 5), vector length (Table 6), "
                                              "shared bank across tasks", description=__doc__,
@@ -115,18 +117,18 @@ def register(subparsers) -> None:
                                          "evaluated with Top-1/Top-2")
     _common(s, "runs/ablate-selection")
     s.add_argument("--variants", nargs="+", default=None, help="only these variants (e.g. top-1 top-2)")
-    s.set_defaults(func=run_selection)
+    s.set_defaults(func=_guarded(run_selection))
     v = sub.add_parser("vector-length", help="b in {64,128,256,512} at a fixed bank budget h*b")
     _common(v, "runs/ablate-vector-length")
     v.add_argument("--budget", type=int, default=12288, help="bank budget h*b (default 12288: h=192,96,48,24)")
     v.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="sub-vector lengths b")
     v.add_argument("--variants", nargs="+", default=None, help="only these variants (e.g. b=128)")
-    v.set_defaults(func=run_vector_length)
+    v.set_defaults(func=_guarded(run_vector_length))
     b = sub.add_parser("shared-bank", help="task 2 with a fresh bank vs the frozen task-1 bank (logits only)")
     _common(b, "runs/ablate-shared-bank")
     b.add_argument("--bank", required=True, help="task-1 bank: a bank.safetensors (vblora.save_bank), a bank.pt, an "
                                                  "adapter, or a run directory")
     b.add_argument("--task2", default="tweets", choices=["tweets", "amazon", "nyt"],
                    help="VADER corpus for task 2 (default tweets), unless --set train_file=... is given")
-    b.set_defaults(func=run_shared_bank)
+    b.set_defaults(func=_guarded(run_shared_bank))
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from vblora.commands._flags import add_run_flags
+    from vblora.train.flags import add_run_flags
 
     p = subparsers.add_parser("compare", help="run methods x seeds through `vblora train` and tabulate test scores",
                               description=__doc__)
@@ -34,7 +34,7 @@ def _parse_overrides(items: list[str]) -> dict[str, dict]:
 def run(args) -> int:
     from pathlib import Path
 
-    from vblora.commands._flags import given, user_errors
+    from vblora.train.flags import given, user_errors
     from vblora.experiments.compare import run_compare
 
     base = {k: v for k, v in given(args).items() if k not in ("method", "seed")}

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     import dataclasses
     import typing
 
-    from vblora.commands._flags import add_flags, add_run_flags
+    from vblora.train.flags import add_flags, add_run_flags
     from vblora.experiments.e2e import E2EOptions
 
     p = subparsers.add_parser("e2e", help="E2E NLG (Table 2): train VB-LoRA on E2E CSVs, decode, score "
@@ -39,7 +39,7 @@ def _recipe_extra() -> dict:
 def run(args) -> int:
     import dataclasses
 
-    from vblora.commands._flags import given, user_errors
+    from vblora.train.flags import given, user_errors
     from vblora.experiments import e2e
     from vblora.experiments.e2e_metrics import METRICS, format_scores
     from vblora.train.config import build_config

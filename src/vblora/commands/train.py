@@ -11,7 +11,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from vblora.commands._flags import add_run_flags
+    from vblora.train.flags import add_run_flags
 
     p = subparsers.add_parser("train", help="fine-tune a model with VB-LoRA or a baseline; writes results.json",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from vblora.commands._flags import given, user_errors
+    from vblora.train.flags import given, user_errors
     from vblora.train.config import build_config, load_recipe, recipe_names
 
     if args.list_recipes:

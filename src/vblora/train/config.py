@@ -1,7 +1,7 @@
 """One run's settings: `RunConfig`, which holds the method's `VBLoRAConfig`, and the recipes that fill it.
 
 Every setting has one default and one help text (its field's `metadata`). `vblora train` flags and recipe keys are
-derived from the fields of both dataclasses (`settings()`; flags in commands/_flags.py), so `--help` shows what a
+derived from the fields of both dataclasses (`settings()`; flags in train/flags.py), so `--help` shows what a
 run without a recipe does. Those defaults ARE the offline default task (MiniLM-L6 on the VADER movie snippets;
 recipes/minilm-vader.yaml says the same). Keys are flat: VBLoRAConfig's field names (rank, num_vectors, ...) are
 unique and land in `RunConfig.vblora`; its `seed` is the run's `seed`. The baselines read the shared adapter knobs
