@@ -35,15 +35,8 @@ def _budget(args):
 
 
 def _overrides(args) -> dict:
-    import yaml
-
-    out = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"vblora ablate: --set expects KEY=VALUE, got {item!r}")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
-    return out
+    from vblora.train.flags import assignments
+    return assignments(args.set, "ablate")
 
 
 def _study(args, variants, title: str) -> int:

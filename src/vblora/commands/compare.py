@@ -18,16 +18,14 @@ def register(subparsers) -> None:
 
 
 def _parse_overrides(items: list[str]) -> dict[str, dict]:
-    import yaml
+    from vblora.train.flags import assignments
 
     out: dict[str, dict] = {}
     for item in items:
-        try:
-            method, kv = item.split(":", 1)
-            key, value = kv.split("=", 1)
-        except ValueError:
-            raise SystemExit(f"vblora compare: --set expects METHOD:KEY=VALUE, got '{item}'") from None
-        out.setdefault(method, {})[key.replace("-", "_")] = yaml.safe_load(value)
+        method, sep, kv = item.partition(":")
+        if not sep or "=" not in kv:
+            raise SystemExit(f"vblora compare: --set expects METHOD:KEY=VALUE, got '{item}'")
+        out.setdefault(method, {}).update(assignments([kv], "compare"))
     return out
 
 

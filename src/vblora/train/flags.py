@@ -51,6 +51,19 @@ def given(args: argparse.Namespace, fields=None) -> dict:
     return {k: getattr(args, k) for k in (fields if fields is not None else settings()) if hasattr(args, k)}
 
 
+def assignments(items: list[str], command: str) -> dict:
+    """`KEY=VALUE` items (values read as YAML: 1e-3, [query, value], none) -> {key: value}."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"vblora {command}: --set expects KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
 def user_errors(command: str, fn) -> int:
     """Run `fn()`; a user error (the pipeline's or the core's, all VBLoRAError) prints one line and returns 2."""
     from vblora.errors import VBLoRAError
