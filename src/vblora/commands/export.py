@@ -3,14 +3,19 @@ plain-LoRA directory, or (with `--base`) the merged full model."""
 
 from __future__ import annotations
 
+import sys
 
-def load_base(base: str, architecture: str | None):
-    """A transformers model from a local directory, of the class the adapter was saved from when known."""
+
+def load_base(base: str, snap):
+    """A transformers model from a local directory, of the class the adapter was saved from when known, with the
+    adapter's classifier size."""
     import transformers
 
-    cls = getattr(transformers, architecture, None) if architecture else None
+    cls = getattr(transformers, snap.architecture, None) if snap.architecture else None
     cls = cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
-    return cls.from_pretrained(base).eval()
+    kwargs = {"num_labels": len(snap.id2label), "id2label": {int(k): v for k, v in snap.id2label.items()}} \
+        if snap.id2label else {}
+    return cls.from_pretrained(base, **kwargs).eval()
 
 
 def run(args) -> int:
@@ -22,10 +27,12 @@ def run(args) -> int:
     elif args.to == "lora":
         out = export_lora(snap, args.output)
     else:
-        if not args.base:
-            print("vblora export --to merged needs --base (the base model's directory)")
+        base = args.base or snap.name_or_path
+        if not base:
+            print("vblora export: error: --to merged needs --base (the base model's directory)", file=sys.stderr)
             return 2
-        model = load_adapter(load_base(args.base, snap.architecture), args.path, bank_path=args.bank)
+        model = load_adapter(load_base(base, snap), args.path, bank_path=args.bank,
+                             verify_weights=not args.ignore_base_weights)
         out = merge_and_save(model, args.output)
     print(f"wrote {args.to} to {out}")
     return 0
@@ -37,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--to", choices=["peft", "lora", "merged"], required=True)
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--topk-only", action="store_true", help="peft: PEFT's save_only_topk_weights variant")
-    p.add_argument("--base", default=None, help="merged: base model directory (transformers from_pretrained)")
+    p.add_argument("--base", default=None, help="merged: base model directory (transformers from_pretrained); "
+                                                "default: the base model recorded in the adapter")
+    p.add_argument("--ignore-base-weights", action="store_true",
+                   help="merged: load onto a base whose weights differ from those the adapter was trained on")
     p.add_argument("--bank", default=None, help="shared bank file, for adapters saved with bank='reference'")
     p.set_defaults(func=run)

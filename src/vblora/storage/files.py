@@ -9,26 +9,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
 
 import torch
 
-from vblora.errors import AdapterFormatError
+from vblora.errors import AdapterFormatError, VBLoRAError
 
 CHUNK = 1 << 20  # write in 1 MiB chunks, so a crash mid-write leaves a partial temporary file, never a partial target
+TMP = ".tmp"
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically: temporary file in the same directory, fsync, `os.replace`, fsync dir.
 
-    A crash or a full disk at any point leaves the previous file at `path` untouched (the temporary is removed).
+    A crash or a full disk at any point leaves the previous file at `path` untouched (the temporary is removed; one
+    left by a killed process is removed by the next write). The file gets the usual permissions (0666 minus umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path.parent, f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600; a shared adapter must stay readable
         with os.fdopen(fd, "wb") as f:
             view = memoryview(data)
             for start in range(0, len(view), CHUNK):
@@ -44,6 +49,67 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale(directory: Path, prefix: str) -> None:
+    """Remove temporaries `<prefix><pid>.*.tmp` (files or directories) whose writing process no longer runs."""
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        if not (p.name.startswith(prefix) and p.name.endswith(TMP)):
+            continue
+        pid = p.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def replace_dir(out: str | os.PathLike, write, replaceable) -> Path:
+    """Write a directory as a whole: `write(tmp_dir)` fills a temporary sibling, which then replaces `out`. A crash
+    leaves the previous directory complete (under its own name, or, between the two renames, under a `.old`
+    temporary name that the next call restores), never a mix of old and new files. An existing non-empty `out` is
+    replaced only if `replaceable(out)` says it is a previous export of the same kind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():  # a crash between the two renames below: the previous directory comes back first
+        for old in out.parent.glob(f".{out.name}.*.old{TMP}"):
+            os.replace(old, out)
+            break
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replaceable(out))):
+        raise VBLoRAError(f"{out} exists and holds other files than a previous export of this kind; export into a "
+                          f"new or empty directory (the export replaces its directory as a whole)")
+    remove_stale(out.parent, f".{out.name}.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=TMP, dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())
+        write(tmp)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.{os.getpid()}.old{TMP}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(out.parent)
+    return out
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -39,12 +39,18 @@ PRECISIONS = (*FLOATS, "int8")
 HASH_FIELDS = ("tensors_sha256", "header_sha256")
 WEIGHT_TOL = 1e-2  # stored weights may exceed [0, 1] / sum to 1 by half-precision rounding only
 EXTRA_PREFIX = "modules_to_save."
+MAX_BANK_VALUE = 1e4  # trained banks hold values of order 0.01-1 (initialised in U(-0.02, 0.02))
 
 
 def adapter_file(path: str | os.PathLike, name: str = ADAPTER_FILE) -> Path:
     """`path` itself if it names a .safetensors file, else `path/<name>`."""
     path = Path(path)
-    return path if path.suffix == ".safetensors" else path / name
+    if path.suffix == ".safetensors":
+        return path
+    if not (path / name).exists() and (path / "adapter_config.json").is_file():
+        raise AdapterFormatError(f"{path} is an HF PEFT adapter directory, not a vblora adapter: load it with "
+                                 f"vblora.import_peft(base_model, '{path}') (command line: vblora import-peft)")
+    return path / name
 
 
 def bank_sha256(bank: torch.Tensor) -> str:
@@ -109,6 +115,7 @@ def encode(snap: AdapterSnapshot, precision: str = "fp32", pack_indices: bool = 
         "modules": [m.to_row() for m in snap.modules],
         "modules_to_save": {name: sorted(state) for name, state in snap.extras.items()},
         "base": snap.fingerprint(),
+        "labels": snap.id2label,
     }
     header["tensors_sha256"] = tensors_sha256(tensors)
     header["header_sha256"] = json_sha256({k_: v for k_, v in header.items() if k_ not in HASH_FIELDS})
@@ -118,13 +125,15 @@ def encode(snap: AdapterSnapshot, precision: str = "fp32", pack_indices: bool = 
 # -- load -----------------------------------------------------------------------------------------------------------
 
 def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, bank_path: str | os.PathLike | None = None,
-                 strict: bool = True, trainable: bool = False) -> nn.Module:
+                 strict: bool = True, trainable: bool = False, verify_weights: bool = True) -> nn.Module:
     """Wrap `base_model` in place with the adapter at `path` (inference form: indices and weights, no `(N, h)`
-    logits) and return it. Raises AdapterFormatError if the file is damaged or the base model differs (strict=False
-    tolerates a different model class with the same module names and shapes). With trainable=False (default) the
-    adapter is frozen and the model put in eval mode."""
+    logits) and return it. Raises AdapterFormatError if the file is damaged or the base model differs: strict=False
+    tolerates a different model class with the same module names and shapes, verify_weights=False another
+    checkpoint of the same shapes. With trainable=False (default) the adapter is frozen and the model put in eval
+    mode."""
     snap, info = read_adapter(path, bank_path=bank_path)
-    return build_model(base_model, snap, str(info["file"]), strict=strict, trainable=trainable)
+    return build_model(base_model, snap, str(info["file"]), strict=strict, trainable=trainable,
+                       verify_weights=verify_weights)
 
 
 def read_adapter(path: str | os.PathLike, bank_path: str | os.PathLike | None = None) -> tuple[AdapterSnapshot, dict]:
@@ -159,6 +168,9 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
         extra_keys = {str(n): [str(k) for k in keys] for n, keys in dict(header["modules_to_save"]).items()}
         fingerprint = dict(header["base"])
         packed = idx_meta["packed"]
+        sample = {str(n): [float(v) for v in vals] for n, vals in dict(fingerprint.get("weight_sample") or {}).items()}
+        labels = header.get("labels")
+        labels = {str(k): str(v) for k, v in dict(labels).items()} if labels is not None else None
     except (KeyError, TypeError, ValueError, VBLoRAError) as e:
         fail(f"malformed header ({type(e).__name__}: {e})")
     h, b, k = cfg.num_vectors, cfg.vector_length, cfg.stored_topk
@@ -224,6 +236,12 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
             fail("bank_scale holds non-finite or non-positive values")
         if not torch.isfinite(bank).all():
             fail("bank holds NaN/inf values")
+        if bank.abs().max() > MAX_BANK_VALUE:
+            fail(f"bank values reach {float(bank.abs().max()):.3g}: not a trained bank (|value| <= {MAX_BANK_VALUE:g});"
+                 f" the file was made by a diverged run or edited")
+    for key, t in tensors.items():
+        if key.startswith(EXTRA_PREFIX) and t.is_floating_point() and not torch.isfinite(t).all():
+            fail(f"tensor '{key}' holds NaN/inf values")
 
     # -- digests last: structural problems above get specific messages, anything else is caught here
     if header.get("tensors_sha256") != tensors_sha256(tensors):
@@ -234,7 +252,8 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
     extras = {name: {key: tensors[f"{EXTRA_PREFIX}{name}.{key}"] for key in keys} for name, keys in extra_keys.items()}
     return AdapterSnapshot(config=cfg, bank=bank, indices=indices, weights=complete_weights(partial).clamp_(min=0),
                            modules=modules, extras=extras, architecture=str(fingerprint.get("architecture", "")),
-                           model_type=fingerprint.get("model_type"))
+                           model_type=fingerprint.get("model_type"), name_or_path=fingerprint.get("name_or_path"),
+                           task_type=fingerprint.get("task_type"), id2label=labels, weight_sample=sample)
 
 
 # -- shared bank ----------------------------------------------------------------------------------------------------

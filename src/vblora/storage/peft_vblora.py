@@ -21,7 +21,7 @@ from vblora.errors import AdapterFormatError, VBLoRAError
 from vblora.inject import unwrap
 from vblora.layout import Layout
 from vblora.storage.encoding import complete_weights
-from vblora.storage.files import atomic_write, read_safetensors, write_safetensors
+from vblora.storage.files import atomic_write, read_safetensors, replace_dir, write_safetensors
 from vblora.storage.snapshot import AdapterSnapshot, build_model, refuse_adapted, take_snapshot
 
 PREFIX = "base_model.model."
@@ -43,16 +43,20 @@ def snapshot_of(model_or_path, *, with_logits: bool = False) -> AdapterSnapshot:
 
 
 def write_peft_dir(out_dir: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write a PEFT adapter directory; each file atomically, weights first (config last marks completion)."""
-    out = Path(out_dir)
-    write_safetensors(out / WEIGHTS_FILE, tensors, {"format": "pt"})
-    atomic_write(out / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    return out
+    """Write a PEFT adapter directory as a whole (an earlier export there is replaced only once this one is
+    complete; a directory holding anything else is refused)."""
+
+    def write(d: Path) -> None:
+        write_safetensors(d / WEIGHTS_FILE, tensors, {"format": "pt"})
+        atomic_write(d / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+    return replace_dir(out_dir, write, replaceable=lambda d: (d / CONFIG_FILE).is_file())
 
 
 def peft_config_common(snap: AdapterSnapshot) -> dict:
     """adapter_config.json fields that every PEFT format written here shares."""
-    return {"task_type": None, "base_model_name_or_path": None, "revision": None, "inference_mode": True,
+    return {"task_type": snap.task_type, "base_model_name_or_path": snap.name_or_path, "revision": None,
+            "inference_mode": True,
             "r": snap.config.rank, "target_modules": [m.name for m in snap.modules], "exclude_modules": None,
             "fan_in_fan_out": any(m.kind == "conv1d" for m in snap.modules), "bias": "none",
             "modules_to_save": sorted(snap.extras) or None, "layers_to_transform": None, "layers_pattern": None,
@@ -211,14 +215,18 @@ def read_peft(in_dir: str | os.PathLike, module_order: list[str] | None = None) 
         if not torch.isfinite(logits).all():
             logits = None  # -inf logits (a re-inflated top-k adapter saved in full): inference form only
     extras: dict[str, dict[str, torch.Tensor]] = {}
-    for name in cfg.modules_to_save:
+    for name in cfg.modules_to_save:  # PEFT lists every head name its task type may have ("classifier", "score")
         prefix = f"{PREFIX}{name}."
-        extras[name] = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
+        state = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
+        if state:
+            extras[name] = state
+    cfg = cfg.replace(modules_to_save=tuple(extras))
     if tensors:
         raise AdapterFormatError(f"{d}: unexpected tensors {sorted(tensors)[:5]}")
     arch = (conf.get("auto_mapping") or {}).get("base_model_class") or ""
     return AdapterSnapshot(cfg, bank.float(), indices, weights, list(layout.entries), extras, architecture=arch,
-                           logits=logits)
+                           logits=logits, name_or_path=conf.get("base_model_name_or_path"),
+                           task_type=conf.get("task_type"))
 
 
 def import_peft(base_model: nn.Module, in_dir: str | os.PathLike, *, strict: bool = True,

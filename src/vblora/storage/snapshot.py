@@ -18,7 +18,7 @@ from torch import nn
 from vblora.bank import compose_selected
 from vblora.config import VBLoRAConfig
 from vblora.errors import AdapterFormatError, TargetError, VBLoRAError
-from vblora.inject import BANK_ATTR, add_vblora, find_targets, get_bank, trained_copies, unwrap
+from vblora.inject import BANK_ATTR, adapted_layers, add_vblora, find_targets, get_bank, trained_copies, unwrap
 from vblora.layout import Layout, ModuleEntry, kind_of, module_dims
 
 
@@ -40,6 +40,10 @@ class AdapterSnapshot:
     architecture: str = ""
     model_type: str | None = None
     logits: torch.Tensor | None = None
+    name_or_path: str | None = None  # the base model's name or local path, when known
+    task_type: str | None = None  # PEFT's task type of the base model class (CAUSAL_LM, SEQ_CLS, ...)
+    id2label: dict[str, str] | None = None  # label names of a classifier, by class id
+    weight_sample: dict[str, list[float]] = field(default_factory=dict)  # base weights at fixed positions
 
     @property
     def layout(self) -> Layout:
@@ -54,10 +58,43 @@ class AdapterSnapshot:
         return compose_selected(self.indices, self.weights, self.bank)
 
     def fingerprint(self) -> dict:
-        """The base model's identity as the adapter sees it: class name, model_type and adapted weight shapes."""
+        """The base model's identity as the adapter sees it: class name, model_type, adapted weight shapes (hashed),
+        a strided sample of a few adapted weights (tells two checkpoints of one architecture apart), its name."""
         shapes = json.dumps([[m.name, list(m.weight_shape)] for m in self.modules], separators=(",", ":"))
         return {"architecture": self.architecture, "model_type": self.model_type,
-                "weights_sha256": hashlib.sha256(shapes.encode()).hexdigest()}
+                "weights_sha256": hashlib.sha256(shapes.encode()).hexdigest(), "name_or_path": self.name_or_path,
+                "task_type": self.task_type, "weight_sample": self.weight_sample}
+
+
+TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+              ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+              ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("Model", "FEATURE_EXTRACTION"))
+SAMPLED_MODULES, SAMPLES_PER_MODULE = 16, 4
+SAMPLE_RTOL = 1e-2  # a bf16 / fp16 copy of the same checkpoint passes; another checkpoint does not
+
+
+def task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
+
+
+@torch.no_grad()
+def weight_sample(model: nn.Module) -> dict[str, list[float]]:
+    """Values of up to 16 adapted base weights (evenly spread over the model) at 4 fixed strided positions; merged
+    layers are sampled as their unmerged weight. Quantized or otherwise non-float weights are skipped."""
+    layers = list(adapted_layers(model).items())
+    picks = layers[::max(1, -(-len(layers) // SAMPLED_MODULES))]
+    out = {}
+    for name, layer in picks:
+        w = getattr(layer.base, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.numel() < SAMPLES_PER_MODULE:
+            continue
+        positions = [(2 * i + 1) * w.numel() // (2 * SAMPLES_PER_MODULE) for i in range(SAMPLES_PER_MODULE)]
+        values = w.detach().reshape(-1)[positions].float().cpu()
+        if layer.merged:
+            values -= layer.delta_weight().reshape(-1)[positions].cpu()
+        out[name] = [round(float(v), 7) for v in values]
+    return out
 
 
 @torch.no_grad()
@@ -71,11 +108,16 @@ def take_snapshot(model: nn.Module, *, with_logits: bool = False) -> AdapterSnap
     extras = {name: {k: v.detach().cpu().clone() for k, v in copy.trained.state_dict().items()}
               for name, copy in trained_copies(model).items()}
     logits = bank.logits.detach().float().cpu().clone() if with_logits and not bank.frozen else None
+    config = getattr(model, "config", None)
+    task = task_type(model)
+    id2label = getattr(config, "id2label", None) if task in ("SEQ_CLS", "TOKEN_CLS") else None
     return AdapterSnapshot(
         config=bank.config, bank=bank.bank.detach().float().cpu().clone(), indices=indices.cpu().long(),
         weights=weights.cpu().float(), modules=list(bank.layout.entries), extras=extras,
-        architecture=type(model).__name__, model_type=getattr(getattr(model, "config", None), "model_type", None),
-        logits=logits)
+        architecture=type(model).__name__, model_type=getattr(config, "model_type", None), logits=logits,
+        name_or_path=getattr(config, "_name_or_path", None) or None, task_type=task,
+        id2label={str(k): str(v) for k, v in id2label.items()} if id2label else None,
+        weight_sample=weight_sample(model))
 
 
 def check_layout(source: str, modules: list[ModuleEntry], config: VBLoRAConfig) -> Layout:
@@ -95,8 +137,10 @@ def refuse_adapted(base: nn.Module) -> None:
                           f"onto a fresh base model, or remove it first with vblora.unload(model)")
 
 
-def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool = True) -> None:
-    """Raise AdapterFormatError saying what differs if `base` is not the model the adapter was saved from."""
+def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool = True,
+               verify_weights: bool = True) -> None:
+    """Raise AdapterFormatError saying what differs if `base` is not the model the adapter was saved from: other
+    architecture (unless not strict), other modules or shapes, other weights (unless not verify_weights)."""
     refuse_adapted(base)
     base = unwrap(base)
     problems = []
@@ -124,18 +168,47 @@ def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool
             problems.append(f"module {name}: adapter has {k0} {i0}->{o0}, base model has {k1} {i1}->{o1}")
     if not missing and not extra and [n for n, _ in found] != [m.name for m in snap.modules]:
         problems.append("adapted modules appear in a different order in the base model")
+    if not problems and verify_weights and snap.weight_sample:
+        problems += weight_problems(dict(found), snap)
     if problems:
         shown = "; ".join(problems[:6]) + (f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else "")
         raise AdapterFormatError(f"{source}: adapter does not fit this base model: {shown}")
 
 
 @torch.no_grad()
+def weight_problems(modules: dict[str, nn.Module], snap: AdapterSnapshot) -> list[str]:
+    """The sampled base weights that differ beyond bf16 rounding (another checkpoint of the same architecture)."""
+    bad = []
+    for name, want in snap.weight_sample.items():
+        w = getattr(modules.get(name), "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.numel() < len(want):
+            continue
+        n = len(want)
+        positions = [(2 * i + 1) * w.numel() // (2 * n) for i in range(n)]
+        have = w.detach().reshape(-1)[positions].float().cpu()
+        if not torch.allclose(have, torch.tensor(want), rtol=SAMPLE_RTOL, atol=1e-6):
+            bad.append(name)
+    if not bad:
+        return []
+    return [f"the base model's weights differ from those the adapter was trained on ({len(bad)} of "
+            f"{len(snap.weight_sample)} sampled modules, e.g. {bad[0]}; trained on "
+            f"{snap.name_or_path or 'an unnamed model'}): load the right checkpoint, or pass verify_weights=False "
+            f"(--ignore-base-weights) to load it anyway"]
+
+
+@torch.no_grad()
 def build_model(base: nn.Module, snap: AdapterSnapshot, source: str = "adapter", *, strict: bool = True,
-                trainable: bool = False) -> nn.Module:
+                trainable: bool = False, verify_weights: bool = True) -> nn.Module:
     """Wrap `base` in place with `snap` and return it: training form if the snapshot carries logits, else the
     inference form (buffers `indices (N, k)` and `weights (N, k)`, no `(N, h)` logits). With `trainable=False` the
     adapter is frozen and the model put in eval mode."""
-    check_base(base, snap, source, strict)
+    check_base(base, snap, source, strict, verify_weights)
+    labels = getattr(getattr(unwrap(base), "config", None), "num_labels", None)
+    if snap.id2label and labels is not None and labels != len(snap.id2label):
+        raise AdapterFormatError(f"{source}: the adapter's classifier has {len(snap.id2label)} labels "
+                                 f"({', '.join(list(snap.id2label.values())[:5])}), the base model {labels}: build the "
+                                 f"base with num_labels={len(snap.id2label)} (e.g. AutoModelForSequenceClassification"
+                                 f".from_pretrained(path, num_labels={len(snap.id2label)}))")
     try:
         model = add_vblora(base, snap.config, with_logits=snap.logits is not None)
     except VBLoRAError as e:
@@ -158,6 +231,9 @@ def build_model(base: nn.Module, snap: AdapterSnapshot, source: str = "adapter",
             copies[name].trained.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise AdapterFormatError(f"{source}: modules_to_save entry {name}: {e}") from None
+    if snap.id2label and getattr(model, "config", None) is not None:  # predictions then carry the label names
+        model.config.id2label = {int(k): v for k, v in snap.id2label.items()}
+        model.config.label2id = {v: int(k) for k, v in snap.id2label.items()}
     if not trainable:
         bank.requires_grad_(False)
         for c in copies.values():
