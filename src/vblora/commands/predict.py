@@ -1,0 +1,43 @@
+"""`vblora predict RUN_DIR|ADAPTER [--input FILE]`: predictions of a trained VB-LoRA run on new text, as JSON lines
+(default) or CSV, with label names. Input: a CSV/TSV/JSONL file (the run's text columns) or one text per line on
+stdin."""
+
+from __future__ import annotations
+
+import sys
+
+
+def run(args) -> int:
+    import csv
+    import json
+
+    from vblora.train.predict import load_predictor, predict, read_inputs
+
+    p = load_predictor(args.source, model=args.model)
+    p.text_column = args.text_column or p.text_column
+    rows = predict(p, read_inputs(p, args.input, sys.stdin), args.batch_size, args.max_new_tokens)
+    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    try:
+        if args.format == "csv":
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["text"])
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    finally:
+        if args.output:
+            out.close()
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="predict with a trained run or adapter: labels, values or generations")
+    p.add_argument("source", help="run directory (results.json + adapter/) or adapter directory / .safetensors")
+    p.add_argument("--input", default=None, help="CSV/TSV/JSONL file (default: one text per line on stdin)")
+    p.add_argument("--output", default=None, help="write here instead of stdout")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="output format (default jsonl)")
+    p.add_argument("--model", default=None, help="base model directory (default: the one the adapter records)")
+    p.add_argument("--text-column", default=None, help="input column of the text (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="causal LMs: generated tokens (default 32)")
+    p.set_defaults(func=run)
