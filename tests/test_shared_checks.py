@@ -158,3 +158,30 @@ def test_save_load_reproduces_outputs_under_every_rule(rule_case, tmp_path):
     torch.testing.assert_close(_run(loaded, ids), _run(model, ids), rtol=1e-5, atol=1e-5)
     vblora.merge(model.train())  # a merge made in training mode gives the same model as eval
     torch.testing.assert_close(_run(model.eval(), ids), _run(loaded, ids), rtol=1e-5, atol=1e-5)
+
+
+# -- Tied-LoRA (the Table 1 baseline), where the checks apply ----------------------------------------------------
+# It has no merge / disable of its own (a training baseline only); what applies: only its parameters train, its update
+# is zero at init (B = 0, unlike VB-LoRA's), and saving the trained tensors then loading them reproduces the outputs.
+def test_tied_lora_where_the_shared_checks_apply():
+    from vblora.storage.checkpoint import trainable_state
+    from vblora.train.tied_lora import add_tied_lora
+
+    base, ids = tiny_llama().eval(), tokens(vocab=100)
+    names = [n for n, m in base.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    model = add_tied_lora(copy.deepcopy(base), names, rank=4)
+    torch.testing.assert_close(_run(model, ids), _run(base, ids), rtol=0, atol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("tied_lora.") or n.endswith((".u", ".v")) for n in trainable), trainable
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    assert not torch.allclose(_run(model, ids), _run(base, ids))
+    state = trainable_state(model)
+    again = add_tied_lora(copy.deepcopy(base), names, rank=4)
+    params = dict(again.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+    torch.testing.assert_close(_run(again, ids), _run(model, ids), rtol=0, atol=0)
