@@ -69,7 +69,7 @@ class AdapterSnapshot:
 TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("Model", "FEATURE_EXTRACTION"))
-SAMPLED_MODULES, SAMPLES_PER_MODULE = 16, 4
+SAMPLED_MODULES, SAMPLES_PER_MODULE = 8, 4  # about 600 header bytes
 SAMPLE_RTOL = 1e-2  # a bf16 / fp16 copy of the same checkpoint passes; another checkpoint does not
 
 
@@ -80,7 +80,7 @@ def task_type(model: nn.Module) -> str | None:
 
 @torch.no_grad()
 def weight_sample(model: nn.Module) -> dict[str, list[float]]:
-    """Values of up to 16 adapted base weights (evenly spread over the model) at 4 fixed strided positions; merged
+    """Values (5 significant digits) of up to 8 adapted base weights (evenly spread over the model) at 4 fixed strided positions; merged
     layers are sampled as their unmerged weight. Quantized or otherwise non-float weights are skipped."""
     layers = list(adapted_layers(model).items())
     picks = layers[::max(1, -(-len(layers) // SAMPLED_MODULES))]
@@ -93,7 +93,7 @@ def weight_sample(model: nn.Module) -> dict[str, list[float]]:
         values = w.detach().reshape(-1)[positions].float().cpu()
         if layer.merged:
             values -= layer.delta_weight().reshape(-1)[positions].cpu()
-        out[name] = [round(float(v), 7) for v in values]
+        out[name] = [float(f"{float(v):.5g}") for v in values]
     return out
 
 
