@@ -26,79 +26,52 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
                    help="any other `vblora train` setting (YAML values), e.g. model=PATH train_file=... lr_logits=0.02")
 
 
-def _budget(args):
-    if getattr(args, "threads", None):
-        import torch
-        torch.set_num_threads(args.threads)
-    from vblora.experiments.ablate import Budget
-    return Budget(args.max_train_samples or None, args.max_eval_samples or None, args.epochs, args.batch_size)
-
-
-def _overrides(args) -> dict:
-    from vblora.train.flags import assignments
-    return assignments(args.set, "ablate")
-
-
-def _study(args, variants, title: str) -> int:
-    import json
+def run(args) -> int:
     from pathlib import Path
 
     from vblora.experiments import ablate as A
+    from vblora.train.flags import assignments
 
-    if args.variants:
-        unknown = set(args.variants) - {v.name for v in variants}
-        if unknown:
-            print(f"vblora ablate: unknown variant(s) {sorted(unknown)}; choose from {[v.name for v in variants]}")
-            return 2
-        variants = [v for v in variants if v.name in args.variants]
-    budget, out = _budget(args), Path(args.out)
-    rows = A.run_study(variants, args.seeds, out, _overrides(args), budget, args.recipe)
-    table = A.format_table(rows, f"{title}\n\nBudget per run: {budget.describe()}; seeds {args.seeds}.")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    budget, out = A.Budget(args.max_train_samples or None, args.max_eval_samples or None, args.epochs,
+                           args.batch_size), Path(args.out)
+    overrides, note = assignments(args.set, "ablate"), f"Budget per run: {budget.describe()}; seeds {args.seeds}."
+    if args.study == "shared-bank":  # the study writes OUT/shared_bank.json, we add the table
+        from vblora.experiments.shared_bank import format_shared_bank, shared_bank_study
+        from vblora.train import vader
+
+        if "train_file" not in overrides:
+            paths = vader.fetch_corpus(args.task2)
+            overrides.update(dataset="none", train_file=str(paths["train"]), validation_file=str(paths["validation"]),
+                             test_file=str(paths["test"]))
+        rows = shared_bank_study(args.bank, args.seeds, out, overrides, budget, args.recipe)
+        table = format_shared_bank(rows, f"Shared bank: task 2 = {overrides['train_file']}; bank from {args.bank}"
+                                         f"\n\n{note}")
+        (out / "shared_bank.md").write_text(table + "\n")
+    else:  # the study writes OUT/ablation.json, we add the table
+        if args.study == "selection":
+            variants, title = A.selection_variants(), "Selection rules (paper Table 5)"
+        else:
+            variants = A.vector_length_variants(args.budget, tuple(args.lengths))
+            title = f"Sub-vector length at a fixed bank budget h*b = {args.budget:,} (paper Table 6)"
+        if args.variants:
+            unknown = set(args.variants) - {v.name for v in variants}
+            if unknown:
+                print(f"vblora ablate: unknown variant(s) {sorted(unknown)}; choose from {[v.name for v in variants]}")
+                return 2
+            variants = [v for v in variants if v.name in args.variants]
+        table = A.format_table(A.run_study(variants, args.seeds, out, overrides, budget, args.recipe),
+                               f"{title}\n\n{note}")
+        (out / "ablation.md").write_text(table + "\n")
     print(table)
-    (out / "ablation.md").write_text(table + "\n")
-    (out / "ablation.json").write_text(json.dumps({"budget": budget.describe(), "seeds": args.seeds, "rows": rows},
-                                                  indent=2))
     return 0
 
 
-def run_selection(args) -> int:
-    from vblora.experiments.ablate import selection_variants
-    return _study(args, selection_variants(), "Selection rules (paper Table 5)")
-
-
-def run_vector_length(args) -> int:
-    from vblora.experiments.ablate import vector_length_variants
-    variants = vector_length_variants(args.budget, tuple(args.lengths))
-    return _study(args, variants, f"Sub-vector length at a fixed bank budget h*b = {args.budget:,} (paper Table 6)")
-
-
-def run_shared_bank(args) -> int:
-    import json
-    from pathlib import Path
-
-    from vblora.experiments.shared_bank import format_shared_bank, shared_bank_study
-    from vblora.train import vader
-
-    task = _overrides(args)
-    if "train_file" not in task:
-        paths = vader.fetch_corpus(args.task2)
-        task.update(dataset="none", train_file=str(paths["train"]), validation_file=str(paths["validation"]),
-                    test_file=str(paths["test"]))
-    budget, out = _budget(args), Path(args.out)
-    rows = shared_bank_study(args.bank, args.seeds, out, task, budget, args.recipe)
-    table = format_shared_bank(rows, f"Shared bank: task 2 = {task.get('train_file')}; bank from {args.bank}\n\n"
-                                     f"Budget per run: {budget.describe()}; seeds {args.seeds}.")
-    print(table)
-    (out / "shared_bank.md").write_text(table + "\n")
-    (out / "shared_bank.json").write_text(json.dumps({"budget": budget.describe(), "rows": rows}, indent=2))
-    return 0
-
-
-def _guarded(fn):
-    def run(args) -> int:  # user errors (bad settings, missing files) print one line and exit 2
-        from vblora.train.flags import user_errors
-        return user_errors("ablate", lambda: fn(args))
-    return run
+def _guarded(args) -> int:  # user errors (bad settings, missing files) print one line and exit 2
+    from vblora.train.flags import user_errors
+    return user_errors("ablate", lambda: run(args))
 
 
 def register(subparsers) -> None:
@@ -106,22 +79,19 @@ def register(subparsers) -> None:
                                              "shared bank across tasks", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="study", metavar="STUDY")
-    s = sub.add_parser("selection", help="Select-all, Top-1/2/3/6, Noisy Top-1/2, GS and ST-GS (tau=1/3) "
-                                         "evaluated with Top-1/Top-2")
-    _common(s, "runs/ablate-selection")
-    s.add_argument("--variants", nargs="+", default=None, help="only these variants (e.g. top-1 top-2)")
-    s.set_defaults(func=_guarded(run_selection))
-    v = sub.add_parser("vector-length", help="b in {64,128,256,512} at a fixed bank budget h*b")
-    _common(v, "runs/ablate-vector-length")
+    studies = {"selection": "Select-all, Top-1/2/3/6, Noisy Top-1/2, GS and ST-GS (tau=1/3) evaluated with Top-1/Top-2",
+               "vector-length": "b in {64,128,256,512} at a fixed bank budget h*b",
+               "shared-bank": "task 2 with a fresh bank vs the frozen task-1 bank (logits only)"}
+    s, v, b = (sub.add_parser(name, help=help_) for name, help_ in studies.items())
+    for q, example in ((s, "top-1 top-2"), (v, "b=128")):
+        q.add_argument("--variants", nargs="+", default=None, help=f"only these variants (e.g. {example})")
     v.add_argument("--budget", type=int, default=12288, help="bank budget h*b (default 12288: h=192,96,48,24)")
     v.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="sub-vector lengths b")
-    v.add_argument("--variants", nargs="+", default=None, help="only these variants (e.g. b=128)")
-    v.set_defaults(func=_guarded(run_vector_length))
-    b = sub.add_parser("shared-bank", help="task 2 with a fresh bank vs the frozen task-1 bank (logits only)")
-    _common(b, "runs/ablate-shared-bank")
     b.add_argument("--bank", required=True, help="task-1 bank: a bank.safetensors (vblora.save_bank), a bank.pt, an "
                                                  "adapter, or a run directory")
     b.add_argument("--task2", default="tweets", choices=["tweets", "amazon", "nyt"],
                    help="VADER corpus for task 2 (default tweets), unless --set train_file=... is given")
-    b.set_defaults(func=_guarded(run_shared_bank))
+    for name, q in zip(studies, (s, v, b)):
+        _common(q, f"runs/ablate-{name}")
+        q.set_defaults(func=_guarded)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from vblora.plots import FIGURES, plot_all
 
     if args.list:
         for name, fn in FIGURES.items():
             print(f"{name:24s} {(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0
+    if not args.run_dir:
+        print("vblora plot: give RUN_DIR (or --list)")
+        return 2
     try:
         written = plot_all(args.run_dir, args.out, only=args.only)
     except (FileNotFoundError, ValueError) as e:
         print(f"vblora plot: {e}")
         return 2
     for name, path in written.items():
-        print(f"{name:24s} {Path(path)}")
+        print(f"{name:24s} {path}")
     return 0
 
 
@@ -33,11 +34,4 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/figures)")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these figures (see --list)")
     p.add_argument("--list", action="store_true", help="list the figures and exit")
-    p.set_defaults(func=_checked)
-
-
-def _checked(args) -> int:
-    if not args.list and not args.run_dir:
-        print("vblora plot: give RUN_DIR (or --list)")
-        return 2
-    return run(args)
+    p.set_defaults(func=run)

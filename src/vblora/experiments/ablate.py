@@ -73,6 +73,18 @@ def run_config(variant: Variant, seed: int, out_dir, run_overrides: dict, budget
                                  "seed": seed, **budget.overrides(), "output": str(out_dir), "overwrite": True})
 
 
+def finished(run_dir: Path) -> dict | None:
+    """The results of a finished run (its results.json), or None: studies reuse them, so a killed one continues."""
+    f = run_dir / "results.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def spread(vals: list[float]) -> dict:
+    """Median, min, max, mean and sample std (0 for one value) of a non-empty list."""
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+
+
 def run_study(variants: list[Variant], seeds: list[int], out, run_overrides: dict, budget: Budget,
               recipe: str | None = None, train_fn=train, log=print) -> list[dict]:
     """Every variant x seed (reusing finished runs), then the summary rows (also written to OUT/ablation.json)."""
@@ -82,11 +94,9 @@ def run_study(variants: list[Variant], seeds: list[int], out, run_overrides: dic
     for seed in seeds:  # seeds outermost: a study cut short still has every variant at the first seeds
         for v in variants:
             d = out / f"{v.name}-seed{seed}"
-            if (d / "results.json").exists():
-                results[v.name].append(json.loads((d / "results.json").read_text()))
-                continue
             try:
-                results[v.name].append(train_fn(run_config(v, seed, d, run_overrides, budget, recipe), log=log))
+                results[v.name].append(finished(d) or train_fn(run_config(v, seed, d, run_overrides, budget, recipe),
+                                                               log=log))
             except Exception as e:  # one failing variant must not lose the others
                 log(f"[ablate] {d.name} FAILED: {type(e).__name__}: {e}")
             (out / "ablation.json").write_text(json.dumps({"budget": budget.describe(), "seeds": seeds,
@@ -113,9 +123,7 @@ def summarize(variants: list[Variant], results: dict[str, list[dict]], split: st
                    "inference": f"top-{k} softmax" if k is not None else _eval_rule(v), "runs": len(vals),
                    "seeds": [r["seed"] for r, _ in got], "values": vals}
             if vals:
-                row.update(median=statistics.median(vals), min=min(vals), max=max(vals),
-                           mean=statistics.fmean(vals), std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                           validation_median=statistics.median(vvals) if vvals else None,
+                row.update(spread(vals), validation_median=statistics.median(vvals) if vvals else None,
                            metric=got[0][0]["primary_metric"], stored_parameters=got[0][1]["stored_parameters"],
                            train_time_s=statistics.fmean(r["train_time_s"] for r, _ in got))
             rows.append(row)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from vblora.config import VBLoRAConfig
+from vblora.experiments.ablate import finished, spread
 from vblora.train.config import build_config
 from vblora.train.pipeline import train
 
@@ -30,17 +31,15 @@ def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | N
     for seed in seeds:  # seed-major: a compare stopped early still has every method at the first seeds
         for method in methods:
             run_dir = out / f"{method}-seed{seed}"
-            res_file = run_dir / "results.json"
             ov = {**base_overrides, **METHOD_DEFAULTS.get(method, {}), **method_overrides.get(method, {}),
                   "method": method, "seed": seed, "output": str(run_dir), "overwrite": True}
             cfg = build_config(recipe, ov)
-            if res_file.exists():
-                old = json.loads(res_file.read_text())
+            if (old := finished(run_dir)) is not None:
                 if _settings(old.get("config", {})) == _settings(cfg.to_dict()):
                     runs[method].append(old)
-                    log(f"[compare] {method} seed {seed}: reusing {res_file}")
+                    log(f"[compare] {method} seed {seed}: reusing {run_dir}/results.json")
                     continue
-                log(f"[compare] {method} seed {seed}: {res_file} was made with other settings; running again")
+                log(f"[compare] {method} seed {seed}: {run_dir}/results.json has other settings; running again")
             t = time.time()
             try:
                 runs[method].append(train_fn(cfg, log=log))
@@ -80,16 +79,13 @@ def summarize(runs: dict[str, list[dict]], seeds: list[int]) -> dict:
             continue
         key = ok[0]["primary_metric"]
         vals = [float(r["metrics"]["test"][key]) for r in ok]
-        vvals = [float(r["metrics"]["validation"][key]) for r in ok]
         rows.append({
             "method": method, "metric": key, "runs": len(ok), "seeds": [r["seed"] for r in ok],
             "stored_parameters": ok[0]["stored_parameters"], "adapter_bytes": ok[0]["adapter_bytes"],
-            "test_mean": statistics.fmean(vals), "test_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "test_median": statistics.median(vals), "test_values": vals,
-            "validation_mean": statistics.fmean(vvals),
+            **{f"test_{k}": v for k, v in spread(vals).items()}, "test_values": vals,
+            "validation_mean": statistics.fmean(float(r["metrics"]["validation"][key]) for r in ok),
             "train_time_s_mean": statistics.fmean(r.get("train_time_s") or 0 for r in ok),
-            "epochs": ok[0]["config"]["epochs"],
-            "errors": [r.get("error") for r in rs if "error" in r],
+            "epochs": ok[0]["config"]["epochs"], "errors": [r.get("error") for r in rs if "error" in r],
         })
     return {"rows": rows, "seeds": seeds}
 
@@ -104,10 +100,8 @@ def format_table(summary: dict) -> str:
             lines.append(f"| {r['method']} | {state} | | | | | | | | |")
             continue
         lines.append(f"| {r['method']} | {r['stored_parameters']:,.0f} | {r['adapter_bytes']:,} | {r['epochs']:g} | "
-                     f"{r['runs']} | "
-                     f"{r['test_mean']:.4f} | "
-                     f"{r['test_std']:.4f} | {r['test_median']:.4f} | {r['validation_mean']:.4f} | "
-                     f"{r['train_time_s_mean']:.0f} |")
+                     f"{r['runs']} | {r['test_mean']:.4f} | {r['test_std']:.4f} | {r['test_median']:.4f} | "
+                     f"{r['validation_mean']:.4f} | {r['train_time_s_mean']:.0f} |")
     metric = next((r["metric"] for r in summary["rows"] if r.get("runs")), "metric")
     return f"Test {metric} over seeds {summary['seeds']}:\n\n" + "\n".join(lines)
 

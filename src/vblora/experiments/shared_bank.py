@@ -8,10 +8,9 @@ further task costs once the shared bank is stored. Task 2 defaults to another VA
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
-from vblora.experiments.ablate import Budget
+from vblora.experiments.ablate import Budget, finished, spread
 from vblora.train.config import build_config
 from vblora.train.methods import read_bank_tensor
 from vblora.train.pipeline import train
@@ -28,16 +27,13 @@ def shared_bank_study(bank_path, seeds: list[int], out, task_overrides: dict, bu
         rs = []
         for seed in seeds:
             d = out / f"{key}-seed{seed}"
-            if (d / "results.json").exists():
-                rs.append(json.loads((d / "results.json").read_text()))
-                continue
             ov = {**task_overrides, **arm, "seed": seed, **budget.overrides(), "num_vectors": h, "vector_length": b,
                   "output": str(d), "overwrite": True}
-            rs.append(train_fn(build_config(recipe, ov), log=log))
+            rs.append(finished(d) or train_fn(build_config(recipe, ov), log=log))
         vals = [r["metrics"]["test"][r["primary_metric"]] for r in rs]
         counts, bank_file = rs[0]["details"], out / f"{key}-seed{seeds[0]}" / "bank.safetensors"
-        rows.append({"arm": label, "runs": len(vals), "values": vals, "median": statistics.median(vals),
-                     "min": min(vals), "max": max(vals), "adapter_file_bytes": rs[0]["adapter_bytes"],
+        rows.append({"arm": label, "runs": len(vals), "values": vals, **spread(vals),
+                     "adapter_file_bytes": rs[0]["adapter_bytes"],
                      "bank_file_bytes": bank_file.stat().st_size if bank_file.exists() else None,
                      "task_bytes_without_bank": counts["stored_bytes"] - 4 * counts["bank"],
                      "trainable": rs[0]["trainable_parameters"]})

@@ -77,7 +77,7 @@ def record_selection(model, step: int, k: int | None = None) -> dict:
     cfg = bank.config
     if k is None:
         k = cfg.topk if cfg.selection == "all" else cfg.stored_topk
-    idx, w = bank.topk_selection(k) if not bank.frozen else bank.topk_selection()
+    idx, w = bank.topk_selection(k)  # a frozen selection is what it is: k is ignored there
     np_dtype = {torch.uint8: np.uint8, torch.uint16: np.uint16}.get(index_dtype(cfg.num_vectors), np.int32)
     return {"step": int(step), "indices": idx.cpu().numpy().astype(np_dtype),
             "weights": w.float().cpu().numpy().astype(np.float16)}
@@ -99,21 +99,16 @@ class SelectionRecorder:
         self._arrays: dict | None = None
         self._bank_first = self._bank_last = None
 
-    def due(self, step: int) -> bool:
-        return step % self.every == 0 and (not self.snapshots or self.snapshots[-1]["step"] != step)
-
     def maybe_record(self, model, step: int) -> bool:
         """Record if `step` is a multiple of the interval (and not recorded yet). Returns whether it recorded."""
-        if not self.due(step):
-            return False
-        self.record(model, step)
-        return True
+        return step % self.every == 0 and self.record(model, step)
 
-    def record(self, model, step: int) -> None:
+    def record(self, model, step: int) -> bool:
+        """Record `step` unless it is the latest record already. Returns whether it recorded."""
         from vblora.inject import get_bank
 
         if self.snapshots and self.snapshots[-1]["step"] == step:
-            return
+            return False
         bank = get_bank(model)
         if self._meta is None:
             modules, self._arrays = subvector_table(bank)
@@ -127,6 +122,7 @@ class SelectionRecorder:
         self._bank_last = bank.bank.detach().float().cpu().numpy().copy()
         if self.save_each:
             self.save()
+        return True
 
     def save(self) -> Path | None:
         if not self.snapshots:
@@ -147,15 +143,13 @@ class SelectionRecorder:
         return self.run_dir / NPZ
 
 
-def _callback_base():
-    try:
-        from transformers import TrainerCallback
-    except ImportError:  # transformers is optional; the plain recorder works without it
-        return object
-    return TrainerCallback
+try:
+    from transformers import TrainerCallback as _CallbackBase
+except ImportError:  # transformers is optional; the plain recorder works without it
+    _CallbackBase = object
 
 
-class SelectionCallback(_callback_base()):
+class SelectionCallback(_CallbackBase):
     """`transformers.TrainerCallback` that records the selection every `every` optimizer steps.
 
     Records the initial selection (step 0) at train begin and the final one at train end. Writes into `run_dir`,
@@ -170,18 +164,15 @@ class SelectionCallback(_callback_base()):
         self.recorder = SelectionRecorder(self.run_dir or args.output_dir, self.every, self.k)
         if model is not None:
             self.recorder.record(model, state.global_step)
-        return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.recorder is not None and model is not None:
             self.recorder.maybe_record(model, state.global_step)
-        return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.recorder is not None and model is not None:
             self.recorder.record(model, state.global_step)
             self.recorder.save()
-        return control
 
 
 @dataclass
@@ -244,7 +235,7 @@ def load_selection(run_dir: str | Path) -> Selection:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     with np.load(npz) as z:
-        return Selection(steps=z["steps"], indices=z["indices"].astype(np.int64),
-                         weights=z["weights"].astype(np.float32), layer=z["layer"].astype(np.int64),
-                         module=z["module"].astype(np.int64), matrix=z["matrix"], position=z["position"],
-                         bank_first=z["bank_first"], bank_last=z["bank_last"], meta=meta)
+        arrays = {k: z[k] for k in z.files}
+    for k, dtype in (("indices", np.int64), ("weights", np.float32), ("layer", np.int64), ("module", np.int64)):
+        arrays[k] = arrays[k].astype(dtype)
+    return Selection(**arrays, meta=meta)
