@@ -60,8 +60,7 @@ def read_e2e_csv(path: str | Path) -> list[tuple[str, str | None]]:
                 continue
             if len(row) != len(cols):
                 raise ValueError(f"{path}:{line}: {len(row)} fields, the header has {len(cols)}")
-            ref = _fix(row[i_ref]) if i_ref is not None else None
-            rows.append((_fix(row[i_mr]), ref))
+            rows.append((_fix(row[i_mr]), _fix(row[i_ref]) if i_ref is not None else None))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -72,9 +71,7 @@ def group_by_mr(rows: list[tuple[str, str | None]]) -> list[E2EInstance]:
     the official files keep an MR's rows together, so both give the same groups there)."""
     refs: dict[str, list[str]] = {}
     for mr, ref in rows:
-        refs.setdefault(mr, [])
-        if ref:
-            refs[mr].append(ref)
+        refs.setdefault(mr, []).extend([ref] if ref else [])
     return [E2EInstance(mr, tuple(r)) for mr, r in refs.items()]
 
 
@@ -138,14 +135,13 @@ def build_examples(rows: list[tuple[str, str | None]], tokenizer, max_length: in
 
     Sequences longer than `max_length` are cut from the end; a row whose target would vanish is dropped.
     """
-    eos = tokenizer.eos_token_id
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     out = []
     for mr, ref in rows:
         if not ref:
             continue
         p = tokenizer(opts.prompt(mr), add_special_tokens=False)["input_ids"]
-        t = tokenizer(TARGET_TEMPLATE.format(ref=ref), add_special_tokens=False)["input_ids"] + ([eos] if eos is not
-                                                                                                 None else [])
+        t = tokenizer(TARGET_TEMPLATE.format(ref=ref), add_special_tokens=False)["input_ids"] + eos
         ids = (p + t)[:max_length]
         if len(ids) > len(p):
             out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(p) + ids[len(p):]})

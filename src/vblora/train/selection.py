@@ -18,6 +18,7 @@ Use it from any loop with `SelectionRecorder(run_dir, every=50)` and `recorder.m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -55,8 +56,7 @@ def subvector_table(bank) -> tuple[list[dict], dict[str, np.ndarray]]:
     for i, entry in enumerate(bank.layout.entries):
         name, slot = entry.name, entry.slot
         lay = _layer_of(name)
-        modules.append({"name": name, "type": module_type(name), "layer": lay, "a_start": slot.a_start,
-                        "a_count": slot.a_count, "b_start": slot.b_start, "b_count": slot.b_count})
+        modules.append({"name": name, "type": module_type(name), "layer": lay, **dataclasses.asdict(slot)})
         for start, count, which in ((slot.a_start, slot.a_count, 0), (slot.b_start, slot.b_count, 1)):
             rows = slice(start, start + count)
             layer[rows], module[rows], matrix[rows] = lay, i, which

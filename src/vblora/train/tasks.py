@@ -61,10 +61,6 @@ def _files(cfg: RunConfig) -> dict[str, str]:
     return {k: v for k, v in files.items() if v}
 
 
-def _cap(items: list, n: int | None) -> list:
-    return items if n is None else items[:n]
-
-
 def _split_cap(cfg: RunConfig, split: str) -> int | None:
     return {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_test_samples}[split]
 
@@ -93,14 +89,11 @@ def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> T
             continue
         table = D.read_table(files[split], cfg.data_format, names)
         ex, labels = D.load_split(table, text_col, pair_col, label_col, labels)
-        cap = _split_cap(cfg, split)
-        enc = tokenizer(_cap(ex.texts, cap), _cap(ex.pairs, cap) if ex.pairs else None,
-                        truncation=True, max_length=cfg.max_length)
-        items = []
-        for i, y in enumerate(_cap(ex.labels, cap)):
-            item = {k: enc[k][i] for k in enc.keys()}
-            item["labels"] = float(y) if labels.regression else int(y)
-            items.append(item)
+        cap = _split_cap(cfg, split)  # None: all
+        enc = tokenizer(ex.texts[:cap], ex.pairs[:cap] if ex.pairs else None, truncation=True,
+                        max_length=cfg.max_length)
+        items = [{**{k: enc[k][i] for k in enc.keys()}, "labels": float(y) if labels.regression else int(y)}
+                 for i, y in enumerate(ex.labels[:cap])]
         splits[split], raw[split] = ListDataset(items), {"n": len(items), "file": files[split]}
     kind = "regression" if labels.regression else "classification"
     return TaskData(kind, splits["train"], splits["validation"], splits.get("test", splits["validation"]),
@@ -130,12 +123,14 @@ def _lm_records(cfg: RunConfig, path: str) -> list[dict]:
     return out
 
 
+def _user(instruction: str, inp: str) -> dict:
+    return {"role": "user", "content": instruction + (f"\n\n{inp}" if inp else "")}
+
+
 def prompt_text(tokenizer, instruction: str, inp: str) -> str:
     """The prompt up to where the response starts (chat template with generation prompt, else Alpaca's)."""
     if getattr(tokenizer, "chat_template", None):
-        user = instruction + (f"\n\n{inp}" if inp else "")
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template([_user(instruction, inp)], tokenize=False, add_generation_prompt=True)
     ctx = ", paired with an input that provides further context" if inp else ""
     block = f"### Input:\n{inp}\n\n" if inp else ""
     return ALPACA_PROMPT.format(ctx=ctx, instruction=instruction, input_block=block)
@@ -144,8 +139,7 @@ def prompt_text(tokenizer, instruction: str, inp: str) -> str:
 def response_text(tokenizer, instruction: str, inp: str, output: str) -> str:
     """What follows the prompt in a full training sequence (the answer plus the end-of-turn/eos marker)."""
     if getattr(tokenizer, "chat_template", None):
-        user = instruction + (f"\n\n{inp}" if inp else "")
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        msgs = [_user(instruction, inp), {"role": "assistant", "content": output}]
         full = tokenizer.apply_chat_template(msgs, tokenize=False)
         prompt = prompt_text(tokenizer, instruction, inp)
         if full.startswith(prompt):
@@ -173,14 +167,10 @@ def _build_lm(cfg: RunConfig, tokenizer, files: dict[str, str]) -> TaskData:
     for split in ("train", "validation", "test"):
         if split not in files:
             continue
-        recs = _cap(_lm_records(cfg, files[split]), _split_cap(cfg, split))
-        items = []
-        for rec in recs:
-            enc = encode_lm(tokenizer, rec, cfg.max_length)
-            if enc is None:
-                dropped += 1
-            else:
-                items.append(enc)
+        recs = _lm_records(cfg, files[split])[:_split_cap(cfg, split)]
+        encoded = [encode_lm(tokenizer, rec, cfg.max_length) for rec in recs]
+        items = [e for e in encoded if e is not None]
+        dropped += len(encoded) - len(items)
         if not items:
             raise DataError(f"{files[split]}: every example's response is cut off by --max-length {cfg.max_length}")
         splits[split], raw[split] = ListDataset(items), recs
@@ -197,10 +187,5 @@ class LMCollator:
 
     def __call__(self, items: list[dict]) -> dict:
         n = max(len(it["input_ids"]) for it in items)
-        out = {"input_ids": [], "attention_mask": [], "labels": []}
-        for it in items:
-            pad = n - len(it["input_ids"])
-            out["input_ids"].append(it["input_ids"] + [self.pad_id] * pad)
-            out["attention_mask"].append(it["attention_mask"] + [0] * pad)
-            out["labels"].append(it["labels"] + [-100] * pad)
-        return {k: torch.tensor(v) for k, v in out.items()}
+        pads = {"input_ids": self.pad_id, "attention_mask": 0, "labels": -100}
+        return {k: torch.tensor([it[k] + [pad] * (n - len(it[k])) for it in items]) for k, pad in pads.items()}

@@ -33,7 +33,6 @@ class TiedShared(nn.Module):
         super().__init__()
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
-        self.types: dict[str, str] = {}  # key -> module type
 
     @staticmethod
     def key(mtype: str) -> str:
@@ -47,7 +46,6 @@ class TiedShared(nn.Module):
             a.uniform_(-bound, bound, generator=generator)
             self.A[k] = nn.Parameter(a)
             self.B[k] = nn.Parameter(torch.zeros(fan_out, rank))  # B = 0: the update starts at zero, as LoRA
-            self.types[k] = mtype
         if tuple(self.A[k].shape) != (rank, fan_in) or self.B[k].shape[0] != fan_out:
             raise ValueError(f"Tied-LoRA: modules of type {mtype} differ in shape; tie them by name instead")
         return k
@@ -88,8 +86,7 @@ def add_tied_lora(model: nn.Module, target_names: list[str], rank: int = 8, alph
         setattr(model.get_submodule(parent) if parent else model, child,
                 TiedLoRALinear(mod, shared, key, rank, scaling, dropout))
     model.add_module(ROOT_ATTR, shared)
-    device = next(model.parameters()).device
-    shared.to(device)
+    shared.to(next(model.parameters()).device)
     for name in modules_to_save:
         model.get_submodule(name).requires_grad_(True)
     return model

