@@ -52,7 +52,14 @@ def load_predictor(source: str | Path, model: str | None = None, gguf_file: str 
     else:
         kind = "regression" if run.get("task") == "regression" or len(snap.id2label or {}) == 1 else "classification"
     names = list((snap.id2label or {}).values())
-    base = models.load_model(path, gguf, kind, max(1, len(names)), names if kind == "classification" else None)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "classifier MISSING": the adapter brings the trained head
+    try:
+        base = models.load_model(path, gguf, kind, max(1, len(names)), names if kind == "classification" else None)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     tok = models.load_tokenizer(path, gguf)
     models.set_pad_token(base, tok)
     return Predictor(load_adapter(base, adapter), tok, kind, cfg.get("text_column") or "text",
