@@ -56,10 +56,12 @@ def load_predictor(source: str | Path, model: str | None = None, gguf_file: str 
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "classifier MISSING": the adapter brings the trained head
+    hf_logging.disable_progress_bar()
     try:
         base = models.load_model(path, gguf, kind, max(1, len(names)), names if kind == "classification" else None)
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     tok = models.load_tokenizer(path, gguf)
     models.set_pad_token(base, tok)
     return Predictor(load_adapter(base, adapter), tok, kind, cfg.get("text_column") or "text",
