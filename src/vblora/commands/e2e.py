@@ -19,21 +19,17 @@ def register(subparsers) -> None:
     import dataclasses
     import typing
 
-    from vblora.train.flags import add_flags, add_run_flags
     from vblora.experiments.e2e import E2EOptions
+    from vblora.train.config import load_recipe
+    from vblora.train.flags import add_flags, add_run_flags
 
     p = subparsers.add_parser("e2e", help="E2E NLG (Table 2): train VB-LoRA on E2E CSVs, decode, score "
                                           "BLEU/NIST/METEOR/ROUGE-L/CIDEr", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_flags(p, recipe=RECIPE)
     add_flags(p, {f.name: f for f in dataclasses.fields(E2EOptions)}, typing.get_type_hints(E2EOptions),
-              dataclasses.asdict(E2EOptions.from_recipe(_recipe_extra())))
+              dataclasses.asdict(E2EOptions.from_recipe(load_recipe(RECIPE).get("extra"))))  # shown: the recipe's
     p.set_defaults(func=run)
-
-
-def _recipe_extra() -> dict:
-    from vblora.train.config import load_recipe
-    return load_recipe(RECIPE).get("extra") or {}
 
 
 def run(args) -> int:

@@ -42,8 +42,7 @@ def run(args) -> int:
     print(f"device: {'cuda ' + torch.cuda.get_device_name(0) if cuda else 'cpu only'} "
           f"({torch.get_num_threads()} CPU threads)")
     for module, what in OPTIONAL.items():
-        version = _version(module)
-        print(f"  {module:22s} {version or '-':12s} {what}")
+        print(f"  {module:22s} {_version(module) or '-':12s} {what}")
     print(f"  {'java':22s} {'yes' if shutil.which('java') else '-':12s} METEOR in E2E metrics")
     return 0
 

@@ -69,8 +69,8 @@ class Budget:
 
 def run_config(variant: Variant, seed: int, out_dir, run_overrides: dict, budget: Budget, recipe: str | None = None):
     """The RunConfig of one variant x seed: recipe <- user's settings <- variant <- seed and budget."""
-    return build_config(recipe, {**run_overrides, **variant.run, **variant.vb, "extra_eval_topk": list(variant.eval_topk),
-                                 "seed": seed, **budget.overrides(), "output": str(out_dir), "overwrite": True})
+    return build_config(recipe, {**run_overrides, **variant.run, **variant.vb, "seed": seed, **budget.overrides(),
+                                 "extra_eval_topk": list(variant.eval_topk), "output": str(out_dir), "overwrite": True})
 
 
 def finished(run_dir: Path) -> dict | None:

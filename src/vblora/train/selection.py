@@ -95,9 +95,7 @@ class SelectionRecorder:
         self.run_dir = Path(run_dir)
         self.every, self.k, self.save_each = int(every), k, save_each
         self.snapshots: list[dict] = []
-        self._meta: dict | None = None
-        self._arrays: dict | None = None
-        self._bank_first = self._bank_last = None
+        self._meta = self._arrays = self._bank_first = self._bank_last = None  # set at the first record
 
     def maybe_record(self, model, step: int) -> bool:
         """Record if `step` is a multiple of the interval (and not recorded yet). Returns whether it recorded."""
@@ -200,14 +198,10 @@ class Selection:
         types = np.array([m["type"] for m in self.meta["modules"]], dtype=object)
         return types[self.module]
 
-    def changed(self) -> np.ndarray:
-        """(T-1, N) bool: whether a sub-vector's selected index *set* differs from the previous record."""
-        s = np.sort(self.indices, axis=-1)
-        return (s[1:] != s[:-1]).any(axis=-1)
-
     def churn(self) -> np.ndarray:
-        """(T-1,) fraction of sub-vectors whose selected set changed since the previous record."""
-        return self.changed().mean(axis=1) if len(self.steps) > 1 else np.zeros(0)
+        """(T-1,) fraction of sub-vectors whose selected index *set* changed since the previous record."""
+        s = np.sort(self.indices, axis=-1)
+        return (s[1:] != s[:-1]).any(axis=-1).mean(axis=1)  # (T-1, N) changed -> (T-1,); (0,) for one record
 
     def usage(self, t: int = -1) -> np.ndarray:
         """(h,) how many times each bank vector is selected (over all N sub-vectors and k slots) at record t."""
