@@ -25,7 +25,14 @@ def test_frozen_shared_bank_task_stores_only_indices_and_weights(tiny_bert, cls_
     assert res["details"]["freeze_bank"] and res["details"]["bank_source"].endswith("adapter.safetensors")
     assert res["trainable_parameters"] == res["details"]["trainable"] and res["trainable_parameters"] < \
         json.loads((task1 / "results.json").read_text())["trainable_parameters"]
-    assert res["adapter_bytes"] < json.loads((task1 / "results.json").read_text())["adapter_bytes"] - 4 * bank1.numel()
+    # the adapter holds no bank tensor: its bytes are task 1's less the bank's, give or take header bytes (the sha256
+    # it references, safetensors' 8-byte alignment)
+    from safetensors import safe_open
+
+    with safe_open(str(task2 / "adapter" / "adapter.safetensors"), "pt") as f:
+        assert "bank" not in f.keys()
+    task1_bytes = json.loads((task1 / "results.json").read_text())["adapter_bytes"]
+    assert res["adapter_bytes"] <= task1_bytes - 4 * bank1.numel() + 128
     loaded = vblora.load_adapter(_base(tiny_bert), task2 / "adapter", bank_path=task2)
     assert torch.equal(loaded.vblora_bank.bank, bank1)
     # selection recorded for `vblora plot`
