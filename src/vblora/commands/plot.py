@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def run(args) -> int:
     from vblora.plots import FIGURES, plot_all
@@ -11,12 +13,12 @@ def run(args) -> int:
             print(f"{name:24s} {(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0
     if not args.run_dir:
-        print("vblora plot: give RUN_DIR (or --list)")
+        print("vblora plot: error: give RUN_DIR (or --list)", file=sys.stderr)
         return 2
     try:
         written = plot_all(args.run_dir, args.out, only=args.only)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"vblora plot: {e}")
+    except (FileNotFoundError, ValueError) as e:  # a run without a recorded selection: a user error
+        print(f"vblora plot: error: {e}", file=sys.stderr)
         return 2
     for name, path in written.items():
         print(f"{name:24s} {path}")

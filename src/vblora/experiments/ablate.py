@@ -91,12 +91,14 @@ def run_study(variants: list[Variant], seeds: list[int], out, run_overrides: dic
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {v.name: [] for v in variants}
+    # every run's settings first: a bad setting or recipe is one error before any training, not a FAILED per run
+    configs = {(seed, v.name): run_config(v, seed, out / f"{v.name}-seed{seed}", run_overrides, budget, recipe)
+               for seed in seeds for v in variants}
     for seed in seeds:  # seeds outermost: a study cut short still has every variant at the first seeds
         for v in variants:
             d = out / f"{v.name}-seed{seed}"
             try:
-                results[v.name].append(finished(d) or train_fn(run_config(v, seed, d, run_overrides, budget, recipe),
-                                                               log=log))
+                results[v.name].append(finished(d) or train_fn(configs[seed, v.name], log=log))
             except Exception as e:  # one failing variant must not lose the others
                 log(f"[ablate] {d.name} FAILED: {type(e).__name__}: {e}")
             (out / "ablation.json").write_text(json.dumps({"budget": budget.describe(), "seeds": seeds,
