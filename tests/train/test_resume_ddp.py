@@ -75,10 +75,8 @@ def test_resume_after_kill_matches_uninterrupted(tiny_bert, varied_files, tmp_pa
     assert ckpts == ["checkpoint-6", "checkpoint-9"] and not (killed / "results.json").exists()
 
     resumed = train(build_config(None, {**ov, "output": str(killed), "resume": True, "overwrite": False}), **QUIET)
-    _close(ref, resumed, 1e-6)
-    assert resumed["best_epoch"] == ref["best_epoch"]
-    assert [e["validation"]["loss"] for e in resumed["per_epoch"]] == pytest.approx(
-        [e["validation"]["loss"] for e in ref["per_epoch"]], abs=1e-6)
+    for key in ("metrics", "per_epoch", "train_loss", "best_epoch", "steps"):  # identical, not close
+        assert resumed[key] == ref[key], key
 
 
 def test_torchrun_two_processes_match_one(tiny_bert, varied_files, tmp_path):

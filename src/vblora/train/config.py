@@ -105,8 +105,12 @@ class RunConfig:
     bf16: bool = opt(False, "bfloat16 autocast")
     fp16: bool = opt(False, "float16 autocast (CUDA only)")
     save_steps: int | None = opt(None, "also checkpoint every N optimizer steps")
-    resume: bool = opt(False, "continue from the last checkpoint in --output")
-    overwrite: bool = opt(False, "discard earlier checkpoints in --output")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in --output (refused if it was saved with "
+                              "other settings or lacks optimizer / scheduler / RNG state)")
+    resume_partial: bool = opt(False, "with --resume: continue even from such a checkpoint (warns; the run will not "
+                                      "match an uninterrupted one)")
+    overwrite: bool = opt(False, "discard earlier checkpoints in --output (its adapter/ and results.json stay until "
+                                 "this run replaces them)")
     logging_steps: int = opt(50, "log the training loss every N steps (0: never)")
     extra: dict = opt({}, "free-form settings of experiments (recipe key only, e.g. extra.e2e)")
 

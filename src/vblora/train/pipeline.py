@@ -2,16 +2,19 @@
 
 transformers.Trainer gives the loop, progress bars, gradient accumulation, mixed precision, label smoothing,
 resumable checkpoints and torchrun/accelerate scale-out (DDP; gloo on CPU). We add: the per-method AdamW groups
-(VB-LoRA's three learning rates), checkpoints of the trainable tensors only (`vblora.storage.save_checkpoint`), the
-best validation epoch (kept across a kill/resume), and scoring of that state on test, plus the task's own evaluation
-(generation) and other eval top-k. Every experiment (compare, ablations, E2E) is a loop of configs over `train`,
-so all are scored the same way. This is the only place in the package that builds a Trainer.
+(VB-LoRA's three learning rates), checkpoints of the trainable tensors only (`vblora.storage.save_checkpoint`) that are
+complete or absent and resume only the run they belong to (train/checkpoints.py), a divergence guard, the best
+validation epoch (kept across a kill/resume), and scoring of that state on test, plus the task's own evaluation
+(generation) and other eval top-k. An earlier run's adapter/ and results.json stay until a complete run replaces
+them. Every experiment (compare, ablations, E2E) is a loop of configs over `train`, so all are scored the same way.
+This is the only place in the package that builds a Trainer. docs/reliability.md lists the faults tried.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -25,19 +28,28 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from vblora.storage import load_checkpoint, save_checkpoint
+from vblora.storage.files import atomic_write, replace_dir
+from vblora.train import checkpoints as C
 from vblora.train import evaluate, methods, models, tasks
 from vblora.train import metrics as M
 from vblora.train.config import RunConfig
-from vblora.train.errors import SetupError
+from vblora.train.errors import SetupError, TrainError
 from vblora.train.sampling import LengthGroupedEpochSampler, item_lengths
 
 
-class _Trainer(Trainer):
-    """Trainer with our optimizer groups, length-grouped batches and trainable-only checkpoints."""
+class DivergedError(TrainError):
+    """The loss or the gradient norm stopped being finite."""
 
-    def __init__(self, *a, param_groups=None, group_by_length=False, **kw):
+
+class _Trainer(C.CheckpointHooks, Trainer):
+    """Trainer with our optimizer groups, length-grouped batches, checkpoints of train/checkpoints.py (trainable
+    tensors only, complete or absent, the loss bookkeeping restored on resume) and a divergence guard."""
+
+    def __init__(self, *a, param_groups=None, group_by_length=False, run=None, resumed=None, diverged=None, **kw):
         self._groups, self._group_by_length = param_groups, group_by_length
+        self._run, self._losses, self._diverged, self._nonfinite = run, resumed, diverged, 0
         super().__init__(*a, **kw)
+        self.add_callback(_LossBook(self))
 
     def _get_train_sampler(self, train_dataset=None):
         if not self._group_by_length:
@@ -53,11 +65,33 @@ class _Trainer(Trainer):
             self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         return self.optimizer
 
-    def _save(self, output_dir=None, state_dict=None):  # a frozen base is never re-saved
-        save_checkpoint(self.model, output_dir or self.args.output_dir, rng=False)
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The divergence guard: one host sync per optimizer step (the Trainer's own NaN filter, switched off, made
+        one per batch). Under fp16 the loss scaler skips overflowing steps itself: stop after 16 in a row."""
+        norm = super()._get_grad_norm(model, grad_norm)
+        if norm is not None and not math.isfinite(norm):
+            self._nonfinite += 1
+            if not self.args.fp16 or self._nonfinite >= 16:
+                raise DivergedError(self._diverged(self.state.global_step + 1, self.state.max_steps,
+                                                   f"the gradient norm is {float(norm)}"))
+        else:
+            self._nonfinite = 0
+        return norm
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        load_checkpoint(model or self.model, resume_from_checkpoint, restore_rng=False)
+
+class _LossBook(TrainerCallback):
+    """Restores a resumed run's loss bookkeeping (so `train_loss` and the logged losses cover the whole run); stops
+    on a non-finite logged loss (the gradient norm is checked every step: this catches the rest)."""
+
+    def __init__(self, trainer: _Trainer):
+        self.t = trainer
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t.restore_losses()
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs and not math.isfinite(logs["loss"]):
+            raise DivergedError(self.t._diverged(state.global_step, state.max_steps, f"the loss is {logs['loss']}"))
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -73,19 +107,20 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
 
 class BestTracker(TrainerCallback):
     """The trainable state of the best validation epoch: in memory (every process) and in DIR/best (rank 0, for
-    resume). On resume, the best state on disk is read through the model before the Trainer restores the latest
-    checkpoint over it."""
+    resume; its value, epoch and metrics inside the one checkpoint file). On resume from step `resume_step`, a best
+    state saved at or before it is read through the model before the Trainer restores that checkpoint over it."""
 
-    def __init__(self, model, metric: str, ckpt_dir: Path, is_main: bool):
+    def __init__(self, model, metric: str, ckpt_dir: Path, is_main: bool, resume_step: int | None):
         self.model, self.key, self.dir, self.is_main = model, f"eval_{metric}", ckpt_dir / "best", is_main
         self.sign = 1.0 if M.greater_is_better(metric) else -1.0
         self.best = self.best_epoch = self.state = self.metrics = None  # metrics: validation, best epoch
         self.active = True
-        if (self.dir / "best.json").exists():
-            info = json.loads((self.dir / "best.json").read_text())
-            self.best, self.best_epoch, self.metrics = info["value"], info["epoch"], info.get("metrics")
-            load_checkpoint(model, self.dir, restore_rng=False)
-            self.state = trainable_state(model)
+        if resume_step is not None and (self.dir / "checkpoint.pt").exists():
+            with C.restoring(self.dir, "best epoch's state"):
+                info = load_checkpoint(model, self.dir, restore_rng=False)["extra"]
+                if info["step"] <= resume_step:  # a later one is recomputed when the run gets there again
+                    self.best, self.best_epoch, self.metrics = info["value"], info["epoch"], info["metrics"]
+                    self.state = trainable_state(model)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         if not self.active or not metrics or self.key not in metrics:
@@ -96,9 +131,8 @@ class BestTracker(TrainerCallback):
             self.metrics = {k: float(v) for k, v in metrics.items()}
             self.state = trainable_state(self.model)
             if self.is_main:
-                save_checkpoint(self.model, self.dir, rng=False)
-                (self.dir / "best.json").write_text(json.dumps({"value": self.best, "epoch": self.best_epoch,
-                                                                "metrics": self.metrics}))
+                save_checkpoint(self.model, self.dir, rng=False, extra={
+                    "value": self.best, "epoch": self.best_epoch, "metrics": self.metrics, "step": state.global_step})
 
 
 def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.build) -> dict:
@@ -109,8 +143,9 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     """
     t0 = time.time()
     dev = _device_args(cfg)
-    world, is_main = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
-    out, ckpt, resume = _prepare_output(cfg, is_main)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    is_main = rank == 0
+    out, ckpt, resume = _check_output(cfg)
 
     set_seed(cfg.seed)
     path, gguf = models.resolve_model(cfg.model, cfg.gguf_file)
@@ -124,6 +159,12 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     adapted = methods.apply_method(model, cfg)
     model = adapted.model
 
+    identity = C.run_identity(cfg, len(data.train), world)
+    found = C.find_resume(ckpt, identity, cfg.resume_partial, rank, world, log) if resume else None
+    if cfg.resume and not resume:
+        log(f"vblora train: --resume: no checkpoint in {ckpt}; starting from the beginning")
+    if is_main:  # a fresh start keeps no checkpoint or best state of an earlier run; a resume no half-written save
+        shutil.rmtree(ckpt / C.STAGING if found else ckpt, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no directory behind
     metric = M.primary_metric(data.kind)
     has_val = data.validation is not None
@@ -134,29 +175,32 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
         warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,  # a float < 1 is a ratio of the steps
         max_grad_norm=cfg.max_grad_norm, label_smoothing_factor=cfg.label_smoothing,
         eval_strategy="epoch" if has_val else "no", save_strategy="steps" if cfg.save_steps else "epoch",
-        save_steps=cfg.save_steps or 500, save_total_limit=2, logging_steps=cfg.logging_steps or 1,
+        save_steps=cfg.save_steps or 500, logging_steps=cfg.logging_steps or 1,
         logging_strategy="steps" if cfg.logging_steps else "no", seed=cfg.seed, data_seed=cfg.seed,
         report_to="none", bf16=cfg.bf16, fp16=cfg.fp16, remove_unused_columns=False, dataloader_num_workers=0,
-        ddp_find_unused_parameters=False, prediction_loss_only=lm,
+        ddp_find_unused_parameters=False, prediction_loss_only=lm, save_total_limit=None,  # checkpoints.publish keeps 2
+        logging_nan_inf_filter=False,  # a non-finite loss stops the run (_Trainer._get_grad_norm), never averaged away
         # token-count loss scaling across processes is right for causal-LM losses only; a classifier's mean loss
         # would be multiplied by the world size
         average_tokens_across_devices=lm, disable_tqdm=not sys.stderr.isatty(),  # bars on a terminal, lines in logs
         **dev)
     collator = tasks.LMCollator(tok.pad_token_id) if lm else _padding_collator(tok)
-    tracker = BestTracker(model, metric, ckpt, is_main)
+    tracker = BestTracker(model, metric, ckpt, is_main, int(found[0].name[11:]) if found else None)
     callbacks = [tracker, *(callbacks or [])]
     if cfg.record_selection_every and cfg.method == "vblora" and is_main:
         from vblora.train.selection import SelectionCallback
         callbacks.append(SelectionCallback(every=cfg.record_selection_every, run_dir=out))
     trainer = _Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
                        data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.kind),
-                       callbacks=callbacks, param_groups=adapted.param_groups, group_by_length=cfg.group_by_length)
+                       callbacks=callbacks, param_groups=adapted.param_groups, group_by_length=cfg.group_by_length,
+                       run=identity, resumed=found[1].get("losses") if found else None,
+                       diverged=lambda step, steps, what: _divergence_message(cfg, step, steps, what))
     log(f"vblora train: {cfg.method} on {Path(path).name} ({data.kind}), {len(data.train)} train / "
         f"{len(data.validation or ())} validation / {len(data.test)} test examples, {len(adapted.targets)} adapted "
         f"modules, {adapted.trainable_parameters:,} trainable, {adapted.stored_parameters:,.0f} stored parameters"
         + (f", {world} processes" if world > 1 else ""))
     t_train = time.time()
-    train_out = trainer.train(resume_from_checkpoint=resume)
+    train_out = trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
     train_time = time.time() - t_train
     tracker.active = False
     per_epoch = _per_epoch(trainer.state.log_history)  # before the final evaluations add their own entries
@@ -191,7 +235,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
         "trainable_parameters": adapted.trainable_parameters,
         "method": cfg.method, "task": data.kind, "primary_metric": metric, "recipe": cfg.recipe, "seed": cfg.seed,
         "model": path, "best_epoch": tracker.best_epoch, "per_epoch": per_epoch, "steps": trainer.state.global_step,
-        "train_loss": float(train_out.training_loss), "wall_time_s": None, "train_time_s": round(train_time, 2),
+        "train_loss": float(train_out.training_loss),  # the whole run's, also after a resume (_LossBook)
+        "wall_time_s": None, "train_time_s": round(train_time, 2),
         "eval_time_s": round(time.time() - t_eval, 2),
         "world_size": world, "device": "cpu" if dev["use_cpu"] else torch.cuda.get_device_name(0),
         "adapted_modules": len(adapted.targets), "targets": adapted.targets, "details": adapted.details,
@@ -202,18 +247,14 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     if cfg.dataset and cfg.dataset.startswith("vader"):
         from vblora.train import vader
         results["data"]["split"] = vader.split_info()
-    if is_main:
-        adapter_dir, fresh = out / "adapter", out / "adapter.saving"
-        shutil.rmtree(fresh, ignore_errors=True)
-        adapted.save(fresh)  # an earlier adapter is replaced only once the new one is completely written
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        fresh.rename(adapter_dir)
+    if is_main:  # an earlier adapter and results.json are replaced only once the new ones are completely written
+        adapter_dir = replace_dir(out / "adapter", adapted.save, replaceable=lambda d: True)
         results.update(adapter_bytes=methods.adapter_bytes(adapter_dir), adapter_dir=str(adapter_dir),
                        wall_time_s=round(time.time() - t0, 2))
         # CPU seconds of this process (all threads): on a shared machine wall time says little, this does
         ru = resource.getrusage(resource.RUSAGE_SELF)
         results.update(cpu_time_s=round(ru.ru_utime + ru.ru_stime, 2), load_average=list(os.getloadavg()))
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+        atomic_write(out / "results.json", json.dumps(results, indent=2, default=_json_default).encode())
         log(summary_line(results) + f"  -> {out / 'results.json'}")
     return results
 
@@ -250,17 +291,26 @@ def _device_args(cfg: RunConfig) -> dict:
     return {"use_cpu": use_cpu, "ddp_backend": "gloo" if (use_cpu and multi) else None}
 
 
-def _prepare_output(cfg: RunConfig, is_main: bool) -> tuple[Path, Path, bool | None]:
+def _check_output(cfg: RunConfig) -> tuple[Path, Path, bool]:
+    """(run dir, its checkpoints dir, whether to resume). Nothing is removed here: a run that cannot start changes
+    nothing; --overwrite removes the earlier checkpoints once the model is built (adapter/ and results.json stay)."""
     out = Path(cfg.output)
     ckpt = out / "checkpoints"
-    has = ckpt.exists() and any(p.name.startswith("checkpoint-") for p in ckpt.iterdir())
+    has = bool(C.checkpoints(ckpt))
     if has and not cfg.resume and not cfg.overwrite:
         raise SetupError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite "
                          f"to start again")
-    if cfg.overwrite and not cfg.resume and out.exists() and is_main:
-        shutil.rmtree(ckpt, ignore_errors=True)
-        shutil.rmtree(out / "adapter", ignore_errors=True)
-    return out, ckpt, (True if has and cfg.resume else None)
+    return out, ckpt, has and cfg.resume
+
+
+def _divergence_message(cfg: RunConfig, step: int, steps: int, what: str) -> str:
+    rates = (("lr_bank", "lr_logits") if cfg.method == "vblora" else ("lr",)) + ("lr_head",)
+    now = ", ".join(f"--{k.replace('_', '-')} {cfg.method_lr() if k == 'lr' else getattr(cfg, k):g}" for k in rates)
+    fixes = [f"Lower the learning rates (now {now})", f"raise --warmup-ratio (now {cfg.warmup_ratio:g})"]
+    fixes += ["clip the gradients (--max-grad-norm 1)"] if cfg.max_grad_norm <= 0 else []
+    fixes += ["use --bf16 or full precision instead of --fp16 (float16 overflows)"] if cfg.fp16 else []
+    return (f"training diverged at step {step} of {steps}: {what}. {'; '.join(fixes)}; then rerun with "
+            f"--overwrite (an earlier run's adapter/ and results.json in {cfg.output} are left as they were)")
 
 
 def _compute_metrics(kind: str):
