@@ -92,9 +92,9 @@ def test_e2e_command_end_to_end(e2e_files):
 def test_e2e_command_errors(e2e_files, capsys):
     d, model_dir = e2e_files
     assert main(_args(d, model_dir, d / "r1", **{"--train-file": d / "missing.csv"})) == 2
-    assert "--train-file" in capsys.readouterr().out
+    assert "--train-file" in capsys.readouterr().err
     assert main(_args(d, d / "no-model", d / "r2")) == 2
-    assert "model path" in capsys.readouterr().out
+    assert "model path" in capsys.readouterr().err
     assert main(_args(d, model_dir, d / "r3", **{"--recipe": "no-such-recipe"})) == 2
-    assert "unknown recipe" in capsys.readouterr().out
+    assert "unknown recipe" in capsys.readouterr().err
     assert not (d / "r1").exists() and not (d / "r2").exists()

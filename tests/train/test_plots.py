@@ -51,4 +51,4 @@ def test_cli_plot_writes_requested_figures(run_dir, tmp_path, capsys):
                  "selection_churn"]) == 0
     assert _is_png(tmp_path / "fig8_usage_histogram.png") and _is_png(tmp_path / "selection_churn.png")
     assert main(["plot", str(tmp_path / "missing")]) == 2
-    assert "selection recording" in capsys.readouterr().out
+    assert "selection recording" in capsys.readouterr().err

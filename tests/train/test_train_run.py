@@ -123,4 +123,4 @@ def test_cli_train_prints_summary(tiny_bert, cls_files, tmp_path, capsys):
     assert "test accuracy" in out and "stored parameters" in out and "adapter bytes" in out
     assert Path(tmp_path / "cli" / "results.json").exists()
     assert main(["train", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
-    assert "does not exist" in capsys.readouterr().out
+    assert "does not exist" in capsys.readouterr().err

@@ -37,7 +37,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     budget, out = A.Budget(args.max_train_samples or None, args.max_eval_samples or None, args.epochs,
                            args.batch_size), Path(args.out)
-    overrides, note = assignments(args.set, "ablate"), f"Budget per run: {budget.describe()}; seeds {args.seeds}."
+    overrides, note = assignments(args.set), f"Budget per run: {budget.describe()}; seeds {args.seeds}."
     if args.study == "shared-bank":  # the study writes OUT/shared_bank.json, we add the table
         from vblora.experiments.shared_bank import format_shared_bank, shared_bank_study
         from vblora.train import vader
@@ -69,11 +69,6 @@ def run(args) -> int:
     return 0
 
 
-def _guarded(args) -> int:  # user errors (bad settings, missing files) print one line and exit 2
-    from vblora.train.flags import user_errors
-    return user_errors("ablate", lambda: run(args))
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("ablate", help="ablations: selection rules (Table 5), vector length (Table 6), "
                                              "shared bank across tasks", description=__doc__,
@@ -93,5 +88,5 @@ def register(subparsers) -> None:
                    help="VADER corpus for task 2 (default tweets), unless --set train_file=... is given")
     for name, q in zip(studies, (s, v, b)):
         _common(q, f"runs/ablate-{name}")
-        q.set_defaults(func=_guarded)
+        q.set_defaults(func=run)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])

@@ -24,22 +24,23 @@ def _parse_overrides(items: list[str]) -> dict[str, dict]:
     for item in items:
         method, sep, kv = item.partition(":")
         if not sep or "=" not in kv:
-            raise SystemExit(f"vblora compare: --set expects METHOD:KEY=VALUE, got '{item}'")
-        out.setdefault(method, {}).update(assignments([kv], "compare"))
+            from vblora.train.errors import SetupError
+
+            raise SetupError(f"--set expects METHOD:KEY=VALUE, got '{item}'")
+        out.setdefault(method, {}).update(assignments([kv]))
     return out
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from vblora.train.flags import given, user_errors
+    from vblora.train.flags import given
     from vblora.experiments.compare import run_compare
 
     base = {k: v for k, v in given(args).items() if k not in ("method", "seed")}
     out = Path(base.pop("output", None) or "runs/compare")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    code = user_errors("compare", lambda: run_compare(methods, list(range(args.seeds)), out, base.pop("recipe", None),
-                                                      base, _parse_overrides(args.method_overrides)))
-    if code == 0:
-        print(f"saved {out / 'compare.md'} and {out / 'compare.json'}")
-    return code
+    run_compare(methods, list(range(args.seeds)), out, base.pop("recipe", None), base,
+                _parse_overrides(args.method_overrides))
+    print(f"saved {out / 'compare.md'} and {out / 'compare.json'}")
+    return 0

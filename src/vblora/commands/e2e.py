@@ -35,23 +35,21 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import dataclasses
 
-    from vblora.train.flags import given, user_errors
+    from vblora.train.flags import given
     from vblora.experiments import e2e
     from vblora.experiments.e2e_metrics import METRICS, format_scores
     from vblora.train.config import build_config
     from vblora.train.errors import SetupError
 
-    def go() -> int:
-        for flag in ("model", "train_file", "test_file"):
-            if not getattr(args, flag, None):
-                raise SetupError(f"--{flag.replace('_', '-')} is required (a local path)")
-        cfg = build_config(RECIPE, given(args))
-        opts = e2e.E2EOptions.from_recipe(cfg.extra, given(args, [f.name for f in dataclasses.fields(e2e.E2EOptions)]))
-        res = e2e.run_e2e(cfg, opts)
-        test = res["metrics"]["test"]
-        print(format_scores({m: test[m.lower()] for m in METRICS if m.lower() in test}))
-        for metric, note in test.get("notes", {}).items():
-            print(f"  {metric}: {note}")
-        print(f"saved {cfg.output}/results.json, predictions.txt and adapter/ ({res['adapter_bytes']:,} bytes)")
-        return 0
-    return user_errors("e2e", go)
+    for flag in ("model", "train_file", "test_file"):
+        if not getattr(args, flag, None):
+            raise SetupError(f"--{flag.replace('_', '-')} is required (a local path)")
+    cfg = build_config(RECIPE, given(args))
+    opts = e2e.E2EOptions.from_recipe(cfg.extra, given(args, [f.name for f in dataclasses.fields(e2e.E2EOptions)]))
+    res = e2e.run_e2e(cfg, opts)
+    test = res["metrics"]["test"]
+    print(format_scores({m: test[m.lower()] for m in METRICS if m.lower() in test}))
+    for metric, note in test.get("notes", {}).items():
+        print(f"  {metric}: {note}")
+    print(f"saved {cfg.output}/results.json, predictions.txt and adapter/ ({res['adapter_bytes']:,} bytes)")
+    return 0

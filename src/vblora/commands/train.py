@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from vblora.train.flags import given, user_errors
+    from vblora.train.flags import given
     from vblora.train.config import build_config, load_recipe, recipe_names
 
     if args.list_recipes:
@@ -29,8 +29,7 @@ def run(args) -> int:
             desc = str(load_recipe(name, keep_description=True).get("description", "")).strip().split(". ")[0]
             print(f"{name:28s} {desc}")
         return 0
+    from vblora.train.pipeline import train
 
-    def go():
-        from vblora.train.pipeline import train
-        train(build_config(None, given(args)))
-    return user_errors("train", go)
+    train(build_config(None, given(args)))  # user errors: one line and exit 2, by vblora.cli
+    return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from vblora.train.errors import SetupError
+
 
 def show(value) -> str:
     """A default as one would type it on the command line."""
@@ -51,7 +53,7 @@ def given(args: argparse.Namespace, fields=None) -> dict:
     return {k: getattr(args, k) for k in (fields if fields is not None else settings()) if hasattr(args, k)}
 
 
-def assignments(items: list[str], command: str) -> dict:
+def assignments(items: list[str]) -> dict:
     """`KEY=VALUE` items (values read as YAML: 1e-3, [query, value], none) -> {key: value}."""
     import yaml
 
@@ -59,18 +61,7 @@ def assignments(items: list[str], command: str) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"vblora {command}: --set expects KEY=VALUE, got {item!r}")
+            raise SetupError(f"--set expects KEY=VALUE, got {item!r}")
         out[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return out
 
-
-def user_errors(command: str, fn) -> int:
-    """Run `fn()`; a user error (the pipeline's or the core's, all VBLoRAError) prints one line and returns 2."""
-    from vblora.errors import VBLoRAError
-
-    try:
-        code = fn()
-        return code if isinstance(code, int) else 0
-    except VBLoRAError as e:
-        print(f"vblora {command}: error: {e}")
-        return 2
