@@ -21,7 +21,7 @@ from _train_helpers import make_rows, run_overrides, write_csv
 from vblora.errors import VBLoRAError
 from vblora.train import methods
 from vblora.train import pipeline as P
-from vblora.train.checkpoints import ResumeError, SaveError
+from vblora.train.errors import ResumeError, SaveError
 from vblora.train.config import build_config
 
 STEPS = 16  # 64 examples / batch 8 = 8 steps per epoch, 2 epochs; checkpoints every 3 steps, losses logged every 5

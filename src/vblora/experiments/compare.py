@@ -60,7 +60,7 @@ _SHARED = {"target_modules", "rank", "dropout", "layers", "modules_to_save"}
 _ONLY_FOR = {"vblora": {f.name for f in dataclasses.fields(VBLoRAConfig)} - _SHARED - {"seed"}
              | {"bank", "freeze_bank", "record_selection_every", "lr_bank", "lr_logits", "extra_eval_topk"},
              "lora": {"lora_alpha"}, "vera": {"vera_rank"}, "tied-lora": {"tied_rank"}}
-_BOOKKEEPING = {"output", "overwrite", "resume", "logging_steps", "save_steps"}
+_BOOKKEEPING = {"output", "overwrite", "resume", "resume_partial", "logging_steps", "save_steps"}
 
 
 def _settings(config: dict) -> dict:

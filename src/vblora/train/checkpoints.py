@@ -22,23 +22,13 @@ from pathlib import Path
 from vblora.errors import VBLoRAError
 from vblora.storage import load_checkpoint, save_checkpoint
 from vblora.storage.checkpoint import read_checkpoint
-from vblora.train.errors import SetupError, TrainError
+from vblora.train.errors import ResumeError, SaveError
 
 STAGING, KEEP = ".saving", 2
 # settings that may change between a checkpoint and its resume: they do not touch the training trajectory
 FREE_ON_RESUME = {"recipe", "output", "resume", "resume_partial", "overwrite", "device", "logging_steps", "save_steps",
                   "eval_batch_size", "extra_eval_topk", "num_samples", "max_new_tokens", "generate_eval",
                   "record_selection_every", "test_file", "max_test_samples"}
-
-
-class ResumeError(SetupError):
-    """A checkpoint that cannot continue this run: damaged, from other settings, or without optimizer state."""
-
-
-class SaveError(TrainError):
-    """A checkpoint could not be written (a full disk, a quota); the earlier ones are intact."""
-
-
 def first_line(e: BaseException) -> str:
     """The gist of an exception in one short line (torch's messages run to paragraphs, with terminal colours)."""
     text = re.sub(r"\x1b\[[0-9;]*m|^\[enforce fail at [^]]*\][ .]*", "", str(e).strip())

@@ -15,3 +15,15 @@ class DataError(TrainError):
 
 class SetupError(TrainError):
     """A model path, target module, method or device option that cannot work."""
+
+
+class ResumeError(SetupError):
+    """A checkpoint that cannot continue this run: damaged, from other settings, or without optimizer state."""
+
+
+class SaveError(TrainError):
+    """A checkpoint could not be written (a full disk, a quota); the earlier ones are intact."""
+
+
+class DivergedError(TrainError):
+    """The loss or the gradient norm stopped being finite."""

@@ -124,8 +124,14 @@ def read_bank_tensor(path: str | Path) -> tuple[torch.Tensor, Path]:
     file = next((c for c in candidates if c.is_file()), None)
     if file is None:
         raise SetupError(f"--bank {path}: no bank.safetensors, adapter.safetensors or bank.pt there")
-    if file.suffix == ".pt":
-        return torch.load(file, map_location="cpu", weights_only=True), file
+    if file.suffix == ".pt":  # plain tensors only (weights_only): a crafted pickle runs no code, and is one error
+        try:
+            bank = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SetupError(f"--bank {file}: not a saved bank tensor ({type(e).__name__}: {str(e)[:200]})") from None
+        if not isinstance(bank, torch.Tensor) or bank.dim() != 2 or not bank.is_floating_point():
+            raise SetupError(f"--bank {file}: expected one (h, b) float tensor")
+        return bank, file
     if file.name == "bank.safetensors":
         return read_bank(file)[0], file
     return read_adapter(file, bank_path=file.parent)[0].bank, file

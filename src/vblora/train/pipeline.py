@@ -33,13 +33,8 @@ from vblora.train import checkpoints as C
 from vblora.train import evaluate, methods, models, tasks
 from vblora.train import metrics as M
 from vblora.train.config import RunConfig
-from vblora.train.errors import SetupError, TrainError
+from vblora.train.errors import DivergedError, SetupError
 from vblora.train.sampling import LengthGroupedEpochSampler, item_lengths
-
-
-class DivergedError(TrainError):
-    """The loss or the gradient norm stopped being finite."""
-
 
 class _Trainer(C.CheckpointHooks, Trainer):
     """Trainer with our optimizer groups, length-grouped batches, checkpoints of train/checkpoints.py (trainable
