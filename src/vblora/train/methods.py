@@ -128,7 +128,9 @@ def read_bank_tensor(path: str | Path) -> tuple[torch.Tensor, Path]:
         try:
             bank = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise SetupError(f"--bank {file}: not a saved bank tensor ({type(e).__name__}: {str(e)[:200]})") from None
+            from vblora.train.checkpoints import first_line
+
+            raise SetupError(f"--bank {file}: not a saved bank tensor ({first_line(e)})") from None
         if not isinstance(bank, torch.Tensor) or bank.dim() != 2 or not bank.is_floating_point():
             raise SetupError(f"--bank {file}: expected one (h, b) float tensor")
         return bank, file
