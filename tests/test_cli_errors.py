@@ -67,3 +67,25 @@ def test_closed_pipe_ends_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+SETTINGS_ERRORS = [  # every command, a bad setting of each kind: each fails before any training or download
+    ["train", "--rank", "0"], ["train", "--method", "bogus"], ["train", "--recipe", "nope"],
+    ["train", "--lr-bank", "abc"], ["train", "--topk", "500"], ["train", "--model", "/nonexistent"],
+    ["train", "--train-file", "/nonexistent.csv", "--validation-file", "/nonexistent.csv"],
+    ["compare", "--methods", "bogus"], ["compare", "--set", "rank=x"],
+    ["ablate", "selection", "--set", "foo=1"], ["ablate", "vector-length", "--recipe", "nope"],
+    ["ablate", "shared-bank", "--bank", "/nonexistent"],
+    ["e2e", "--model", "/nonexistent", "--train-file", "/nonexistent.csv", "--test-file", "/nonexistent.csv"],
+    ["plot", "/nonexistent"], ["predict", "/nonexistent"],
+]
+
+
+@pytest.mark.parametrize("argv", SETTINGS_ERRORS, ids=lambda a: " ".join(a))
+def test_bad_settings_give_one_line_and_exit_2(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anything a command would write lands here
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"vblora {argv[0]}: error: "), cap.err
+    assert "Traceback" not in cap.out + cap.err
