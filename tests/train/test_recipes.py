@@ -53,7 +53,7 @@ def test_bad_settings(tmp_path):
     assert build_config(None, {"lr_bank": "1e-3"}).lr_bank == 1e-3  # YAML/CLI text -> float
     bad = tmp_path / "bad.yaml"
     bad.write_text("rank: 8\nbank_size: 90\n")
-    with pytest.raises(SetupError, match=r"unknown setting\(s\) \['bank_size'\].*known: .*num_vectors"):
+    with pytest.raises(SetupError, match=r"unknown setting\(s\) \[.bank_size.\].*Known: .*num_vectors"):
         build_config(str(bad), {"train_file": "x"})
     with pytest.raises(vblora.errors.ConfigError, match="topk"):  # the method's own validation
         build_config(None, {"topk": 100})

@@ -11,6 +11,7 @@ unique and land in `RunConfig.vblora`; its `seed` is the run's `seed`. The basel
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -240,8 +241,9 @@ def build_config(recipe: str | None = None, overrides: dict | None = None) -> Ru
             values.setdefault(k, v)
     unknown = sorted(set(values) - set(known))
     if unknown:
+        near = sorted({m for u in unknown for m in difflib.get_close_matches(u, known, n=3)})
         raise SetupError(f"unknown setting(s) {unknown}" + (f" in recipe {name}" if name else "") +
-                         f"; known: {', '.join(known)}")
+                         (f"; did you mean {', '.join(near)}?" if near else "") + f" Known: {', '.join(known)}")
     if values.get("train_file") and "dataset" not in given:
         values["dataset"] = None  # the user's files replace the built-in data
     values = {k: coerce(k, v) for k, v in values.items()}
