@@ -19,3 +19,7 @@ class NonFiniteError(VBLoRAError):
 
 class AdapterFormatError(VBLoRAError):
     """An adapter file is truncated, corrupt, hand-edited or does not fit the base model."""
+
+
+class QuantizedBaseError(VBLoRAError):
+    """An operation needs a full-precision base weight (merge in place) but the base layer is quantized."""

@@ -14,7 +14,7 @@ from vblora.bank import VectorBank
 from vblora.config import VBLoRAConfig
 from vblora.errors import TargetError
 from vblora.layers import TrainedCopy, VBLoRALayer, layer_class
-from vblora.layout import Layout, stored_count
+from vblora.layout import Layout, parameter_count, stored_count
 
 BANK_ATTR = "vblora_bank"
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -178,15 +178,19 @@ def count_parameters(model: nn.Module) -> dict:
         "subvectors": bank.num_subvectors,
         "stored_bytes": int(round(4 * adapter)) + 4 * other,
         "lora_equivalent": bank.layout.lora_equivalent(),
-        "base": sum(p.numel() for n_, p in model.named_parameters() if not n_.startswith(BANK_ATTR)
+        "base": sum(parameter_count(p) for n_, p in model.named_parameters() if not n_.startswith(BANK_ATTR)
                     and ".trained." not in n_),
     }
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add dW = B A into every adapted base weight (idempotent: merged layers are skipped)."""
+    """Add dW = B A into every adapted base weight (idempotent: merged layers are skipped). QuantizedBaseError,
+    before any layer is touched, if a base layer is quantized."""
     get_bank(model).check_finite()
-    for layer in adapted_layers(model).values():
+    layers = adapted_layers(model)
+    for name, layer in layers.items():
+        layer.refuse_merge(name)
+    for layer in layers.values():
         layer.merge()
     return model
 
@@ -223,7 +227,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove the adapter: put base layers back (with dW merged in if `merge`), trained heads in place of originals."""
     model = unwrap(model)
     bank = get_bank(model)
-    for name, layer in adapted_layers(model).items():
+    layers = adapted_layers(model)
+    for name, layer in layers.items() if merge else ():
+        layer.refuse_merge(name)  # before anything changes
+    for name, layer in layers.items():
         if merge:
             layer.merge()
         elif layer.merged:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vblora.bank import VectorBank
-from vblora.layout import ModuleEntry, kind_of
+from vblora.errors import QuantizedBaseError
+from vblora.layout import ModuleEntry, is_quantized, kind_of
 
 
 class VBLoRALayer(nn.Module):
@@ -65,8 +66,26 @@ class VBLoRALayer(nn.Module):
         A, B = self._stored_factors()
         return self._bank.layout.delta(A, B, self.entry)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the base layer is quantized (bitsandbytes 4-bit / 8-bit): forward and disable work as usual, merge
+        in place is refused (`refuse_merge`)."""
+        return is_quantized(self.base)
+
+    def refuse_merge(self, name: str = "") -> None:
+        """Raise QuantizedBaseError if dW cannot be merged into this layer's base weight."""
+        if self.quantized:
+            raise QuantizedBaseError(
+                f"cannot merge the adapter into the quantized base layer {name} ({type(self.base).__name__}): the "
+                f"merged weight would have to be re-quantized, whose rounding error is as large as a typical update "
+                f"dW = B A or larger, so most of the update would be lost. Run the adapter unmerged (it adds "
+                f"x A^T B^T to the quantized layer's output), or write a dequantized merged model with "
+                f"vblora.merge_and_save(model, out_dir, dtype=torch.bfloat16), or save / export the adapter "
+                f"(vblora.save_adapter, vblora.export_lora); vblora.unload(model, merge=False) removes it")
+
     @torch.no_grad()
     def merge(self) -> None:
+        self.refuse_merge()
         if not self.merged:
             w = self.base.weight
             w += self.delta_weight().to(device=w.device, dtype=w.dtype)

@@ -33,7 +33,9 @@ KINDS = {k.name: k for k in (LINEAR, CONV1D, EMBEDDING)}
 
 
 def kind_of(module: nn.Module) -> Kind | None:
-    """The kind of an adaptable module, or None. Subclasses of nn.Linear (e.g. quantized Linear layers) are linear."""
+    """The kind of an adaptable module, or None. Subclasses of nn.Linear are linear, deliberately including
+    bitsandbytes' quantized `Linear4bit` / `Linear8bitLt` (see `is_quantized`): the adapter reads only their
+    `in_features` / `out_features` and calls them, so the math is the same; only merging differs."""
     if isinstance(module, nn.Linear):
         return LINEAR
     if isinstance(module, nn.Embedding):
@@ -41,6 +43,58 @@ def kind_of(module: nn.Module) -> Kind | None:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D, no import
         return CONV1D
     return None
+
+
+PARAMS_4BIT, INT8_PARAMS = "Params4bit", "Int8Params"  # bitsandbytes' weight classes, matched by name: no import
+QLORA_EXTRA = "pip install 'vblora[qlora]'"
+
+
+def is_quantized_param(p: torch.Tensor) -> bool:
+    return type(p).__name__ in (PARAMS_4BIT, INT8_PARAMS)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether the module's weight is quantized (bitsandbytes 4-bit or 8-bit, or any non-float weight): it cannot
+    take dW in place, and its `weight` holds packed codes, not W (read W with `dense_weight`)."""
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and (is_quantized_param(w) or not w.is_floating_point())
+
+
+def parameter_count(p: torch.Tensor) -> int:
+    """Entries of a parameter as the model sees them: a 4-bit weight packs 2 per byte of its storage dtype."""
+    return p.numel() * 2 * p.element_size() if type(p).__name__ == PARAMS_4BIT else p.numel()
+
+
+def require_bitsandbytes():
+    """The bitsandbytes module, or an ImportError naming the extra that installs it."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError(f"quantized base layers need bitsandbytes: {QLORA_EXTRA}") from e
+    return bitsandbytes
+
+
+@torch.no_grad()
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight W as a float tensor in its own layout: dequantized `(out, in)` float32 for a quantized
+    layer (a new tensor, this one module only: for merged exports and references, never in a forward), else the
+    weight itself."""
+    w = module.weight
+    if not is_quantized(module):
+        return w
+    if type(w).__name__ == PARAMS_4BIT:
+        F = require_bitsandbytes().functional
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            module.state_dict()  # bitsandbytes' CPU bf16 repacking (eval forward) is undone by its state-dict hook
+        return F.dequantize_4bit(w.data, w.quant_state).float().reshape(module.out_features, module.in_features)
+    # Int8Params: per-row absmax scales SCB (moved to the layer's state by its first forward), W = CB * SCB / 127
+    scale = next((s for s in (getattr(w, "SCB", None), getattr(getattr(module, "state", None), "SCB", None))
+                  if s is not None), None)
+    if w.dtype == torch.int8 and scale is not None:
+        return require_bitsandbytes().functional.int8_vectorwise_dequant(w.data, scale).float()
+    if w.is_floating_point():  # an 8-bit layer keeping fp16 weights (has_fp16_weights=True)
+        return w
+    raise TypeError(f"cannot dequantize the {w.dtype} weight of {type(module).__name__}")
 
 
 def module_dims(module: nn.Module) -> tuple[int, int]:

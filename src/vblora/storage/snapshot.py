@@ -19,7 +19,7 @@ from vblora.bank import compose_selected
 from vblora.config import VBLoRAConfig
 from vblora.errors import AdapterFormatError, TargetError, VBLoRAError
 from vblora.inject import BANK_ATTR, adapted_layers, add_vblora, find_targets, get_bank, trained_copies, unwrap
-from vblora.layout import Layout, ModuleEntry, kind_of, module_dims
+from vblora.layout import Layout, ModuleEntry, is_quantized, kind_of, module_dims
 
 
 @dataclass
@@ -81,13 +81,15 @@ def task_type(model: nn.Module) -> str | None:
 @torch.no_grad()
 def weight_sample(model: nn.Module) -> dict[str, list[float]]:
     """Values (5 significant digits) of up to 8 adapted base weights (evenly spread over the model) at 4 fixed strided positions; merged
-    layers are sampled as their unmerged weight. Quantized or otherwise non-float weights are skipped."""
+    layers are sampled as their unmerged weight. Quantized layers are skipped (`is_quantized`): a quantized value
+    differs from its checkpoint's by far more than SAMPLE_RTOL, so a sample taken on either side would refuse an
+    adapter trained on a 4-bit base and loaded on its full-precision checkpoint, the usual QLoRA round trip."""
     layers = list(adapted_layers(model).items())
     picks = layers[::max(1, -(-len(layers) // SAMPLED_MODULES))]
     out = {}
     for name, layer in picks:
         w = getattr(layer.base, "weight", None)
-        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.numel() < SAMPLES_PER_MODULE:
+        if not isinstance(w, torch.Tensor) or is_quantized(layer.base) or w.numel() < SAMPLES_PER_MODULE:
             continue
         positions = [(2 * i + 1) * w.numel() // (2 * SAMPLES_PER_MODULE) for i in range(SAMPLES_PER_MODULE)]
         values = w.detach().reshape(-1)[positions].float().cpu()
@@ -181,7 +183,7 @@ def weight_problems(modules: dict[str, nn.Module], snap: AdapterSnapshot) -> lis
     bad = []
     for name, want in snap.weight_sample.items():
         w = getattr(modules.get(name), "weight", None)
-        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.numel() < len(want):
+        if not isinstance(w, torch.Tensor) or is_quantized(modules[name]) or w.numel() < len(want):
             continue
         n = len(want)
         positions = [(2 * i + 1) * w.numel() // (2 * n) for i in range(n)]
