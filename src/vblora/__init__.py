@@ -6,7 +6,8 @@ bank shared by all modules and layers. Public API only; see docs/ and the README
 
 from vblora.bank import VectorBank, compose
 from vblora.config import VBLoRAConfig
-from vblora.errors import AdapterFormatError, ConfigError, NonFiniteError, TargetError, VBLoRAError
+from vblora.errors import (AdapterFormatError, ConfigError, NonFiniteError, QuantizedBaseError, TargetError,
+                           VBLoRAError)
 from vblora.inject import (
     add_vblora,
     adapted_layers,
@@ -40,6 +41,7 @@ __all__ = [
     "TargetError",
     "NonFiniteError",
     "AdapterFormatError",
+    "QuantizedBaseError",
     "save_adapter",
     "load_adapter",
     "save_bank",
