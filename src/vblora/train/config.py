@@ -105,6 +105,14 @@ class RunConfig:
     device: str = opt("auto", "auto | cpu | cuda")
     bf16: bool = opt(False, "bfloat16 autocast")
     fp16: bool = opt(False, "float16 autocast (CUDA only)")
+    # --- QLoRA: a quantized base (bitsandbytes, `pip install 'vblora[qlora]'`; docs/quantized.md) ---
+    quantize: str | None = opt(None, "load the base quantized: 4bit | 8bit (none: full precision); the adapter and "
+                                     "the trained head stay in full precision; adds gradient checkpointing and "
+                                     "paged AdamW (CUDA)")
+    quant_type: str = opt("nf4", "with --quantize 4bit: nf4 | fp4")
+    double_quant: bool = opt(True, "with --quantize 4bit: double quantization (quantize the scales too)")
+    compute_dtype: str = opt("bfloat16", "with --quantize: compute dtype of the quantized layers and dtype of the "
+                                         "base's other weights: bfloat16 | float16 | float32")
     save_steps: int | None = opt(None, "also checkpoint every N optimizer steps")
     resume: bool = opt(False, "continue from the newest complete checkpoint in --output (refused if it was saved with "
                               "other settings or lacks optimizer / scheduler / RNG state)")
@@ -253,9 +261,31 @@ def build_config(recipe: str | None = None, overrides: dict | None = None) -> Ru
     for key, allowed in (("method", METHODS), ("task", TASKS), ("device", DEVICES)):
         if getattr(cfg, key) not in allowed:
             raise SetupError(f"unknown {key} '{getattr(cfg, key)}' (one of {', '.join(allowed)})")
+    _check_quantize(cfg)
     if cfg.dataset is None and not cfg.train_file:
         raise SetupError("no data: give --train-file (and --validation-file/--test-file) or a dataset")
     return cfg
+
+
+QUANTIZE = ("4bit", "8bit")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _check_quantize(cfg: RunConfig) -> None:
+    for key, allowed in (("quant_type", QUANT_TYPES), ("compute_dtype", COMPUTE_DTYPES)):
+        if getattr(cfg, key) not in allowed:
+            raise SetupError(f"unknown {key} '{getattr(cfg, key)}' (one of {', '.join(allowed)})")
+    if cfg.quantize is None:
+        return
+    if cfg.quantize not in QUANTIZE:
+        raise SetupError(f"unknown quantize '{cfg.quantize}' (one of {', '.join(QUANTIZE)}, or none)")
+    if cfg.method == "full":
+        raise SetupError("--quantize with --method full: a quantized base cannot be fine-tuned in full; use an "
+                         "adapter method (vblora, lora, ...)")
+    if cfg.gguf_file:
+        raise SetupError("--quantize with --gguf-file: load a transformers checkpoint (config.json + weights) to "
+                         "quantize it with bitsandbytes")
 
 
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"vblora"}

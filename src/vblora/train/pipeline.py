@@ -40,10 +40,22 @@ class _Trainer(C.CheckpointHooks, Trainer):
     """Trainer with our optimizer groups, length-grouped batches, checkpoints of train/checkpoints.py (trainable
     tensors only, complete or absent, the loss bookkeeping restored on resume) and a divergence guard."""
 
-    def __init__(self, *a, param_groups=None, group_by_length=False, run=None, resumed=None, diverged=None, **kw):
-        self._groups, self._group_by_length = param_groups, group_by_length
+    def __init__(self, *a, param_groups=None, group_by_length=False, run=None, resumed=None, diverged=None,
+                 paged=False, log=print, **kw):
+        self._groups, self._group_by_length, self._paged, self._log = param_groups, group_by_length, paged, log
         self._run, self._losses, self._diverged, self._nonfinite = run, resumed, diverged, 0
-        super().__init__(*a, **kw)
+        model = kw.get("model")
+        # transformers refuses a quantized model that is not a PEFT model ("purely quantized"); ours carries its
+        # adapter (VB-LoRA, or the baselines' own layers): say so for the length of that check only
+        adapter = getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False) \
+            and any(p.requires_grad for p in model.parameters())
+        if adapter:
+            model._hf_peft_config_loaded = True
+        try:
+            super().__init__(*a, **kw)
+        finally:
+            if adapter:
+                del model._hf_peft_config_loaded
         self.add_callback(_LossBook(self))
 
     def _get_train_sampler(self, train_dataset=None):
@@ -57,7 +69,13 @@ class _Trainer(C.CheckpointHooks, Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             groups = [{k: v for k, v in g.items() if k != "name"} for g in self._groups]
-            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+            adamw = torch.optim.AdamW
+            if self._paged:  # QLoRA's paged AdamW: optimizer state paged to host memory under memory spikes
+                from vblora.layout import require_bitsandbytes
+                adamw = require_bitsandbytes().optim.PagedAdamW
+            elif getattr(self.model, "is_quantized", False):
+                self._log("vblora train: --quantize on the CPU: paged AdamW needs CUDA; using torch AdamW")
+            self.optimizer = adamw(groups, lr=self.args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         return self.optimizer
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -148,9 +166,19 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     data = task(cfg, tok)
     lm = data.kind in ("causal-lm", "gsm8k")
     set_seed(cfg.seed)  # the head's random init does not depend on how much data loading consumed
+    quant = models.quantization(cfg.quantize, cfg.quant_type, cfg.double_quant, cfg.compute_dtype,
+                                cfg.vblora.modules_to_save or (), dev["use_cpu"]) if cfg.quantize else None
     model = models.load_model(path, gguf, "causal-lm" if lm else data.kind,
-                              data.labels.num_labels if data.labels else 0, data.labels.names if data.labels else None)
+                              data.labels.num_labels if data.labels else 0, data.labels.names if data.labels else None,
+                              quant=quant)
     models.set_pad_token(model, tok)
+    if cfg.quantize:  # QLoRA: recompute activations in the backward; the frozen embeddings' output needs grad
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     adapted = methods.apply_method(model, cfg)
     model = adapted.model
 
@@ -188,7 +216,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     trainer = _Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
                        data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.kind),
                        callbacks=callbacks, param_groups=adapted.param_groups, group_by_length=cfg.group_by_length,
-                       run=identity, resumed=found[1].get("losses") if found else None,
+                       run=identity, resumed=found[1].get("losses") if found else None, log=log,
+                       paged=bool(cfg.quantize) and not dev["use_cpu"],
                        diverged=lambda step, steps, what: _divergence_message(cfg, step, steps, what))
     log(f"vblora train: {cfg.method} on {Path(path).name} ({data.kind}), {len(data.train)} train / "
         f"{len(data.validation or ())} validation / {len(data.test)} test examples, {len(adapted.targets)} adapted "
