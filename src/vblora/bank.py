@@ -159,9 +159,14 @@ class VectorBank(nn.Module):
                 return self.layout.split(self.compose_rows().to(dtype))[i]
             return self.layout.split(next(iter(step.fp32.values())).to(dtype))[i]
         grad = torch.is_grad_enabled()
-        if not self.training and not (grad and self._trainable()):
-            return self._inference_pieces(dtype)[i]
         step = self._step
+        if not self.training and not (grad and self._trainable()):
+            if step is None or not step.open:
+                return self._inference_pieces(dtype)[i]
+            key = (dtype, "inference")  # the cache is validated once per forward, not once per module
+            if key not in step.pieces:
+                step.pieces[key] = self._inference_pieces(dtype)
+            return step.pieces[key][i]
         if step is not None and step.open:
             step.reentrant |= not grad and self.training
             return self._step_pieces(step, dtype, grad)[i]

@@ -49,9 +49,9 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     for name, layer in layers.items():
         if layer.quantized:
             continue
-        w = layer.base.weight
-        merged = w.float() if layer.merged else w.float() + layer.delta_weight().to(w.device)
-        unmerged = w.float() - layer.delta_weight().to(w.device) if layer.merged else w.float()
+        w, dw = layer.base.weight, layer.delta_weight().to(layer.base.weight.device)  # dW composed once per layer
+        merged = w.float() if layer.merged else w.float() + dw
+        unmerged = w.float() - dw if layer.merged else w.float()
         for key, t in out.items():  # tied copies of the same tensor keep the base value
             if t.data_ptr() == w.data_ptr() and key != f"{name}.weight":
                 out[key] = unmerged.to(w.dtype)

@@ -78,10 +78,15 @@ def task_type(model: nn.Module) -> str | None:
     return next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
 
 
+def sample_positions(numel: int, n: int) -> list[int]:
+    """n flat positions at the middles of n equal stretches of a weight: where the fingerprint samples it."""
+    return [(2 * i + 1) * numel // (2 * n) for i in range(n)]
+
+
 @torch.no_grad()
 def weight_sample(model: nn.Module) -> dict[str, list[float]]:
-    """Values (5 significant digits) of up to 8 adapted base weights (evenly spread over the model) at 4 fixed strided positions; merged
-    layers are sampled as their unmerged weight. Quantized layers are skipped (`is_quantized`): a quantized value
+    """Values (5 significant digits) of up to 8 adapted base weights (evenly spread over the model) at 4 fixed strided
+    positions (`sample_positions`); merged layers are sampled as their unmerged weight. Quantized layers are skipped (`is_quantized`): a quantized value
     differs from its checkpoint's by far more than SAMPLE_RTOL, so a sample taken on either side would refuse an
     adapter trained on a 4-bit base and loaded on its full-precision checkpoint, the usual QLoRA round trip."""
     layers = list(adapted_layers(model).items())
@@ -91,7 +96,7 @@ def weight_sample(model: nn.Module) -> dict[str, list[float]]:
         w = getattr(layer.base, "weight", None)
         if not isinstance(w, torch.Tensor) or is_quantized(layer.base) or w.numel() < SAMPLES_PER_MODULE:
             continue
-        positions = [(2 * i + 1) * w.numel() // (2 * SAMPLES_PER_MODULE) for i in range(SAMPLES_PER_MODULE)]
+        positions = sample_positions(w.numel(), SAMPLES_PER_MODULE)
         values = w.detach().reshape(-1)[positions].float().cpu()
         if layer.merged:
             values -= layer.delta_weight().reshape(-1)[positions].cpu()
@@ -186,7 +191,7 @@ def weight_problems(modules: dict[str, nn.Module], snap: AdapterSnapshot) -> lis
         if not isinstance(w, torch.Tensor) or is_quantized(modules[name]) or w.numel() < len(want):
             continue
         n = len(want)
-        positions = [(2 * i + 1) * w.numel() // (2 * n) for i in range(n)]
+        positions = sample_positions(w.numel(), n)
         have = w.detach().reshape(-1)[positions].float().cpu()
         if not torch.allclose(have, torch.tensor(want), rtol=SAMPLE_RTOL, atol=1e-6):
             bad.append(name)
