@@ -89,3 +89,17 @@ def test_bad_settings_give_one_line_and_exit_2(argv, tmp_path, capsys, monkeypat
     lines = cap.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"vblora {argv[0]}: error: "), cap.err
     assert "Traceback" not in cap.out + cap.err
+
+
+def test_missing_extra_is_one_line(monkeypatch, capsys):
+    """A missing optional package (here bitsandbytes for --quantize) names the extra that installs it."""
+    import vblora.train.models as models
+
+    def missing(*a, **k):
+        from vblora.layout import QLORA_EXTRA
+        raise ImportError(f"quantized base layers need bitsandbytes: {QLORA_EXTRA}")
+
+    monkeypatch.setattr(models, "quantization", missing)
+    assert main(["train", "--quantize", "4bit", "--max-train-samples", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["vblora train: error: quantized base layers need bitsandbytes: pip install 'vblora[qlora]'"]

@@ -16,8 +16,8 @@ import sys
 from vblora import commands
 from vblora.errors import VBLoRAError
 
-EXTRAS = {"transformers": "hf", "accelerate": "hf", "yaml": "hf", "peft": "peft", "sklearn": "train",
-          "scipy": "train", "matplotlib": "plot", "nltk": "e2e", "pycocoevalcap": "e2e"}
+EXTRAS = {"transformers": "hf", "accelerate": "hf", "yaml": "hf", "peft": "peft", "bitsandbytes": "qlora",
+          "sklearn": "train", "scipy": "train", "matplotlib": "plot", "nltk": "e2e", "pycocoevalcap": "e2e"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +41,8 @@ def user_error(e: BaseException) -> str | None:
     if isinstance(e, ModuleNotFoundError) and e.name:
         extra = EXTRAS.get(e.name.split(".")[0], "all")
         return f"this needs the optional package '{e.name}': pip install 'vblora[{extra}]'"
+    if isinstance(e, ImportError) and "pip install 'vblora[" in str(e):  # our own "needs the extra" messages
+        return str(e)
     if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
     if isinstance(e, OSError) and e.errno is not None:  # e.g. a full disk
