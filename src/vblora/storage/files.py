@@ -6,6 +6,7 @@ No pickle anywhere: safetensors holds raw tensors plus a string->string metadata
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,10 +43,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
@@ -75,7 +73,7 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
-        return True
+        pass
     return True
 
 
@@ -114,16 +112,12 @@ def replace_dir(out: str | os.PathLike, write, replaceable) -> Path:
 
 def _fsync_dir(directory: Path) -> None:
     # Persist the rename itself; not supported on every platform (e.g. Windows), where it is skipped.
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

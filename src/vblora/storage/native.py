@@ -79,6 +79,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, precision: str = "fp
 
 
 def write_adapter(file: Path, tensors: dict[str, torch.Tensor], header: dict) -> Path:
+    """An adapter or bank file: the tensors, and `header` as the JSON metadata entry "vblora"."""
     return write_safetensors(file, tensors, {"format": "pt", "vblora": canonical_json(header)})
 
 
@@ -264,8 +265,7 @@ def save_bank(model: nn.Module, path: str | os.PathLike) -> Path:
     bank = get_bank(model).bank.detach().float().cpu()
     meta = {"format": BANK_FORMAT, "format_version": FORMAT_VERSION, "shape": list(bank.shape),
             "sha256": bank_sha256(bank)}
-    return write_safetensors(adapter_file(path, BANK_FILE), {"bank": bank}, {"format": "pt",
-                                                                              "vblora": canonical_json(meta)})
+    return write_adapter(adapter_file(path, BANK_FILE), {"bank": bank}, meta)
 
 
 def read_bank(path: str | os.PathLike) -> tuple[torch.Tensor, str]:

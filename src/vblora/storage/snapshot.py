@@ -78,29 +78,30 @@ def task_type(model: nn.Module) -> str | None:
     return next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
 
 
-def sample_positions(numel: int, n: int) -> list[int]:
-    """n flat positions at the middles of n equal stretches of a weight: where the fingerprint samples it."""
-    return [(2 * i + 1) * numel // (2 * n) for i in range(n)]
+def sampled(module: nn.Module, n: int, merged_delta=None) -> torch.Tensor | None:
+    """`(n,)` float32 values of the module's dense weight at the middles of n equal stretches (where the fingerprint
+    samples it), minus `merged_delta()` there when given; None for a quantized or missing or too small weight
+    (`is_quantized`: a quantized value differs from its checkpoint's by far more than SAMPLE_RTOL, so a sample taken
+    on either side would refuse an adapter trained on a 4-bit base and loaded on its full-precision checkpoint, the
+    usual QLoRA round trip)."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or is_quantized(module) or w.numel() < n:
+        return None
+    positions = [(2 * i + 1) * w.numel() // (2 * n) for i in range(n)]
+    values = w.detach().reshape(-1)[positions].float().cpu()
+    return values if merged_delta is None else values - merged_delta().reshape(-1)[positions].cpu()
 
 
 @torch.no_grad()
 def weight_sample(model: nn.Module) -> dict[str, list[float]]:
     """Values (5 significant digits) of up to 8 adapted base weights (evenly spread over the model) at 4 fixed strided
-    positions (`sample_positions`); merged layers are sampled as their unmerged weight. Quantized layers are skipped (`is_quantized`): a quantized value
-    differs from its checkpoint's by far more than SAMPLE_RTOL, so a sample taken on either side would refuse an
-    adapter trained on a 4-bit base and loaded on its full-precision checkpoint, the usual QLoRA round trip."""
+    positions (`sampled`); merged layers are sampled as their unmerged weight; quantized layers are skipped."""
     layers = list(adapted_layers(model).items())
-    picks = layers[::max(1, -(-len(layers) // SAMPLED_MODULES))]
     out = {}
-    for name, layer in picks:
-        w = getattr(layer.base, "weight", None)
-        if not isinstance(w, torch.Tensor) or is_quantized(layer.base) or w.numel() < SAMPLES_PER_MODULE:
-            continue
-        positions = sample_positions(w.numel(), SAMPLES_PER_MODULE)
-        values = w.detach().reshape(-1)[positions].float().cpu()
-        if layer.merged:
-            values -= layer.delta_weight().reshape(-1)[positions].cpu()
-        out[name] = [float(f"{float(v):.5g}") for v in values]
+    for name, layer in layers[::max(1, -(-len(layers) // SAMPLED_MODULES))]:
+        values = sampled(layer.base, SAMPLES_PER_MODULE, layer.delta_weight if layer.merged else None)
+        if values is not None:
+            out[name] = [float(f"{float(v):.5g}") for v in values]
     return out
 
 
@@ -187,13 +188,8 @@ def weight_problems(modules: dict[str, nn.Module], snap: AdapterSnapshot) -> lis
     """The sampled base weights that differ beyond bf16 rounding (another checkpoint of the same architecture)."""
     bad = []
     for name, want in snap.weight_sample.items():
-        w = getattr(modules.get(name), "weight", None)
-        if not isinstance(w, torch.Tensor) or is_quantized(modules[name]) or w.numel() < len(want):
-            continue
-        n = len(want)
-        positions = sample_positions(w.numel(), n)
-        have = w.detach().reshape(-1)[positions].float().cpu()
-        if not torch.allclose(have, torch.tensor(want), rtol=SAMPLE_RTOL, atol=1e-6):
+        have = sampled(modules.get(name), len(want))
+        if have is not None and not torch.allclose(have, torch.tensor(want), rtol=SAMPLE_RTOL, atol=1e-6):
             bad.append(name)
     if not bad:
         return []
