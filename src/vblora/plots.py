@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vblora.errors import VBLoRAError
 from vblora.train.selection import Selection, load_selection
 
 DPI = 150
@@ -219,7 +220,7 @@ def plot_bank_embedding(sel: Selection, path, methods: tuple[str, ...] = ("pca",
             pb, ps = both[:len(bank)], both[len(bank):]
             title = "t-SNE of bank and sub-vectors jointly"
         else:
-            raise ValueError(f"unknown embedding method {method!r}; use 'pca' or 'tsne'")
+            raise VBLoRAError(f"unknown embedding method {method!r}; use 'pca' or 'tsne'")
         for m, c, name in ((0, "#dd8452", "sub-vector of A"), (1, "#55a868", "sub-vector of B")):
             pts = ps[matrix == m]
             ax.scatter(pts[:, 0], pts[:, 1], s=5, c=c, alpha=0.5, label=name, linewidths=0)
@@ -269,5 +270,5 @@ def plot_all(run_dir, out_dir=None, only: list[str] | None = None) -> dict[str, 
     names = only or list(FIGURES)
     unknown = set(names) - set(FIGURES)
     if unknown:
-        raise ValueError(f"unknown figure(s) {sorted(unknown)}; choose from {list(FIGURES)}")
+        raise VBLoRAError(f"unknown figure(s) {sorted(unknown)}; choose from {list(FIGURES)}")
     return {name: FIGURES[name](sel, out / f"{name}.png") for name in names}

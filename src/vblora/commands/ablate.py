@@ -30,6 +30,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from vblora.experiments import ablate as A
+    from vblora.train.errors import SetupError
     from vblora.train.flags import assignments
 
     if args.threads:
@@ -59,8 +60,7 @@ def run(args) -> int:
         if args.variants:
             unknown = set(args.variants) - {v.name for v in variants}
             if unknown:
-                print(f"vblora ablate: unknown variant(s) {sorted(unknown)}; choose from {[v.name for v in variants]}")
-                return 2
+                raise SetupError(f"unknown variant(s) {sorted(unknown)}; choose from {[v.name for v in variants]}")
             variants = [v for v in variants if v.name in args.variants]
         table = A.format_table(A.run_study(variants, args.seeds, out, overrides, budget, args.recipe),
                                f"{title}\n\n{note}")

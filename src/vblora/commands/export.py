@@ -3,8 +3,6 @@ plain-LoRA directory, or (with `--base`) the merged full model."""
 
 from __future__ import annotations
 
-import sys
-
 
 def load_base(base: str, snap):
     """A transformers model from a local directory, of the class the adapter was saved from when known, with the
@@ -19,6 +17,7 @@ def load_base(base: str, snap):
 
 
 def run(args) -> int:
+    from vblora.errors import VBLoRAError
     from vblora.storage import export_lora, export_peft, load_adapter, merge_and_save, read_adapter
 
     snap, _ = read_adapter(args.path, bank_path=args.bank)
@@ -29,8 +28,7 @@ def run(args) -> int:
     else:
         base = args.base or snap.name_or_path
         if not base:
-            print("vblora export: error: --to merged needs --base (the base model's directory)", file=sys.stderr)
-            return 2
+            raise VBLoRAError("--to merged needs --base (the base model's directory)")
         model = load_adapter(load_base(base, snap), args.path, bank_path=args.bank,
                              verify_weights=not args.ignore_base_weights)
         out = merge_and_save(model, args.output)

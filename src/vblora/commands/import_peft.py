@@ -3,11 +3,10 @@ vblora adapter file, checked against the base model it belongs to."""
 
 from __future__ import annotations
 
-import sys
-
 
 def run(args) -> int:
     from vblora.commands.export import load_base
+    from vblora.errors import VBLoRAError
     from vblora.storage import import_peft, save_adapter
     from vblora.storage.peft_vblora import read_peft
 
@@ -15,8 +14,7 @@ def run(args) -> int:
     snap.architecture = args.model_class or snap.architecture
     base = args.base or snap.name_or_path
     if not base:
-        print("vblora import-peft: error: give --base (the base model's directory)", file=sys.stderr)
-        return 2
+        raise VBLoRAError("give --base (the base model's directory)")
     model = import_peft(load_base(base, snap), args.peft_dir)
     out = save_adapter(model, args.output, precision=args.precision, pack_indices=args.pack_indices)
     print(f"wrote {out}")

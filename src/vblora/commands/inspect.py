@@ -60,18 +60,14 @@ def bank_summary(path: str) -> dict:
 def run(args) -> int:
     from pathlib import Path
 
-    from vblora.storage.native import ADAPTER_FILE
+    from vblora.storage.native import ADAPTER_FILE, BANK_FILE
 
     path = Path(args.path)
-    if path.name.endswith("bank.safetensors") or (path.is_dir() and not (path / ADAPTER_FILE).exists()
-                                                  and (path / "bank.safetensors").exists()):
-        info = bank_summary(args.path)
-        print(json.dumps(info, indent=2) if args.json else
-              "\n".join(f"{k}: {v}" for k, v in info.items()))
-        return 0 if info["verified"] == "ok" else 1
-    info = summary(args.path, args.bank)
-    if args.json:
-        print(json.dumps(info, indent=2))
+    bank = path.name.endswith(BANK_FILE) or (path.is_dir() and not (path / ADAPTER_FILE).exists()
+                                             and (path / BANK_FILE).exists())
+    info = bank_summary(args.path) if bank else summary(args.path, args.bank)
+    if args.json or bank:
+        print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
         return 0 if info["verified"] == "ok" else 1
     cfg = info["config"]
     print(f"{info['file']}  ({info['file_bytes']:,} bytes, format v{info['format_version']}, "

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def run(args) -> int:
+    from vblora.errors import VBLoRAError
     from vblora.plots import FIGURES, plot_all
 
     if args.list:
@@ -13,14 +12,8 @@ def run(args) -> int:
             print(f"{name:24s} {(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0
     if not args.run_dir:
-        print("vblora plot: error: give RUN_DIR (or --list)", file=sys.stderr)
-        return 2
-    try:
-        written = plot_all(args.run_dir, args.out, only=args.only)
-    except (FileNotFoundError, ValueError) as e:  # a run without a recorded selection: a user error
-        print(f"vblora plot: error: {e}", file=sys.stderr)
-        return 2
-    for name, path in written.items():
+        raise VBLoRAError("give RUN_DIR (or --list)")
+    for name, path in plot_all(args.run_dir, args.out, only=args.only).items():
         print(f"{name:24s} {path}")
     return 0
 

@@ -10,7 +10,6 @@ test MR once (beam search) and scoring it against all its references with `e2e_m
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import typing
@@ -43,27 +42,16 @@ def _fix(text: str) -> str:
 
 
 def read_e2e_csv(path: str | Path) -> list[tuple[str, str | None]]:
-    """Rows `(mr, ref)` of an E2E CSV (columns `mr` and `ref`, any case; `ref` may be absent: then None)."""
-    path = Path(path)
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty file")
-        cols = [h.strip().lower() for h in header]
-        if "mr" not in cols:
-            raise ValueError(f"{path}: no 'mr' column in the header {header} (the E2E files start with 'mr,ref')")
-        i_mr, i_ref = cols.index("mr"), (cols.index("ref") if "ref" in cols else None)
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            if not row or not any(c.strip() for c in row):
-                continue
-            if len(row) != len(cols):
-                raise ValueError(f"{path}:{line}: {len(row)} fields, the header has {len(cols)}")
-            rows.append((_fix(row[i_mr]), _fix(row[i_ref]) if i_ref is not None else None))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+    """Rows `(mr, ref)` of an E2E CSV (columns `mr` and `ref`, any case; `ref` may be absent: then None). The file is
+    read by `vblora.train.data.read_table`, so a malformed one is a DataError naming its line."""
+    from vblora.train.data import read_table
+
+    table = read_table(path, "csv")
+    cols = {c.strip().lower(): c for c in table.columns}
+    if "mr" not in cols:
+        raise DataError(f"{path}: no 'mr' column in the header {table.columns} (the E2E files start with 'mr,ref')")
+    ref = cols.get("ref")
+    return [(_fix(row[cols["mr"]]), _fix(row[ref]) if ref else None) for row in table.rows]
 
 
 def group_by_mr(rows: list[tuple[str, str | None]]) -> list[E2EInstance]:
@@ -155,14 +143,14 @@ def _rows(path, what: str):
         raise DataError(f"{what} '{path}' does not exist (give a local E2E CSV with the header mr,ref)")
     try:
         return read_e2e_csv(path)
-    except (ValueError, UnicodeDecodeError) as e:
+    except DataError as e:
         raise DataError(f"{what}: {e}") from None
 
 
 def task(opts: E2EOptions):
     """The pipeline task of the E2E CSVs (`train(cfg, task=task(opts))`): LM examples of every row; the test set is
     the unique referenced MRs of --test-file (capped by max_test_samples), decoded and scored on the best state."""
-    from vblora.train.tasks import ListDataset, TaskData
+    from vblora.train.tasks import TaskData
 
     def build(cfg: RunConfig, tok) -> TaskData:
         train = _rows(cfg.train_file, "--train-file")[:cfg.max_train_samples or None]
@@ -175,7 +163,7 @@ def task(opts: E2EOptions):
         keep = {x.mr for x in test_set}
 
         def encode(rows):
-            return ListDataset(build_examples(rows, tok, cfg.max_length, opts))
+            return build_examples(rows, tok, cfg.max_length, opts)
         return TaskData("causal-lm", encode(train), encode(val) if val else None,
                         encode([r for r in test_rows if r[0] in keep]), raw={"test": test_set},
                         info={"files": {"train": cfg.train_file, "validation": cfg.validation_file,
@@ -227,11 +215,6 @@ def generate_e2e(model, tokenizer, mrs: list[str], opts: E2EOptions = E2EOptions
     return [o.strip().split("\n")[0].strip() for o in outs]
 
 
-def write_predictions(path: str | Path, outputs: list[str]) -> None:
-    """The official system-output format: one line per unique MR, in the evaluation set's order."""
-    Path(path).write_text("".join(o.replace("\n", " ") + "\n" for o in outputs), encoding="utf-8")
-
-
 def write_references(path: str | Path, eval_set: list[E2EInstance]) -> None:
     """measure_scores.py's multi-reference text format: an MR's references on consecutive lines, blank line
     between MRs (so `measure_scores.py refs.txt preds.txt -p` can cross-check our numbers)."""
@@ -250,8 +233,8 @@ def evaluate_e2e(model, tokenizer, eval_set: list[E2EInstance], opts: E2EOptions
     if not eval_set:
         raise ValueError("the evaluation set has no references to score against")
     preds = generate_e2e(model, tokenizer, [x.mr for x in eval_set], opts, max_new_tokens, batch_size)
-    if predictions_path is not None:
-        write_predictions(predictions_path, preds)
+    if predictions_path is not None:  # the official system-output format: one line per unique MR, in order
+        Path(predictions_path).write_text("".join(p.replace("\n", " ") + "\n" for p in preds), encoding="utf-8")
     scores = compute_e2e_metrics(preds, [list(x.refs) for x in eval_set], metrics=metrics,
                                  tokenizer=opts.metric_tokenizer,
                                  meteor_modules=tuple(opts.meteor_modules) if opts.meteor_modules else None)

@@ -52,19 +52,16 @@ class Table:
     columns: list[str] = field(default_factory=list)
 
 
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".tsv": "tsv", ".tab": "tsv", ".csv": "csv",
+                  ".txt": "csv"}
+
+
 def file_format(path: Path, fmt: str | None = None) -> str:
-    if fmt:
-        return fmt
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix == ".json":
-        return "json"
-    if suffix in (".tsv", ".tab"):
-        return "tsv"
-    if suffix in (".csv", ".txt"):
-        return "csv"
-    raise DataError(f"{path}: unknown data format '{suffix}' (use .csv, .tsv, .jsonl or .json, or pass --data-format)")
+    if not fmt and suffix not in SUFFIX_FORMATS:
+        raise DataError(f"{path}: unknown data format '{suffix}' (use .csv, .tsv, .jsonl or .json, or pass "
+                        f"--data-format)")
+    return fmt or SUFFIX_FORMATS[suffix]
 
 
 def read_table(path: str | Path, fmt: str | None = None, names: list[str] | None = None) -> Table:
@@ -81,12 +78,16 @@ def read_table(path: str | Path, fmt: str | None = None, names: list[str] | None
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
     if fmt in ("csv", "tsv"):
-        return _read_delimited(path, text, "\t" if fmt == "tsv" else ",", names)
-    if fmt == "jsonl":
-        return _read_jsonl(path, text)
-    if fmt == "json":
-        return _read_json_list(path, text)
-    raise DataError(f"{path}: unknown data format '{fmt}'")
+        table = _read_delimited(path, text, "\t" if fmt == "tsv" else ",", names)
+    elif fmt == "jsonl":
+        table = _read_jsonl(path, text)
+    elif fmt == "json":
+        table = _read_json_list(path, text)
+    else:
+        raise DataError(f"{path}: unknown data format '{fmt}'")
+    if not table.rows:
+        raise DataError(f"{path}: no data rows")
+    return table
 
 
 def _read_delimited(path: Path, text: str, delim: str, names: list[str] | None) -> Table:
@@ -121,8 +122,6 @@ def _read_delimited(path: Path, text: str, delim: str, names: list[str] | None) 
             lines.append(start)
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: malformed {kind}: {e}") from None
-    if not rows:
-        raise DataError(f"{path}: no data rows")
     return Table(path, rows, lines, list(header or []))
 
 
@@ -159,8 +158,6 @@ def _read_jsonl(path: Path, text: str) -> Table:
             raise DataError(f"{path}:{i}: expected a JSON object per line, found {type(obj).__name__}")
         rows.append(obj)
         lines.append(i)
-    if not rows:
-        raise DataError(f"{path}: no data rows")
     return Table(path, rows, lines, sorted({k for r in rows for k in r}))
 
 
@@ -176,8 +173,6 @@ def _read_json_list(path: Path, text: str) -> Table:
         raise DataError(f"{path}: expected a JSON list of objects")
     starts = [i + 1 for i, line in enumerate(text.split("\n")) if line.lstrip().startswith("{")]
     lines = starts if len(starts) == len(obj) else [1] * len(obj)
-    if not obj:
-        raise DataError(f"{path}: no data rows")
     return Table(path, obj, lines, sorted({k for r in obj for k in r}))
 
 
@@ -224,20 +219,16 @@ def _require_columns(table: Table, wanted: dict[str, str | None]) -> None:
 # ---- labels -------------------------------------------------------------------------------------------------
 
 
-def _as_number(s: str) -> float | None:
-    try:
-        v = float(s)
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
-
-
 def _kind(s: str) -> str:
     """'number' (finite), 'non-finite' (nan, inf, -inf, ...) or 'name'."""
     try:
         return "number" if math.isfinite(float(s)) else "non-finite"
     except ValueError:
         return "name"
+
+
+def _as_number(s: str) -> float | None:
+    return float(s) if _kind(s) == "number" else None
 
 
 _FIX = "fix the value or remove the row"

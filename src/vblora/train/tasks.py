@@ -23,23 +23,14 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a re
 SENTIMENT_INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
 
 
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict]):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 @dataclass
 class TaskData:
+    """Tokenized splits: each a list of example dicts (a list is all a Trainer and a DataLoader need of a dataset)."""
+
     kind: str                       # classification|regression|causal-lm|gsm8k
-    train: ListDataset
-    validation: ListDataset | None  # None: no best-epoch selection, the final state is scored
-    test: ListDataset
+    train: list[dict]
+    validation: list[dict] | None   # None: no best-epoch selection, the final state is scored
+    test: list[dict]
     labels: D.LabelSpace | None = None
     raw: dict = field(default_factory=dict)  # split -> list of raw records (LM: prompts/answers for generation)
     info: dict = field(default_factory=dict)
@@ -94,7 +85,7 @@ def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> T
                         max_length=cfg.max_length)
         items = [{**{k: enc[k][i] for k in enc.keys()}, "labels": float(y) if labels.regression else int(y)}
                  for i, y in enumerate(ex.labels[:cap])]
-        splits[split], raw[split] = ListDataset(items), {"n": len(items), "file": files[split]}
+        splits[split], raw[split] = items, {"n": len(items), "file": files[split]}
     kind = "regression" if labels.regression else "classification"
     return TaskData(kind, splits["train"], splits["validation"], splits.get("test", splits["validation"]),
                     labels, raw, {"files": files, "label_names": labels.names})
@@ -173,7 +164,7 @@ def _build_lm(cfg: RunConfig, tokenizer, files: dict[str, str]) -> TaskData:
         dropped += len(encoded) - len(items)
         if not items:
             raise DataError(f"{files[split]}: every example's response is cut off by --max-length {cfg.max_length}")
-        splits[split], raw[split] = ListDataset(items), recs
+        splits[split], raw[split] = items, recs
     kind = "gsm8k" if cfg.task == "gsm8k" else "causal-lm"
     return TaskData(kind, splits["train"], splits["validation"], splits.get("test", splits["validation"]), None,
                     raw, {"files": files, "dropped_truncated": dropped})

@@ -16,9 +16,9 @@ import random
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
+from vblora.storage.files import atomic_write
 from vblora.train.errors import DataError
 
 PACKAGE = "vaderSentiment==3.3.2"
@@ -40,10 +40,6 @@ def cache_dir() -> Path:
         return Path(os.environ["VBLORA_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "vblora"
-
-
-def dataset_dir(root: Path | None = None) -> Path:
-    return (root or cache_dir()) / DATASET
 
 
 def split_paths(root: Path | None = None, dataset: str = DATASET) -> dict[str, Path]:
@@ -110,50 +106,46 @@ def ground_truth(member: str, root: Path | None = None) -> bytes:
         return inner.extractfile(member).read()
 
 
-def write_split(records: list[dict], out: Path, info: dict) -> dict[str, Path]:
-    """The fixed 80/10/10 split of `records` as out/{train,validation,test}.jsonl, plus out/info.json."""
+def write_split(records: list[dict], out: Path, info: dict) -> dict[str, int]:
+    """The fixed 80/10/10 split of `records` as out/{train,validation,test}.jsonl, plus out/info.json; the sizes."""
     splits = make_split(records)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {s: out / f"{s}.jsonl" for s in splits}
-    for name, recs in splits.items():
-        with tempfile.NamedTemporaryFile("w", dir=out, delete=False, encoding="utf-8") as f:
-            for r in recs:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(f.name, paths[name])  # atomic: a killed fetch never leaves a half split behind
-    (out / "info.json").write_text(json.dumps({**info, "sizes": {k: len(v) for k, v in splits.items()}}, indent=2))
-    return paths
-
-
-def fetch(root: Path | None = None, force: bool = False, log=print) -> dict[str, Path]:
-    """Download (if needed), verify, extract and split the movie snippets; returns the split files. Idempotent."""
-    paths = split_paths(root)
-    if not force and all(p.exists() for p in paths.values()):
-        return paths
-    raw = _verified(ground_truth(MOVIES, root), MOVIES_SHA256, MOVIES)
-    info = {"source": PACKAGE, "sdist_sha256": SDIST_SHA256, "file": MOVIES, "file_sha256": MOVIES_SHA256,
-            "split_seed": SPLIT_SEED, "fractions": SPLIT_FRACTIONS,
-            "label": "1 if mean human rating > 0 else 0 (rating 0 dropped)", "licence": "MIT"}
-    write_split(parse_ground_truth(raw.decode("utf-8")), dataset_dir(root), info)
-    log(f"VADER movie snippets: {split_info(root)['sizes']} -> {dataset_dir(root)}")
-    return paths
+    for name, recs in splits.items():  # atomic: a killed fetch never leaves a half split behind
+        atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode())
+    sizes = {k: len(v) for k, v in splits.items()}
+    (out / "info.json").write_text(json.dumps({**info, "sizes": sizes}, indent=2))
+    return sizes
 
 
 CORPORA = {"movies": "movieReviewSnippets", "tweets": "tweets", "amazon": "amazonReviewSnippets",
            "nyt": "nytEditorialSnippets"}
 
 
-def fetch_corpus(name: str, root: Path | None = None) -> dict[str, Path]:
-    """Another VADER ground-truth corpus (tweets, amazon, nyt) as binary sentiment, split like the default task
-    (label = sign of the mean human rating, zeros dropped; seeded 80/10/10), e.g. task 2 of the shared-bank study."""
+def fetch_corpus(name: str, root: Path | None = None, force: bool = False, log=print) -> dict[str, Path]:
+    """A VADER ground-truth corpus as binary sentiment (label = sign of the mean human rating, zeros dropped; seeded
+    80/10/10 split): the movie snippets (the default task, in DATASET) or tweets, amazon, nyt (e.g. task 2 of the
+    shared-bank study). Downloads (if needed), verifies, extracts and splits; returns the split files. Idempotent."""
     if name not in CORPORA:
         raise DataError(f"unknown VADER corpus {name!r}; choose one of {list(CORPORA)}")
-    paths = split_paths(root, f"vader-{name}")
-    if all(p.exists() for p in paths.values()):
+    paths = split_paths(root, DATASET if name == "movies" else f"vader-{name}")
+    if not force and all(p.exists() for p in paths.values()):
         return paths
-    raw = ground_truth(f"hutto_ICWSM_2014/{CORPORA[name]}_GroundTruth.txt", root).decode("utf-8")
-    return write_split(parse_ground_truth(raw), paths["train"].parent, {"source": PACKAGE, "file": CORPORA[name]})
+    member = f"hutto_ICWSM_2014/{CORPORA[name]}_GroundTruth.txt"
+    raw = ground_truth(member, root)
+    info = {"source": PACKAGE, "sdist_sha256": SDIST_SHA256, "file": member, "split_seed": SPLIT_SEED,
+            "fractions": SPLIT_FRACTIONS, "label": "1 if mean human rating > 0 else 0 (rating 0 dropped)",
+            "licence": "MIT"}
+    if member == MOVIES:  # the default task's file is pinned too
+        info["file_sha256"] = sha256(_verified(raw, MOVIES_SHA256, MOVIES))
+    sizes = write_split(parse_ground_truth(raw.decode("utf-8")), paths["train"].parent, info)
+    log(f"VADER {name}: {sizes} -> {paths['train'].parent}")
+    return paths
+
+
+def fetch(root: Path | None = None, force: bool = False, log=print) -> dict[str, Path]:
+    """The default task's data: `fetch_corpus("movies")`."""
+    return fetch_corpus("movies", root, force, log)
 
 
 def split_info(root: Path | None = None) -> dict:
-    p = dataset_dir(root) / "info.json"
+    p = split_paths(root)["train"].parent / "info.json"
     return json.loads(p.read_text()) if p.exists() else {}
