@@ -19,14 +19,17 @@ Use it from any loop with `SelectionRecorder(run_dir, every=50)` and `recorder.m
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from vblora.storage.files import atomic_write
+from vblora.train.errors import DataError
 
 FORMAT = "vblora-selection/1"
 NPZ, JSON = "selection.npz", "selection.json"
@@ -89,11 +92,11 @@ class SelectionRecorder:
     Files are rewritten at each record (atomically), so a killed run still leaves the records so far.
     """
 
-    def __init__(self, run_dir: str | Path, every: int = 50, k: int | None = None, save_each: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, every: int = 50, k: int | None = None) -> None:
         if every < 1:
             raise ValueError(f"record interval must be >= 1 step, got {every}")
         self.run_dir = Path(run_dir)
-        self.every, self.k, self.save_each = int(every), k, save_each
+        self.every, self.k = int(every), k
         self.snapshots: list[dict] = []
         self._meta = self._arrays = self._bank_first = self._bank_last = None  # set at the first record
 
@@ -118,26 +121,20 @@ class SelectionRecorder:
             self._bank_first = bank.bank.detach().float().cpu().numpy().copy()
         self.snapshots.append(record_selection(model, step, self.k))
         self._bank_last = bank.bank.detach().float().cpu().numpy().copy()
-        if self.save_each:
-            self.save()
+        self.save()
         return True
 
-    def save(self) -> Path | None:
-        if not self.snapshots:
-            return None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def save(self) -> Path:
         steps = np.array([s["step"] for s in self.snapshots], np.int64)
         arrays = dict(self._arrays, steps=steps, bank_first=self._bank_first, bank_last=self._bank_last,
                       indices=np.stack([s["indices"] for s in self.snapshots]),
                       weights=np.stack([s["weights"] for s in self.snapshots]))
-        tmp = self.run_dir / (NPZ + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, self.run_dir / NPZ)
+        npz = io.BytesIO()
+        np.savez_compressed(npz, **arrays)
+        atomic_write(self.run_dir / NPZ, npz.getvalue())
         meta = dict(self._meta, topk=int(arrays["indices"].shape[-1]), records=len(steps),
                     steps=steps.tolist(), index_dtype=str(arrays["indices"].dtype))
-        tmp = self.run_dir / (JSON + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, self.run_dir / JSON)
+        atomic_write(self.run_dir / JSON, json.dumps(meta, indent=1).encode())
         return self.run_dir / NPZ
 
 
@@ -170,7 +167,6 @@ class SelectionCallback(_CallbackBase):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.recorder is not None and model is not None:
             self.recorder.record(model, state.global_step)
-            self.recorder.save()
 
 
 @dataclass
@@ -227,7 +223,7 @@ def load_selection(run_dir: str | Path) -> Selection:
                                 f"(SelectionCallback, or vblora train's record-selection option)")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise DataError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     with np.load(npz) as z:
         arrays = {k: z[k] for k in z.files}
     for k, dtype in (("indices", np.int64), ("weights", np.float32), ("layer", np.int64), ("module", np.int64)):
