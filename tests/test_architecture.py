@@ -18,7 +18,8 @@ ALLOWED = {
     "train": {"core", "storage", "api", "train"},
     "experiments": {"core", "storage", "api", "train", "experiments"},
     "plots": {"core", "train", "plots"},
-    "commands": {"core", "storage", "api", "train", "experiments", "plots", "commands"},
+    "serve": {"core", "storage", "api", "train", "serve"},
+    "commands": {"core", "storage", "api", "train", "experiments", "plots", "serve", "commands"},
 }
 
 

@@ -1,0 +1,146 @@
+"""A served adapter in memory: its stored triplet (indices, mixing weights, a reference to an interned bank) and
+its heads, read and verified from a `Source`, and composed on demand into per-module factors A `(r, in)`, B
+`(out, r)` in the compute dtype (what the store's byte-bounded cache holds).
+
+Loading verifies like `vblora.load_adapter`: the damage-proof reader and every header / tensor / digest check of
+the native format (`vblora.storage.native.read_adapter`), PEFT's directory checks (`read_peft`), then the base model
+check: architecture, each adapted module's kind and shape, the base weight sample where the file carries one, the
+heads' shapes. Composition is the stored rule, exactly as a single-adapter model composes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vblora.bank import compose_selected
+from vblora.config import VBLoRAConfig
+from vblora.errors import AdapterFormatError
+from vblora.layout import Layout, index_dtype, kind_of, module_dims
+from vblora.storage.encoding import complete_weights
+from vblora.storage.native import bank_sha256, read_adapter
+from vblora.storage.peft_vblora import read_peft
+from vblora.storage.snapshot import AdapterSnapshot, weight_problems
+from vblora.serve.sources import NATIVE, Source, bank_candidates
+
+Factors = dict  # module name -> (A (r, in), B (out, r)) in the compute dtype
+
+
+@dataclass(eq=False)  # identity semantics: a loaded adapter is a key of the composed cache
+class LoadedAdapter:
+    """indices `(N, k)` in the narrowest integer type, weights `(N, k)` float32 or only their first k-1 columns
+    (`partial`, when the last is exactly 1 - sum, as native files store it), bank `(h, b)` shared by every adapter
+    with the same content hash, heads {model module name: state dict in the model's dtype}."""
+
+    source: Source
+    config: VBLoRAConfig
+    layout: Layout
+    bank: torch.Tensor
+    bank_sha256: str
+    indices: torch.Tensor
+    weights: torch.Tensor
+    partial: bool
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    removed: bool = False  # unregistered: handles still work, its compositions are no longer cached
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes this adapter holds alone (the bank is counted once per hash by the store)."""
+        tensors = [self.indices, self.weights, *(t for s in self.heads.values() for t in s.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @torch.no_grad()
+    def compose(self, dtype: torch.dtype, device: torch.device) -> Factors:
+        """Every module's `(A (r, in), B (out, r))`, contiguous, by the stored rule (top-k softmax weights over the
+        bank): `compose_selected` in float32 on the bank's device, cast to `dtype` once, as the single-adapter
+        layers do."""
+        weights = complete_weights(self.weights).clamp_(min=0) if self.partial else self.weights
+        sub = compose_selected(self.indices.to(device=self.bank.device, dtype=torch.long),
+                               weights.to(self.bank.device), self.bank)  # (N, b) float32
+        pieces = self.layout.split(sub.to(device=device, dtype=dtype))
+        return {e.name: (self.layout.A(a, e).contiguous(), self.layout.B(b, e).contiguous())
+                for e, (a, b) in zip(self.layout.entries, pieces)}
+
+
+def factor_bytes(factors: Factors) -> int:
+    return sum(t.numel() * t.element_size() for pair in factors.values() for t in pair)
+
+
+def read_snapshot(source: Source, banks: dict, module_order: list[str]) -> AdapterSnapshot:
+    """Read and verify the adapter's tensors (AdapterFormatError / FileNotFoundError on any defect)."""
+    if source.error is not None:
+        raise AdapterFormatError(source.error)
+    if source.kind != NATIVE:
+        return read_peft(source.path, module_order)
+    if source.bank_sha256 is None:
+        return read_adapter(source.path)[0]
+    candidates = bank_candidates(source, banks)
+    if not candidates:
+        raise AdapterFormatError(f"{source.path}: adapter '{source.name}' references a shared bank (sha256 "
+                                 f"{source.bank_sha256}) that is not in the adapter directory: put the bank file "
+                                 f"written by vblora.save_bank (bank.safetensors) beside it or in the store's "
+                                 f"directory")
+    return read_adapter(source.path, bank_path=candidates[0])[0]
+
+
+def check_fits(snap: AdapterSnapshot, model: nn.Module, bases: dict[str, nn.Module], source: Source) -> None:
+    """AdapterFormatError naming what differs if the adapter was not made for this base model. `bases`: the base
+    layer at each of the adapter's module names (unwrapped), None where the model has no such module."""
+    where = f"adapter '{source.name}' ({source.path})"
+    arch = type(model).__name__
+    problems = []
+    if snap.architecture and snap.architecture != arch:
+        problems.append(f"it was saved from {snap.architecture}, the served base model is {arch}")
+    for m in snap.modules:
+        base = bases.get(m.name)
+        kind = kind_of(base) if base is not None else None
+        if kind is None:
+            problems.append(f"module {m.name} is missing from the base model or cannot be adapted")
+        elif (kind.name, *module_dims(base)) != (m.kind, m.in_features, m.out_features):
+            problems.append(f"module {m.name}: adapter has {m.kind} {m.in_features}->{m.out_features}, base model "
+                            f"has {kind.name} {'->'.join(map(str, module_dims(base)))}")
+    if not problems and snap.weight_sample:
+        problems += weight_problems({n: b for n, b in bases.items() if b is not None}, snap)
+    if problems:
+        raise AdapterFormatError(f"{where} does not fit the served base model: " + "; ".join(problems[:4]))
+
+
+def head_states(snap: AdapterSnapshot, heads: dict[str, tuple[str, nn.Module]], source: Source) -> dict[str, dict]:
+    """The adapter's `modules_to_save` states keyed by the model's module names, cast to each head's dtype and
+    device. `heads`: the adapter's head name -> (the model's module name, that module, unwrapped).
+    AdapterFormatError if a state does not fit its head (e.g. another num_labels)."""
+    out = {}
+    for name, state in snap.extras.items():
+        if name not in heads:
+            raise AdapterFormatError(f"adapter '{source.name}': modules_to_save entry {name} matches no module of "
+                                     f"the base model")
+        model_name, head = heads[name]
+        own = head.state_dict()
+        if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+            want = {k: tuple(v.shape) for k, v in own.items()}
+            raise AdapterFormatError(
+                f"adapter '{source.name}': its {name} head {({k: tuple(v.shape) for k, v in state.items()})} does "
+                f"not fit the base model's {want} (another num_labels? build the base model with the adapter's "
+                f"num_labels)")
+        out[model_name] = {k: v.to(device=own[k].device, dtype=own[k].dtype) for k, v in state.items()}
+    return out
+
+
+def load(source: Source, snap: AdapterSnapshot, intern_bank, heads: dict[str, dict]) -> LoadedAdapter:
+    """The resident form of a verified snapshot. `intern_bank(sha256, bank) -> bank` returns the one tensor the
+    store holds for that content."""
+    bank = snap.bank.float()
+    digest = bank_sha256(bank)
+    cfg = snap.config
+    indices = snap.indices.to(index_dtype(cfg.num_vectors))
+    k = snap.weights.shape[1]
+    partial = snap.weights[:, :k - 1].contiguous().float()
+    exact = torch.equal(complete_weights(partial).clamp_(min=0), snap.weights.float())
+    return LoadedAdapter(source, cfg, snap.layout, intern_bank(digest, bank), digest, indices,
+                         partial if exact else snap.weights.float().contiguous(), exact, heads)

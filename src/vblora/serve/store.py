@@ -1,0 +1,280 @@
+"""`AdapterStore`: many VB-LoRA adapters served on one base model.
+
+    store = AdapterStore(model, "adapters/", cache_bytes=64 << 20)
+    a, b = store.acquire("sentiment"), store.acquire("topics")
+    with store.rows([a, None, b]):          # one entry per row: its adapter, or None for the base model
+        out = model(input_ids=ids)          # also model.generate(...)
+
+Registration reads headers only and wraps the adapted modules (the union over adapters) with mixed layers, which
+pass the base output through untouched outside `rows(...)` / `tokens(...)`. An adapter's tensors are read and
+verified on first `acquire`, then stay resident (indices and mixing weights: about its file size; its bank is held
+once per content hash, so adapters sharing a bank, e.g. trained with `--freeze-bank`, cost only their indices and
+weights). Compositions (every module's A and B in the compute dtype) live in a least-recently-used cache bounded in
+bytes and are recomposed on demand.
+
+Threads: `add`, `remove`, `scan`, `acquire`, `stats` may be called from any thread; the forwards inside `rows(...)`
+from one thread at a time (plans are per thread). A handle keeps its adapter usable after `remove`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vblora.errors import AdapterFormatError, TargetError, VBLoRAError
+from vblora.inject import BANK_ATTR, unwrap
+from vblora.serve.cache import ByteLRU
+from vblora.serve.loaded import LoadedAdapter, check_fits, factor_bytes, head_states, load, read_snapshot
+from vblora.serve.mixed import ROWS, TOKENS, MixedHead, MixedLayer, Plan, Router, set_module, unwrapped
+from vblora.serve.sources import Source, describe, discover
+
+
+class UnknownAdapterError(VBLoRAError, KeyError):
+    """No adapter of that name is registered (also a KeyError)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterHandle:
+    """A loaded adapter, ready for `store.rows([...])`; stays valid after the name is removed, until dropped."""
+
+    __slots__ = ("adapter", "info")
+
+    def __init__(self, adapter: LoadedAdapter, info: dict) -> None:
+        self.adapter, self.info = adapter, info
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    def __repr__(self) -> str:
+        return f"AdapterHandle({self.name!r})"
+
+
+class Entry:
+    """A registered name: its source, its loaded form once acquired, and a lock so it is loaded once."""
+
+    __slots__ = ("source", "loaded", "lock", "from_directory")
+
+    def __init__(self, source: Source, from_directory: bool) -> None:
+        self.source, self.loaded, self.lock, self.from_directory = source, None, threading.Lock(), from_directory
+
+
+class AdapterStore:
+    def __init__(self, model: nn.Module, directory: str | os.PathLike | None = None, *,
+                 cache_bytes: int = 64 << 20) -> None:
+        self.model = unwrap(model)
+        if hasattr(self.model, BANK_ATTR):
+            raise TargetError(f"{type(self.model).__name__} already carries a VB-LoRA adapter; give the store the "
+                              f"plain base model (vblora.unload(model, merge=False) removes it)")
+        param = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        self.dtype = param.dtype if param is not None else torch.float32
+        self.device = param.device if param is not None else torch.device("cpu")
+        self.directory = Path(directory) if directory is not None else None
+        self.router = Router()
+        self.cache = ByteLRU(cache_bytes)
+        self.lock = threading.RLock()
+        self.entries: dict[str, Entry] = {}
+        self.bank_files: dict[str, Path] = {}  # sha256 -> bank file found in the directory
+        self.banks: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
+        if self.directory is not None:
+            self.scan()
+
+    # -- registration ------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        with self.lock:
+            return sorted(self.entries)
+
+    def problems(self) -> dict[str, str]:
+        """Registered names whose headers could not be read, with the reason (acquiring them raises it)."""
+        with self.lock:
+            return {n: e.source.error for n, e in self.entries.items() if e.source.error is not None}
+
+    def scan(self) -> tuple[list[str], list[str]]:
+        """Re-read the directory: register new adapters, unregister those gone, re-register replaced files.
+        Returns (added, removed); a replaced file is in both."""
+        if self.directory is None:
+            return [], []
+        sources, banks = discover(self.directory)
+        added, removed = [], []
+        with self.lock:
+            self.bank_files = banks
+            for name, entry in list(self.entries.items()):
+                if not entry.from_directory:
+                    continue
+                new = sources.get(name)
+                if new is None or (new.path, new.stamp, new.error) != (entry.source.path, entry.source.stamp,
+                                                                       entry.source.error):
+                    self.unregister(name)
+                    removed.append(name)
+            for name, source in sources.items():
+                if name not in self.entries:
+                    self.register(source, from_directory=True)
+                    added.append(name)
+        return sorted(added), sorted(removed)
+
+    def add(self, name: str, path: str | os.PathLike) -> None:
+        """Register the adapter at `path` (native file or directory, or PEFT VB-LoRA directory) as `name`,
+        replacing a registration of that name. Raises FileNotFoundError / AdapterFormatError if its headers are
+        unreadable."""
+        if not isinstance(name, str) or not name:
+            raise VBLoRAError(f"adapter name {name!r}: give a non-empty string")
+        source = describe(name, path)
+        with self.lock:
+            if name in self.entries:
+                self.unregister(name)
+            self.register(source, from_directory=False)
+
+    def remove(self, name: str) -> None:
+        """Unregister `name`; handles already acquired keep working. UnknownAdapterError if not registered."""
+        with self.lock:
+            if name not in self.entries:
+                raise self.unknown(name)
+            self.unregister(name)
+
+    def register(self, source: Source, from_directory: bool) -> None:
+        if source.error is None:
+            self.wrap(source)
+        self.entries[source.name] = Entry(source, from_directory)
+
+    def unregister(self, name: str) -> None:
+        entry = self.entries.pop(name)
+        if entry.loaded is not None:
+            entry.loaded.removed = True
+            self.cache.pop(entry.loaded)
+
+    def unknown(self, name: str) -> UnknownAdapterError:
+        known = sorted(self.entries)
+        shown = ", ".join(known[:10]) + (f", ... ({len(known) - 10} more)" if len(known) > 10 else "")
+        return UnknownAdapterError(f"no adapter named {name!r} is registered (registered: {shown or 'none'})")
+
+    # -- wrapping the base model ----------------------------------------------------------------------------------
+    def wrap(self, source: Source) -> None:
+        """Wrap the modules this adapter adapts (and its heads) once; modules it lacks are reported at load."""
+        modules = dict(self.model.named_modules())
+        for name in source.modules:
+            module = modules.get(name)
+            if module is not None and not isinstance(module, MixedLayer) and name.rpartition(".")[2] != "base":
+                try:
+                    set_module(self.model, name, MixedLayer(module, name, self.router))
+                except VBLoRAError:
+                    pass  # cannot be adapted: check_fits names it when the adapter is loaded
+        for head in source.heads:
+            name = self.head_name(head, modules)
+            if name is not None and not isinstance(modules[name], MixedHead):
+                set_module(self.model, name, MixedHead(modules[name], name, self.router))
+
+    def head_name(self, head: str, modules: dict[str, nn.Module]) -> str | None:
+        """The model's module for a `modules_to_save` name: exact, else the outermost with that dotted suffix."""
+        if head in modules:
+            return head
+        found = [n for n in modules if n.endswith("." + head) and ".base" not in n]
+        return min(found, key=len) if found else None
+
+    # -- loading --------------------------------------------------------------------------------------------------
+    def acquire(self, name: str) -> AdapterHandle:
+        """A handle on the adapter `name`, loading and verifying it on first use. UnknownAdapterError for an
+        unknown name; AdapterFormatError (or FileNotFoundError) naming the adapter for a bad or missing file."""
+        with self.lock:
+            entry = self.entries.get(name)
+            if entry is None:
+                raise self.unknown(name)
+        with entry.lock:
+            if entry.loaded is None:
+                entry.loaded = self.load(entry.source)
+                with self.lock:  # removed while loading: the handle works, nothing is cached for it
+                    entry.loaded.removed = self.entries.get(name) is not entry
+        return AdapterHandle(entry.loaded, self.info(entry.loaded))
+
+    def load(self, source: Source) -> LoadedAdapter:
+        try:
+            modules = dict(self.model.named_modules())
+            snap = read_snapshot(source, dict(self.bank_files), list(modules))
+            check_fits(snap, self.model, {m.name: unwrapped(modules.get(m.name)) for m in snap.modules}, source)
+            heads = {}
+            for head in snap.extras:
+                name = self.head_name(head, modules)
+                if name is not None:
+                    heads[head] = (name, unwrapped(modules[name]))
+            loaded = load(source, snap, self.intern_bank, head_states(snap, heads, source))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"adapter '{source.name}': {e}") from None
+        except AdapterFormatError as e:
+            text = str(e)
+            raise AdapterFormatError(text if source.name in text else f"adapter '{source.name}': {text}") from None
+        missing = [m.name for m in loaded.layout.entries
+                   if not isinstance(self.model.get_submodule(m.name), MixedLayer)]
+        if missing:  # e.g. a PEFT directory whose module list was read from another order: wrap now
+            self.wrap(source)
+        return loaded
+
+    def intern_bank(self, digest: str, bank: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            held = self.banks.get(digest)
+            if held is None:
+                held = bank.to(self.device)
+                self.banks[digest] = held
+            return held
+
+    def info(self, adapter: LoadedAdapter) -> dict:
+        s = adapter.source
+        return {**s.summary, "name": s.name, "path": str(s.path), "bytes_on_disk": s.file_bytes,
+                "bank_sha256": adapter.bank_sha256, "resident_bytes": adapter.resident_bytes,
+                "num_labels": s.summary.get("num_labels") or next(
+                    (int(st["weight"].shape[0]) for st in adapter.heads.values() if "weight" in st), None)}
+
+    # -- composition ----------------------------------------------------------------------------------------------
+    def factors(self, adapter: LoadedAdapter) -> dict:
+        """The adapter's composed factors, from the cache or composed now (and cached unless removed)."""
+        with self.lock:
+            found = self.cache.get(adapter)
+        if found is not None:
+            return found
+        factors = adapter.compose(self.dtype, self.device)
+        with self.lock:
+            if not adapter.removed:
+                self.cache.put(adapter, factors, factor_bytes(factors))
+        return factors
+
+    def plan(self, entries, axis: str, strategy: str | None = None) -> Plan:
+        units = []
+        for e in entries:
+            if isinstance(e, str):
+                e = self.acquire(e)
+            if e is not None and not isinstance(e, AdapterHandle):
+                raise VBLoRAError(f"store.{axis}(...) takes AdapterHandles (store.acquire(name)), names or None; got "
+                                  f"{type(e).__name__}")
+            units.append(e.adapter if e is not None else None)
+        distinct = {id(a): a for a in units if a is not None}
+        factors = {a: self.factors(a) for a in distinct.values()}
+        return Plan(units, factors, axis, self.device, strategy)
+
+    @contextlib.contextmanager
+    def rows(self, handles, *, strategy: str | None = None):
+        """Per-row adapters (batch dim 0; None: base model) for every forward inside the block."""
+        with self.router.use(self.plan(handles, ROWS, strategy)) as plan:
+            yield plan
+
+    @contextlib.contextmanager
+    def tokens(self, handles, *, strategy: str | None = None):
+        """Per-token adapters for packed batches shaped `(1, T, ...)`: T entries."""
+        with self.router.use(self.plan(handles, TOKENS, strategy)) as plan:
+            yield plan
+
+    def stats(self) -> dict:
+        with self.lock:
+            loaded = [e.loaded for e in self.entries.values() if e.loaded is not None]
+            banks = list(self.banks.values())
+            return {"registered": len(self.entries), "loaded": len(loaded), "distinct_banks": len(banks),
+                    "bank_bytes": sum(b.numel() * b.element_size() for b in banks),
+                    "loaded_bytes": sum(a.resident_bytes for a in loaded),
+                    "cache_entries": len(self.cache), "cache_bytes": self.cache.bytes,
+                    "cache_cap_bytes": self.cache.cap, "hits": self.cache.hits, "misses": self.cache.misses,
+                    "evictions": self.cache.evictions}
