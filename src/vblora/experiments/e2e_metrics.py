@@ -35,6 +35,7 @@ PAPER_SCALE = {"BLEU": 100.0, "NIST": 1.0, "METEOR": 100.0, "ROUGE_L": 100.0, "C
 
 # The tokens COCOEvalCap's PTBTokenizer drops after tokenising (its PUNCTUATIONS list, verbatim: the upper-case
 # bracket names never match the lower-cased output, so "-lrb-" survives there and here alike).
+NO_COCO = "pycocoevalcap is not installed (pip install 'vblora[e2e]')"
 COCO_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
                               "-", "--", "...", ";"])
 
@@ -107,7 +108,7 @@ def ptb_tokenize_java(texts: list[str]) -> list[list[str]]:
     """
     jar_dir = _coco_jar_dir()
     if jar_dir is None:
-        raise RuntimeError("pycocoevalcap is not installed (pip install 'vblora[e2e]')")
+        raise RuntimeError(NO_COCO)
     lines = [" ".join(t.replace("\n", " ").split()) for t in texts]
     todo = [i for i, line in enumerate(lines) if line]  # -preserveLines cannot keep an empty line apart
     out: list[list[str]] = [[] for _ in texts]
@@ -193,26 +194,25 @@ def nist(hyps: list[list[str]], refs: list[list[list[str]]], n: int = 5) -> floa
     return float(score * penalty)
 
 
-def _coco_inputs(hyps: list[list[str]], refs: list[list[list[str]]]):
+def _coco(scorer, hyps: list[list[str]], refs: list[list[list[str]]]) -> float:
+    """The corpus score of a pycocoevalcap scorer, inputs keyed by position as COCOEvalCap passes them."""
     gts = {i: [" ".join(x) for x in r] for i, r in enumerate(refs)}
     res = {i: [" ".join(h)] for i, h in enumerate(hyps)}
-    return gts, res
+    return float(scorer.compute_score(gts, res)[0])
 
 
 def rouge_l(hyps: list[list[str]], refs: list[list[list[str]]]) -> float:
     """Mean over inputs of ROUGE-L (pycocoevalcap Rouge: LCS F-measure, beta 1.2, max P and max R over refs)."""
     from pycocoevalcap.rouge.rouge import Rouge
 
-    score, _ = Rouge().compute_score(*_coco_inputs(hyps, refs))
-    return float(score)
+    return _coco(Rouge(), hyps, refs)
 
 
 def cider(hyps: list[list[str]], refs: list[list[list[str]]]) -> float:
     """CIDEr-D as the COCO scorer (labelled "CIDEr" there and in e2e-metrics) computes it; idf from these refs."""
     from pycocoevalcap.cider.cider import Cider
 
-    score, _ = Cider().compute_score(*_coco_inputs(hyps, refs))
-    return float(score)
+    return _coco(Cider(), hyps, refs)
 
 
 class MeteorServer:
@@ -285,7 +285,7 @@ def meteor_unavailable() -> str | None:
     try:
         import pycocoevalcap.meteor.meteor as m
     except ImportError:
-        return "pycocoevalcap is not installed (pip install 'vblora[e2e]')"
+        return NO_COCO
     if not os.path.exists(os.path.join(os.path.dirname(m.__file__), "meteor-1.5.jar")):
         return "pycocoevalcap's meteor-1.5.jar is missing"
     return java_available()
@@ -306,7 +306,7 @@ def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[s
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {METRICS}")
     out: dict = {m: None for m in metrics}
     notes: dict[str, str] = {}
-    no_coco = None if _coco_jar_dir() else "pycocoevalcap is not installed (pip install 'vblora[e2e]')"
+    no_coco = None if _coco_jar_dir() else NO_COCO
 
     def score(name, fn, h, r, needs_coco=True):
         if name in metrics:

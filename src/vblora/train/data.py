@@ -23,7 +23,7 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from vblora.train.errors import DataError
@@ -44,12 +44,12 @@ GLUE_LAYOUTS: dict[str, dict] = {
 
 @dataclass
 class Table:
-    """Rows of one file, each with the 1-based line it came from (for error messages)."""
+    """Rows of one file, each with the 1-based line it came from (for error messages), and the file's columns."""
 
     path: Path
     rows: list[dict]
     lines: list[int]
-    columns: list[str] = field(default_factory=list)
+    columns: list[str]
 
 
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".tsv": "tsv", ".tab": "tsv", ".csv": "csv",
@@ -181,9 +181,9 @@ def column(table: Table, name: str, i: int, *, required: bool = True) -> str | N
     row = table.rows[i]
     if name not in row:
         if i == 0 or required:
-            if name not in _columns(table):
+            if name not in table.columns:
                 raise DataError(f"{table.path}:{table.lines[i]}: no column '{name}' (columns: "
-                                f"{', '.join(_columns(table))})")
+                                f"{', '.join(table.columns)})")
             raise DataError(f"{table.path}:{table.lines[i]}: no column '{name}' in this record (it has: "
                             f"{', '.join(map(str, row)) or 'nothing'}); add it or remove the record")
         return None
@@ -195,13 +195,9 @@ def column(table: Table, name: str, i: int, *, required: bool = True) -> str | N
     return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def _columns(table: Table) -> list[str]:
-    return table.columns or sorted({str(k) for r in table.rows for k in r})
-
-
 def _require_columns(table: Table, wanted: dict[str, str | None]) -> None:
     """Check that the columns `wanted` ({flag: column}) exist; else list those present as suggestions for the flags."""
-    cols = _columns(table)
+    cols = table.columns
     missing = {flag: name for flag, name in wanted.items() if name and name not in cols}
     if not missing:
         return
