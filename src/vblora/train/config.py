@@ -105,6 +105,8 @@ class RunConfig:
     device: str = opt("auto", "auto | cpu | cuda")
     bf16: bool = opt(False, "bfloat16 autocast")
     fp16: bool = opt(False, "float16 autocast (CUDA only)")
+    fsdp: bool = opt(False, "shard the frozen base over the processes with torch FSDP2 (launch with torchrun "
+                            "--nproc-per-node N); the bank, logits and trained head stay whole (train/sharding.py)")
     # --- QLoRA: a quantized base (bitsandbytes, `pip install 'vblora[qlora]'`; docs/quantized.md) ---
     quantize: str | None = opt(None, "load the base quantized: 4bit | 8bit (none: full precision); the adapter and "
                                      "the trained head stay in full precision; adds gradient checkpointing and "
@@ -262,6 +264,7 @@ def build_config(recipe: str | None = None, overrides: dict | None = None) -> Ru
         if getattr(cfg, key) not in allowed:
             raise SetupError(f"unknown {key} '{getattr(cfg, key)}' (one of {', '.join(allowed)})")
     _check_quantize(cfg)
+    _check_fsdp(cfg)
     if cfg.dataset is None and not cfg.train_file:
         raise SetupError("no data: give --train-file (and --validation-file/--test-file) or a dataset")
     return cfg
@@ -286,6 +289,17 @@ def _check_quantize(cfg: RunConfig) -> None:
     if cfg.gguf_file:
         raise SetupError("--quantize with --gguf-file: load a transformers checkpoint (config.json + weights) to "
                          "quantize it with bitsandbytes")
+
+
+def _check_fsdp(cfg: RunConfig) -> None:
+    if not cfg.fsdp:
+        return
+    if cfg.method == "full":
+        raise SetupError("--fsdp with --method full: --fsdp keeps what trains whole and shards the frozen base, and "
+                         "full fine-tuning freezes nothing; use an adapter method (vblora, lora, ...)")
+    if cfg.quantize:
+        raise SetupError("--fsdp with --quantize: sharding a bitsandbytes base is not supported by vblora train yet "
+                         "(docs/training.md, Sharded training); use one of them")
 
 
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"vblora"}

@@ -41,8 +41,9 @@ class _Trainer(C.CheckpointHooks, Trainer):
     tensors only, complete or absent, the loss bookkeeping restored on resume) and a divergence guard."""
 
     def __init__(self, *a, param_groups=None, group_by_length=False, run=None, resumed=None, diverged=None,
-                 paged=False, log=print, **kw):
+                 paged=False, sharded=False, log=print, **kw):
         self._groups, self._group_by_length, self._paged, self._log = param_groups, group_by_length, paged, log
+        self._sharded = sharded  # --fsdp: the model arrives sharded by train/sharding.py
         self._run, self._losses, self._diverged, self._nonfinite = run, resumed, diverged, 0
         model = kw.get("model")
         # transformers refuses a quantized model that is not a PEFT model ("purely quantized"); ours carries its
@@ -56,7 +57,23 @@ class _Trainer(C.CheckpointHooks, Trainer):
         finally:
             if adapter:
                 del model._hf_peft_config_loaded
+        if sharded:
+            # The Trainer's own path for a model sharded before it gets it (transformers' load-time FSDP2): no DDP
+            # wrap, no second sharding; the trainable tensors, left whole, are broadcast from rank 0 and their
+            # gradients averaged over the processes once per accumulation window. Set after __init__, which refuses
+            # optimizer checkpoints for such models: theirs are sharded, ours hold whole tensors only (rank 0 writes).
+            self.is_distributed_loading_by_transformers = True
         self.add_callback(_LossBook(self))
+
+    def _move_model_to_device(self, model, device):
+        if not self._sharded:  # FSDP2 placed the sharded model already (`.to()` on its DTensors would fail)
+            super()._move_model_to_device(model, device)
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        """Gradient accumulation with --fsdp: FSDP holds frozen parameters only, so it has no gradient to reduce
+        (the Trainer averages the whole trainable tensors at the window's end): nothing to defer."""
+        yield
 
     def _get_train_sampler(self, train_dataset=None):
         if not self._group_by_length:
@@ -158,6 +175,9 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     dev = _device_args(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     is_main = rank == 0
+    if cfg.fsdp and world < 2:
+        raise SetupError("--fsdp shards the base over several processes: launch with torchrun --nproc-per-node N "
+                         "-m vblora train ... (N >= 2), or drop --fsdp")
     out, ckpt, resume = _check_output(cfg)
 
     set_seed(cfg.seed)
@@ -207,6 +227,9 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
         # would be multiplied by the world size
         average_tokens_across_devices=lm, disable_tqdm=not sys.stderr.isatty(),  # bars on a terminal, lines in logs
         **dev)
+    if cfg.fsdp:  # after TrainingArguments, which started the process group
+        from vblora.train import sharding
+        sharding.shard_model(model, sharding.device_mesh(args.device), average_gradients=False)  # Trainer averages
     collator = tasks.LMCollator(tok.pad_token_id) if lm else _padding_collator(tok)
     tracker = BestTracker(model, metric, ckpt, is_main, int(found[0].name[11:]) if found else None)
     callbacks = [tracker, *(callbacks or [])]
@@ -217,7 +240,7 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
                        data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.kind),
                        callbacks=callbacks, param_groups=adapted.param_groups, group_by_length=cfg.group_by_length,
                        run=identity, resumed=found[1].get("losses") if found else None, log=log,
-                       paged=bool(cfg.quantize) and not dev["use_cpu"],
+                       paged=bool(cfg.quantize) and not dev["use_cpu"], sharded=cfg.fsdp,
                        diverged=lambda step, steps, what: _divergence_message(cfg, step, steps, what))
     log(f"vblora train: {cfg.method} on {Path(path).name} ({data.kind}), {len(data.train)} train / "
         f"{len(data.validation or ())} validation / {len(data.test)} test examples, {len(adapted.targets)} adapted "
@@ -271,8 +294,9 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     if cfg.dataset and cfg.dataset.startswith("vader"):
         from vblora.train import vader
         results["data"]["split"] = vader.split_info()
+    with _whole_base(cfg, model):  # --fsdp: the adapter header samples a few base weights; every process gathers
+        adapter_dir = replace_dir(out / "adapter", adapted.save, replaceable=lambda d: True) if is_main else None
     if is_main:  # an earlier adapter and results.json are replaced only once the new ones are completely written
-        adapter_dir = replace_dir(out / "adapter", adapted.save, replaceable=lambda d: True)
         results.update(adapter_bytes=methods.adapter_bytes(adapter_dir), adapter_dir=str(adapter_dir),
                        wall_time_s=round(time.time() - t0, 2))
         # CPU seconds of this process (all threads): on a shared machine wall time says little, this does
@@ -295,6 +319,13 @@ def _eval_topk(model, k: int):
         yield
     finally:
         bank.config = config
+
+
+def _whole_base(cfg: RunConfig, model):
+    if not cfg.fsdp:
+        return contextlib.nullcontext()
+    from vblora.train import sharding
+    return sharding.gathered(model)
 
 
 def _vblora_counts(model) -> dict:

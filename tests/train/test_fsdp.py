@@ -1,0 +1,163 @@
+"""Sharded training (train/sharding.py): FSDP2 over 2 CPU processes (gloo) gives the loss, the bank and logits
+gradients and the parameters after a few AdamW steps of one process on the same global batch, float32."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+
+from vblora.train.errors import SetupError
+
+H, B, RANK, K = 16, 32, 4, 2
+STEPS, GLOBAL_BATCH, LENGTH = 3, 4, 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_llama(tied: bool = True):
+    """A 2-layer LLaMA (hidden 64) from a config, adapted with VB-LoRA on all linear modules; same on every process."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import vblora
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=tied)
+    return vblora.add_vblora(LlamaForCausalLM(cfg), vblora.VBLoRAConfig(
+        target_modules="all-linear", num_vectors=H, vector_length=B, rank=RANK, topk=K))
+
+
+def _optimizer(model):
+    import vblora
+    return torch.optim.AdamW(vblora.parameter_groups(model, lr_bank=1e-2, lr_logits=5e-2), betas=(0.9, 0.999))
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    """One process: the sharded model on its part of each global batch, and (for comparison, no collectives) one
+    unsharded copy on the whole global batch, the one-process run. Rank 0 writes what it saw to `out`."""
+    import torch.distributed as dist
+
+    from vblora import get_bank
+    from vblora.storage.snapshot import take_snapshot
+    from vblora.train import sharding
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_llama()
+        one = copy.deepcopy(model)  # the one-process run
+        frozen_before = {n: p.detach().clone() for n, p in one.named_parameters() if not p.requires_grad}
+        sharding.shard_model(model, sharding.device_mesh("cpu"))
+        bank, bank_one = get_bank(model), get_bank(one)
+        compositions = []
+        compose = bank.compose_rows
+        bank.compose_rows = lambda *a, **kw: (compositions.append(1), compose(*a, **kw))[1]  # counts compositions
+        opt, opt_one = _optimizer(model), _optimizer(one)
+        g = torch.Generator().manual_seed(1)
+        seen = {"loss": [], "loss_one": [], "grad_bank": [], "grad_logits": [], "grad_bank_one": [],
+                "grad_logits_one": [], "compositions": []}
+        for _ in range(STEPS):
+            ids = torch.randint(0, 96, (GLOBAL_BATCH, LENGTH), generator=g)  # (B, T): no padding, equal token counts
+            part = ids.chunk(world)[rank]
+            compositions.clear()
+            loss = model(input_ids=part, labels=part).loss
+            seen["compositions"].append(len(compositions))
+            loss.backward()
+            loss_one = one(input_ids=ids, labels=ids).loss
+            loss_one.backward()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+            seen["loss"].append(float(mean))
+            seen["loss_one"].append(float(loss_one))
+            for name, b in (("", bank), ("_one", bank_one)):
+                seen["grad_bank" + name].append(b.bank.grad.clone())
+                seen["grad_logits" + name].append(b.logits.grad.clone())
+            for o in (opt, opt_one):
+                o.step()
+                o.zero_grad()
+        base = model.model.layers[0].self_attn.q_proj.base.weight
+        seen.update(bank=bank.bank.detach().clone(), logits=bank.logits.detach().clone(),
+                    bank_one=bank_one.bank.detach().clone(), logits_one=bank_one.logits.detach().clone(),
+                    base_type=type(base).__name__, base_local_rows=base.to_local().shape[0], base_rows=base.shape[0],
+                    bank_type=type(bank.bank).__name__, logits_type=type(bank.logits).__name__)
+        with sharding.gathered(model):  # collective; then one process reads the whole weights (adapter save)
+            state = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+            seen["sample"] = take_snapshot(model).weight_sample if rank == 0 else None
+        seen["sample_one"] = take_snapshot(one).weight_sample
+        seen["frozen_unchanged"] = all(torch.equal(state[n], t) for n, t in frozen_before.items())
+        seen["frozen_names"] = sorted(state) == sorted(frozen_before)
+        if rank == 0:
+            torch.save(seen, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Run `_worker` on 2 processes (forked: the parent's imports are reused, so this takes a few seconds)."""
+    import torch.multiprocessing as mp
+
+    import vblora.storage.snapshot  # noqa: F401  imported once here, before the fork, not in each process
+    import vblora.train.sharding  # noqa: F401
+
+    with torch.no_grad():  # transformers' lazy imports (model classes, generation, masks) loaded before the fork too
+        tiny_llama()(input_ids=torch.zeros(1, 2, dtype=torch.long))
+    out = str(tmp_path_factory.mktemp("fsdp") / "seen.pt")
+    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, start_method="fork")
+    return torch.load(out, weights_only=False)
+
+
+def test_two_processes_equal_one_process(two_processes):
+    s = two_processes
+    assert s["loss"] == pytest.approx(s["loss_one"], abs=1e-6)
+    for what in ("grad_bank", "grad_logits"):
+        for step, (got, want) in enumerate(zip(s[what], s[what + "_one"])):
+            size = float(want.abs().max())
+            assert size > 1e-6, (what, step)  # a gradient that could be wrong
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * size, msg=f"{what} step {step}")
+    for what in ("bank", "logits"):  # after STEPS AdamW steps
+        # AdamW divides by sqrt(v): a logit gradient of 1e-8 (Adam's eps) that differs in its last bits moves that
+        # logit differently; 1e-5 is 2e-4 of one step (lr 5e-2)
+        torch.testing.assert_close(s[what], s[what + "_one"], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(s["grad_bank"][0], s["grad_bank"][-1])  # the parameters moved between the steps
+
+
+def test_base_sharded_bank_whole_composed_once(two_processes):
+    s = two_processes
+    assert s["base_type"] == "DTensor" and s["base_local_rows"] * 2 == s["base_rows"]  # half the rows on each process
+    assert s["bank_type"] == s["logits_type"] == "Parameter"  # plain, whole tensors
+    assert s["compositions"] == [1] * STEPS  # one composition per forward, for all adapted modules
+    assert s["frozen_names"] and s["frozen_unchanged"]  # the base never changed
+    assert s["sample"] == s["sample_one"] and s["sample"]  # the adapter header's base weight sample, gathered
+
+
+def test_block_classes_found_generically():
+    from torch import nn
+
+    from vblora.train import sharding
+
+    model = tiny_llama()
+    assert [c.__name__ for c in sharding.block_classes(model)] == ["LlamaDecoderLayer"]
+    model._no_split_modules = None  # no transformers hint: the repeated members of the largest ModuleList
+    assert [c.__name__ for c in sharding.block_classes(model)] == ["LlamaDecoderLayer"]
+    with pytest.raises(SetupError, match="no repeated block"):
+        sharding.block_classes(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_fsdp_settings_refused_in_one_line(tmp_path):
+    from vblora.train.config import build_config
+
+    files = {"train_file": str(tmp_path / "t.csv"), "model": "x"}
+    with pytest.raises(SetupError, match="--method full"):
+        build_config(None, {**files, "fsdp": True, "method": "full"})
+    with pytest.raises(SetupError, match="--quantize"):
+        build_config(None, {**files, "fsdp": True, "quantize": "4bit"})
