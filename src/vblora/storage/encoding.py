@@ -12,9 +12,6 @@ import torch
 
 from vblora.layout import index_dtype
 
-INDEX_DTYPES = {torch.uint8: "uint8", torch.uint16: "uint16", torch.int32: "int32"}
-
-
 def index_bits(num_vectors: int) -> int:
     """Bits per packed index: ceil(log2 h), at least 1 (h=90 -> 7, h=256 -> 8, h=2048 -> 11)."""
     return max(1, math.ceil(math.log2(num_vectors)))

@@ -182,8 +182,8 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
     if not modules or any(m.kind not in KINDS for m in modules):
         fail("module table is empty or names an unknown layer kind")
     layout = check_layout(str(file), modules, cfg)
-    n = layout.num_subvectors
-    if idx_meta.get("shape") != [n, k] or idx_meta.get("bits") != index_bits(h) or not isinstance(packed, bool):
+    n, bits = layout.num_subvectors, index_bits(h)
+    if idx_meta.get("shape") != [n, k] or idx_meta.get("bits") != bits or not isinstance(packed, bool):
         fail(f"indices entry {idx_meta} does not match {n} sub-vectors, k={k}, h={h}")
 
     # -- keys, dtypes, shapes
@@ -208,17 +208,14 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
         if int8:
             expect("bank_scale", torch.float32, (h,))
     expect("weights", torch.uint8 if int8 else float_dtype, (n, k - 1))
-    bits = index_bits(h)
     if packed:
         expect("indices", torch.uint8, (math.ceil(n * k * bits / 8),))
-    else:
-        expect("indices", index_dtype(h), (n, k))
-
-    # -- values
-    if packed:
         indices = unpack_bits(tensors["indices"], bits, n * k).view(n, k)
     else:
+        expect("indices", index_dtype(h), (n, k))
         indices = tensors["indices"].long()
+
+    # -- values
     bad = (indices >= h).nonzero()
     if len(bad):
         row = int(bad[0, 0])

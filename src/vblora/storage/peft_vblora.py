@@ -64,11 +64,6 @@ def peft_config_common(snap: AdapterSnapshot) -> dict:
             if snap.architecture else None}
 
 
-def peft_index_dtype(num_vectors: int) -> torch.dtype:
-    """PEFT's choice of index dtype (model.py `_get_adapter_state_dict`), so its loader sees what it writes."""
-    return torch.uint8 if num_vectors < 2**8 else torch.int16 if num_vectors < 2**15 else torch.int32
-
-
 def peft_parts(layout: Layout, b: int):
     """Per module and part: `(name, suffix, rows slice, PEFT shape without the last axis)`."""
     for m in layout.entries:
@@ -104,12 +99,14 @@ def export_peft(model_or_path, out_dir: str | os.PathLike, *, save_only_topk_wei
     if not save_only_topk_weights:
         logits = snap.logits if snap.logits is not None else logits_from_selection(snap.indices, snap.weights, h)
     tensors = {BANK_KEY: snap.bank.float().contiguous()}
+    # PEFT's choice of index dtype (model.py `_get_adapter_state_dict`), so its loader sees what it writes
+    index_dtype = torch.uint8 if h < 2**8 else torch.int16 if h < 2**15 else torch.int32
     for name, suffix, rows, shape in peft_parts(snap.layout, b):
         key = f"{PREFIX}{name}{suffix}"
         if logits is not None:
             tensors[key] = logits[rows].reshape(*shape, h).contiguous()
         else:
-            tensors[key + TOPK_INDICES] = snap.indices[rows].reshape(*shape, k).to(peft_index_dtype(h)).contiguous()
+            tensors[key + TOPK_INDICES] = snap.indices[rows].reshape(*shape, k).to(index_dtype).contiguous()
             tensors[key + TOPK_WEIGHTS] = snap.weights[rows, :k - 1].reshape(*shape, k - 1).float().contiguous()
     for name, state in snap.extras.items():
         tensors.update({f"{PREFIX}{name}.{key}": t for key, t in state.items()})
