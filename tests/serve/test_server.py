@@ -332,3 +332,54 @@ def test_vllm_style_load_and_unload(adapters):
                                          temperature=0).choices[0].text == want
         assert httpx.post(url + "/v1/unload_lora_adapter", headers=auth, json={"lora_name": "g"}).status_code == 200
         assert "g" not in [m.id for m in client.models.list().data]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serves_a_model_directory(adapters, tmp_path, monkeypatch, capsys):
+    """`vblora serve` wiring (load, store, engine, app) with uvicorn.run swapped for the background runner."""
+    from vblora.cli import main
+
+    base_model().save_pretrained(tmp_path / "model")
+    tokenizer().save_pretrained(tmp_path / "model")
+    seen = {}
+
+    def serve_once(app, host, port, log_level):
+        with running(app, host, port) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
+            seen["models"] = [m.id for m in client.models.list().data]
+            seen["text"] = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=5,
+                                                     temperature=0).choices[0].text
+
+    monkeypatch.setattr("vblora.serve.server.serve", serve_once)
+    port = free_port()
+    assert main(["serve", "--model", str(tmp_path / "model"), "--adapters", str(adapters["dir"]),
+                 "--port", str(port), "--api-key", "k"]) == 0
+    assert seen["models"] == [str(tmp_path / "model"), "alpha", "beta"]
+    assert seen["text"] == expected_text(adapters["alpha"], PROMPTS[0], 5)[0]
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    import socket
+
+    from vblora.cli import main
+
+    port = free_port()
+    cases = [(["--model", str(tmp_path / "none"), "--port", str(port)], "does not exist"),
+             (["--model", "x", "--adapters", str(tmp_path / "none")], "--adapters"),
+             (["--model", "x", "--max-batch", "0"], "--max-batch")]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cases.append((["--model", "x", "--port", str(busy.getsockname()[1])], "cannot listen"))
+        for argv, words in cases:
+            assert main(["serve", *argv]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("vblora serve: error:") and words in err[0], err
