@@ -161,3 +161,52 @@ def test_fsdp_settings_refused_in_one_line(tmp_path):
         build_config(None, {**files, "fsdp": True, "method": "full"})
     with pytest.raises(SetupError, match="--quantize"):
         build_config(None, {**files, "fsdp": True, "quantize": "4bit"})
+
+
+@pytest.mark.slow
+def test_vblora_train_fsdp_matches_one_process(tiny_llama, tmp_path):
+    """`torchrun --nproc-per-node 2 -m vblora train --fsdp` (the Trainer, gloo) on the tiny LLaMA ends where one
+    process with the same global batch ends: validation loss per epoch, test metrics, the saved bank."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from vblora.train.config import build_config
+    from vblora.train.pipeline import train
+
+    files = {}
+    for split, n, shift in (("train", 32, 0), ("validation", 8, 1), ("test", 8, 2)):
+        rows = [{"instruction": "what sentiment", "input": f"the film was {['good', 'bad', 'very good', 'dull'][k % 4]}",
+                 "output": ["positive", "negative"][k % 2]} for k in range(shift, shift + n)]
+        (tmp_path / f"{split}.json").write_text(json.dumps(rows))
+        files[f"{split}_file"] = str(tmp_path / f"{split}.json")
+    settings = {"model": tiny_llama, **files, "dataset": None, "task": "causal-lm", "device": "cpu", "epochs": 2,
+                "eval_batch_size": 8, "max_length": 64, "vector_length": 32, "num_vectors": 16, "lr_bank": 1e-2,
+                "lr_logits": 5e-2, "logging_steps": 1000, "max_new_tokens": 2, "num_samples": 2, "generate_eval": 4,
+                "overwrite": True}
+    one = train(build_config(None, {**settings, "batch_size": 8, "output": str(tmp_path / "one")}),
+                log=lambda *a: None)
+    args = []
+    for k, v in {**settings, "batch_size": 4, "output": str(tmp_path / "two")}.items():
+        flag = "--" + k.replace("_", "-")
+        args += [flag] if v is True else [flag, "none" if v is None else str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "vblora", "train", "--fsdp", *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads(Path(tmp_path / "two" / "results.json").read_text())
+    assert two["world_size"] == 2 and two["config"]["fsdp"] is True
+    losses = [e["validation"]["loss"] for e in one["per_epoch"]]
+    assert [e["validation"]["loss"] for e in two["per_epoch"]] == pytest.approx(losses, abs=1e-5)
+    assert abs(losses[1] - losses[0]) > 1e-3  # the weights moved: the match is not trivial
+    for split in ("validation", "test"):
+        assert two["metrics"][split] == pytest.approx(one["metrics"][split], abs=1e-5)
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

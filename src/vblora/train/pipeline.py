@@ -266,10 +266,11 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     val = _strip(tracker.metrics) if tracker.metrics and not lm else score("validation")
     test = score("test")
     t_eval = time.time()
-    if data.evaluate is not None:  # the task's own scoring of the best state, e.g. generation
-        test.update(data.evaluate(trainer.model, tok, data, cfg, out if is_main else None))
-    elif lm:
-        test.update(evaluate.generate_answers(trainer.model, tok, data, cfg, out if is_main else None))
+    with _samples_dir(cfg, out, is_main) as samples:
+        if data.evaluate is not None:  # the task's own scoring of the best state, e.g. generation
+            test.update(data.evaluate(trainer.model, tok, data, cfg, samples))
+        elif lm:
+            test.update(evaluate.generate_answers(trainer.model, tok, data, cfg, samples))
     by_k = {}
     for k in cfg.extra_eval_topk:  # paper Table 5: the same trained logits scored with another top-k
         with _eval_topk(trainer.model, k):
@@ -319,6 +320,18 @@ def _eval_topk(model, k: int):
         yield
     finally:
         bank.config = config
+
+
+@contextlib.contextmanager
+def _samples_dir(cfg: RunConfig, out: Path, is_main: bool):
+    """Where the task's own evaluation writes its samples; None: skip it. Rank 0: the run directory. Under --fsdp
+    every process must generate too (each forward gathers the sharded base): the others write to a scratch dir."""
+    if is_main or not cfg.fsdp:
+        yield out if is_main else None
+        return
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="vblora-fsdp-") as scratch:
+        yield Path(scratch)
 
 
 def _whole_base(cfg: RunConfig, model):
