@@ -77,7 +77,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             mean = loss.detach().clone()
             dist.all_reduce(mean, op=dist.ReduceOp.AVG)
             seen["loss"].append(float(mean))
-            seen["loss_one"].append(float(loss_one))
+            seen["loss_one"].append(loss_one.item())
             for name, b in (("", bank), ("_one", bank_one)):
                 seen["grad_bank" + name].append(b.bank.grad.clone())
                 seen["grad_logits" + name].append(b.logits.grad.clone())
