@@ -210,3 +210,76 @@ def test_vblora_train_fsdp_matches_one_process(tiny_llama, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _load_4bit(path: str, storage: torch.dtype):
+    """The tiny LLaMA checkpoint in 4-bit NF4 (bitsandbytes' CPU backend), VB-LoRA on all linear modules."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    import vblora
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                               bnb_4bit_quant_storage=storage, llm_int8_skip_modules=["lm_head"])
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32, device_map="cpu")
+    return vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=H, vector_length=B,
+                                                        rank=RANK, topk=K))
+
+
+def _worker_4bit(rank: int, world: int, port: int, path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from vblora import get_bank
+    from vblora.train import sharding
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, one = _load_4bit(path, torch.float32), _load_4bit(path, torch.float32)
+        sharding.shard_model(model, sharding.device_mesh("cpu"))
+        ids = torch.randint(0, 96, (GLOBAL_BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+        part = ids.chunk(world)[rank]
+        loss = model(input_ids=part, labels=part).loss
+        loss.backward()
+        loss_one = one(input_ids=ids, labels=ids).loss
+        loss_one.backward()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+        bank, bank_one = get_bank(model), get_bank(one)
+        weight = model.model.layers[0].self_attn.q_proj.base.weight
+        if rank == 0:
+            torch.save({"loss": mean.item(), "loss_one": loss_one.item(), "bank": bank.bank.grad,
+                        "bank_one": bank_one.bank.grad, "logits": bank.logits.grad, "logits_one": bank_one.logits.grad,
+                        "weight": type(weight).__name__, "local": weight.to_local().shape[0],
+                        "rows": weight.shape[0]}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_4bit_base_with_float_storage_shards_and_matches(tmp_path):
+    """bitsandbytes NF4 with `bnb_4bit_quant_storage=float32` (FSDP shards float tensors only): sharded, and one
+    step's gradients equal one process's. The default uint8 storage is refused in one line, before any collective."""
+    pytest.importorskip("bitsandbytes")
+    import torch.multiprocessing as mp
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vblora.train import sharding
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+                     ).save_pretrained(str(tmp_path / "llama"))
+    with pytest.raises(SetupError, match="bnb_4bit_quant_storage"):
+        sharding.shard_model(_load_4bit(str(tmp_path / "llama"), torch.uint8))
+    with torch.no_grad():  # lazy imports loaded before the fork
+        _load_4bit(str(tmp_path / "llama"), torch.float32)(input_ids=torch.zeros(1, 2, dtype=torch.long))
+    out = str(tmp_path / "seen.pt")
+    mp.start_processes(_worker_4bit, args=(2, _free_port(), str(tmp_path / "llama"), out), nprocs=2,
+                       start_method="fork")
+    s = torch.load(out, weights_only=False)
+    assert s["weight"] == "DTensor" and s["local"] * 2 == s["rows"]  # the packed 4-bit weight is sharded
+    assert s["loss"] == pytest.approx(s["loss_one"], abs=1e-6)
+    for what in ("bank", "logits"):
+        size = float(s[what + "_one"].abs().max())
+        assert size > 1e-6
+        torch.testing.assert_close(s[what], s[what + "_one"], rtol=1e-5, atol=1e-5 * size)

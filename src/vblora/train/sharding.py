@@ -87,8 +87,8 @@ def shard_model(model: nn.Module, mesh=None, *, average_gradients: bool = True,
         raise SetupError("--fsdp keeps the trained parameters whole and shards the frozen base; with --method full "
                          "everything trains, so nothing would be sharded: use an adapter method, or accelerate's own "
                          "FSDP for full fine-tuning")
-    mesh = mesh if mesh is not None else device_mesh()
     check_shardable(root, whole)
+    mesh = mesh if mesh is not None else device_mesh()
     classes = block_classes(root)
     kwargs = {"mesh": mesh, "ignored_params": whole, "reshard_after_forward": reshard_after_forward}
     for module in root.modules():
