@@ -79,10 +79,8 @@ def apply_method(model: nn.Module, cfg: RunConfig) -> Adapted:
     heads = head_modules(model, cfg)
     if cfg.method == "full":
         model.requires_grad_(True)
-        params = list(model.parameters())
-        n = _count(params)
-        return Adapted(model, "full", [{"name": "all", "params": params, "lr": cfg.method_lr(),
-                                        "weight_decay": cfg.weight_decay}], n, float(n),
+        n = _count(model.parameters())
+        return Adapted(model, "full", _groups(cfg, list(model.parameters()), []), n, float(n),
                        lambda d: model.save_pretrained(str(d)))
     targets = resolve_targets(model, cfg)
     fn = {"vblora": _vblora, "lora": _lora, "vera": _vera, "tied-lora": _tied}[cfg.method]
