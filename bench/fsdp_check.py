@@ -97,7 +97,8 @@ def worker(rank: int, world: int, port: int, backend: str, device_kind: str, sha
         compositions = []
         compose = bank.compose_rows
         bank.compose_rows = lambda *a, **kw: (compositions.append(1), compose(*a, **kw))[1]
-        opts = [torch.optim.AdamW(vblora.parameter_groups(m, lr_bank=LR_BANK, lr_logits=LR_LOGITS)) for m in (model, one)]
+        opts = [torch.optim.AdamW(vblora.parameter_groups(m, lr_bank=LR_BANK, lr_logits=LR_LOGITS))
+                for m in (model, one)]
         vocab, seq = SHAPES[shape][5], SHAPES[shape][6]
         g = torch.Generator().manual_seed(1)
         steps = []

@@ -179,7 +179,8 @@ def test_vblora_train_fsdp_matches_one_process(tiny_llama, tmp_path):
 
     files = {}
     for split, n, shift in (("train", 32, 0), ("validation", 8, 1), ("test", 8, 2)):
-        rows = [{"instruction": "what sentiment", "input": f"the film was {['good', 'bad', 'very good', 'dull'][k % 4]}",
+        words = ["good", "bad", "very good", "dull"]
+        rows = [{"instruction": "what sentiment", "input": f"the film was {words[k % 4]}",
                  "output": ["positive", "negative"][k % 2]} for k in range(shift, shift + n)]
         (tmp_path / f"{split}.json").write_text(json.dumps(rows))
         files[f"{split}_file"] = str(tmp_path / f"{split}.json")
