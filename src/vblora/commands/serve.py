@@ -34,6 +34,10 @@ def load_base(args):
     from vblora.train.errors import SetupError
     from vblora.train.models import load_model, load_tokenizer, resolve_model
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SetupError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     path, gguf = resolve_model(args.model, args.gguf_file)
     tokenizer = load_tokenizer(path, gguf)
     model = load_model(path, gguf, "causal-lm")
@@ -100,6 +104,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and activations (default float32)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, one "
+                                                             "per core; 1 on a machine shared with other jobs)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if the model is one")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (health and "
                                                    "metrics stay open)")
