@@ -143,3 +143,38 @@ def test_incremental_text_holds_back_a_possible_stop_string():
     out = [t.push(i) for i in (1, 4, 6)]  # "stop " is held until "now" shows it is not "stop here"
     assert "".join(d for d, _ in out) + t.finish() == "hello stop now "
     assert out[1] == ("", False)
+
+
+def test_sliding_window_model_beyond_its_window(model):
+    """Mistral with a 6-token window, prompts and generations past it: batched rows equal each alone."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=6)
+    mistral = MistralForCausalLM(cfg).eval()
+    sched = Scheduler(mistral, None, max_batch=4)
+    events, reqs = {}, []
+    for prompt in ([5, 6, 7], [8] * 9, list(range(10, 25)), [30, 31, 32, 33]):
+        reqs.append(request(prompt, 12, events))
+        sched.submit(reqs[-1])
+        sched.step()  # each joins a batch already decoding
+    while len(sched.batch) or sched.waiting:
+        sched.step()
+    for req in reqs:
+        assert tokens_of(events, req) == alone(mistral, req.prompt, 12)
+
+
+def test_a_stop_string_cancel_counts_as_completed(model):
+    sched = Scheduler(model, None, max_batch=2)
+    events = {}
+    a, b = request([5, 6], 20, events), request([7, 8], 20, events)
+    sched.submit(a)
+    sched.submit(b)
+    sched.step()
+    sched.cancel(a, "stop")  # the server found a stop string in a's text
+    sched.cancel(b)  # b's client went away
+    sched.step()
+    assert events[a.id][-1] == ("done", "stop") and events[b.id][-1] == ("done", "cancelled")
+    assert not len(sched.batch)
+    assert sched.stats()["requests"] == {"completed": 1, "cancelled": 1, "failed": 0, "rejected": 0}

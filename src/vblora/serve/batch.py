@@ -9,9 +9,10 @@ Rows are left-padded to one length L (the cache's sequence axis), so a decode st
 - leaving: the remaining rows are selected, then the left columns that are padding in every remaining row dropped.
 
 Padding columns are masked out of every attention, so a row's logits are those it gets alone up to float rounding
-(tests/serve/test_server.py checks greedy outputs are identical). Works with caches whose layers are plain
-`DynamicLayer`s (full attention: Llama, Mistral without sliding window, Qwen2, GPT-2 ...); sliding-window layers keep
-only their last W columns, which this left-padding scheme cannot line up, so they are refused at the first step.
+(tests/serve/ check greedy outputs are identical). The scheduler gives every forward a plain `DynamicCache()`, whose
+layers keep all columns even for sliding-window models (the window is applied by the attention mask, not by
+trimming the cache), so every layer can be padded and concatenated; caches of other kinds (recurrent or
+linear-attention state) are refused with `UnsupportedCacheError`.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ import torch
 
 
 class UnsupportedCacheError(TypeError):
-    """The model's KV cache has layers the running batch cannot pad and concatenate (e.g. sliding windows)."""
+    """The model's KV cache has layers the running batch cannot pad and concatenate (recurrent state...)."""
 
 
 def cache_layers(cache) -> list:
-    """The per-layer cache objects, each holding `keys` / `values` of shape (B, H_kv, L, D)."""
+    """The per-layer cache objects, each holding `keys` / `values` of shape (B, H_kv, L, D); UnsupportedCacheError
+    for any other kind of layer."""
     layers = list(cache.layers)
     for layer in layers:
         if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
             raise UnsupportedCacheError(
-                f"the server's continuous batching needs full-attention KV cache layers; this model's cache has "
-                f"{type(layer).__name__} (sliding window or another kind)")
+                f"the server's continuous batching needs key/value cache layers it can pad and concatenate; this "
+                f"model's cache has {type(layer).__name__}")
     return layers
 
 

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from vblora.serve.batch import RunningBatch, prefill_inputs
+from vblora.serve.batch import RunningBatch, cache_layers, prefill_inputs
 from vblora.serve.sampling import Sampling, new_generator, next_tokens
 
 log = logging.getLogger("vblora.serve")
@@ -49,7 +49,7 @@ class GenerationRequest:
     emit: Callable[[str, object], None] = lambda kind, value: None  # called from the scheduler thread
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     generated: list[int] = field(default_factory=list)
-    cancelled: bool = False
+    cancelled: str | None = None  # why the caller stopped it: "cancelled" (client gone) or "stop" (stop string)
     finished: bool = False
     generator: torch.Generator | None = None
     submitted: float = field(default_factory=time.perf_counter)
@@ -88,8 +88,9 @@ class Scheduler:
             self.waiting.append(req)
             self.cond.notify()
 
-    def cancel(self, req: GenerationRequest) -> None:
-        req.cancelled = True
+    def cancel(self, req: GenerationRequest, reason: str = "cancelled") -> None:
+        """Stop a request at the next step; its last event is ("done", reason)."""
+        req.cancelled = reason
         with self.cond:
             self.cond.notify()
 
@@ -151,12 +152,12 @@ class Scheduler:
         with self.cond:
             for req in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(req)
-                self.finish(req, "done", "cancelled")
+                self.finish(req, "done", req.cancelled)
         gone = [r for r in self.batch.rows if r.cancelled]
         if gone:
             self.batch.keep([i for i, r in enumerate(self.batch.rows) if not r.cancelled])
             for req in gone:
-                self.finish(req, "done", "cancelled")
+                self.finish(req, "done", req.cancelled)
 
     def admit(self) -> list[GenerationRequest]:
         group, tokens = [], 0
@@ -183,6 +184,7 @@ class Scheduler:
         cache = DynamicCache()
         try:
             logits = self.forward(group, **inputs, **{self.cache_kw: cache})
+            cache_layers(cache)  # a cache the batch cannot pad: refused here, for these requests only
         except Exception as e:  # e.g. an adapter that fails to compose: fail this group only
             log.exception("prefill failed")
             for req in group:

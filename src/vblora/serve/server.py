@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import threading
@@ -152,8 +153,8 @@ class Generation:
                 else:
                     raise APIError(500, value, type="server_error")
         finally:
-            if not self.request.finished:
-                self.engine.scheduler.cancel(self.request)  # stop string hit, or the client went away
+            if not self.request.finished:  # a stop string ended it, or the client went away
+                self.engine.scheduler.cancel(self.request, "stop" if self.finish_reason == "stop" else "cancelled")
 
 
 def sse(body: dict | str) -> str:
@@ -218,8 +219,9 @@ def create_app(engine: Engine, *, api_key: str | None = None):
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
+        given = request.headers.get("authorization", "").encode()
         if api_key and request.url.path.startswith("/v1") and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
+                not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             return JSONResponse(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                          type="authentication_error", code="invalid_api_key").body(),
                                 status_code=401)
