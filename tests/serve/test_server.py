@@ -7,6 +7,7 @@ Every output is checked against the same request run alone: `vblora.load_adapter
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -383,3 +384,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
             assert main(["serve", *argv]) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and err[0].startswith("vblora serve: error:") and words in err[0], err
+
+
+def test_cli_without_the_serve_extra_names_it(monkeypatch, capsys):
+    from vblora.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    assert main(["serve", "--model", "x"]) == 2
+    assert "pip install 'vblora[serve]'" in capsys.readouterr().err
