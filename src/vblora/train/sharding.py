@@ -10,7 +10,8 @@ head. What is big is frozen: the base's decoder blocks, embeddings and output la
   whole, plain tensors, identical on every process. The root's forward pre-hook still composes all `N` sub-vectors
   once per forward (`vblora.bank.VectorBank.begin_step`), from the whole bank, before any block runs;
 - the gradients of those whole tensors are averaged over the processes after backward (FSDP leaves ignored
-  parameters alone), so each process holds exactly the gradient one process would compute on the global batch.
+  parameters alone), so each process holds the gradient one process computes on the global batch (up to float
+  rounding; with a mean loss over equal parts per process, or the Trainer's token-count scaling of LM losses).
 
 `shard_model` does all three for a plain loop. `vblora train --fsdp` (train/pipeline.py) shards the same way and
 lets the transformers Trainer average the whole tensors' gradients (its handling of a model sharded before it gets
