@@ -398,10 +398,15 @@ def accuracy(args) -> dict:
         v = getattr(args, flag)
         if v is not None:
             extra += [f"--{flag.replace('_', '-')}", str(v)]
-    section = {"environment": environment(args), "recipe": RECIPE, "reduced_flags": extra, "runs": {}}
+    section = result.get("accuracy") or {}
+    if section.get("reduced_flags", extra) != extra:  # both variants must run the same setting
+        section = {}
+    section.update({"environment": environment(args), "recipe": RECIPE, "reduced_flags": extra})
+    section.setdefault("runs", {})
     variants = {"full": [], "nf4": ["--quantize", "4bit", "--quant-type", "nf4", "--double-quant",
                                     "--compute-dtype", args.compute_dtype]}
-    for name, flags in variants.items():
+    for name in args.variants.split(","):
+        flags = variants[name]
         run_dir = Path(args.runs_dir) / f"qlora-acc-{name}"
         cmd = [sys.executable, "-m", "vblora", "train", "--recipe", RECIPE, *extra, *flags, "--output", str(run_dir),
                "--overwrite"]
@@ -524,6 +529,7 @@ def main(argv=None) -> int:
     a.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     a.add_argument("--threads", type=int, default=None)
     a.add_argument("--device", default="cpu")
+    a.add_argument("--variants", default="full,nf4", help="full, nf4 or both (each adds its run to the file)")
     for flag in ("--max-train-samples", "--max-eval-samples", "--max-test-samples", "--epochs"):
         a.add_argument(flag, type=int, default=None, help="a reduced setting (the same for both runs)")
 
