@@ -73,7 +73,7 @@ def run(args) -> int:
     engine = Engine(model, tokenizer, store, base_name=args.served_model_name or args.model,
                     max_batch=args.max_batch, max_waiting=args.max_queue, max_model_len=args.max_model_len,
                     default_max_tokens=args.max_tokens_default)
-    print(f"vblora serve: {engine.base_name} ({model.device}, {args.dtype}) with {len(store.names())} adapters "
+    print(f"vblora serve: {engine.base_name} ({model.device}, {args.dtype}) with {len(store.names())} adapter(s) "
           f"on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, queue {args.max_queue}, "
           f"context {engine.max_model_len})", file=sys.stderr)
     serve(create_app(engine, api_key=args.api_key), args.host, args.port, log_level=args.log_level)
