@@ -86,6 +86,39 @@ def reset_rss_peak() -> bool:
         return False
 
 
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a packed 4-bit weight counts its uint8 storage)."""
+    import torch
+
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def profiled_step_peak(step) -> int:
+    """Highest increase of live CPU tensor bytes during one call of `step`, from the profiler's allocation events
+    (each allocation and free with its size, in order): deterministic, unlike the RSS, which the allocator's and the
+    kernel's page handling make noisy by +-5% between runs."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
 def enable_qlora_checkpointing(model) -> None:
     """What `vblora train --quantize` does before adapting: non-reentrant gradient checkpointing, and input gradients
     (the frozen embedding's output must require grad for the checkpointed regions to backpropagate)."""
@@ -169,15 +202,20 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model.train()
     times, cpu_times, losses = [], [], []
-    for i in range(args.warmup + args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        c0, w0 = time.process_time(), time.perf_counter()
+
+    def step():
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        c0, w0 = time.process_time(), time.perf_counter()
+        loss = step()
         if cuda:
             torch.cuda.synchronize()
         w, c = time.perf_counter() - w0, time.process_time() - c0
@@ -185,6 +223,14 @@ def worker(args) -> dict:
         if i >= args.warmup:
             times.append(round(1000 * w, 2))
             cpu_times.append(round(1000 * c, 2))
+    hwm_kib = rss_kib("VmHWM")  # before the profiled step (the profiler's own bookkeeping is not the method's)
+    memory = {}
+    if not cuda:  # deterministic accounting: tensors alive between steps + the largest increase during one step
+        static = tensor_bytes([*model.parameters(), *model.buffers(),
+                               *(v for s in opt.state.values() for v in s.values())])
+        increase = profiled_step_peak(step)
+        memory = {"tensor_static_bytes": static, "step_peak_increase_bytes": increase,
+                  "peak_tensor_bytes": static + increase}
     out = {
         "config": args.config, "method": method, "rank": rank, "base": base, "pid": os.getpid(),
         "setup_s": round(setup_s, 2), "step_ms": times, "step_cpu_ms": cpu_times, "losses": losses,
@@ -195,11 +241,12 @@ def worker(args) -> dict:
         "model_dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())),
         "quantized_linears": sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")),
         "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        **memory,
     }
     if cuda:
         out.update(cuda_alloc_setup_bytes=alloc_setup, cuda_peak_train_bytes=torch.cuda.max_memory_allocated(),
                    cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved())
-    out.update(rss_setup_bytes=1024 * rss_setup, peak_train_rss_bytes=1024 * rss_kib("VmHWM") if hwm_reset else None,
+    out.update(rss_setup_bytes=1024 * rss_setup, peak_train_rss_bytes=1024 * hwm_kib if hwm_reset else None,
                peak_process_rss_bytes=1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return out
 
@@ -262,7 +309,7 @@ def random_model_dir(shape: str, device: str, dtype: str, where: Path) -> Path:
 def summarize(runs: list[dict], configs: list[str], device: str) -> dict:
     """Per configuration: medians over every timed step and over rounds; ratios to PEFT LoRA r=4 (and VB-LoRA nf4 to
     its full-precision base); the issue's bars."""
-    mem_key = "cuda_peak_train_bytes" if device == "cuda" else "peak_train_rss_bytes"
+    mem_key = "cuda_peak_train_bytes" if device == "cuda" else "peak_tensor_bytes"
     per = {}
     for c in configs:
         rs = [r for r in runs if r.get("config") == c and "step_ms" in r]
@@ -271,11 +318,17 @@ def summarize(runs: list[dict], configs: list[str], device: str) -> dict:
         steps = [t for r in rs for t in r["step_ms"]]
         cpu = [t for r in rs for t in r["step_cpu_ms"]]
         mems = [r[mem_key] for r in rs if r.get(mem_key)]
+        rss = [r["peak_train_rss_bytes"] for r in rs if r.get("peak_train_rss_bytes")]
         per[c] = {"rounds": len(rs), "step_ms_median": statistics.median(steps), "step_ms_min": min(steps),
                   "step_ms_max": max(steps), "step_cpu_ms_median": statistics.median(cpu) if cpu else None,
                   "round_step_ms_medians": [statistics.median(r["step_ms"]) for r in rs],
                   "peak_memory_bytes_median": statistics.median(mems) if mems else None,
                   "peak_memory_bytes_all": mems,
+                  "peak_train_rss_bytes_median": statistics.median(rss) if rss else None, "peak_train_rss_all": rss,
+                  "tensor_static_bytes": rs[0].get("tensor_static_bytes"),
+                  "step_peak_increase_bytes_median": statistics.median([r["step_peak_increase_bytes"] for r in rs])
+                  if rs[0].get("step_peak_increase_bytes") else None,
+                  "adapter_state_bytes": 2 * rs[0]["trainable_bytes"] + rs[0]["optimizer_state_bytes"],
                   "peak_process_rss_bytes_median": statistics.median([r["peak_process_rss_bytes"] for r in rs]),
                   "rss_setup_bytes_median": statistics.median([r["rss_setup_bytes"] for r in rs]),
                   "trainable": rs[0]["trainable"], "stored": rs[0]["stored"],
@@ -302,12 +355,14 @@ def summarize(runs: list[dict], configs: list[str], device: str) -> dict:
             ratios[f"{c}/{REFERENCE}"] = {"step": ratio(c, REFERENCE, "step_ms_median"),
                                           "step_paired": paired(c, REFERENCE),
                                           "step_cpu": ratio(c, REFERENCE, "step_cpu_ms_median"),
-                                          "peak_memory": ratio(c, REFERENCE, "peak_memory_bytes_median")}
+                                          "peak_memory": ratio(c, REFERENCE, "peak_memory_bytes_median"),
+                                          "peak_rss": ratio(c, REFERENCE, "peak_train_rss_bytes_median")}
     for full in ("vblora-full", "vblora-full-ckpt"):
         if "vblora-nf4" in per and full in per:
             ratios[f"vblora-nf4/{full}"] = {"step": ratio("vblora-nf4", full, "step_ms_median"),
                                             "step_paired": paired("vblora-nf4", full),
-                                            "peak_memory": ratio("vblora-nf4", full, "peak_memory_bytes_median")}
+                                            "peak_memory": ratio("vblora-nf4", full, "peak_memory_bytes_median"),
+                                            "peak_rss": ratio("vblora-nf4", full, "peak_train_rss_bytes_median")}
     bars = {}
     r = ratios.get(f"vblora-nf4/{REFERENCE}")
     if r:
@@ -442,7 +497,7 @@ def render(section: dict, key: str = "") -> str:
     s = section.get("summary") or {}
     per, ratios, env, st = s.get("configs", {}), s.get("ratios", {}), section["environment"], section["settings"]
     mib = lambda b: f"{b / 2**20:,.0f}" if b else "n/a"  # noqa: E731
-    mem_name = "peak CUDA allocated MiB" if st["device"] == "cuda" else "peak RSS while training MiB"
+    mem_name = "peak CUDA allocated MiB" if st["device"] == "cuda" else "peak tensor MiB"
     lines = [f"{key}: {env.get('gpu') or env.get('cpu_model', env['processor'])}, {env['cpu_count']} cores; "
              f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, peft "
              f"{env['versions']['peft']}, bitsandbytes {env['versions']['bitsandbytes']}; {env['date']}. "
@@ -450,23 +505,25 @@ def render(section: dict, key: str = "") -> str:
              f"{st['rounds']} rounds x {st['steps']} timed steps (+{st['warmup']} warm-up), threads {st['threads']}.",
              "",
              f"| configuration | step ms median (min-max) | step / LoRA r=4 (paired) | {mem_name} | / LoRA r=4 | "
-             "process peak RSS MiB | trainable | optimizer state MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "peak RSS while training MiB | / LoRA r=4 | adapter state MiB | trainable |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c, v in per.items():
         r = ratios.get(f"{c}/{REFERENCE}", {})
         pr = r.get("step_paired") or {}
-        step_r = f"{r['step']:.3f} ({pr.get('median', 0):.3f})" if r.get("step") else "1"
-        mem_r = f"{r['peak_memory']:.3f}" if r.get("peak_memory") else ("1" if c == REFERENCE else "n/a")
+        ref = "1" if c == REFERENCE else "n/a"
+        step_r = f"{r['step']:.3f} ({pr.get('median', 0):.3f})" if r.get("step") else ref
+        mem_r = f"{r['peak_memory']:.3f}" if r.get("peak_memory") else ref
+        rss_r = f"{r['peak_rss']:.3f}" if r.get("peak_rss") else ref
         lines.append(f"| {LABELS.get(c, c)} | {v['step_ms_median']:,.0f} ({v['step_ms_min']:,.0f}-"
                      f"{v['step_ms_max']:,.0f}) | {step_r} | {mib(v['peak_memory_bytes_median'])} | {mem_r} | "
-                     f"{mib(v['peak_process_rss_bytes_median'])} | {v['trainable']:,} | "
-                     f"{v['optimizer_state_bytes'] / 2**20:.1f} |")
+                     f"{mib(v.get('peak_train_rss_bytes_median'))} | {rss_r} | "
+                     f"{v.get('adapter_state_bytes', 0) / 2**20:.1f} | {v['trainable']:,} |")
     for full in ("vblora-full", "vblora-full-ckpt"):
         r = ratios.get(f"vblora-nf4/{full}")
         if r and r.get("step"):
             pr = r.get("step_paired") or {}
             lines.append(f"\nVB-LoRA 4-bit / {LABELS[full]}: step {r['step']:.3f} (paired {pr.get('median')}), "
-                         f"peak memory {r['peak_memory']}")
+                         f"{mem_name} {r['peak_memory']}, peak RSS {r.get('peak_rss')}")
     if s.get("bars"):
         lines.append(f"\nBars (VB-LoRA on the 4-bit base vs PEFT LoRA r=4): {s['bars']}")
     if section.get("errors"):

@@ -22,7 +22,9 @@ def _load():
 
 
 def _run(config, rnd, steps, peak, trainable=10):
-    return {"config": config, "round": rnd, "step_ms": steps, "step_cpu_ms": steps, "peak_train_rss_bytes": peak,
+    return {"config": config, "round": rnd, "step_ms": steps, "step_cpu_ms": steps, "peak_tensor_bytes": peak,
+            "tensor_static_bytes": peak // 2, "step_peak_increase_bytes": peak // 2, "trainable_bytes": 4 * trainable,
+            "peak_train_rss_bytes": 2 * peak,
             "peak_process_rss_bytes": peak + 1, "rss_setup_bytes": peak - 1, "trainable": trainable, "stored": 1.0,
             "optimizer_state_bytes": 8, "adapted_modules": 3, "quantized_linears": 3, "model_dtype": "torch.float32",
             "gradient_checkpointing": True, "optimizer": "torch AdamW"}
@@ -39,7 +41,8 @@ def test_summary_ratios_paired_and_bars():
     assert r["step"] == round(203 / 155, 4)
     # paired: round 0 105/100, round 1 300/200 -> median of the two
     assert r["step_paired"]["median"] == round((1.05 + 1.5) / 2, 4) and r["step_paired"]["n"] == 2
-    assert r["peak_memory"] == round(1020 / 1000, 4)  # median of 1010 and 1030
+    assert r["peak_memory"] == round(1020 / 1000, 4)  # median of 1010 and 1030 (tensor accounting on the CPU)
+    assert r["peak_rss"] == round(2040 / 2000, 4)
     assert s["bars"] == {"peak_memory_le_1.02x_lora_r4": True, "step_le_1.10x_lora_r4": False,
                          "step_paired_le_1.10x_lora_r4": False}
     assert s["ratios"]["vblora-nf4/vblora-full"]["peak_memory"] == round(1020 / 2000, 4)
@@ -48,7 +51,7 @@ def test_summary_ratios_paired_and_bars():
         "device": "cpu", "model": "tiny", "batch": 2, "seq": 16, "compute_dtype": "float32", "rounds": 2, "steps": 3,
         "warmup": 1, "threads": 1}}
     text = q.render(section, "k")
-    assert "| VB-LoRA, 4-bit NF4 | 203 (104-300) | 1.310 (1.275) |" in text
+    assert "| VB-LoRA, 4-bit NF4 | 203 (104-300) | 1.310 (1.275) | 0 | 1.020 | 0 | 1.020 | 0.0 | 10 |" in text
 
 
 @pytest.mark.slow
@@ -70,3 +73,5 @@ def test_workers_on_a_tiny_4bit_base(tmp_path):
     for r in (vb, lora):
         assert len(r["step_ms"]) == 3 and r["losses"][-1] < r["losses"][0]
         assert r["peak_train_rss_bytes"] > 0 and r["optimizer_state_bytes"] > 0
+        # the deterministic accounting: the adapter's parameters and AdamW state are part of the static bytes
+        assert r["step_peak_increase_bytes"] > 0 and r["tensor_static_bytes"] > 3 * r["trainable_bytes"]
