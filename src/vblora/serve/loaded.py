@@ -57,18 +57,31 @@ class LoadedAdapter:
 
     @torch.no_grad()
     def compose(self, dtype: torch.dtype, device: torch.device) -> Factors:
-        """Every module's `(A (r, in), B (out, r))`, contiguous, by the stored rule (top-k softmax weights over the
-        bank): `compose_selected` in float32 on the bank's device, cast to `dtype` once, as the single-adapter
-        layers do."""
+        """Every module's `(A (r, in), B (out, r))` by the stored rule (top-k softmax weights over the bank):
+        `compose_selected` in float32 on the bank's device, cast to `dtype` once, as the single-adapter layers do.
+        All factors are contiguous views of ONE buffer: one allocation per composition, returned whole to the
+        allocator when the cache drops it."""
         weights = complete_weights(self.weights).clamp_(min=0) if self.partial else self.weights
         sub = compose_selected(self.indices.to(device=self.bank.device, dtype=torch.long),
                                weights.to(self.bank.device), self.bank)  # (N, b) float32
         pieces = self.layout.split(sub.to(device=device, dtype=dtype))
-        return {e.name: (self.layout.A(a, e).contiguous(), self.layout.B(b, e).contiguous())
-                for e, (a, b) in zip(self.layout.entries, pieces)}
+        r = self.layout.rank
+        buffer = torch.empty(sum(r * (e.in_features + e.out_features) for e in self.layout.entries), dtype=dtype,
+                             device=device)
+        factors, at = {}, 0
+        for e, (a, b) in zip(self.layout.entries, pieces):
+            A = buffer[at:at + r * e.in_features].view(r, e.in_features)
+            at += A.numel()
+            B = buffer[at:at + e.out_features * r].view(e.out_features, r)
+            at += B.numel()
+            A.copy_(self.layout.A(a, e))
+            B.copy_(self.layout.B(b, e))
+            factors[e.name] = (A, B)
+        return factors
 
 
 def factor_bytes(factors: Factors) -> int:
+    """Bytes of a composition (its factors' total; they share one buffer of exactly that size)."""
     return sum(t.numel() * t.element_size() for pair in factors.values() for t in pair)
 
 

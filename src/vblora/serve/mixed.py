@@ -107,6 +107,7 @@ class Plan:
         self.device = device or torch.device("cpu")
         self.layers: dict[tuple, list[Group]] = {}
         self.head_groups: dict[tuple, list] = {}
+        self.stacked_bytes = 0  # factors copied into GATHER stacks (one batch's worth at most)
 
     def unit_count(self, x: torch.Tensor) -> int:
         """Units in a layer's input: rows (dim 0), or tokens (dim 1 of a batch of one)."""
@@ -163,6 +164,7 @@ class Plan:
                 owner = {u: (A, B) for A, B, us in items for u in us}
                 A = torch.stack([owner[u][0] for u in units])  # (n, r, in)
                 B = torch.stack([owner[u][1] for u in units])  # (n, out, r)
+                self.stacked_bytes += (A.numel() + B.numel()) * A.element_size()
                 groups.append(Group(GATHER, self.index(units, n), A, B))
             else:
                 parts = [(torch.tensor(us, dtype=torch.long, device=self.device), A, B) for A, B, us in items]

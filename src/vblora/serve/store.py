@@ -84,6 +84,8 @@ class AdapterStore:
         self.entries: dict[str, Entry] = {}
         self.bank_files: dict[str, Path] = {}  # sha256 -> bank file found in the directory
         self.banks: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
+        self.modules = dict(self.model.named_modules())  # name -> module, kept current by `wrap`
+        self.last_plan: Plan | None = None
         if self.directory is not None:
             self.scan()
 
@@ -158,18 +160,23 @@ class AdapterStore:
     # -- wrapping the base model ----------------------------------------------------------------------------------
     def wrap(self, source: Source) -> None:
         """Wrap the modules this adapter adapts (and its heads) once; modules it lacks are reported at load."""
-        modules = dict(self.model.named_modules())
+        modules = self.modules
         for name in source.modules:
             module = modules.get(name)
             if module is not None and not isinstance(module, MixedLayer) and name.rpartition(".")[2] != "base":
                 try:
-                    set_module(self.model, name, MixedLayer(module, name, self.router))
+                    self.replace(name, MixedLayer(module, name, self.router))
                 except VBLoRAError:
                     pass  # cannot be adapted: check_fits names it when the adapter is loaded
         for head in source.heads:
             name = self.head_name(head, modules)
             if name is not None and not isinstance(modules[name], MixedHead):
-                set_module(self.model, name, MixedHead(modules[name], name, self.router))
+                self.replace(name, MixedHead(modules[name], name, self.router))
+
+    def replace(self, name: str, wrapper: nn.Module) -> None:
+        set_module(self.model, name, wrapper)
+        self.modules[name] = wrapper
+        self.modules[f"{name}.base"] = wrapper.base
 
     def head_name(self, head: str, modules: dict[str, nn.Module]) -> str | None:
         """The model's module for a `modules_to_save` name: exact, else the outermost with that dotted suffix."""
@@ -195,7 +202,8 @@ class AdapterStore:
 
     def load(self, source: Source) -> LoadedAdapter:
         try:
-            modules = dict(self.model.named_modules())
+            with self.lock:
+                modules = dict(self.modules)
             snap = read_snapshot(source, dict(self.bank_files), list(modules))
             check_fits(snap, self.model, {m.name: unwrapped(modules.get(m.name)) for m in snap.modules}, source)
             heads = {}
@@ -209,10 +217,6 @@ class AdapterStore:
         except AdapterFormatError as e:
             text = str(e)
             raise AdapterFormatError(text if source.name in text else f"adapter '{source.name}': {text}") from None
-        missing = [m.name for m in loaded.layout.entries
-                   if not isinstance(self.model.get_submodule(m.name), MixedLayer)]
-        if missing:  # e.g. a PEFT directory whose module list was read from another order: wrap now
-            self.wrap(source)
         return loaded
 
     def intern_bank(self, digest: str, bank: torch.Tensor) -> torch.Tensor:
@@ -244,6 +248,8 @@ class AdapterStore:
         return factors
 
     def plan(self, entries, axis: str, strategy: str | None = None) -> Plan:
+        """The plan of one `rows(...)` / `tokens(...)` block. The same adapters in the same order as the previous
+        block (a server's decode steps between joins and leaves) reuse its plan and per-layer grouping."""
         units = []
         for e in entries:
             if isinstance(e, str):
@@ -252,9 +258,19 @@ class AdapterStore:
                 raise VBLoRAError(f"store.{axis}(...) takes AdapterHandles (store.acquire(name)), names or None; got "
                                   f"{type(e).__name__}")
             units.append(e.adapter if e is not None else None)
-        distinct = {id(a): a for a in units if a is not None}
-        factors = {a: self.factors(a) for a in distinct.values()}
-        return Plan(units, factors, axis, self.device, strategy)
+        distinct = list({id(a): a for a in units if a is not None}.values())
+        last = self.last_plan
+        if (last is not None and (last.axis, last.strategy) == (axis, strategy) and len(last.units) == len(units)
+                and all(a is b for a, b in zip(last.units, units))):
+            for adapter in distinct:  # recency and hit counts as if composed afresh; evicted ones come back
+                with self.lock:
+                    if self.cache.get(adapter) is None and not adapter.removed:
+                        self.cache.put(adapter, last.factors[adapter], factor_bytes(last.factors[adapter]))
+            return last
+        self.last_plan = None  # released before composing: at most one plan's stacked factors alive at once
+        plan = Plan(units, {a: self.factors(a) for a in distinct}, axis, self.device, strategy)
+        self.last_plan = plan  # kept for the next block: its grouping (stacked factors) is bounded by one batch
+        return plan
 
     @contextlib.contextmanager
     def rows(self, handles, *, strategy: str | None = None):
@@ -276,5 +292,6 @@ class AdapterStore:
                     "bank_bytes": sum(b.numel() * b.element_size() for b in banks),
                     "loaded_bytes": sum(a.resident_bytes for a in loaded),
                     "cache_entries": len(self.cache), "cache_bytes": self.cache.bytes,
+                    "plan_stacked_bytes": self.last_plan.stacked_bytes if self.last_plan is not None else 0,
                     "cache_cap_bytes": self.cache.cap, "hits": self.cache.hits, "misses": self.cache.misses,
                     "evictions": self.cache.evictions}
