@@ -206,3 +206,25 @@ def test_classification_heads_per_row(tmp_path):
         if name:
             assert (ref - plain[i:i + 1]).abs().max() > 1e-2
     assert not torch.allclose(out[0], out[2], atol=1e-3)  # the two heads differ
+
+
+def test_plan_reused_for_the_same_adapters_and_copies_are_inert(llama_setup):
+    """Decode steps with the same rows reuse one plan (its grouping); a new order gets a new one; outputs agree
+    with a fresh store. A deep copy of the served model is a plain base model (no plan reaches it)."""
+    base, d = llama_setup
+    served = copy.deepcopy(base)
+    store = AdapterStore(served, d)
+    handles = [store.acquire(n) for n in ("qv", "all", "qv2")]
+    ids = tokens(3, 5)
+    with store.rows(handles) as first:
+        out1 = logits(served, ids)
+    with store.rows(list(handles)) as again:
+        out2 = logits(served, ids)
+    assert again is first and torch.equal(out1, out2)
+    with store.rows(handles[::-1]) as other:
+        out3 = logits(served, ids.flip(0))
+    assert other is not first and torch.allclose(out3.flip(0), out1, atol=1e-5, rtol=0)
+    assert store.stats()["plan_stacked_bytes"] > 0
+    twin = copy.deepcopy(served)
+    with store.rows(handles):
+        assert torch.equal(logits(twin, ids), logits(base, ids))

@@ -41,6 +41,10 @@ class Router:
     def __init__(self) -> None:
         self.local = threading.local()
 
+    def __reduce__(self):
+        # A copied or pickled served model gets a router of its own, with no plan: it computes the base model.
+        return Router, ()
+
     def current(self) -> "Plan | None":
         stack = getattr(self.local, "stack", None)
         return stack[-1] if stack else None
