@@ -117,6 +117,14 @@ def test_shared_bank_held_once(base, tmp_path):
             for i in range(3)}
     refs["embedded"] = alone(base, tmp_path / "embedded.safetensors")
     check_rows(store, served, base, refs, ["ref0", "embedded", "ref2", None, "ref1"])
+    # a `vblora train --freeze-bank` run directory: run/adapter/adapter.safetensors, the bank at run/bank.safetensors
+    run = tmp_path.parent / f"{tmp_path.name}-run"
+    vblora.save_adapter(models[0], run / "adapter", bank="reference")
+    vblora.save_bank(first, run)
+    store.add("run", run / "adapter")
+    assert store.acquire("run").adapter.bank is handles[0].adapter.bank
+    refs["run"] = refs["ref0"]
+    check_rows(store, served, base, refs, ["run", "ref1"])
 
 
 def test_reference_without_bank_is_a_clear_error(base, tmp_path):
