@@ -82,7 +82,7 @@ qlora() {  # $1 model shape, $2 json key, $3 cap (s)
   local lim; lim=$(cap "$3")
   [ "$lim" -lt 40 ] && { say "qlora $1: skipped, ${lim}s left"; return; }
   if [ -n "$DRY" ]; then
-    timeout -k 5 "$lim" $PY -u bench/qlora_bench.py speed --dry-run --key "$2" \
+    timeout -k 5 "$lim" $PY -u bench/qlora_bench.py speed --dry-run --key "dry-run-tiny-$1" \
       --configs lora_r4-nf4,lora_r64-nf4,vblora-nf4 --out "$OUT/qlora.json" >> "$LOG" 2>&1
   else
     timeout -k 5 "$lim" $PY -u bench/qlora_bench.py speed --device cuda --model "$1" --batch "${QLORA_BATCH:-4}" \

@@ -351,7 +351,7 @@ def summarize(runs: list[dict], configs: list[str], device: str) -> dict:
 
     ratios = {}
     for c in per:
-        if c != REFERENCE:
+        if c != REFERENCE and REFERENCE in per:
             ratios[f"{c}/{REFERENCE}"] = {"step": ratio(c, REFERENCE, "step_ms_median"),
                                           "step_paired": paired(c, REFERENCE),
                                           "step_cpu": ratio(c, REFERENCE, "step_cpu_ms_median"),
