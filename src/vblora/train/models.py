@@ -132,6 +132,18 @@ def load_model(path: str, gguf_file: str | None, kind: str, num_labels: int = 2,
     return model
 
 
+def enable_qlora_checkpointing(model) -> None:
+    """What training on a quantized base needs before adapting: non-reentrant gradient checkpointing (recompute
+    activations in the backward), and input gradients (the frozen embedding's output must require grad for the
+    checkpointed regions to backpropagate)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
 def _cache_fp32(model, pkg_dir: Path):
     """GGUF-loaded models refuse save_pretrained: rebuild from config, copy weights, save an fp32 copy."""
     import torch

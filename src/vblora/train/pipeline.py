@@ -192,13 +192,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
                               data.labels.num_labels if data.labels else 0, data.labels.names if data.labels else None,
                               quant=quant)
     models.set_pad_token(model, tok)
-    if cfg.quantize:  # QLoRA: recompute activations in the backward; the frozen embeddings' output needs grad
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if cfg.quantize:
+        models.enable_qlora_checkpointing(model)
     adapted = methods.apply_method(model, cfg)
     model = adapted.model
 
