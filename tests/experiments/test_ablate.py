@@ -34,7 +34,7 @@ def _fake_train(calls):
         calls.append((vb.selection, vb.topk, cfg.seed, cfg.max_train_samples, cfg.epochs))
         acc = 0.7 + 0.01 * vb.topk + 0.001 * cfg.seed
         split = {"validation": {"accuracy": acc}, "test": {"accuracy": acc}}
-        r = {"metrics": split, "primary_metric": "accuracy", "seed": cfg.seed, "stored_parameters": 1000.0,
+        r = {"metrics": split, "primary_metric": "accuracy", "seed": cfg.seed, "config": cfg.to_dict(), "stored_parameters": 1000.0,
              "train_time_s": 1.0, "eval_topk": {str(k): {s: {"accuracy": acc - 0.01 * k} for s in split}
                                                 | {"stored_parameters": 900.0} for k in cfg.extra_eval_topk}}
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
@@ -62,6 +62,13 @@ def test_run_study_every_variant_and_seed_then_resumes(tmp_path):
     calls.clear()  # a second call reuses every finished run
     assert A.run_study(variants, [0, 1, 2], tmp_path, {}, budget, train_fn=_fake_train(calls)) == rows
     assert calls == []
+    # other settings (here the budget) or a damaged results.json: those runs are done again, not reused
+    (tmp_path / "top-1-seed0" / "results.json").write_text("{trunc")
+    A.run_study(variants, [0], tmp_path, {}, budget, train_fn=_fake_train(calls))
+    assert calls == [("topk", 1, 0, 100, 0.5)]
+    calls.clear()
+    A.run_study(variants, [0], tmp_path, {}, A.Budget(max_train_samples=100, epochs=1.0), train_fn=_fake_train(calls))
+    assert len(calls) == 3 and {c[4] for c in calls} == {1.0}
 
 
 def test_cli_lists_studies(capsys):

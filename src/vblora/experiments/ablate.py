@@ -14,6 +14,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vblora.experiments.reuse import finished
 from vblora.train.config import build_config
 from vblora.train.pipeline import train
 
@@ -73,12 +74,6 @@ def run_config(variant: Variant, seed: int, out_dir, run_overrides: dict, budget
                                  "extra_eval_topk": list(variant.eval_topk), "output": str(out_dir), "overwrite": True})
 
 
-def finished(run_dir: Path) -> dict | None:
-    """The results of a finished run (its results.json), or None: studies reuse them, so a killed one continues."""
-    f = run_dir / "results.json"
-    return json.loads(f.read_text()) if f.exists() else None
-
-
 def spread(vals: list[float]) -> dict:
     """Median, min, max, mean and sample std (0 for one value) of a non-empty list."""
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "mean": statistics.fmean(vals),
@@ -98,7 +93,8 @@ def run_study(variants: list[Variant], seeds: list[int], out, run_overrides: dic
         for v in variants:
             d = out / f"{v.name}-seed{seed}"
             try:
-                results[v.name].append(finished(d) or train_fn(configs[seed, v.name], log=log))
+                cfg = configs[seed, v.name]
+                results[v.name].append(finished(d, cfg, log) or train_fn(cfg, log=log))
             except Exception as e:  # one failing variant must not lose the others
                 log(f"[ablate] {d.name} FAILED: {type(e).__name__}: {e}")
             (out / "ablation.json").write_text(json.dumps({"budget": budget.describe(), "seeds": seeds,

@@ -7,14 +7,13 @@ printed and saved as OUT/compare.md and OUT/compare.json.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import time
 from pathlib import Path
 
-from vblora.config import VBLoRAConfig
-from vblora.experiments.ablate import finished, spread
+from vblora.experiments.ablate import spread
+from vblora.experiments.reuse import finished
 from vblora.train.config import build_config
 from vblora.train.pipeline import train
 
@@ -34,12 +33,9 @@ def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | N
             ov = {**base_overrides, **METHOD_DEFAULTS.get(method, {}), **method_overrides.get(method, {}),
                   "method": method, "seed": seed, "output": str(run_dir), "overwrite": True}
             cfg = build_config(recipe, ov)
-            if (old := finished(run_dir)) is not None:
-                if _settings(old.get("config", {})) == _settings(cfg.to_dict()):
-                    runs[method].append(old)
-                    log(f"[compare] {method} seed {seed}: reusing {run_dir}/results.json")
-                    continue
-                log(f"[compare] {method} seed {seed}: {run_dir}/results.json has other settings; running again")
+            if (old := finished(run_dir, cfg, log)) is not None:
+                runs[method].append(old)
+                continue
             t = time.time()
             try:
                 runs[method].append(train_fn(cfg, log=log))
@@ -52,22 +48,6 @@ def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | N
     write_summary(summary, out)
     log(format_table(summary))
     return summary
-
-
-# Settings that only one method reads: a LoRA run is still valid when, say, the recipe's bank size changed.
-# Every method reads the shared adapter knobs (targets, rank, dropout, heads); the rest of VBLoRAConfig is VB-LoRA's.
-_SHARED = {"target_modules", "rank", "dropout", "layers", "modules_to_save"}
-_ONLY_FOR = {"vblora": {f.name for f in dataclasses.fields(VBLoRAConfig)} - _SHARED - {"seed"}
-             | {"bank", "freeze_bank", "record_selection_every", "lr_bank", "lr_logits", "extra_eval_topk"},
-             "lora": {"lora_alpha"}, "vera": {"vera_rank"}, "tied-lora": {"tied_rank"}}
-_BOOKKEEPING = {"output", "overwrite", "resume", "resume_partial", "logging_steps", "save_steps"}
-
-
-def _settings(config: dict) -> dict:
-    """The settings that decide a run's result, as JSON stores them (bookkeeping and other methods' knobs left out)."""
-    method = config.get("method")
-    skip = _BOOKKEEPING | {k for m, keys in _ONLY_FOR.items() if m != method for k in keys}
-    return {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in skip}
 
 
 def summarize(runs: dict[str, list[dict]], seeds: list[int]) -> dict:

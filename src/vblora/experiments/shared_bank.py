@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vblora.experiments.ablate import Budget, finished, spread
+from vblora.experiments.ablate import Budget, spread
+from vblora.experiments.reuse import finished
 from vblora.train.config import build_config
 from vblora.train.methods import read_bank_tensor
 from vblora.train.pipeline import train
@@ -29,7 +30,8 @@ def shared_bank_study(bank_path, seeds: list[int], out, task_overrides: dict, bu
             d = out / f"{key}-seed{seed}"
             ov = {**task_overrides, **arm, "seed": seed, **budget.overrides(), "num_vectors": h, "vector_length": b,
                   "output": str(d), "overwrite": True}
-            rs.append(finished(d) or train_fn(build_config(recipe, ov), log=log))
+            cfg = build_config(recipe, ov)
+            rs.append(finished(d, cfg, log) or train_fn(cfg, log=log))
         vals = [r["metrics"]["test"][r["primary_metric"]] for r in rs]
         counts, bank_file = rs[0]["details"], out / f"{key}-seed{seeds[0]}" / "bank.safetensors"
         rows.append({"arm": label, "runs": len(vals), "values": vals, **spread(vals),
