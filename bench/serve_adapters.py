@@ -263,6 +263,50 @@ def memory_part(work: Path, count: int, cache_mb: int) -> dict:
             "ratio_vs_files_plus_cap": (r3 - r0) / (file_bytes + cap), "store": stats}
 
 
+def tables(r: dict) -> str:
+    """Markdown tables of a result file (for docs/serving.md)."""
+    tp = r["throughput"]
+    out = [f"Throughput: {tp['batch']} requests, {tp['prompt_tokens']}-token prompts, {tp['new_tokens']} new tokens "
+           f"each (greedy), median of {tp['reps']} interleaved runs, {r['threads']} threads", "",
+           "| arm | tokens/s | vs one adapter (store) | vs one adapter (load_adapter) | s: median (min-max) |",
+           "|---|---:|---:|---:|---:|"]
+    for name, a in tp["arms"].items():
+        out.append(f"| {name} | {a['tokens_per_s']:.1f} | {a['vs_one_adapter_store']:.2f}x | "
+                   f"{a['vs_one_adapter_plain']:.2f}x | {a['median']:.2f} ({a['min']:.2f}-{a['max']:.2f}) |")
+    bp = r["bank_projection_vs_gather"]
+    out += ["", f"Shared bank, {bp['layer']}, {bp['batch']} rows of distinct adapters:", "",
+            "| tokens per row | gathered A + bmm (us) | project on the bank once (us) | projection / gather |",
+            "|---:|---:|---:|---:|"]
+    for key in ("L=1", "L=32"):
+        v = bp[key]
+        out.append(f"| {key[2:]} | {v['gathered_bmm_us']:.0f} | {v['bank_projection_us']:.0f} | "
+                   f"{v['projection_vs_gather']:.1f}x |")
+    c = r["cold_start"]
+    med = lambda k: c[k]["median"]  # noqa: E731
+    out += ["", f"Cold start ({c['prompt_tokens']}-token prompt, median of {c['reps']}, fresh adapter each run):", "",
+            "| | ours (store.add + acquire) | HF PEFT LoRA (load_adapter + set_adapter) | speed-up |",
+            "|---|---:|---:|---:|",
+            f"| load (s) | {med('ours_add_acquire_s'):.3f} | {med('peft_load_set_adapter_s'):.3f} | "
+            f"{c['speedup_load_only']:.1f}x |",
+            f"| file to first token (s) | {med('ours_file_to_first_token_s'):.3f} | "
+            f"{med('peft_lora_file_to_first_token_s'):.3f} | {c['speedup_file_to_first_token']:.1f}x |",
+            f"| bytes on disk | {c['bytes_on_disk']['vblora']:,} | {c['bytes_on_disk']['peft_lora']:,} | |",
+            f"| (base model's own first token, s) | {med('base_first_token_s'):.3f} | | |"]
+    m = r["memory"]
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    out += ["", f"Memory, {m['adapters']} registered adapters ({m['shared_bank']} on one shared bank file, "
+            f"{m['own_bank']} with their own bank), cache cap {mib(m['cache_cap_bytes'])}:", "",
+            "| resident set growth | total | per adapter |", "|---|---:|---:|",
+            f"| registered (headers read) | {mib(m['rss_growth_registered'])} | "
+            f"{m['per_adapter_registered_bytes'] / 1024:.1f} KiB |",
+            f"| all acquired (loaded, verified) | {mib(m['rss_growth_loaded'])} | "
+            f"{m['per_adapter_loaded_bytes'] / 1024:.1f} KiB |",
+            f"| after a forward through every adapter | {mib(m['rss_growth_after_forward_through_all'])} | |",
+            f"| sum of files + cache cap | {mib(m['file_bytes'] + m['cache_cap_bytes'])} | |",
+            f"| ratio (target <= 1.2) | {m['ratio_vs_files_plus_cap']:.2f} | |"]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/serve-adapters-cpu.json")
@@ -277,7 +321,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--part", choices=["all", "memory"], default="all")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--tables", metavar="JSON", help="print the markdown tables of a result file and exit")
     args = ap.parse_args()
+    if args.tables:
+        print(tables(json.loads(Path(args.tables).read_text())))
+        return
     torch.set_num_threads(args.threads)
     if args.part == "memory":  # child process: print one JSON line
         print(json.dumps(memory_part(Path(args.work), args.adapters, args.cache_mb)))
@@ -310,7 +358,7 @@ def main() -> None:
         result["wall_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(tables(result))
 
 
 if __name__ == "__main__":

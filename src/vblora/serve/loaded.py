@@ -57,25 +57,27 @@ class LoadedAdapter:
 
     @torch.no_grad()
     def compose(self, dtype: torch.dtype, device: torch.device) -> Factors:
-        """Every module's `(A (r, in), B (out, r))` by the stored rule (top-k softmax weights over the bank):
-        `compose_selected` in float32 on the bank's device, cast to `dtype` once, as the single-adapter layers do.
-        All factors are contiguous views of ONE buffer: one allocation per composition, returned whole to the
-        allocator when the cache drops it."""
-        weights = complete_weights(self.weights).clamp_(min=0) if self.partial else self.weights
-        sub = compose_selected(self.indices.to(device=self.bank.device, dtype=torch.long),
-                               weights.to(self.bank.device), self.bank)  # (N, b) float32
-        pieces = self.layout.split(sub.to(device=device, dtype=dtype))
+        """Every module's `(A (r, in), B (out, r))` by the stored rule (top-k softmax weights over the bank), as the
+        single-adapter layers compose them (`compose_selected` in float32, cast to `dtype`; row by row, so module by
+        module gives the same values). All factors are contiguous views of ONE buffer, composed into it module by
+        module: one large allocation per composition and only small temporaries, so caching and evicting thousands
+        of compositions does not fragment the heap."""
+        weights = (complete_weights(self.weights).clamp_(min=0) if self.partial else self.weights).to(self.bank.device)
+        indices = self.indices.to(device=self.bank.device, dtype=torch.long)
         r = self.layout.rank
         buffer = torch.empty(sum(r * (e.in_features + e.out_features) for e in self.layout.entries), dtype=dtype,
                              device=device)
         factors, at = {}, 0
-        for e, (a, b) in zip(self.layout.entries, pieces):
+        for e in self.layout.entries:
+            s = e.slot
+            rows = compose_selected(indices[s.a_start:s.stop], weights[s.a_start:s.stop], self.bank)  # (rows, b)
+            rows = rows.to(device=device, dtype=dtype)
             A = buffer[at:at + r * e.in_features].view(r, e.in_features)
             at += A.numel()
             B = buffer[at:at + e.out_features * r].view(e.out_features, r)
             at += B.numel()
-            A.copy_(self.layout.A(a, e))
-            B.copy_(self.layout.B(b, e))
+            A.copy_(self.layout.A(rows[:s.a_count], e))
+            B.copy_(self.layout.B(rows[s.a_count:], e))
             factors[e.name] = (A, B)
         return factors
 
@@ -155,5 +157,13 @@ def load(source: Source, snap: AdapterSnapshot, intern_bank, heads: dict[str, di
     k = snap.weights.shape[1]
     partial = snap.weights[:, :k - 1].contiguous().float()
     exact = torch.equal(complete_weights(partial).clamp_(min=0), snap.weights.float())
-    return LoadedAdapter(source, cfg, snap.layout, intern_bank(digest, bank), digest, indices,
-                         partial if exact else snap.weights.float().contiguous(), exact, heads)
+    weights = partial if exact else snap.weights.float().contiguous()
+    return LoadedAdapter(source, cfg, snap.layout, intern_bank(digest, bank), digest, indices, weights, exact, heads)
+
+
+def compacted(adapter: LoadedAdapter) -> LoadedAdapter:
+    """The same adapter with its resident tensors copied afresh. Called once reading is over: the copies land in
+    the memory that reading's temporaries (file bytes, int64 indices, digests) just freed, instead of between them,
+    so 1,000 loaded adapters cost about their tensors' bytes, not their tensors plus the holes left around them."""
+    adapter.indices, adapter.weights = adapter.indices.clone(), adapter.weights.clone()
+    return adapter

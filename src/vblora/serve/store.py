@@ -30,7 +30,8 @@ from torch import nn
 from vblora.errors import AdapterFormatError, TargetError, VBLoRAError
 from vblora.inject import BANK_ATTR, unwrap
 from vblora.serve.cache import ByteLRU
-from vblora.serve.loaded import LoadedAdapter, check_fits, factor_bytes, head_states, load, read_snapshot
+from vblora.serve.loaded import (LoadedAdapter, check_fits, compacted, factor_bytes, head_states, load,
+                                 read_snapshot)
 from vblora.serve.mixed import ROWS, TOKENS, MixedHead, MixedLayer, Plan, Router, set_module, unwrapped
 from vblora.serve.sources import Source, describe, discover
 
@@ -212,12 +213,13 @@ class AdapterStore:
                 if name is not None:
                     heads[head] = (name, unwrapped(modules[name]))
             loaded = load(source, snap, self.intern_bank, head_states(snap, heads, source))
+            del snap
         except FileNotFoundError as e:
             raise FileNotFoundError(f"adapter '{source.name}': {e}") from None
         except AdapterFormatError as e:
             text = str(e)
             raise AdapterFormatError(text if source.name in text else f"adapter '{source.name}': {text}") from None
-        return loaded
+        return compacted(loaded)
 
     def intern_bank(self, digest: str, bank: torch.Tensor) -> torch.Tensor:
         with self.lock:
