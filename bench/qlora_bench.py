@@ -505,7 +505,7 @@ def render(section: dict, key: str = "") -> str:
              f"{st['rounds']} rounds x {st['steps']} timed steps (+{st['warmup']} warm-up), threads {st['threads']}.",
              "",
              f"| configuration | step ms median (min-max) | step / LoRA r=4 (paired) | {mem_name} | / LoRA r=4 | "
-             "peak RSS while training MiB | / LoRA r=4 | adapter state MiB | trainable |",
+             "peak RSS while training MiB | / LoRA r=4 | adapter params+grad+AdamW MiB | trainable |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c, v in per.items():
         r = ratios.get(f"{c}/{REFERENCE}", {})
@@ -535,13 +535,18 @@ def table(args) -> None:
     res = json.loads(Path(args.path).read_text())
     for key, section in res.items():
         if key == "accuracy":
-            print("\n| base | answer accuracy (test) | eval loss | train time s | command |\n|---|---|---|---|---|")
+            flags = " ".join(section.get("reduced_flags") or []) or "none (the full recipe)"
+            print(f"accuracy: recipe {section['recipe']}, reduced settings: {flags}\n")
+            print("| base | test answer accuracy | test loss | validation loss | train time s | wall s | command |\n"
+                  "|---|---|---|---|---|---|---|")
             for name, e in section["runs"].items():
                 m = e.get("metrics") or {}
-                test = m.get("test") or {}
-                acc = test.get("test_answer_accuracy", test.get("answer_accuracy"))
-                print(f"| {name} | {acc} | {test.get('test_loss', test.get('loss'))} | {e.get('train_time_s')} | "
+                test, val = m.get("test") or {}, m.get("validation") or {}
+                loss = lambda d: f"{d['loss']:.4f}" if d.get("loss") is not None else "n/a"  # noqa: E731
+                print(f"| {name} | {test.get('answer_accuracy')} | {loss(test)} | {loss(val)} | "
+                      f"{round(e['train_time_s']) if e.get('train_time_s') else 'n/a'} | {e['wall_s']} | "
                       f"`{e['command']}` |")
+            print()
         elif isinstance(section, dict) and "settings" in section:
             print(render(section, key))
             print()
