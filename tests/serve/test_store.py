@@ -108,6 +108,7 @@ def test_shared_bank_held_once(base, tmp_path):
     assert store.names() == ["embedded", "ref0", "ref1", "ref2"]  # the bank file is not an adapter
     handles = [store.acquire(n) for n in store.names()]
     assert len({id(h.adapter.bank) for h in handles}) == 1
+    assert len({id(h.adapter.layout) for h in handles}) == 1  # one module table held for all of them
     stats = store.stats()
     assert stats["distinct_banks"] == 1 and stats["bank_bytes"] == bank.numel() * 4
     ref_file = tmp_path / "ref0.safetensors"

@@ -147,9 +147,16 @@ def head_states(snap: AdapterSnapshot, heads: dict[str, tuple[str, nn.Module]], 
     return out
 
 
-def load(source: Source, snap: AdapterSnapshot, intern_bank, heads: dict[str, dict]) -> LoadedAdapter:
+def layout_key(layout: Layout) -> tuple:
+    """What makes two layouts equal (their module rows, rank and vector length): the store keeps one per key."""
+    return tuple(tuple(e.to_row()) for e in layout.entries), layout.rank, layout.vector_length
+
+
+def load(source: Source, snap: AdapterSnapshot, intern_bank, heads: dict[str, dict],
+         intern_layout=lambda layout: layout) -> LoadedAdapter:
     """The resident form of a verified snapshot. `intern_bank(sha256, bank) -> bank` returns the one tensor the
-    store holds for that content."""
+    store holds for that content; `intern_layout(layout) -> layout` the one equal layout it holds (a layout of a
+    few hundred modules is ~100 KB of Python objects: as much as an adapter's tensors)."""
     bank = snap.bank.float()
     digest = bank_sha256(bank)
     cfg = snap.config
@@ -158,7 +165,8 @@ def load(source: Source, snap: AdapterSnapshot, intern_bank, heads: dict[str, di
     partial = snap.weights[:, :k - 1].contiguous().float()
     exact = torch.equal(complete_weights(partial).clamp_(min=0), snap.weights.float())
     weights = partial if exact else snap.weights.float().contiguous()
-    return LoadedAdapter(source, cfg, snap.layout, intern_bank(digest, bank), digest, indices, weights, exact, heads)
+    return LoadedAdapter(source, cfg, intern_layout(snap.layout), intern_bank(digest, bank), digest, indices, weights,
+                         exact, heads)
 
 
 def compacted(adapter: LoadedAdapter) -> LoadedAdapter:

@@ -30,7 +30,7 @@ from torch import nn
 from vblora.errors import AdapterFormatError, TargetError, VBLoRAError
 from vblora.inject import BANK_ATTR, unwrap
 from vblora.serve.cache import ByteLRU
-from vblora.serve.loaded import (LoadedAdapter, check_fits, compacted, factor_bytes, head_states, load,
+from vblora.serve.loaded import (LoadedAdapter, check_fits, compacted, factor_bytes, head_states, layout_key, load,
                                  read_snapshot)
 from vblora.serve.mixed import ROWS, TOKENS, MixedHead, MixedLayer, Plan, Router, set_module, unwrapped
 from vblora.serve.sources import Source, describe, discover
@@ -87,6 +87,7 @@ class AdapterStore:
         self.banks: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
         self.modules = dict(self.model.named_modules())  # name -> module, kept current by `wrap`
         self.last_plan: Plan | None = None
+        self.layouts: weakref.WeakValueDictionary[tuple, object] = weakref.WeakValueDictionary()  # one per module table
         if self.directory is not None:
             self.scan()
 
@@ -212,7 +213,7 @@ class AdapterStore:
                 name = self.head_name(head, modules)
                 if name is not None:
                     heads[head] = (name, unwrapped(modules[name]))
-            loaded = load(source, snap, self.intern_bank, head_states(snap, heads, source))
+            loaded = load(source, snap, self.intern_bank, head_states(snap, heads, source), self.intern_layout)
             del snap
         except FileNotFoundError as e:
             raise FileNotFoundError(f"adapter '{source.name}': {e}") from None
@@ -228,6 +229,11 @@ class AdapterStore:
                 held = bank.to(self.device)
                 self.banks[digest] = held
             return held
+
+    def intern_layout(self, layout):
+        key = layout_key(layout)
+        with self.lock:
+            return self.layouts.setdefault(key, layout)
 
     def info(self, adapter: LoadedAdapter) -> dict:
         s = adapter.source
