@@ -239,7 +239,9 @@ def worker(args) -> dict:
         "optimizer_state_bytes": sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                                      if torch.is_tensor(v)),
         "model_dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())),
-        "quantized_linears": sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")),
+        # bitsandbytes' own layers (PEFT's LoRA wrapper of a Linear4bit is also named Linear4bit: not counted)
+        "quantized_linears": sum(1 for m in model.modules() if type(m).__module__.startswith("bitsandbytes")
+                                 and type(m).__name__ in ("Linear4bit", "Linear8bitLt")),
         "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
         **memory,
     }
@@ -524,7 +526,7 @@ def render(section: dict, key: str = "") -> str:
             pr = r.get("step_paired") or {}
             lines.append(f"\nVB-LoRA 4-bit / {LABELS[full]}: step {r['step']:.3f} (paired {pr.get('median')}), "
                          f"{mem_name} {r['peak_memory']}, peak RSS {r.get('peak_rss')}")
-    if s.get("bars"):
+    if any(v is not None for v in (s.get("bars") or {}).values()):
         lines.append(f"\nBars (VB-LoRA on the 4-bit base vs PEFT LoRA r=4): {s['bars']}")
     if section.get("errors"):
         lines.append(f"\nErrors: {section['errors']}")
@@ -548,7 +550,11 @@ def table(args) -> None:
                       f"`{e['command']}` |")
             print()
         elif isinstance(section, dict) and "settings" in section:
+            # recomputed from the raw runs, so an older file renders with today's summary
+            section["summary"] = summarize(section["runs"], section["settings"]["configs"], section["settings"]["device"])
             print(render(section, key))
+            for note in section.get("notes", []):
+                print(f"\nNote: {note}")
             print()
 
 
