@@ -305,6 +305,8 @@ def random_model_dir(shape: str, device: str, dtype: str, where: Path) -> Path:
     out = where / f"{shape}-{dtype}"
     model.save_pretrained(str(out))
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the workers measure their own memory; this process only wrote the checkpoint
     return out
 
 
