@@ -337,7 +337,8 @@ def main() -> None:
         result = {"model": "SmolLM2-135M-Instruct (fp32)", "adapter_config": CFG,
                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
-                  "threads": args.threads, "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+                  "threads": args.threads,
+                  "versions": {"torch": torch.__version__, "python": platform.python_version()}}
         import peft
         import transformers
 

@@ -224,7 +224,6 @@ def test_plan_reused_for_the_same_adapters_and_copies_are_inert(llama_setup):
     with store.rows(handles[::-1]) as other:
         out3 = logits(served, ids.flip(0))
     assert other is not first and torch.allclose(out3.flip(0), out1, atol=1e-5, rtol=0)
-    assert store.stats()["plan_stacked_bytes"] > 0
     twin = copy.deepcopy(served)
     with store.rows(handles):
         assert torch.equal(logits(twin, ids), logits(base, ids))

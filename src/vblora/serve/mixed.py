@@ -10,8 +10,9 @@ Per layer: the base output is computed once for the whole batch, then each group
 keep the base output bit for bit. Grouping (made once per plan and layer, then reused by every forward in the plan,
 e.g. each step of `generate`), so that the number of kernel launches follows distinct adapters (ranks), not rows:
 - one adapter in the group: two `F.linear` over its units (the single-adapter layer's own ops);
-- several adapters, few units each (decoding: one row per request): their factors stacked per unit once per plan,
-  then two `torch.bmm` for all of them (`gather`);
+- several adapters, few units each (decoding: one row per request): each unit's factors stacked for this layer
+  (`torch.stack` of views, a transient of one layer's factors for the batch), then two `torch.bmm` for all of them
+  (`gather`);
 - several adapters with many units each (packed prefill in `tokens` mode): two `F.linear` per adapter (`loop`).
 Adapters of different ranks form separate groups. Embedding layers always use `loop` (ids, not activations).
 """
@@ -65,8 +66,8 @@ class Group:
 
     mode: str
     index: torch.Tensor | None
-    A: torch.Tensor | None = None  # SINGLE: (r, in); GATHER: (n, r, in)
-    B: torch.Tensor | None = None  # SINGLE: (out, r); GATHER: (n, out, r)
+    A: torch.Tensor | list | None = None  # SINGLE: (r, in); GATHER: n views (r, in), one per unit
+    B: torch.Tensor | list | None = None  # SINGLE: (out, r); GATHER: n views (out, r)
     parts: list | None = None  # LOOP: [(index (n_a,), A (r, in), B (out, r))] per adapter
 
 
@@ -87,7 +88,10 @@ def apply_group(g: Group, x: torch.Tensor, out: torch.Tensor, embedding: bool) -
     if g.mode == SINGLE:
         d = update(xs, g.A, g.B, embedding)
     else:  # GATHER: (n, L, in) @ (n, in, r) -> (n, L, r) @ (n, r, out) -> (n, L, out)
-        d = torch.bmm(torch.bmm(xs.to(g.A.dtype), g.A.transpose(1, 2)), g.B.transpose(1, 2))
+        # Stacked here, per forward: kept per plan, the stacks would be a second copy of the batch's compositions
+        # (measured: 39 MB for 8 SmolLM2 adapters), outside the cache's cap; the copy costs a few ms per step.
+        A, B = torch.stack(g.A), torch.stack(g.B)  # (n, r, in), (n, out, r)
+        d = torch.bmm(torch.bmm(xs.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2))
     if g.index is None:
         out.add_(d.to(out.dtype))
     else:
@@ -111,7 +115,6 @@ class Plan:
         self.device = device or torch.device("cpu")
         self.layers: dict[tuple, list[Group]] = {}
         self.head_groups: dict[tuple, list] = {}
-        self.stacked_bytes = 0  # factors copied into GATHER stacks (one batch's worth at most)
 
     def unit_count(self, x: torch.Tensor) -> int:
         """Units in a layer's input: rows (dim 0), or tokens (dim 1 of a batch of one)."""
@@ -166,10 +169,8 @@ class Plan:
             mode = self.strategy or (GATHER if len(units) <= GATHER_MAX_UNITS * len(items) else LOOP)
             if mode == GATHER and not embedding:
                 owner = {u: (A, B) for A, B, us in items for u in us}
-                A = torch.stack([owner[u][0] for u in units])  # (n, r, in)
-                B = torch.stack([owner[u][1] for u in units])  # (n, out, r)
-                self.stacked_bytes += (A.numel() + B.numel()) * A.element_size()
-                groups.append(Group(GATHER, self.index(units, n), A, B))
+                groups.append(Group(GATHER, self.index(units, n), [owner[u][0] for u in units],
+                                    [owner[u][1] for u in units]))
             else:
                 parts = [(torch.tensor(us, dtype=torch.long, device=self.device), A, B) for A, B, us in items]
                 groups.append(Group(LOOP, None, parts=parts))

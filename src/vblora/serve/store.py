@@ -275,9 +275,9 @@ class AdapterStore:
                     if self.cache.get(adapter) is None and not adapter.removed:
                         self.cache.put(adapter, last.factors[adapter], factor_bytes(last.factors[adapter]))
             return last
-        self.last_plan = None  # released before composing: at most one plan's stacked factors alive at once
+        self.last_plan = None  # released before composing: at most one plan's compositions held outside the cache
         plan = Plan(units, {a: self.factors(a) for a in distinct}, axis, self.device, strategy)
-        self.last_plan = plan  # kept for the next block: its grouping (stacked factors) is bounded by one batch
+        self.last_plan = plan  # kept for the next block (its grouping is made once)
         return plan
 
     @contextlib.contextmanager
@@ -300,6 +300,5 @@ class AdapterStore:
                     "bank_bytes": sum(b.numel() * b.element_size() for b in banks),
                     "loaded_bytes": sum(a.resident_bytes for a in loaded),
                     "cache_entries": len(self.cache), "cache_bytes": self.cache.bytes,
-                    "plan_stacked_bytes": self.last_plan.stacked_bytes if self.last_plan is not None else 0,
                     "cache_cap_bytes": self.cache.cap, "hits": self.cache.hits, "misses": self.cache.misses,
                     "evictions": self.cache.evictions}
