@@ -10,6 +10,8 @@
 #            full; COMPARE_EPOCHS x COMPARE_SEEDS, default 4 x 3; 5 seeds need a second call on the same machine)
 #   parity   ours vs PEFT VB-LoRA on the device (bench/parity.py), beside the compare stage (no timing in it)
 #   speed    issue 4's rows: PEFT LoRA r=4 / r=64, PEFT VB-LoRA and ours, bf16 / fp32 (bench/speed.py)
+#   fsdp     the FSDP check (issue 13 item 4; bench/fsdp_check.py): VB-LoRA sharded with FSDP2 over 2 processes vs
+#            one process, loss / bank and logits gradients / parameters after 3 steps; its JSON goes into gpu_run.log
 #   qlora7b  the QLoRA rows on a Llama-2-7B-shaped 4-layer cut, when time is left
 #   compile  torch.compile(fullgraph=True) parity, when time is left
 #
@@ -37,7 +39,7 @@ if ! command -v python >/dev/null; then  # bench/gpu_compare.sh tabulates with `
   mkdir -p /tmp/pyshim && ln -sf "$(command -v "$PY")" /tmp/pyshim/python && export PATH=/tmp/pyshim:$PATH
 fi
 export PYTHON=$PY
-STAGES=${STAGES:-qlora,compare,speed,parity,qlora7b,compile}
+STAGES=${STAGES:-qlora,compare,speed,parity,fsdp,qlora7b,compile}
 START=$(date +%s)
 BUDGET=${BUDGET_S:-540}
 LOG=$OUT/gpu_run.log
@@ -139,6 +141,16 @@ if want speed; then
       --cases "${SPEED_CASES:-llama1b_all,roberta_all,roberta_qv}" --steps "${STEPS:-20}" --warmup 3 --fwd-steps 10 \
       --time-budget $(( lim - 30 )) --out "$OUT/speed.json" >> "$LOG" 2>&1
     say "speed.py exit $? after $(( $(date +%s) - START ))s"
+  fi
+fi
+
+if want fsdp; then  # its result goes into gpu_run.log: at most 8 files come back from a device call
+  lim=$(cap 100)
+  if [ "$lim" -lt 30 ]; then say "fsdp: skipped, ${lim}s left"; else
+    timeout -k 5 "$lim" $PY -u bench/fsdp_check.py ${DRY:+--tiny} --timeout $(( lim / 2 - 5 )) \
+      --out /tmp/fsdp_check.json >> "$LOG" 2>&1
+    say "fsdp_check.py exit $? after $(( $(date +%s) - START ))s"
+    [ -f /tmp/fsdp_check.json ] && { echo "fsdp_check.json:"; cat /tmp/fsdp_check.json; } >> "$LOG"
   fi
 fi
 
