@@ -17,7 +17,8 @@ from vblora import commands
 from vblora.errors import VBLoRAError
 
 EXTRAS = {"transformers": "hf", "accelerate": "hf", "yaml": "hf", "peft": "peft", "bitsandbytes": "qlora",
-          "sklearn": "train", "scipy": "train", "matplotlib": "plot", "pycocoevalcap": "e2e"}
+          "sklearn": "train", "scipy": "train", "matplotlib": "plot", "pycocoevalcap": "e2e",
+          "fastapi": "serve", "uvicorn": "serve"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,11 +77,6 @@ def _no_match_message(model: nn.Module, config: VBLoRAConfig) -> str:
             f"Near misses: {near or 'none'}. Module names end in e.g. {leaves[:12]}")
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def add_vblora(model: nn.Module, config: VBLoRAConfig, *, with_logits: bool = True) -> nn.Module:
     """Wrap the targets of `model` in place with VB-LoRA layers sharing one bank; freeze the rest. Returns model.
 
@@ -101,9 +96,9 @@ def add_vblora(model: nn.Module, config: VBLoRAConfig, *, with_logits: bool = Tr
 
     model.requires_grad_(False)
     for i, (name, module) in enumerate(targets):
-        _set_child(model, name, layer_class(module)(module, bank, i, config.dropout))
+        model.set_submodule(name, layer_class(module)(module, bank, i, config.dropout))
     for name in _modules_to_save(model, config):
-        _set_child(model, name, TrainedCopy(model.get_submodule(name)))
+        model.set_submodule(name, TrainedCopy(model.get_submodule(name)))
     model.add_module(BANK_ATTR, bank)
     bank.attach(model)  # the root forward opens and closes one composition step
     return model
@@ -235,9 +230,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.merge()
         elif layer.merged:
             layer.unmerge()
-        _set_child(model, name, layer.base)
+        model.set_submodule(name, layer.base)
     for name, wrapper in trained_copies(model).items():
-        _set_child(model, name, wrapper.trained if merge else wrapper.original)
+        model.set_submodule(name, wrapper.trained if merge else wrapper.original)
     bank.detach()
     delattr(model, BANK_ATTR)
     return model

@@ -380,6 +380,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         cases.append((["--model", "x", "--port", str(busy.getsockname()[1])], "cannot listen"))
+        cases.append((["--model", "x", "--port", "70000"], "not a port number"))
         for argv, words in cases:
             assert main(["serve", *argv]) == 2
             err = capsys.readouterr().err.strip().splitlines()

@@ -8,17 +8,11 @@ import socket
 import sys
 
 
-def require_server_packages() -> None:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ModuleNotFoundError as e:
-        raise ImportError(f"vblora serve needs '{e.name}': pip install 'vblora[serve]'") from None
-
-
 def check_port(host: str, port: int) -> None:
     from vblora.train.errors import SetupError
 
+    if not 0 <= port <= 65535:
+        raise SetupError(f"--port {port} is not a port number (0-65535)")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -54,7 +48,8 @@ def run(args) -> int:
 
     from vblora.train.errors import SetupError
 
-    require_server_packages()
+    import fastapi  # noqa: F401  (the serve extra: a missing one is named by cli.EXTRAS in one line)
+    import uvicorn  # noqa: F401
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise SetupError(f"--adapters '{args.adapters}' is not a directory (give the directory holding one "
                          f"sub-directory or .safetensors file per adapter)")

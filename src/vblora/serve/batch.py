@@ -103,10 +103,10 @@ class RunningBatch:
         return {"input_ids": self.last[:, None], "attention_mask": torch.cat([self.mask, ones], dim=1),
                 "position_ids": self.positions[:, None], "past_key_values": self.cache}
 
-    def advance(self, tokens: torch.Tensor) -> None:
-        """After a decode step: every row's cache grew by one real column; `tokens (B,)` feed the next step."""
-        ones = torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=self.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
+    def advance(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        """After a decode step: every row's cache grew by one real column, which the step's `attention_mask`
+        `(B, L + 1)` (from `step_inputs`) already covers; `tokens (B,)` feed the next step."""
+        self.mask = mask
         self.positions = self.positions + 1
         self.last = tokens
 

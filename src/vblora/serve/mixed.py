@@ -255,9 +255,6 @@ class MixedHead(Wrapper):
         return f"name={self.name}"
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def unwrapped(module: nn.Module | None) -> nn.Module | None:

@@ -44,9 +44,8 @@ def sample_row(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 def next_tokens(logits: torch.Tensor, settings: list[Sampling], generators: list) -> torch.Tensor:
     """`logits (B, V)` -> `(B,)` next tokens: one argmax for the whole batch, then the sampled rows one by one."""
-    logits = logits.float()
-    tokens = logits.argmax(-1)
+    tokens = logits.argmax(-1)  # on the model's dtype: casting to float32 is exact, so the argmax is the same
     for i, (s, g) in enumerate(zip(settings, generators)):
         if not s.greedy:
-            tokens[i] = sample_row(logits[i], s, g)
+            tokens[i] = sample_row(logits[i].float(), s, g)
     return tokens

@@ -203,7 +203,7 @@ class Scheduler:
         cache = inputs.pop("past_key_values")
         logits = self.forward(rows, **inputs, **{self.cache_kw: cache})
         tokens = next_tokens(logits, [r.sampling for r in rows], [r.generator for r in rows])
-        self.batch.advance(tokens)
+        self.batch.advance(tokens, inputs["attention_mask"])
         self.accept(tokens)
 
     def accept(self, tokens: torch.Tensor) -> None:

@@ -57,7 +57,7 @@ class Engine:
         self.started = time.time()
 
     def names(self) -> list[str]:
-        return [self.base_name] + [n for n in sorted(self.store.names()) if n != self.base_name]
+        return [self.base_name] + [n for n in self.store.names() if n != self.base_name]
 
     def resolve(self, name: str):
         """The adapter handle for a request's `model` (None: the base). Runs in a worker thread (lazy load)."""
@@ -313,7 +313,7 @@ def create_app(engine: Engine, *, api_key: str | None = None):
     @app.post("/v1/adapters/scan")
     async def scan_adapters():
         added, removed = await run_in_threadpool(engine.store.scan)
-        return {"added": sorted(added), "removed": sorted(removed)}
+        return {"added": added, "removed": removed}
 
     @app.post("/v1/load_lora_adapter")  # vLLM's names for the same two operations
     async def load_lora(body: LoRALoadRequest):

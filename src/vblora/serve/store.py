@@ -32,7 +32,7 @@ from vblora.inject import BANK_ATTR, unwrap
 from vblora.serve.cache import ByteLRU
 from vblora.serve.loaded import (LoadedAdapter, check_fits, compacted, factor_bytes, head_states, layout_key, load,
                                  read_snapshot)
-from vblora.serve.mixed import ROWS, TOKENS, MixedHead, MixedLayer, Plan, Router, set_module, unwrapped
+from vblora.serve.mixed import ROWS, TOKENS, MixedHead, MixedLayer, Plan, Router, unwrapped
 from vblora.serve.sources import Source, describe, discover
 
 
@@ -176,7 +176,7 @@ class AdapterStore:
                 self.replace(name, MixedHead(modules[name], name, self.router))
 
     def replace(self, name: str, wrapper: nn.Module) -> None:
-        set_module(self.model, name, wrapper)
+        self.model.set_submodule(name, wrapper)
         self.modules[name] = wrapper
         self.modules[f"{name}.base"] = wrapper.base
 
@@ -270,8 +270,8 @@ class AdapterStore:
         last = self.last_plan
         if (last is not None and (last.axis, last.strategy) == (axis, strategy) and len(last.units) == len(units)
                 and all(a is b for a, b in zip(last.units, units))):
-            for adapter in distinct:  # recency and hit counts as if composed afresh; evicted ones come back
-                with self.lock:
+            with self.lock:  # recency and hit counts as if composed afresh; evicted ones come back
+                for adapter in distinct:
                     if self.cache.get(adapter) is None and not adapter.removed:
                         self.cache.put(adapter, last.factors[adapter], factor_bytes(last.factors[adapter]))
             return last

@@ -260,7 +260,8 @@ def build_config(recipe: str | None = None, overrides: dict | None = None) -> Ru
     vb = {k: values.pop(k) for k in list(values) if k not in _RUN_FIELDS}
     cfg = RunConfig(**values, recipe=name)
     cfg.vblora = DEFAULT_VBLORA.replace(**vb, seed=cfg.seed)
-    for key, allowed in (("method", METHODS), ("task", TASKS), ("device", DEVICES)):
+    for key, allowed in (("method", METHODS), ("task", TASKS), ("device", DEVICES), ("quant_type", QUANT_TYPES),
+                         ("compute_dtype", COMPUTE_DTYPES)):
         if getattr(cfg, key) not in allowed:
             raise SetupError(f"unknown {key} '{getattr(cfg, key)}' (one of {', '.join(allowed)})")
     _check_quantize(cfg)
@@ -276,9 +277,6 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _check_quantize(cfg: RunConfig) -> None:
-    for key, allowed in (("quant_type", QUANT_TYPES), ("compute_dtype", COMPUTE_DTYPES)):
-        if getattr(cfg, key) not in allowed:
-            raise SetupError(f"unknown {key} '{getattr(cfg, key)}' (one of {', '.join(allowed)})")
     if cfg.quantize is None:
         return
     if cfg.quantize not in QUANTIZE:

@@ -149,8 +149,3 @@ def gathered(model: nn.Module):
     finally:
         for unit in units:
             unit.reshard()
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(unwrap(model), FSDPModule)

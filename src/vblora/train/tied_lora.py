@@ -82,9 +82,7 @@ def add_tied_lora(model: nn.Module, target_names: list[str], rank: int = 8, alph
         if not isinstance(mod, nn.Linear):
             raise ValueError(f"Tied-LoRA supports nn.Linear targets; {name} is {type(mod).__name__}")
         key = shared.get(module_type(name), rank, mod.in_features, mod.out_features, g)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                TiedLoRALinear(mod, shared, key, rank, scaling, dropout))
+        model.set_submodule(name, TiedLoRALinear(mod, shared, key, rank, scaling, dropout))
     model.add_module(ROOT_ATTR, shared)
     shared.to(next(model.parameters()).device)
     for name in modules_to_save:
