@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vblora.errors import AdapterFormatError
+from vblora.storage.files import parse_json_metadata, read_header
 from vblora.storage.native import ADAPTER_FILE, BANK_FILE, BANK_FORMAT, FORMAT
 from vblora.storage.peft_vblora import CONFIG_FILE, LOGITS_A, PREFIX, TOPK_INDICES, WEIGHTS_FILE
 
 NATIVE, PEFT = "native", "peft"
-MAX_HEADER_BYTES = 64 << 20  # a safetensors JSON header larger than this is damage, not an adapter
 
 
 @dataclass(frozen=True)
@@ -62,32 +61,15 @@ def stamp_of(path: Path) -> tuple[int, int]:
 def read_json_header(file: Path) -> dict:
     """The JSON header of a safetensors file (tensor table and `__metadata__`), reading only its first bytes."""
     with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise AdapterFormatError(f"{file}: truncated file ({len(head)} bytes; not a safetensors file)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8):
-            raise AdapterFormatError(f"{file}: truncated or corrupt: header claims {n} bytes")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise AdapterFormatError(f"{file}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise AdapterFormatError(f"{file}: corrupt safetensors header (not a JSON object)")
-    return header
+        return read_header(f, file, os.fstat(f.fileno()).st_size)
 
 
 def vblora_metadata(file: Path) -> dict:
     """The "vblora" JSON entry of a native adapter or bank file's metadata."""
     meta = read_json_header(file).get("__metadata__") or {}
-    try:
-        value = json.loads(meta["vblora"]) if isinstance(meta, dict) and "vblora" in meta else None
-    except (TypeError, json.JSONDecodeError, RecursionError) as e:
-        raise AdapterFormatError(f"{file}: the 'vblora' JSON header is corrupt ({e})") from None
-    if not isinstance(value, dict):
-        raise AdapterFormatError(f"{file}: not a vblora file (no 'vblora' JSON object in its metadata)")
-    return value
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AdapterFormatError(f"{file}: corrupt safetensors metadata (must map strings to strings)")
+    return parse_json_metadata(file, meta, "vblora")
 
 
 def describe_native(name: str, file: Path) -> Source:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 import struct
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -144,11 +146,32 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
+MAX_HEADER_BYTES = 64 << 20  # a safetensors JSON header larger than this is damage, not an adapter
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return atomic_write(path, save(tensors, metadata=metadata))
+
+
+def read_header(stream: BinaryIO, path: Path, size: int) -> dict:
+    """The JSON header (tensor table and `__metadata__`) of a safetensors file of `size` bytes, read from `stream` at
+    offset 0 by its first 8 + n bytes only; any damage -> AdapterFormatError naming `path`."""
+    head = stream.read(8)
+    if len(head) < 8:
+        raise AdapterFormatError(f"{path}: truncated file ({len(head)} bytes; not a safetensors file)")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(MAX_HEADER_BYTES, size - 8):
+        raise AdapterFormatError(f"{path}: truncated or corrupt: header claims {n} bytes, file has {size}")
+    try:
+        header = json.loads(stream.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AdapterFormatError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
@@ -159,17 +182,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise FileNotFoundError(f"no adapter file at {path}")
     data = path.read_bytes()
     # Parse the header ourselves first, for precise messages on truncated or damaged files.
-    if len(data) < 8:
-        raise AdapterFormatError(f"{path}: truncated file ({len(data)} bytes; not a safetensors file)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise AdapterFormatError(f"{path}: truncated or corrupt: header claims {n} bytes, file has {len(data)}")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise AdapterFormatError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise AdapterFormatError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header = read_header(io.BytesIO(data), path, len(data))
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise AdapterFormatError(f"{path}: corrupt safetensors metadata (must map strings to strings)")
