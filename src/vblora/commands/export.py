@@ -4,9 +4,14 @@ plain-LoRA directory, or (with `--base`) the merged full model."""
 from __future__ import annotations
 
 
-def load_base(base: str, snap):
-    """A transformers model from a local directory, of the class the adapter was saved from when known, with the
-    adapter's classifier size."""
+def load_base(base: str | None, snap):
+    """A transformers model from a local directory (`base`, else the one the adapter records), of the class the
+    adapter was saved from when known, with the adapter's classifier size."""
+    from vblora.errors import VBLoRAError
+
+    base = base or snap.name_or_path
+    if not base:
+        raise VBLoRAError("give --base (the base model's directory): the adapter records none")
     import transformers
 
     cls = getattr(transformers, snap.architecture, None) if snap.architecture else None
@@ -17,7 +22,6 @@ def load_base(base: str, snap):
 
 
 def run(args) -> int:
-    from vblora.errors import VBLoRAError
     from vblora.storage import export_lora, export_peft, load_adapter, merge_and_save, read_adapter
 
     snap, _ = read_adapter(args.path, bank_path=args.bank)
@@ -26,10 +30,7 @@ def run(args) -> int:
     elif args.to == "lora":
         out = export_lora(snap, args.output)
     else:
-        base = args.base or snap.name_or_path
-        if not base:
-            raise VBLoRAError("--to merged needs --base (the base model's directory)")
-        model = load_adapter(load_base(base, snap), args.path, bank_path=args.bank,
+        model = load_adapter(load_base(args.base, snap), args.path, bank_path=args.bank,
                              verify_weights=not args.ignore_base_weights)
         out = merge_and_save(model, args.output)
     print(f"wrote {args.to} to {out}")

@@ -8,6 +8,7 @@ import sys
 
 
 def run(args) -> int:
+    import contextlib
     import csv
     import json
 
@@ -16,17 +17,14 @@ def run(args) -> int:
     p = load_predictor(args.source, model=args.model)
     p.text_column = args.text_column or p.text_column
     rows = predict(p, read_inputs(p, args.input, sys.stdin), args.batch_size, args.max_new_tokens)
-    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
-    try:
+    sink = open(args.output, "w", newline="", encoding="utf-8") if args.output else contextlib.nullcontext(sys.stdout)
+    with sink as out:
         if args.format == "csv":
             writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["text"])
             writer.writeheader()
             writer.writerows(rows)
         else:
             out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    finally:
-        if args.output:
-            out.close()
     return 0
 
 

@@ -186,34 +186,25 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
     if idx_meta.get("shape") != [n, k] or idx_meta.get("bits") != bits or not isinstance(packed, bool):
         fail(f"indices entry {idx_meta} does not match {n} sub-vectors, k={k}, h={h}")
 
-    # -- keys, dtypes, shapes
-    reference = bank_meta["mode"] == "reference"
-    int8 = precision == "int8"
-    want = {"indices", "weights"}
+    # -- keys, dtypes, shapes: the (dtype, shape) of every tensor the header implies, in the order they are checked
+    reference, int8 = bank_meta["mode"] == "reference", precision == "int8"
+    float_dtype = FLOATS.get(precision)
+    spec = {}
     if not reference:
-        want |= {"bank", "bank_scale"} if int8 else {"bank"}
-    want |= {f"{EXTRA_PREFIX}{name}.{key}" for name, keys in extra_keys.items() for key in keys}
+        spec["bank"] = (torch.int8 if int8 else float_dtype, (h, b))
+        if int8:
+            spec["bank_scale"] = (torch.float32, (h,))
+    spec["weights"] = (torch.uint8 if int8 else float_dtype, (n, k - 1))
+    spec["indices"] = (torch.uint8, (math.ceil(n * k * bits / 8),)) if packed else (index_dtype(h), (n, k))
+    want = set(spec) | {f"{EXTRA_PREFIX}{name}.{key}" for name, keys in extra_keys.items() for key in keys}
     missing, unexpected = sorted(want - set(tensors)), sorted(set(tensors) - want)
     if missing or unexpected:
         fail(f"tensor keys differ from the header: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-    def expect(key: str, dtype: torch.dtype, shape: tuple) -> None:
+    for key, (dtype, shape) in spec.items():
         t = tensors[key]
-        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-            fail(f"tensor '{key}' is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
-
-    float_dtype = FLOATS.get(precision)
-    if not reference:
-        expect("bank", torch.int8 if int8 else float_dtype, (h, b))
-        if int8:
-            expect("bank_scale", torch.float32, (h,))
-    expect("weights", torch.uint8 if int8 else float_dtype, (n, k - 1))
-    if packed:
-        expect("indices", torch.uint8, (math.ceil(n * k * bits / 8),))
-        indices = unpack_bits(tensors["indices"], bits, n * k).view(n, k)
-    else:
-        expect("indices", index_dtype(h), (n, k))
-        indices = tensors["indices"].long()
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            fail(f"tensor '{key}' is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+    indices = unpack_bits(tensors["indices"], bits, n * k).view(n, k) if packed else tensors["indices"].long()
 
     # -- values
     bad = (indices >= h).nonzero()

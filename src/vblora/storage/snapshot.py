@@ -160,8 +160,8 @@ def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool
         found = find_targets(base, snap.config)
     except TargetError:
         found = []  # nothing matches: every adapted module is reported missing below
-    have = {name: (kind_of(m).name, *module_dims(m)) for name, m in found}
-    want = {m.name: (m.kind, m.in_features, m.out_features) for m in snap.modules}
+    have = {name: "{} {}->{}".format(kind_of(m).name, *module_dims(m)) for name, m in found}  # "linear 64->128"
+    want = {m.name: f"{m.kind} {m.in_features}->{m.out_features}" for m in snap.modules}
     missing = [n for n in want if n not in have]
     extra = [n for n in have if n not in want]
     if missing:
@@ -169,12 +169,9 @@ def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool
     if extra:
         problems.append(f"{len(extra)} base module(s) match the adapter's targets but were not adapted, "
                         f"e.g. {extra[:3]}")
-    for name in want:
-        if name in have and have[name] != want[name]:
-            k0, i0, o0 = want[name]
-            k1, i1, o1 = have[name]
-            problems.append(f"module {name}: adapter has {k0} {i0}->{o0}, base model has {k1} {i1}->{o1}")
-    if not missing and not extra and [n for n, _ in found] != [m.name for m in snap.modules]:
+    problems += [f"module {name}: adapter has {want[name]}, base model has {have[name]}" for name in want
+                 if name in have and have[name] != want[name]]
+    if not missing and not extra and list(have) != list(want):
         problems.append("adapted modules appear in a different order in the base model")
     if not problems and verify_weights and snap.weight_sample:
         problems += weight_problems(dict(found), snap)
