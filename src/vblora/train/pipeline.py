@@ -25,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+import transformers
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+import vblora
 from vblora.storage import load_checkpoint, save_checkpoint
+from vblora.storage.checkpoint import trainable_state
 from vblora.storage.files import atomic_write, replace_dir
 from vblora.train import checkpoints as C
-from vblora.train import evaluate, methods, models, tasks
+from vblora.train import evaluate, methods, models, tasks, vader
 from vblora.train import metrics as M
 from vblora.train.config import RunConfig
 from vblora.train.errors import DivergedError, SetupError
@@ -122,10 +125,6 @@ class _LossBook(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs and not math.isfinite(logs["loss"]):
             raise DivergedError(self.t._diverged(state.global_step, state.max_steps, f"the loss is {logs['loss']}"))
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -225,7 +224,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     if cfg.fsdp:  # after TrainingArguments, which started the process group
         from vblora.train import sharding
         sharding.shard_model(model, sharding.device_mesh(args.device), average_gradients=False)  # Trainer averages
-    collator = tasks.LMCollator(tok.pad_token_id) if lm else _padding_collator(tok)
+    # LM: right-padded with -100 labels; else padded to each batch's own longest sequence (dynamic padding)
+    collator = tasks.LMCollator(tok.pad_token_id) if lm else DataCollatorWithPadding(tok)
     tracker = BestTracker(model, metric, ckpt, is_main, int(found[0].name[11:]) if found else None)
     callbacks = [tracker, *(callbacks or [])]
     if cfg.record_selection_every and cfg.method == "vblora" and is_main:
@@ -270,7 +270,7 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     for k in cfg.extra_eval_topk:  # paper Table 5: the same trained logits scored with another top-k
         with _eval_topk(trainer.model, k):
             by_k[str(k)] = {"validation": score("validation"), "test": score("test"),
-                            "stored_parameters": float(_vblora_counts(trainer.model)["stored"])}
+                            "stored_parameters": float(vblora.count_parameters(trainer.model)["stored"])}
 
     results = {
         "metrics": {"validation": val, "test": test}, "eval_topk": by_k,
@@ -288,9 +288,9 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
         "config": cfg.to_dict(), "versions": versions(),
     }
     if cfg.dataset and cfg.dataset.startswith("vader"):
-        from vblora.train import vader
         results["data"]["split"] = vader.split_info()
-    with _whole_base(cfg, model):  # --fsdp: the adapter header samples a few base weights; every process gathers
+    # --fsdp: the adapter header samples a few base weights; every process gathers the base (sharding imported above)
+    with sharding.gathered(model) if cfg.fsdp else contextlib.nullcontext():
         adapter_dir = replace_dir(out / "adapter", adapted.save, replaceable=lambda d: True) if is_main else None
     if is_main:  # an earlier adapter and results.json are replaced only once the new ones are completely written
         results.update(adapter_bytes=methods.adapter_bytes(adapter_dir), adapter_dir=str(adapter_dir),
@@ -306,9 +306,7 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
 @contextlib.contextmanager
 def _eval_topk(model, k: int):
     """Score with top-`k` softmax (and count the stored adapter at that k); the config is restored after."""
-    from vblora import get_bank
-
-    bank = get_bank(model)
+    bank = vblora.get_bank(model)
     config = bank.config
     bank.config = config.replace(eval_topk=k)  # the inference cache is keyed on the config: no reset needed
     try:
@@ -327,18 +325,6 @@ def _samples_dir(cfg: RunConfig, out: Path, is_main: bool):
     import tempfile
     with tempfile.TemporaryDirectory(prefix="vblora-fsdp-") as scratch:
         yield Path(scratch)
-
-
-def _whole_base(cfg: RunConfig, model):
-    if not cfg.fsdp:
-        return contextlib.nullcontext()
-    from vblora.train import sharding
-    return sharding.gathered(model)
-
-
-def _vblora_counts(model) -> dict:
-    from vblora import count_parameters
-    return count_parameters(model)
 
 
 def _device_args(cfg: RunConfig) -> dict:
@@ -377,26 +363,18 @@ def _divergence_message(cfg: RunConfig, step: int, steps: int, what: str) -> str
 
 
 def _compute_metrics(kind: str):
+    metrics = M.regression_metrics if kind == "regression" else M.classification_metrics
+
     def fn(p):
-        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        if kind == "regression":
-            return M.regression_metrics(preds, p.label_ids)
-        return M.classification_metrics(preds, p.label_ids)
+        return metrics(p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions, p.label_ids)
     return fn
 
 
 def versions() -> dict:
     import peft
-    import transformers
 
-    import vblora
     return {"vblora": vblora.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version(), "platform": platform.platform()}
-
-
-def _padding_collator(tok):
-    from transformers import DataCollatorWithPadding
-    return DataCollatorWithPadding(tok)  # pads each batch to its own longest sequence (dynamic padding)
 
 
 def _strip(m: dict) -> dict:
