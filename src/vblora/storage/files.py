@@ -87,9 +87,9 @@ def replace_dir(out: str | os.PathLike, write, replaceable) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists():  # a crash between the two renames below: the previous directory comes back first
-        for old in out.parent.glob(f".{out.name}.*.old{TMP}"):
-            os.replace(old, out)
-            break
+        previous = next(out.parent.glob(f".{out.name}.*.old{TMP}"), None)
+        if previous is not None:
+            os.replace(previous, out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replaceable(out))):
         raise VBLoRAError(f"{out} exists and holds other files than a previous export of this kind; export into a "
                           f"new or empty directory (the export replaces its directory as a whole)")
@@ -98,16 +98,14 @@ def replace_dir(out: str | os.PathLike, write, replaceable) -> Path:
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
         write(tmp)
-        old = None
+        old = out.parent / f".{out.name}.{os.getpid()}.old{TMP}"  # the previous directory, until the new one is in
         if out.exists():
-            old = out.parent / f".{out.name}.{os.getpid()}.old{TMP}"
             os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out.parent)
     return out
 

@@ -61,13 +61,6 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     return out
 
 
-def ties_adapted_weight(model: nn.Module) -> bool:
-    """Whether the model ties an adapted weight to another use (then the merged model must be saved untied)."""
-    model = unwrap(model)
-    adapted = {layer.base.weight.data_ptr(): f"{n}.base.weight" for n, layer in adapted_layers(model).items()}
-    return any(t.data_ptr() in adapted and key != adapted[t.data_ptr()] for key, t in model.state_dict().items())
-
-
 def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
                    **save_kwargs) -> Path:
     """Save the merged full model (W + B A in every adapted module) with `save_pretrained`, loadable by the base
@@ -93,7 +86,9 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch
             write_safetensors(d / "model.safetensors", clean, {"format": "pt"})
             return
         config = getattr(base, "config", None)
-        tie = ties_adapted_weight(base) and getattr(config, "tie_word_embeddings", False)
+        adapted = {layer.base.weight.data_ptr(): f"{n}.base.weight" for n, layer in adapted_layers(base).items()}
+        tie = getattr(config, "tie_word_embeddings", False) and any(  # an adapted weight has another use too
+            t.data_ptr() in adapted and key != adapted[t.data_ptr()] for key, t in base.state_dict().items())
         # transformers saves a quantized model's own state dict, ignoring ours, while it has an hf_quantizer
         quantizer = base.__dict__.get("hf_quantizer")
         if tie:

@@ -23,12 +23,12 @@ from torch import nn
 from vblora.config import VBLoRAConfig
 from vblora.errors import AdapterFormatError, VBLoRAError
 from vblora.inject import get_bank
-from vblora.layout import KINDS, MODULE_FIELDS, ModuleEntry, index_dtype
+from vblora.layout import KINDS, MODULE_FIELDS, Layout, ModuleEntry, index_dtype
 from vblora.storage.encoding import (complete_weights, dequantize_bank, dequantize_weights, index_bits,
                                      narrow_indices, pack_bits, quantize_bank, quantize_weights, unpack_bits)
 from vblora.storage.files import (canonical_json, json_sha256, parse_json_metadata, read_safetensors,
                                   tensors_sha256, write_safetensors)
-from vblora.storage.snapshot import AdapterSnapshot, build_model, check_layout, take_snapshot
+from vblora.storage.snapshot import AdapterSnapshot, build_model, take_snapshot
 from vblora.version import __version__
 
 FORMAT, FORMAT_VERSION = "vblora-adapter", 1
@@ -181,7 +181,9 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
         fail(f"bank entry {bank_meta} does not match the config (h={h}, b={b})")
     if not modules or any(m.kind not in KINDS for m in modules):
         fail("module table is empty or names an unknown layer kind")
-    layout = check_layout(str(file), modules, cfg)
+    layout = Layout.from_specs([(m.name, m.kind, m.in_features, m.out_features) for m in modules], cfg.rank, b)
+    if list(layout.entries) != modules:
+        fail("module offsets are inconsistent with their shapes (rank, vector_length)")
     n, bits = layout.num_subvectors, index_bits(h)
     if idx_meta.get("shape") != [n, k] or idx_meta.get("bits") != bits or not isinstance(packed, bool):
         fail(f"indices entry {idx_meta} does not match {n} sub-vectors, k={k}, h={h}")

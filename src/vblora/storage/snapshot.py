@@ -49,10 +49,6 @@ class AdapterSnapshot:
     def layout(self) -> Layout:
         return Layout(self.modules, self.config.rank, self.config.vector_length)
 
-    @property
-    def num_subvectors(self) -> int:
-        return int(self.indices.shape[0])
-
     def subvectors(self) -> torch.Tensor:
         """`(N, b)` float32 composed by the stored rule."""
         return compose_selected(self.indices, self.weights, self.bank)
@@ -126,16 +122,6 @@ def take_snapshot(model: nn.Module, *, with_logits: bool = False) -> AdapterSnap
         name_or_path=getattr(config, "_name_or_path", None) or None, task_type=task,
         id2label={str(k): str(v) for k, v in id2label.items()} if id2label else None,
         weight_sample=weight_sample(model))
-
-
-def check_layout(source: str, modules: list[ModuleEntry], config: VBLoRAConfig) -> Layout:
-    """The layout of a file's module table; AdapterFormatError unless its rows are the contiguous layout that the
-    modules' shapes give."""
-    layout = Layout.from_specs([(m.name, m.kind, m.in_features, m.out_features) for m in modules],
-                               config.rank, config.vector_length)
-    if not modules or list(layout.entries) != list(modules):
-        raise AdapterFormatError(f"{source}: module offsets are inconsistent with their shapes (rank, vector_length)")
-    return layout
 
 
 def refuse_adapted(base: nn.Module) -> None:
