@@ -10,16 +10,22 @@ core's matching rules, so "all-linear" means the same six modules per layer for 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from peft import LoraConfig, VeraConfig, get_peft_model
+from safetensors.torch import save_file
 from torch import nn
 
+import vblora
+from vblora.inject import find_targets
+from vblora.storage import adapter_file, read_adapter, read_bank
+from vblora.train.checkpoints import first_line
 from vblora.train.errors import SetupError
 from vblora.train.config import RunConfig
+from vblora.train.tied_lora import add_tied_lora
 
 HEAD_NAMES = ("pre_classifier", "classifier", "score")  # sequence-classification heads of HF models
 
@@ -50,9 +56,6 @@ def head_modules(model: nn.Module, cfg: RunConfig) -> list[str]:
 
 def resolve_targets(model: nn.Module, cfg: RunConfig) -> list[str]:
     """Qualified names of the modules to adapt (core semantics; raises the core's TargetError when none match)."""
-    import vblora
-    from vblora.inject import find_targets
-
     spec = cfg.vblora.target_modules
     names = [n for n, _ in find_targets(model, vblora.VBLoRAConfig(target_modules=spec, layers=cfg.vblora.layers))]
     if isinstance(spec, (list, tuple)):  # every name asked for must exist somewhere
@@ -63,25 +66,21 @@ def resolve_targets(model: nn.Module, cfg: RunConfig) -> list[str]:
     return names
 
 
-def _count(params) -> int:
-    return sum(p.numel() for p in params)
-
-
-def _groups(cfg: RunConfig, adapter: list, head: list) -> list[dict]:
-    """AdamW groups: the adapter at the method's learning rate, trained heads (if any) at lr_head."""
+def _adapted(model, cfg: RunConfig, adapter: list, head: list, save, details: dict | None = None) -> Adapted:
+    """A baseline's Adapted: AdamW groups with the adapter at the method's learning rate and trained heads (if any)
+    at lr_head; every trained parameter is stored (trainable = stored)."""
     groups = [{"name": "adapter", "params": adapter, "lr": cfg.method_lr(), "weight_decay": cfg.weight_decay}]
     if head:
         groups.append({"name": "head", "params": head, "lr": cfg.lr_head, "weight_decay": cfg.weight_decay})
-    return groups
+    n = sum(p.numel() for p in adapter + head)
+    return Adapted(model, cfg.method, groups, n, float(n), save, details=details or {})
 
 
 def apply_method(model: nn.Module, cfg: RunConfig) -> Adapted:
     heads = head_modules(model, cfg)
     if cfg.method == "full":
         model.requires_grad_(True)
-        n = _count(model.parameters())
-        return Adapted(model, "full", _groups(cfg, list(model.parameters()), []), n, float(n),
-                       lambda d: model.save_pretrained(str(d)))
+        return _adapted(model, cfg, list(model.parameters()), [], lambda d: model.save_pretrained(str(d)))
     targets = resolve_targets(model, cfg)
     fn = {"vblora": _vblora, "lora": _lora, "vera": _vera, "tied-lora": _tied}[cfg.method]
     out = fn(model, cfg, targets, heads)
@@ -90,8 +89,6 @@ def apply_method(model: nn.Module, cfg: RunConfig) -> Adapted:
 
 
 def _vblora(model, cfg, targets, heads) -> Adapted:
-    import vblora
-
     vcfg = cfg.vblora.replace(modules_to_save=tuple(heads))  # adapts exactly `targets` (same matching rules)
     model = vblora.add_vblora(model, vcfg)
     bank_source = _start_bank(model, cfg)
@@ -114,8 +111,6 @@ def _vblora(model, cfg, targets, heads) -> Adapted:
 def read_bank_tensor(path: str | Path) -> tuple[torch.Tensor, Path]:
     """A trained `(h, b)` bank and the file it came from: a bank file (`vblora.save_bank`, or a tensor saved with
     torch.save as bank.pt), an adapter file or directory with the bank inside, or a run directory (its adapter/)."""
-    from vblora.storage import adapter_file, read_adapter, read_bank
-
     p = Path(path)
     candidates = [p, p / "bank.safetensors", p / "adapter" / "bank.safetensors", adapter_file(p),
                   p / "adapter" / "adapter.safetensors", p / "bank.pt"]
@@ -126,8 +121,6 @@ def read_bank_tensor(path: str | Path) -> tuple[torch.Tensor, Path]:
         try:
             bank = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:
-            from vblora.train.checkpoints import first_line
-
             raise SetupError(f"--bank {file}: not a saved bank tensor ({first_line(e)})") from None
         if not isinstance(bank, torch.Tensor) or bank.dim() != 2 or not bank.is_floating_point():
             raise SetupError(f"--bank {file}: expected one (h, b) float tensor")
@@ -139,8 +132,6 @@ def read_bank_tensor(path: str | Path) -> tuple[torch.Tensor, Path]:
 
 def _start_bank(model, cfg) -> str | None:
     """`--bank PATH`: copy a trained bank into the model; `--freeze-bank`: stop it training. Returns its file."""
-    import vblora
-
     if cfg.freeze_bank and not cfg.bank:
         raise SetupError("--freeze-bank needs --bank PATH (a trained bank to share)")
     if not cfg.bank:
@@ -158,19 +149,13 @@ def _start_bank(model, cfg) -> str | None:
 
 
 def _peft(model, cfg, peft_cfg, details: dict) -> Adapted:
-    from peft import get_peft_model
-
     pmodel = get_peft_model(model, peft_cfg)
     adapter = [p for n, p in pmodel.named_parameters() if p.requires_grad and "modules_to_save" not in n]
     head = [p for n, p in pmodel.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    n = _count(adapter) + _count(head)
-    return Adapted(pmodel, cfg.method, _groups(cfg, adapter, head), n, float(n),
-                   lambda d: pmodel.save_pretrained(str(d)), details=details)
+    return _adapted(pmodel, cfg, adapter, head, lambda d: pmodel.save_pretrained(str(d)), details)
 
 
 def _lora(model, cfg, targets, heads) -> Adapted:
-    from peft import LoraConfig
-
     rank = cfg.vblora.rank  # the shared adapter knobs (rank, dropout, targets, heads) live in cfg.vblora
     return _peft(model, cfg, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.vblora.dropout,
                                         target_modules=targets, modules_to_save=heads or None),
@@ -178,8 +163,6 @@ def _lora(model, cfg, targets, heads) -> Adapted:
 
 
 def _vera(model, cfg, targets, heads) -> Adapted:
-    from peft import VeraConfig
-
     # save_projection=False: the frozen random projections are regenerated from the seed, so VeRA stores only
     # its scaling vectors (and the head), which is what the VeRA and VB-LoRA papers count.
     return _peft(model, cfg, VeraConfig(r=cfg.vera_rank, target_modules=targets, vera_dropout=cfg.vblora.dropout,
@@ -188,16 +171,11 @@ def _vera(model, cfg, targets, heads) -> Adapted:
 
 
 def _tied(model, cfg, targets, heads) -> Adapted:
-    from safetensors.torch import save_file
-
-    from vblora.train.tied_lora import add_tied_lora
-
     model = add_tied_lora(model, targets, rank=cfg.tied_rank, dropout=cfg.vblora.dropout, modules_to_save=heads,
                           seed=cfg.seed)
     head = [p for h in heads for p in model.get_submodule(h).parameters()]
     head_ids = {id(p) for p in head}
     adapter = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    n = _count(adapter) + _count(head)
 
     def save(d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
@@ -206,8 +184,8 @@ def _tied(model, cfg, targets, heads) -> Adapted:
         (d / "adapter_config.json").write_text(json.dumps({"method": "tied-lora", "rank": cfg.tied_rank,
                                                            "targets": targets, "modules_to_save": heads}, indent=2))
 
-    return Adapted(model, "tied-lora", _groups(cfg, adapter, head), n, float(n), save, details={"rank": cfg.tied_rank})
+    return _adapted(model, cfg, adapter, head, save, {"rank": cfg.tied_rank})
 
 
 def adapter_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file()) if os.path.isdir(d) else 0
+    return sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file()) if Path(d).is_dir() else 0
