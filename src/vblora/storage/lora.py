@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from vblora.storage.peft_vblora import PREFIX, peft_config_common, snapshot_of, write_peft_dir
+from vblora.storage.peft_vblora import PREFIX, snapshot_of, write_peft_dir
 
 
 def export_lora(model_or_path, out_dir: str | os.PathLike) -> Path:
@@ -23,15 +23,9 @@ def export_lora(model_or_path, out_dir: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     for m in snap.modules:
         A, B = layout.factors(sub, m)  # (r, in), (out, r)
-        stem = f"{PREFIX}{m.name}."
-        if m.kind == "embedding":
-            tensors[stem + "lora_embedding_A"], tensors[stem + "lora_embedding_B"] = A.contiguous(), B.contiguous()
-        else:
-            tensors[stem + "lora_A.weight"], tensors[stem + "lora_B.weight"] = A.contiguous(), B.contiguous()
-    for name, state in snap.extras.items():
-        tensors.update({f"{PREFIX}{name}.{key}": t for key, t in state.items()})
+        keys = ("lora_embedding_A", "lora_embedding_B") if m.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        tensors.update({f"{PREFIX}{m.name}.{key}": t.contiguous() for key, t in zip(keys, (A, B))})
     r = snap.config.rank
-    config = {**peft_config_common(snap), "peft_type": "LORA", "lora_alpha": r, "lora_dropout": snap.config.dropout,
-              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "rank_pattern": {},
-              "alpha_pattern": {}}
-    return write_peft_dir(out_dir, config, tensors)
+    config = {"peft_type": "LORA", "lora_alpha": r, "lora_dropout": snap.config.dropout, "use_rslora": False,
+              "use_dora": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+    return write_peft_dir(out_dir, snap, config, tensors)

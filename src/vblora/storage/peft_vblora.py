@@ -42,26 +42,25 @@ def snapshot_of(model_or_path, *, with_logits: bool = False) -> AdapterSnapshot:
     return read_adapter(model_or_path)[0]
 
 
-def write_peft_dir(out_dir: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+def write_peft_dir(out_dir: str | os.PathLike, snap: AdapterSnapshot, config: dict,
+                   tensors: dict[str, torch.Tensor]) -> Path:
     """Write a PEFT adapter directory as a whole (an earlier export there is replaced only once this one is
-    complete; a directory holding anything else is refused)."""
+    complete; a directory holding anything else is refused): `tensors` plus the snapshot's trained heads, and
+    `config` plus the adapter_config.json fields that every PEFT format written here shares."""
+    tensors = tensors | {f"{PREFIX}{name}.{key}": t for name, state in snap.extras.items() for key, t in state.items()}
+    config = {"task_type": snap.task_type, "base_model_name_or_path": snap.name_or_path, "revision": None,
+              "inference_mode": True,
+              "r": snap.config.rank, "target_modules": [m.name for m in snap.modules], "exclude_modules": None,
+              "fan_in_fan_out": any(m.kind == "conv1d" for m in snap.modules), "bias": "none",
+              "modules_to_save": sorted(snap.extras) or None, "layers_to_transform": None, "layers_pattern": None,
+              "auto_mapping": {"base_model_class": snap.architecture, "parent_library": None}
+              if snap.architecture else None} | config
 
     def write(d: Path) -> None:
         write_safetensors(d / WEIGHTS_FILE, tensors, {"format": "pt"})
         atomic_write(d / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
     return replace_dir(out_dir, write, replaceable=lambda d: (d / CONFIG_FILE).is_file())
-
-
-def peft_config_common(snap: AdapterSnapshot) -> dict:
-    """adapter_config.json fields that every PEFT format written here shares."""
-    return {"task_type": snap.task_type, "base_model_name_or_path": snap.name_or_path, "revision": None,
-            "inference_mode": True,
-            "r": snap.config.rank, "target_modules": [m.name for m in snap.modules], "exclude_modules": None,
-            "fan_in_fan_out": any(m.kind == "conv1d" for m in snap.modules), "bias": "none",
-            "modules_to_save": sorted(snap.extras) or None, "layers_to_transform": None, "layers_pattern": None,
-            "auto_mapping": {"base_model_class": snap.architecture, "parent_library": None}
-            if snap.architecture else None}
 
 
 def peft_parts(layout: Layout, b: int):
@@ -108,12 +107,10 @@ def export_peft(model_or_path, out_dir: str | os.PathLike, *, save_only_topk_wei
         else:
             tensors[key + TOPK_INDICES] = snap.indices[rows].reshape(*shape, k).to(index_dtype).contiguous()
             tensors[key + TOPK_WEIGHTS] = snap.weights[rows, :k - 1].reshape(*shape, k - 1).float().contiguous()
-    for name, state in snap.extras.items():
-        tensors.update({f"{PREFIX}{name}.{key}": t for key, t in state.items()})
-    peft_config = {**peft_config_common(snap), "peft_type": "VBLORA", "num_vectors": h, "vector_length": b,
-                   "topk": k, "save_only_topk_weights": bool(save_only_topk_weights), "vblora_dropout": cfg.dropout,
+    peft_config = {"peft_type": "VBLORA", "num_vectors": h, "vector_length": b, "topk": k,
+                   "save_only_topk_weights": bool(save_only_topk_weights), "vblora_dropout": cfg.dropout,
                    "init_vector_bank_bound": cfg.init_bank_bound, "init_logits_std": cfg.init_logits_std}
-    return write_peft_dir(out_dir, peft_config, tensors)
+    return write_peft_dir(out_dir, snap, peft_config, tensors)
 
 
 def logits_from_selection(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> torch.Tensor:
