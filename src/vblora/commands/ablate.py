@@ -44,9 +44,8 @@ def run(args) -> int:
         from vblora.train import vader
 
         if "train_file" not in overrides:
-            paths = vader.fetch_corpus(args.task2)
-            overrides.update(dataset="none", train_file=str(paths["train"]), validation_file=str(paths["validation"]),
-                             test_file=str(paths["test"]))
+            paths = vader.fetch_corpus(args.task2)  # {"train": path, "validation": path, "test": path}
+            overrides.update(dataset="none", **{f"{split}_file": str(path) for split, path in paths.items()})
         rows = shared_bank_study(args.bank, args.seeds, out, overrides, budget, args.recipe)
         table = format_shared_bank(rows, f"Shared bank: task 2 = {overrides['train_file']}; bank from {args.bank}"
                                          f"\n\n{note}")

@@ -16,18 +16,15 @@ def summary(path: str, bank_path: str | None = None) -> dict:
     file = adapter_file(path)
     tensors, metadata, size = read_safetensors(file)
     header = parse_json_metadata(file, metadata, "vblora")
-    nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
     cfg = header.get("config", {})
     h, b = cfg.get("num_vectors", 0), cfg.get("vector_length", 0)
     n, k = (header.get("indices", {}).get("shape") or [0, 0])[:2]
     extras = sum(t.numel() for key, t in tensors.items() if key.startswith("modules_to_save."))
-    components = {
-        "bank": nbytes.get("bank", 0) + nbytes.get("bank_scale", 0),
-        "indices": nbytes.get("indices", 0),
-        "weights": nbytes.get("weights", 0),
-        "modules_to_save": sum(v for key, v in nbytes.items() if key.startswith("modules_to_save.")),
-    }
-    components["header"] = size - sum(nbytes.values())
+    components = dict.fromkeys(("bank", "indices", "weights", "modules_to_save"), 0)
+    for key, t in tensors.items():  # bank_scale counts with the bank, "modules_to_save.<module>.<key>" as one
+        part = "bank" if key == "bank_scale" else key.split(".")[0]
+        components[part] = components.get(part, 0) + t.numel() * t.element_size()
+    components["header"] = size - sum(components.values())
     try:
         read_adapter(file, bank_path=bank_path)
         verified = "ok"

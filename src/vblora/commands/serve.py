@@ -29,8 +29,6 @@ def load_base(args):
     from vblora.train.models import load_model, load_tokenizer, resolve_model
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise SetupError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     path, gguf = resolve_model(args.model, args.gguf_file)
     tokenizer = load_tokenizer(path, gguf)
@@ -53,9 +51,11 @@ def run(args) -> int:
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise SetupError(f"--adapters '{args.adapters}' is not a directory (give the directory holding one "
                          f"sub-directory or .safetensors file per adapter)")
-    for name in ("max_batch", "max_queue", "max_tokens_default", "cache_mb"):
-        if getattr(args, name) < (0 if name == "max_queue" else 1):
-            raise SetupError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}")
+    minimum = {"max_batch": 1, "max_queue": 0, "max_tokens_default": 1, "cache_mb": 1, "threads": 1}
+    for name, least in minimum.items():
+        value = getattr(args, name)
+        if value is not None and value < least:  # --threads may be left to torch (None)
+            raise SetupError(f"--{name.replace('_', '-')} must be >= {least}")
     check_port(args.host, args.port)
 
     from vblora.serve import AdapterStore
