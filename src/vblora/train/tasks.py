@@ -75,17 +75,15 @@ def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> T
         text_col, pair_col, label_col, names = lay["text"], lay["pair"], lay["label"], lay.get("names")
     labels = D.LabelSpace([], regression=True) if cfg.task == "regression" else None
     splits, raw = {}, {}
-    for split in ("train", "validation", "test"):
-        if split not in files:
-            continue
-        table = D.read_table(files[split], cfg.data_format, names)
+    for split, path in files.items():  # train, validation[, test]
+        table = D.read_table(path, cfg.data_format, names)
         ex, labels = D.load_split(table, text_col, pair_col, label_col, labels)
         cap = _split_cap(cfg, split)  # None: all
         enc = tokenizer(ex.texts[:cap], ex.pairs[:cap] if ex.pairs else None, truncation=True,
                         max_length=cfg.max_length)
         items = [{**{k: enc[k][i] for k in enc.keys()}, "labels": float(y) if labels.regression else int(y)}
                  for i, y in enumerate(ex.labels[:cap])]
-        splits[split], raw[split] = items, {"n": len(items), "file": files[split]}
+        splits[split], raw[split] = items, {"n": len(items), "file": path}
     kind = "regression" if labels.regression else "classification"
     return TaskData(kind, splits["train"], splits["validation"], splits.get("test", splits["validation"]),
                     labels, raw, {"files": files, "label_names": labels.names})
@@ -155,15 +153,13 @@ def encode_lm(tokenizer, rec: dict, max_length: int) -> dict | None:
 
 def _build_lm(cfg: RunConfig, tokenizer, files: dict[str, str]) -> TaskData:
     splits, raw, dropped = {}, {}, 0
-    for split in ("train", "validation", "test"):
-        if split not in files:
-            continue
-        recs = _lm_records(cfg, files[split])[:_split_cap(cfg, split)]
+    for split, path in files.items():  # train, validation[, test]
+        recs = _lm_records(cfg, path)[:_split_cap(cfg, split)]
         encoded = [encode_lm(tokenizer, rec, cfg.max_length) for rec in recs]
         items = [e for e in encoded if e is not None]
         dropped += len(encoded) - len(items)
         if not items:
-            raise DataError(f"{files[split]}: every example's response is cut off by --max-length {cfg.max_length}")
+            raise DataError(f"{path}: every example's response is cut off by --max-length {cfg.max_length}")
         splits[split], raw[split] = items, recs
     kind = "gsm8k" if cfg.task == "gsm8k" else "causal-lm"
     return TaskData(kind, splits["train"], splits["validation"], splits.get("test", splits["validation"]), None,
