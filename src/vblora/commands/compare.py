@@ -18,14 +18,13 @@ def register(subparsers) -> None:
 
 
 def _parse_overrides(items: list[str]) -> dict[str, dict]:
+    from vblora.train.errors import SetupError
     from vblora.train.flags import assignments
 
     out: dict[str, dict] = {}
     for item in items:
         method, sep, kv = item.partition(":")
         if not sep or "=" not in kv:
-            from vblora.train.errors import SetupError
-
             raise SetupError(f"--set expects METHOD:KEY=VALUE, got '{item}'")
         out.setdefault(method, {}).update(assignments([kv]))
     return out

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vblora.errors import AdapterFormatError
-from vblora.inject import BANK_ATTR, get_bank, unwrap
+from vblora.inject import BANK_ATTR, unwrap
 from vblora.storage.files import atomic_write
 
 FORMAT, FORMAT_VERSION = "vblora-checkpoint", 2
@@ -44,9 +44,9 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_identity(model: nn.Module) -> dict | None:
     """The VB-LoRA config and module table of `model` (None for a model without a bank)."""
-    if getattr(unwrap(model), BANK_ATTR, None) is None:
+    bank = getattr(unwrap(model), BANK_ATTR, None)
+    if bank is None:
         return None
-    bank = get_bank(model)
     return {"config": bank.config.to_dict(), "modules": [m.to_row() for m in bank.layout.entries]}
 
 

@@ -154,9 +154,8 @@ def read_peft(in_dir: str | os.PathLike, module_order: list[str] | None = None) 
     name; `module_order` (the base model's module names) gives our row order, else the file's."""
     conf, tensors, d = read_peft_dir(in_dir)
     topk_only = bool(conf.get("save_only_topk_weights"))
-    bank = tensors.pop(BANK_KEY, None)
-    if bank is None:
-        bank = next((tensors.pop(k) for k in list(tensors) if k.startswith(BANK_KEY + ".")), None)
+    key = next((k for k in tensors if k == BANK_KEY or k.startswith(BANK_KEY + ".")), None)
+    bank = tensors.pop(key) if key is not None else None
     if bank is None or bank.dim() != 2:
         raise AdapterFormatError(f"{d}: missing the vector bank '{BANK_KEY}'")
     h, b = bank.shape
