@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vblora.inject import get_bank, layer_index
+from vblora.layout import index_dtype
 from vblora.storage.files import atomic_write
 from vblora.train.errors import DataError
 
@@ -43,11 +45,6 @@ def module_type(name: str) -> str:
     return name[m.end():] if m and m.end() < len(name) else name
 
 
-def _layer_of(name: str) -> int:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else -1
-
-
 def subvector_table(bank) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Per-module rows and per-sub-vector arrays (layer, module, matrix, position) from `bank.layout`."""
     n = bank.num_subvectors
@@ -58,7 +55,8 @@ def subvector_table(bank) -> tuple[list[dict], dict[str, np.ndarray]]:
     modules = []
     for i, entry in enumerate(bank.layout.entries):
         name, slot = entry.name, entry.slot
-        lay = _layer_of(name)
+        lay = layer_index(name)
+        lay = -1 if lay is None else lay  # -1: no layer index
         modules.append({"name": name, "type": module_type(name), "layer": lay, **dataclasses.asdict(slot)})
         for start, count, which in ((slot.a_start, slot.a_count, 0), (slot.b_start, slot.b_count, 1)):
             rows = slice(start, start + count)
@@ -73,9 +71,6 @@ def record_selection(model, step: int, k: int | None = None) -> dict:
     Works inside any training loop (no Trainer needed). `k` defaults to the stored top-k of the config, capped at
     the training top-k for select-all (whose stored k is the whole bank).
     """
-    from vblora.layout import index_dtype
-    from vblora.inject import get_bank
-
     bank = get_bank(model)
     cfg = bank.config
     if k is None:
@@ -106,8 +101,6 @@ class SelectionRecorder:
 
     def record(self, model, step: int) -> bool:
         """Record `step` unless it is the latest record already. Returns whether it recorded."""
-        from vblora.inject import get_bank
-
         if self.snapshots and self.snapshots[-1]["step"] == step:
             return False
         bank = get_bank(model)
