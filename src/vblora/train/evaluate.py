@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+import vblora
 from vblora.train import metrics as M
-from vblora.train import tasks
+from vblora.train import models, tasks
 
 
 @torch.no_grad()
@@ -63,9 +64,6 @@ def reloaded_generations(model_name: str, gguf_file: str | None, adapter_dir, re
                          max_new_tokens: int) -> list[str]:
     """Greedy answers to `records` ({'instruction', 'input'}) of a fresh base model with the saved adapter loaded:
     what a user gets from the adapter file alone (no training-time state, no logits)."""
-    import vblora
-    from vblora.train import models
-
     path, gguf = models.resolve_model(model_name, gguf_file)
     tok = models.load_tokenizer(path, gguf)
     model = vblora.load_adapter(models.load_model(path, gguf, "causal-lm"), str(adapter_dir))

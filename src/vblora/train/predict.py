@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
+from vblora.storage import load_adapter, read_adapter
 from vblora.train import data as D
 from vblora.train import models
 from vblora.train.errors import SetupError
+from vblora.train.evaluate import generate
+from vblora.train.tasks import prompt_text
 
 
 @dataclass
@@ -30,8 +34,6 @@ class Predictor:
 
 def load_predictor(source: str | Path, model: str | None = None, gguf_file: str | None = None) -> Predictor:
     """A run directory (results.json + adapter/) or an adapter (directory or .safetensors) on its base model."""
-    from vblora.storage import load_adapter, read_adapter
-
     source = Path(source)
     run = json.loads((source / "results.json").read_text()) if (source / "results.json").is_file() else {}
     adapter = source / "adapter" if run else source
@@ -52,8 +54,6 @@ def load_predictor(source: str | Path, model: str | None = None, gguf_file: str 
     else:
         kind = "regression" if run.get("task") == "regression" or len(snap.id2label or {}) == 1 else "classification"
     names = list((snap.id2label or {}).values())
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "classifier MISSING": the adapter brings the trained head
     hf_logging.disable_progress_bar()
@@ -86,9 +86,6 @@ def predict(p: Predictor, examples: list[tuple[str, str | None]], batch_size: in
         batch = examples[start:start + batch_size]
         texts, pairs = [t for t, _ in batch], [q for _, q in batch]
         if p.kind == "causal-lm":
-            from vblora.train.evaluate import generate
-            from vblora.train.tasks import prompt_text
-
             prompts = [prompt_text(p.tokenizer, t, q or "") for t, q in batch]  # the training template
             out += [{"text": t, "generation": g} for t, g in zip(texts, generate(p.model, p.tokenizer, prompts,
                                                                                 max_new_tokens))]
