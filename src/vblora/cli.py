@@ -28,10 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Add --debug anywhere to see the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        importlib.import_module(f"vblora.commands.{info.name}").register(sub)
+    for name in sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")):
+        importlib.import_module(f"vblora.commands.{name}").register(sub)
     return parser
 
 

@@ -74,8 +74,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, precision: str = "fp
         raise AdapterFormatError(f"precision={precision!r}; choose one of {PRECISIONS}")
     if bank not in ("embed", "reference"):
         raise AdapterFormatError(f"bank={bank!r}; choose 'embed' or 'reference'")
-    tensors, header = encode(take_snapshot(model), precision, pack_indices, bank)
-    return write_adapter(adapter_file(path), tensors, header)
+    return write_adapter(adapter_file(path), *encode(take_snapshot(model), precision, pack_indices, bank))
 
 
 def write_adapter(file: Path, tensors: dict[str, torch.Tensor], header: dict) -> Path:
