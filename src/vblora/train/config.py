@@ -143,13 +143,10 @@ DEFAULT_LR = {"vblora": 1e-3, "lora": 5e-4, "vera": 4e-3, "tied-lora": 1e-3, "fu
 # ---- settings: names, types, text -> value --------------------------------------------------------------------
 def settings() -> dict[str, dataclasses.Field]:
     """Every recipe key / flag: RunConfig's fields, with `vblora` expanded into VBLoRAConfig's (its seed is ours)."""
-    run = {f.name: f for f in dataclasses.fields(RunConfig)}
     out = {}
-    for name, f in run.items():
-        if name == "vblora":
-            out.update({g.name: g for g in dataclasses.fields(VBLoRAConfig) if g.name != "seed"})
-        else:
-            out[name] = f
+    for f in dataclasses.fields(RunConfig):
+        inner = [g for g in dataclasses.fields(VBLoRAConfig) if g.name != "seed"] if f.name == "vblora" else [f]
+        out.update({g.name: g for g in inner})
     return out
 
 
@@ -176,7 +173,7 @@ def coerce(name: str, value, tp=None):
         return None if optional else []
     takes_str = str in typing.get_args(tp)  # target_modules: names, or one regex / 'all-linear'
     if listy and isinstance(value, str) and not takes_str:
-        value = [v for v in value.replace(",", " ").split()]  # --set extra_eval_topk=1,2
+        value = value.replace(",", " ").split()  # --set extra_eval_topk=1,2
     if listy and isinstance(value, (list, tuple)):
         items = [_scalar(name, typ, v) for v in value]
         if takes_str and len(items) == 1 and (items[0] == "all-linear" or _REGEX.search(items[0])):
@@ -264,8 +261,7 @@ def build_config(recipe: str | None = None, overrides: dict | None = None) -> Ru
                          ("compute_dtype", COMPUTE_DTYPES)):
         if getattr(cfg, key) not in allowed:
             raise SetupError(f"unknown {key} '{getattr(cfg, key)}' (one of {', '.join(allowed)})")
-    _check_quantize(cfg)
-    _check_fsdp(cfg)
+    _check_combinations(cfg)
     if cfg.dataset is None and not cfg.train_file:
         raise SetupError("no data: give --train-file (and --validation-file/--test-file) or a dataset")
     return cfg
@@ -276,26 +272,20 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
-def _check_quantize(cfg: RunConfig) -> None:
-    if cfg.quantize is None:
-        return
-    if cfg.quantize not in QUANTIZE:
+def _check_combinations(cfg: RunConfig) -> None:
+    """--quantize and --fsdp: their values and the settings they cannot be combined with."""
+    if cfg.quantize is not None and cfg.quantize not in QUANTIZE:
         raise SetupError(f"unknown quantize '{cfg.quantize}' (one of {', '.join(QUANTIZE)}, or none)")
-    if cfg.method == "full":
+    if cfg.quantize and cfg.method == "full":
         raise SetupError("--quantize with --method full: a quantized base cannot be fine-tuned in full; use an "
                          "adapter method (vblora, lora, ...)")
-    if cfg.gguf_file:
+    if cfg.quantize and cfg.gguf_file:
         raise SetupError("--quantize with --gguf-file: load a transformers checkpoint (config.json + weights) to "
                          "quantize it with bitsandbytes")
-
-
-def _check_fsdp(cfg: RunConfig) -> None:
-    if not cfg.fsdp:
-        return
-    if cfg.method == "full":
+    if cfg.fsdp and cfg.method == "full":
         raise SetupError("--fsdp with --method full: --fsdp keeps what trains whole and shards the frozen base, and "
                          "full fine-tuning freezes nothing; use an adapter method (vblora, lora, ...)")
-    if cfg.quantize:
+    if cfg.fsdp and cfg.quantize:
         raise SetupError("--fsdp with --quantize: sharding a bitsandbytes base is not supported by vblora train yet "
                          "(docs/training.md, Sharded training); use one of them")
 
