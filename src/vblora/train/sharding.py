@@ -104,9 +104,11 @@ def shard_model(model: nn.Module, mesh=None, *, average_gradients: bool = True,
     if hasattr(root, "generate"):  # generate() reads the embeddings outside forward: unshard around it too
         register_fsdp_forward_method(root, "generate")
     if average_gradients:
+        # once per backward, when p.grad holds this backward's whole contribution; averaging after each backward of
+        # an accumulation window gives the same sum as averaging once at its end (the earlier part is equal everywhere)
         group = mesh.get_group()
         for p in whole:
-            p.register_post_accumulate_grad_hook(_averager(group))
+            p.register_post_accumulate_grad_hook(lambda t: dist.all_reduce(t.grad, op=dist.ReduceOp.AVG, group=group))
     return model
 
 
@@ -118,14 +120,6 @@ def check_shardable(model: nn.Module, whole: set) -> None:
         raise SetupError(f"--fsdp: {len(bad)} frozen parameters are not floating point (e.g. {bad[0]}, "
                          f"{type(model.get_parameter(bad[0])).__name__}); FSDP shards floating-point tensors only. "
                          f"For a 4-bit base, load it with BitsAndBytesConfig(bnb_4bit_quant_storage=<compute dtype>)")
-
-
-def _averager(group):
-    def average(p: torch.Tensor) -> None:
-        # once per backward, when p.grad holds this backward's whole contribution; averaging after each backward of
-        # an accumulation window gives the same sum as averaging once at its end (the earlier part is equal everywhere)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, group=group)
-    return average
 
 
 def _mesh_device(mesh) -> torch.device:

@@ -34,12 +34,8 @@ class TiedShared(nn.Module):
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
 
-    @staticmethod
-    def key(mtype: str) -> str:
-        return mtype.replace(".", "__").replace("*", "N")
-
     def get(self, mtype: str, rank: int, fan_in: int, fan_out: int, generator: torch.Generator):
-        k = self.key(mtype)
+        k = mtype.replace(".", "__").replace("*", "N")  # a ParameterDict key
         if k not in self.A:
             a = torch.empty(rank, fan_in)
             bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)), as LoRA initialises A
