@@ -56,14 +56,6 @@ SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".tsv"
                   ".txt": "csv"}
 
 
-def file_format(path: Path, fmt: str | None = None) -> str:
-    suffix = path.suffix.lower()
-    if not fmt and suffix not in SUFFIX_FORMATS:
-        raise DataError(f"{path}: unknown data format '{suffix}' (use .csv, .tsv, .jsonl or .json, or pass "
-                        f"--data-format)")
-    return fmt or SUFFIX_FORMATS[suffix]
-
-
 def read_table(path: str | Path, fmt: str | None = None, names: list[str] | None = None) -> Table:
     """Read a CSV/TSV (first line is the header unless `names` is given), JSONL or JSON-list file."""
     path = Path(path)
@@ -71,7 +63,10 @@ def read_table(path: str | Path, fmt: str | None = None, names: list[str] | None
         raise DataError(f"{path}: data file not found")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a data file")
-    fmt = file_format(path, fmt)
+    fmt = fmt or SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unknown data format '{path.suffix.lower()}' (use .csv, .tsv, .jsonl or .json, or "
+                        f"pass --data-format)")
     try:
         text = path.read_text(encoding="utf-8").removeprefix("\ufeff")  # a BOM (Excel) is not part of the header
     except UnicodeDecodeError as e:
