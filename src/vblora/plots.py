@@ -54,10 +54,8 @@ def _footprint(sel: Selection, max_subvectors: int | None, records=slice(None)):
         cols = np.unique(np.linspace(0, n - 1, max_subvectors).round().astype(int))
         xlabel = f"sub-vector ({len(cols)} of {n}, evenly spaced)"
     sub = sel.indices[records][:, cols, :]  # (T, M, k)
-    t, _, k = sub.shape
-    grid = np.zeros((t, sel.num_vectors, len(cols)), bool)
-    tt, mm, _ = np.meshgrid(np.arange(t), np.arange(len(cols)), np.arange(k), indexing="ij")
-    grid[tt, sub, mm] = True
+    grid = np.zeros((len(sub), sel.num_vectors, len(cols)), bool)
+    grid[np.arange(len(sub))[:, None, None], sub, np.arange(len(cols))[:, None]] = True  # broadcast to (T, M, k)
     return grid, cols, xlabel
 
 
@@ -86,9 +84,8 @@ def plot_footprint(sel: Selection, path, max_subvectors: int | None = 192) -> Pa
 def plot_footprint_periods(sel: Selection, path, periods: int = 4, max_subvectors: int | None = 192) -> Path:
     """Fig. 5: the pairs newly selected in each period of training (not selected at the period's start)."""
     grid, cols, xlabel = _footprint(sel, max_subvectors)
-    t = len(sel.steps)
-    periods = max(1, min(periods, t - 1)) if t > 1 else 1
-    bounds = np.linspace(0, t - 1, periods + 1).round().astype(int)
+    periods = max(1, min(periods, len(sel.steps) - 1))  # one record: one (empty) period
+    bounds = np.linspace(0, len(sel.steps) - 1, periods + 1).round().astype(int)
     nrows, ncols = (1, periods) if periods <= 2 else (2, (periods + 1) // 2)
     fig, axes = _subplots(nrows, ncols, figsize=(5.5 * ncols, 3.8 * nrows), sharex=True, sharey=True, squeeze=False)
     for p, ax in enumerate(axes.flat):
@@ -97,7 +94,7 @@ def plot_footprint_periods(sel: Selection, path, periods: int = 4, max_subvector
             continue
         lo, hi = bounds[p], bounds[p + 1]
         start = grid[lo]
-        new = grid[lo + 1:hi + 1].any(axis=0) & ~start if hi > lo else np.zeros_like(start)
+        new = grid[lo + 1:hi + 1].any(axis=0) & ~start  # an empty period (hi == lo): nothing new
         _image(ax, np.where(new, 1.0, np.nan), cmap="Blues", vmin=0, vmax=1.2)
         _image(ax, np.where(start, 1.0, np.nan), cmap="Greys", vmin=0, vmax=3, alpha=0.6)
         ax.set_title(f"steps {sel.steps[lo]}-{sel.steps[hi]}: {int(new.sum())} new pairs")
@@ -206,9 +203,10 @@ def plot_bank_embedding(sel: Selection, path, methods: tuple[str, ...] = ("pca",
     fig, axes = _subplots(1, len(methods), figsize=(6.2 * len(methods), 5.6), squeeze=False)
     for ax, method in zip(axes[0], methods):
         if method == "pca":
-            mean = bank.mean(axis=0)
-            _, _, vt = np.linalg.svd(bank - mean, full_matrices=False)
-            pb, ps = (bank - mean) @ vt[:2].T, (sub - mean) @ vt[:2].T
+            from sklearn.decomposition import PCA
+
+            pca = PCA(n_components=2).fit(bank)
+            pb, ps = pca.transform(bank), pca.transform(sub)
             title = "PCA of the bank (linear: sub-vectors on simplex edges)"
         elif method == "tsne":
             from sklearn.manifold import TSNE

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vblora.experiments.reuse import finished
@@ -57,9 +57,8 @@ class Budget:
     batch_size: int = 16
 
     def overrides(self) -> dict:
-        """RunConfig settings of this budget (the eval cap applies to validation and test)."""
-        return {"epochs": self.epochs, "batch_size": self.batch_size, "max_train_samples": self.max_train_samples,
-                "max_eval_samples": self.max_eval_samples, "max_test_samples": self.max_eval_samples}
+        """RunConfig settings of this budget (fields of the same names; the eval cap applies to validation and test)."""
+        return {**asdict(self), "max_test_samples": self.max_eval_samples}
 
     def describe(self) -> str:
         n = f"{self.max_train_samples:,}" if self.max_train_samples else "all"
@@ -86,19 +85,17 @@ def run_study(variants: list[Variant], seeds: list[int], out, run_overrides: dic
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {v.name: [] for v in variants}
-    # every run's settings first: a bad setting or recipe is one error before any training, not a FAILED per run
-    configs = {(seed, v.name): run_config(v, seed, out / f"{v.name}-seed{seed}", run_overrides, budget, recipe)
-               for seed in seeds for v in variants}
-    for seed in seeds:  # seeds outermost: a study cut short still has every variant at the first seeds
-        for v in variants:
-            d = out / f"{v.name}-seed{seed}"
-            try:
-                cfg = configs[seed, v.name]
-                results[v.name].append(finished(d, cfg, log) or train_fn(cfg, log=log))
-            except Exception as e:  # one failing variant must not lose the others
-                log(f"[ablate] {d.name} FAILED: {type(e).__name__}: {e}")
-            (out / "ablation.json").write_text(json.dumps({"budget": budget.describe(), "seeds": seeds,
-                                                           "rows": summarize(variants, results)}, indent=2))
+    # every run's settings first: a bad setting or recipe is one error before any training, not a FAILED per run;
+    # seeds outermost: a study cut short still has every variant at the first seeds
+    runs = [(v, run_config(v, seed, out / f"{v.name}-seed{seed}", run_overrides, budget, recipe))
+            for seed in seeds for v in variants]
+    for v, cfg in runs:
+        try:
+            results[v.name].append(finished(cfg.output, cfg, log) or train_fn(cfg, log=log))
+        except Exception as e:  # one failing variant must not lose the others
+            log(f"[ablate] {Path(cfg.output).name} FAILED: {type(e).__name__}: {e}")
+        (out / "ablation.json").write_text(json.dumps({"budget": budget.describe(), "seeds": seeds,
+                                                       "rows": summarize(variants, results)}, indent=2))
     return summarize(variants, results)
 
 
@@ -131,7 +128,7 @@ def summarize(variants: list[Variant], results: dict[str, list[dict]], split: st
 def _eval_rule(v: Variant) -> str:
     if v.vb.get("selection") == "all":
         return "softmax over the bank"
-    return f"top-{v.vb.get('topk', 2)} softmax" if "topk" in v.vb else "top-k softmax (config)"
+    return f"top-{v.vb['topk']} softmax" if "topk" in v.vb else "top-k softmax (config)"
 
 
 def format_table(rows: list[dict], title: str) -> str:
