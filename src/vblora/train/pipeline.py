@@ -29,6 +29,7 @@ import transformers
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import vblora
+from vblora.layout import require_bitsandbytes
 from vblora.storage import load_checkpoint, save_checkpoint
 from vblora.storage.checkpoint import trainable_state
 from vblora.storage.files import atomic_write, replace_dir
@@ -39,15 +40,14 @@ from vblora.train.config import RunConfig
 from vblora.train.errors import DivergedError, SetupError
 from vblora.train.sampling import LengthGroupedEpochSampler, item_lengths
 
+
 class _Trainer(C.CheckpointHooks, Trainer):
     """Trainer with our optimizer groups, length-grouped batches, checkpoints of train/checkpoints.py (trainable
     tensors only, complete or absent, the loss bookkeeping restored on resume) and a divergence guard."""
 
-    def __init__(self, *a, param_groups=None, group_by_length=False, run=None, resumed=None, diverged=None,
-                 paged=False, sharded=False, log=print, **kw):
-        self._groups, self._group_by_length, self._paged, self._log = param_groups, group_by_length, paged, log
-        self._sharded = sharded  # --fsdp: the model arrives sharded by train/sharding.py
-        self._run, self._losses, self._diverged, self._nonfinite = run, resumed, diverged, 0
+    def __init__(self, *a, cfg: RunConfig, param_groups: list[dict], run: dict, resumed: dict | None, log=print, **kw):
+        self._cfg, self._groups, self._log = cfg, param_groups, log
+        self._run, self._losses, self._nonfinite = run, resumed, 0
         model = kw.get("model")
         # transformers refuses a quantized model that is not a PEFT model ("purely quantized"); ours carries its
         # adapter (VB-LoRA, or the baselines' own layers): say so for the length of that check only
@@ -60,7 +60,7 @@ class _Trainer(C.CheckpointHooks, Trainer):
         finally:
             if adapter:
                 del model._hf_peft_config_loaded
-        if sharded:
+        if cfg.fsdp:
             # The Trainer's own path for a model sharded before it gets it (transformers' load-time FSDP2): no DDP
             # wrap, no second sharding; the trainable tensors, left whole, are broadcast from rank 0 and their
             # gradients averaged over the processes once per accumulation window. Set after __init__, which refuses
@@ -69,7 +69,7 @@ class _Trainer(C.CheckpointHooks, Trainer):
         self.add_callback(_LossBook(self))
 
     def _move_model_to_device(self, model, device):
-        if not self._sharded:  # FSDP2 placed the sharded model already (`.to()` on its DTensors would fail)
+        if not self._cfg.fsdp:  # train/sharding.py placed the sharded model (`.to()` on its DTensors would fail)
             super()._move_model_to_device(model, device)
 
     @contextlib.contextmanager
@@ -79,7 +79,7 @@ class _Trainer(C.CheckpointHooks, Trainer):
         yield
 
     def _get_train_sampler(self, train_dataset=None):
-        if not self._group_by_length:
+        if not self._cfg.group_by_length:
             return super()._get_train_sampler(train_dataset)
         ds = train_dataset if train_dataset is not None else self.train_dataset
         a = self.args  # group by the global batch, so 1 process and N processes see the same batches
@@ -90,10 +90,10 @@ class _Trainer(C.CheckpointHooks, Trainer):
         if self.optimizer is None:
             groups = [{k: v for k, v in g.items() if k != "name"} for g in self._groups]
             adamw = torch.optim.AdamW
-            if self._paged:  # QLoRA's paged AdamW: optimizer state paged to host memory under memory spikes
-                from vblora.layout import require_bitsandbytes
+            if self._cfg.quantize and not self.args.use_cpu:
+                # QLoRA's paged AdamW: optimizer state paged to host memory under memory spikes
                 adamw = require_bitsandbytes().optim.PagedAdamW
-            elif getattr(self.model, "is_quantized", False):
+            elif self._cfg.quantize:
                 self._log("vblora train: --quantize on the CPU: paged AdamW needs CUDA; using torch AdamW")
             self.optimizer = adamw(groups, lr=self.args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         return self.optimizer
@@ -105,8 +105,8 @@ class _Trainer(C.CheckpointHooks, Trainer):
         if norm is not None and not math.isfinite(norm):
             self._nonfinite += 1
             if not self.args.fp16 or self._nonfinite >= 16:
-                raise DivergedError(self._diverged(self.state.global_step + 1, self.state.max_steps,
-                                                   f"the gradient norm is {float(norm)}"))
+                raise DivergedError(_divergence_message(self._cfg, self.state.global_step + 1, self.state.max_steps,
+                                                        f"the gradient norm is {float(norm)}"))
         else:
             self._nonfinite = 0
         return norm
@@ -124,7 +124,8 @@ class _LossBook(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs and not math.isfinite(logs["loss"]):
-            raise DivergedError(self.t._diverged(state.global_step, state.max_steps, f"the loss is {logs['loss']}"))
+            raise DivergedError(_divergence_message(self.t._cfg, state.global_step, state.max_steps,
+                                                    f"the loss is {logs['loss']}"))
 
 
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -233,10 +234,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
         callbacks.append(SelectionCallback(every=cfg.record_selection_every, run_dir=out))
     trainer = _Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
                        data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.kind),
-                       callbacks=callbacks, param_groups=adapted.param_groups, group_by_length=cfg.group_by_length,
-                       run=identity, resumed=found[1].get("losses") if found else None, log=log,
-                       paged=bool(cfg.quantize) and not dev["use_cpu"], sharded=cfg.fsdp,
-                       diverged=lambda step, steps, what: _divergence_message(cfg, step, steps, what))
+                       callbacks=callbacks, cfg=cfg, param_groups=adapted.param_groups, run=identity,
+                       resumed=found[1].get("losses") if found else None, log=log)
     log(f"vblora train: {cfg.method} on {Path(path).name} ({data.kind}), {len(data.train)} train / "
         f"{len(data.validation or ())} validation / {len(data.test)} test examples, {len(adapted.targets)} adapted "
         f"modules, {adapted.trainable_parameters:,} trainable, {adapted.stored_parameters:,.0f} stored parameters"
