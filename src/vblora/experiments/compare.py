@@ -29,16 +29,12 @@ def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | N
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in seeds:  # seed-major: a compare stopped early still has every method at the first seeds
         for method in methods:
-            run_dir = out / f"{method}-seed{seed}"
-            ov = {**base_overrides, **METHOD_DEFAULTS.get(method, {}), **method_overrides.get(method, {}),
-                  "method": method, "seed": seed, "output": str(run_dir), "overwrite": True}
-            cfg = build_config(recipe, ov)
-            if (old := finished(run_dir, cfg, log)) is not None:
-                runs[method].append(old)
-                continue
+            cfg = build_config(recipe, {**base_overrides, **METHOD_DEFAULTS.get(method, {}),
+                                        **method_overrides.get(method, {}), "method": method, "seed": seed,
+                                        "output": str(out / f"{method}-seed{seed}"), "overwrite": True})
             t = time.time()
             try:
-                runs[method].append(train_fn(cfg, log=log))
+                runs[method].append(finished(cfg.output, cfg, log) or train_fn(cfg, log=log))
             except Exception as e:  # one failing method must not lose the others' hours
                 log(f"[compare] {method} seed {seed} FAILED: {type(e).__name__}: {e}")
                 runs[method].append({"error": f"{type(e).__name__}: {e}"})

@@ -161,9 +161,7 @@ def task(opts: E2EOptions):
         if not test_set:
             raise DataError(f"--test-file '{cfg.test_file}' has no references to score against (column 'ref')")
         keep = {x.mr for x in test_set}
-
-        def encode(rows):
-            return build_examples(rows, tok, cfg.max_length, opts)
+        encode = functools.partial(build_examples, tokenizer=tok, max_length=cfg.max_length, opts=opts)
         return TaskData("causal-lm", encode(train), encode(val) if val else None,
                         encode([r for r in test_rows if r[0] in keep]), raw={"test": test_set},
                         info={"files": {"train": cfg.train_file, "validation": cfg.validation_file,
@@ -246,8 +244,7 @@ def score_files(refs_csv: str | Path, predictions: str | Path, **kwargs) -> dict
     """Score a system-output file (one line per unique MR, in the CSV's first-appearance order) against an E2E
     CSV with references, like `measure_scores.py REFS.csv PRED.txt`."""
     eval_set = load_eval_set(refs_csv)
-    text = Path(predictions).read_text(encoding="utf-8")
-    lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")  # empty outputs are lines too
+    lines = Path(predictions).read_text(encoding="utf-8").removesuffix("\n").split("\n")  # empty outputs count
     preds = [line.strip() for line in lines]  # measure_scores.py strips each line too
     if len(preds) != len(eval_set):
         raise ValueError(f"{predictions}: {len(preds)} lines for {len(eval_set)} unique MRs in {refs_csv}")

@@ -254,10 +254,10 @@ class MeteorServer:
             raise RuntimeError("the METEOR process ended (Java out of memory, or a broken jar?)")
         return answer.strip()
 
-    def score(self, hyps: list[str], refs: list[list[str]]) -> float:
-        """Corpus METEOR: per-input statistics ("SCORE" lines), then one "EVAL" over all of them."""
-        def clean(t):
-            return " ".join(t.replace("|||", " ").split())
+    def score(self, hyps: list[list[str]], refs: list[list[list[str]]]) -> float:
+        """Corpus METEOR of token lists: per-input statistics ("SCORE" lines), then one "EVAL" over all of them."""
+        def clean(tokens):  # one line of single-spaced words, without the protocol's field separator
+            return " ".join(" ".join(tokens).replace("|||", " ").split())
 
         with self.lock:
             stats = [self._ask(" ||| ".join(["SCORE", *map(clean, r), clean(h)])) for h, r in zip(hyps, refs)]
@@ -275,9 +275,7 @@ class MeteorServer:
 
 def meteor(hyps: list[list[str]], refs: list[list[list[str]]], modules: tuple[str, ...] | None = None) -> float:
     """Corpus METEOR 1.5 (`-l en -norm`, pycocoevalcap's bundled jar). Needs Java; raises if it cannot run."""
-    hyp_s = [" ".join(h) for h in hyps]
-    ref_s = [[" ".join(x) for x in r] for r in refs]
-    return MeteorServer.get(modules).score(hyp_s, ref_s)
+    return MeteorServer.get(modules).score(hyps, refs)
 
 
 def meteor_unavailable() -> str | None:
