@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from vblora.train.config import HINTS, kind, recipe_defaults, settings
 from vblora.train.errors import SetupError
 
 
@@ -24,12 +25,10 @@ def show(value) -> str:
 
 def add_flags(p: argparse.ArgumentParser, fields: dict[str, dataclasses.Field], hints: dict, shown: dict,
               skip: tuple = ()) -> None:
-    from vblora.train.config import kind
-
     for name, f in fields.items():
-        if name in skip or "help" not in f.metadata or kind(hints[name])[0] is dict:
-            continue
         typ, listy, _ = kind(hints[name])
+        if name in skip or "help" not in f.metadata or typ is dict:
+            continue
         help_ = f"{f.metadata['help']} (default: {show(shown[name])})".replace("%", "%%")
         flag = "--" + name.replace("_", "-")
         if typ is bool:
@@ -41,15 +40,11 @@ def add_flags(p: argparse.ArgumentParser, fields: dict[str, dataclasses.Field], 
 
 def add_run_flags(p: argparse.ArgumentParser, recipe: str | None = None, skip: tuple = ()) -> None:
     """Every RunConfig / VBLoRAConfig setting as a flag; shown defaults are those of `recipe` (None: the defaults)."""
-    from vblora.train import config as C
-
-    add_flags(p, C.settings(), C.HINTS, C.recipe_defaults(recipe), skip)
+    add_flags(p, settings(), HINTS, recipe_defaults(recipe), skip)
 
 
 def given(args: argparse.Namespace, fields=None) -> dict:
     """The settings given on the command line (text; `build_config` / `coerce` read them into their types)."""
-    from vblora.train.config import settings
-
     return {k: getattr(args, k) for k in (fields if fields is not None else settings()) if hasattr(args, k)}
 
 
