@@ -96,8 +96,9 @@ def shard_model(model: nn.Module, mesh=None, *, average_gradients: bool = True,
         if isinstance(module, classes):
             fully_shard(module, **kwargs)
     fully_shard(root, **kwargs)  # embeddings, final norm, output layer: sharded too; the bank's tensors are ignored
-    device = _mesh_device(mesh)
-    with torch.no_grad():  # FSDP moved what it manages to the mesh's device; the whole tensors and buffers follow
+    # FSDP moved what it manages to the mesh's device (this process's GPU under CUDA); whole tensors and buffers follow
+    device = torch.device(mesh.device_type, torch.cuda.current_device() if mesh.device_type == "cuda" else None)
+    with torch.no_grad():
         for t in [*whole, *root.buffers()]:
             if t.device != device:
                 t.data = t.data.to(device)
@@ -120,12 +121,6 @@ def check_shardable(model: nn.Module, whole: set) -> None:
         raise SetupError(f"--fsdp: {len(bad)} frozen parameters are not floating point (e.g. {bad[0]}, "
                          f"{type(model.get_parameter(bad[0])).__name__}); FSDP shards floating-point tensors only. "
                          f"For a 4-bit base, load it with BitsAndBytesConfig(bnb_4bit_quant_storage=<compute dtype>)")
-
-
-def _mesh_device(mesh) -> torch.device:
-    if mesh.device_type == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(mesh.device_type)
 
 
 @contextlib.contextmanager
