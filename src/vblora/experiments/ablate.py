@@ -106,13 +106,14 @@ def scores(r: dict, k: int | None) -> dict | None:
     return r.get("eval_topk", {}).get(str(k))
 
 
-def summarize(variants: list[Variant], results: dict[str, list[dict]], split: str = "test") -> list[dict]:
+def summarize(variants: list[Variant], results: dict[str, list[dict]]) -> list[dict]:
+    """One row per variant and evaluation rule: the test metric's median and spread over the seeds run."""
     rows = []
     for v in variants:
         rs = results.get(v.name, [])
         for k in v.eval_topk or (None,):
             got = [(r, s) for r in rs if (s := scores(r, k)) is not None]
-            vals = [s[split][r["primary_metric"]] for r, s in got]
+            vals = [s["test"][r["primary_metric"]] for r, s in got]
             vvals = [s["validation"][r["primary_metric"]] for r, s in got if s.get("validation")]
             row = {"variant": f"{v.name} (eval top-{k})" if k is not None else v.name, "training": v.training,
                    "inference": f"top-{k} softmax" if k is not None else _eval_rule(v), "runs": len(vals),

@@ -102,10 +102,9 @@ class E2EOptions:
         (`build_config` lifts them)."""
         values = {k: v for k, v in ((extra or {}).get("e2e") or {}).items() if k not in settings()}
         values.update(given or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(values) - known:
-            raise SetupError(f"unknown extra.e2e setting(s) {sorted(set(values) - known)}; known: {sorted(known)}")
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls)  # field name -> type
+        if set(values) - set(hints):
+            raise SetupError(f"unknown extra.e2e setting(s) {sorted(set(values) - set(hints))}; known: {sorted(hints)}")
         return cls(**{k: coerce(k, v, hints[k]) for k, v in values.items()})
 
     def prompt(self, mr: str) -> str:

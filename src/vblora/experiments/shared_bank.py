@@ -27,8 +27,9 @@ def shared_bank_study(bank_path, seeds: list[int], out, task_overrides: dict, bu
     for key, label, arm in arms:
         rs = []
         for seed in seeds:
-            cfg = build_config(recipe, {**task_overrides, **arm, "seed": seed, **budget.overrides(), "num_vectors": h,
-                                        "vector_length": b, "output": str(out / f"{key}-seed{seed}"), "overwrite": True})
+            cfg = build_config(recipe, {**task_overrides, **arm, "seed": seed, **budget.overrides(),
+                                        "num_vectors": h, "vector_length": b, "output": str(out / f"{key}-seed{seed}"),
+                                        "overwrite": True})
             rs.append(finished(cfg.output, cfg, log) or train_fn(cfg, log=log))
         vals = [r["metrics"]["test"][r["primary_metric"]] for r in rs]
         counts, bank_file = rs[0]["details"], out / f"{key}-seed{seeds[0]}" / "bank.safetensors"
