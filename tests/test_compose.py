@@ -84,3 +84,34 @@ def test_selection_rules_shapes_and_semantics():
     torch.testing.assert_close(compose_eval(logits, bank, cfg_gs), compose(logits, bank, 2))
     soft = compose_training(logits, bank, cfg_gs)
     assert soft.shape == (20, 4) and torch.isfinite(soft).all()
+
+
+def test_compose_selected_gradients_and_what_it_keeps():
+    """The composition's own backward equals plain autograd's (gradcheck in float64), and what it keeps for the
+    backward pass is its inputs only: no `(N, k, b)` gathered rows."""
+    import torch.nn.functional as F
+
+    from vblora.bank import compose_selected
+
+    g = torch.Generator().manual_seed(0)
+    n, k, h, b = 40, 3, 12, 8
+    indices = torch.randint(0, h, (n, k), generator=g)
+    weights = torch.randn(n, k, dtype=torch.float64, generator=g, requires_grad=True)
+    bank = torch.randn(h, b, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, v: compose_selected(indices, w, v), (weights, bank))
+    plain = (weights.unsqueeze(-1) * F.embedding(indices, bank)).sum(dim=1)
+    ours = compose_selected(indices, weights, bank)
+    grad = torch.randn(n, b, dtype=torch.float64, generator=g)
+    for a, c in zip(torch.autograd.grad(plain, (weights, bank), grad), torch.autograd.grad(ours, (weights, bank), grad)):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+
+    def kept_elements(fn) -> int:
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            fn()
+        return sum(kept)
+
+    ours_kept = kept_elements(lambda: compose_selected(indices, weights, bank))
+    plain_kept = kept_elements(lambda: (weights.unsqueeze(-1) * F.embedding(indices, bank)).sum(dim=1))
+    assert ours_kept == 2 * n * k + h * b  # indices, weights, bank
+    assert plain_kept >= n * k * b  # what plain autograd keeps: the gathered rows

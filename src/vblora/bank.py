@@ -25,8 +25,31 @@ def compose(logits: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def compose_selected(indices: torch.Tensor, weights: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """`(N, k)` indices and weights, `(h, b)` bank -> `(N, b)`. F.embedding's backward is a fast scatter-add."""
-    return (weights.unsqueeze(-1) * F.embedding(indices, bank)).sum(dim=1)
+    """`(N, k)` indices and weights, `(h, b)` bank -> `(N, b)`: `sum_k weights[n, k] * bank[indices[n, k]]`."""
+    return ComposeSelected.apply(indices, weights, bank)
+
+
+class ComposeSelected(torch.autograd.Function):
+    """`compose_selected` keeping only its inputs for the backward pass. Plain autograd would keep the gathered rows
+    `bank[indices]`, `(N, k, b)`, alive from the forward to the end of the backward (k times the composition itself,
+    during the peak of a training step); here the backward gathers them again. It runs last (the composition opens
+    the forward), when the activations are already freed."""
+
+    @staticmethod
+    def forward(ctx, indices: torch.Tensor, weights: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(indices, weights, bank)
+        return (weights.unsqueeze(-1) * F.embedding(indices, bank)).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad (N, b)
+        indices, weights, bank = ctx.saved_tensors
+        grad_weights = grad_bank = None
+        if ctx.needs_input_grad[1]:  # (N, k, b) @ (N, b, 1) -> (N, k)
+            grad_weights = torch.bmm(F.embedding(indices, bank), grad.unsqueeze(-1)).squeeze(-1)
+        if ctx.needs_input_grad[2]:  # weights[n, k] * grad[n] added into row indices[n, k]: F.embedding's backward
+            rows = weights.unsqueeze(-1) * grad.unsqueeze(1)  # (N, k, b)
+            grad_bank = torch.ops.aten.embedding_dense_backward(rows, indices, bank.shape[0], -1, False)
+        return None, grad_weights, grad_bank
 
 
 def compose_all(logits: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
