@@ -19,6 +19,8 @@ import re
 import shutil
 from pathlib import Path
 
+from transformers.trainer_pt_utils import nested_gather
+
 from vblora.errors import VBLoRAError
 from vblora.storage import load_checkpoint, save_checkpoint
 from vblora.storage.checkpoint import read_checkpoint
@@ -129,8 +131,6 @@ class CheckpointHooks:
                         extra={"run": self._run, "losses": self._losses})
 
     def _save_checkpoint(self, model, trial):
-        from transformers.trainer_pt_utils import nested_gather
-
         pending = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()  # every process
         self._losses = {"total": self._total_loss_scalar, "pending": pending, "logged": self._globalstep_last_logged}
         self._staging = Path(self.args.output_dir) / STAGING

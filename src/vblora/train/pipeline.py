@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import peft
 import torch
 import transformers
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
@@ -370,8 +371,6 @@ def _compute_metrics(kind: str):
 
 
 def versions() -> dict:
-    import peft
-
     return {"vblora": vblora.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version(), "platform": platform.platform()}
 

@@ -27,7 +27,8 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from vblora.inject import unwrap
 from vblora.train.errors import SetupError
@@ -58,8 +59,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def device_mesh(device: torch.device | str | None = None):
     """A 1-D mesh over all processes (the default process group must exist: torchrun / init_process_group)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     if not dist.is_available() or not dist.is_initialized():
         raise SetupError("--fsdp needs several processes: launch with torchrun --nproc-per-node N -m vblora train "
                          "... (or accelerate launch)")
@@ -76,8 +75,6 @@ def shard_model(model: nn.Module, mesh=None, *, average_gradients: bool = True,
     transformers Trainer does). `reshard_after_forward`: FSDP2's (None: its default, True for the blocks and False
     for the root). Returns the model (its class is now FSDP's subclass of the original).
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
     root = unwrap(model)
     if isinstance(root, FSDPModule):
         raise SetupError("the model is already sharded (FSDP); shard it once")
@@ -128,8 +125,6 @@ def gathered(model: nn.Module):
     """Every FSDP unit unsharded (whole base weights on every process) inside the block, sharded again after. A
     collective: enter it on every process. Used to save an adapter, whose header samples a few base weights; the
     peak memory is the whole base once per process for that moment."""
-    from torch.distributed.fsdp import FSDPModule
-
     units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
