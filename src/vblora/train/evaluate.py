@@ -23,7 +23,7 @@ def lm_loss(model, dataset, collator, batch_size: int) -> dict[str, float]:
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(dataset), batch_size):
-        batch = collator([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+        batch = collator(dataset[i:i + batch_size])  # a list of example dicts (TaskData)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]                  # predict t+1

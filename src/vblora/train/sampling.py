@@ -40,8 +40,7 @@ class LengthGroupedEpochSampler(torch.utils.data.Sampler):
         n_full = len(idx) // self.global_batch
         batches = [idx[i * self.global_batch:(i + 1) * self.global_batch] for i in range(n_full)]
         order = torch.randperm(n_full, generator=g).tolist()
-        out = [i for b in order for i in batches[b]] + idx[n_full * self.global_batch:]
-        return iter(out)
+        return iter([i for b in order for i in batches[b]] + idx[n_full * self.global_batch:])
 
 
 def item_lengths(dataset) -> list[int]:

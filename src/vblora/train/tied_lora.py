@@ -37,10 +37,8 @@ class TiedShared(nn.Module):
     def get(self, mtype: str, rank: int, fan_in: int, fan_out: int, generator: torch.Generator):
         k = mtype.replace(".", "__").replace("*", "N")  # a ParameterDict key
         if k not in self.A:
-            a = torch.empty(rank, fan_in)
             bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)), as LoRA initialises A
-            a.uniform_(-bound, bound, generator=generator)
-            self.A[k] = nn.Parameter(a)
+            self.A[k] = nn.Parameter(torch.empty(rank, fan_in).uniform_(-bound, bound, generator=generator))
             self.B[k] = nn.Parameter(torch.zeros(fan_out, rank))  # B = 0: the update starts at zero, as LoRA
         if tuple(self.A[k].shape) != (rank, fan_in) or self.B[k].shape[0] != fan_out:
             raise ValueError(f"Tied-LoRA: modules of type {mtype} differ in shape; tie them by name instead")
