@@ -30,6 +30,7 @@ import transformers
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import vblora
+from vblora.inject import unwrap
 from vblora.layout import require_bitsandbytes
 from vblora.storage import load_checkpoint, save_checkpoint
 from vblora.storage.checkpoint import trainable_state
@@ -130,10 +131,11 @@ class _LossBook(TrainerCallback):
 
 
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
+    """Copy back what `trainable_state` took: trained parameters (and a frozen selection's buffers)."""
+    live = dict(unwrap(model).named_parameters()) | dict(unwrap(model).named_buffers())
     with torch.no_grad():
         for n, t in state.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+            live[n].copy_(t.to(live[n].device, live[n].dtype))
 
 
 class BestTracker(TrainerCallback):
