@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from vblora.layout import index_dtype
@@ -27,8 +26,11 @@ def narrow_indices(indices: torch.Tensor, num_vectors: int) -> torch.Tensor:
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Any-shape non-negative ints < 2**bits -> `(ceil(numel * bits / 8),)` uint8, little-endian bit stream."""
     flat = values.reshape(-1).to(torch.int64)
-    stream = ((flat.unsqueeze(1) >> torch.arange(bits)) & 1).to(torch.uint8)  # (numel, bits), least significant first
-    return torch.from_numpy(np.packbits(stream.numpy(), bitorder="little"))  # the last byte padded with 0 bits
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)  # (numel * bits,), least significant bit first
+    pad = (-stream.numel()) % 8
+    stream = torch.cat([stream, stream.new_zeros(pad)]).view(-1, 8)
+    return (stream << torch.arange(8, dtype=torch.int64)).sum(dim=1).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -36,8 +38,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     need = math.ceil(count * bits / 8)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
         raise ValueError(f"packed indices must be ({need},) uint8, got {tuple(packed.shape)} {packed.dtype}")
-    stream = np.unpackbits(packed.numpy(), count=count * bits, bitorder="little").reshape(count, bits)
-    return (torch.from_numpy(stream).to(torch.int64) << torch.arange(bits)).sum(dim=1)
+    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)[:count * bits]
+    return (stream.view(count, bits) << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
 
 
 def quantize_bank(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
