@@ -258,17 +258,16 @@ def _canon(raw: str) -> str:
     return str(int(v)) if v is not None and v == int(v) else s  # "1", "1.0", " 1" are one class
 
 
-def infer_labels(values: list[str], task: str | None = None, where: list[str] | None = None) -> LabelSpace:
-    """Label set from the training labels (the rule is in the module docstring); `where[i]` locates values[i]."""
+def infer_labels(values: list[str], where: list[str] | None = None) -> LabelSpace:
+    """Label set from the training labels (the rule is in the module docstring); `where[i]` locates values[i].
+    (`--task regression` skips this: tasks.py starts from a regression LabelSpace.)"""
     where = where or [f"label {i + 1}" for i in range(len(values))]
-    if task == "regression":
-        return LabelSpace([], regression=True)
     for v, w in zip(values, where):
         if not str(v).strip():
             raise DataError(f"{w}: label is empty; fill it in or remove the row")
     kinds = [_kind(v) for v in values]
     n_num, n_name = kinds.count("number"), kinds.count("name")
-    if task is None and n_num and n_num < len(kinds):  # numbers mixed with non-finite values or names
+    if n_num and n_num < len(kinds):  # numbers mixed with non-finite values or names
         numeric = n_num > n_name or (n_num == n_name and kinds[0] == "number")
         example = values[kinds.index("number" if numeric else "name")]
         bad = next(i for i, k in enumerate(kinds) if (k != "number") == numeric)
@@ -278,7 +277,7 @@ def infer_labels(values: list[str], task: str | None = None, where: list[str] | 
         raise DataError(f"{where[bad]}: label '{values[bad]}' is a number, while the column's other labels are "
                         f"class names (e.g. '{example}'); {_RULE}: {_FIX}")
     nums = [_as_number(v) for v in values]
-    if task is None and n_num == len(kinds) and any(n != int(n) for n in nums):
+    if n_num == len(kinds) and any(n != int(n) for n in nums):
         return LabelSpace([], regression=True)
     if all(n is not None and n == int(n) for n in nums):
         names = [str(x) for x in sorted({int(n) for n in nums})]  # numeric order: "2" before "10"

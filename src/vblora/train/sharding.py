@@ -66,14 +66,13 @@ def device_mesh(device: torch.device | str | None = None):
     return init_device_mesh(kind, (dist.get_world_size(),))
 
 
-def shard_model(model: nn.Module, mesh=None, *, average_gradients: bool = True,
-                reshard_after_forward: bool | None = None) -> nn.Module:
+def shard_model(model: nn.Module, mesh=None, *, average_gradients: bool = True) -> nn.Module:
     """Apply FSDP2 to an adapted model in place: each block, then the root; trainable parameters kept whole.
 
     `average_gradients`: register a hook on each whole (trainable) parameter that averages its gradient over the
     mesh's processes as soon as backward has accumulated it (leave False where the caller averages them, as the
-    transformers Trainer does). `reshard_after_forward`: FSDP2's (None: its default, True for the blocks and False
-    for the root). Returns the model (its class is now FSDP's subclass of the original).
+    transformers Trainer does). Blocks are resharded after forward, the root is not (FSDP2's default). Returns the
+    model (its class is now FSDP's subclass of the original).
     """
     root = unwrap(model)
     if isinstance(root, FSDPModule):
@@ -88,7 +87,7 @@ def shard_model(model: nn.Module, mesh=None, *, average_gradients: bool = True,
     check_shardable(root, whole)
     mesh = mesh if mesh is not None else device_mesh()
     classes = block_classes(root)
-    kwargs = {"mesh": mesh, "ignored_params": whole, "reshard_after_forward": reshard_after_forward}
+    kwargs = {"mesh": mesh, "ignored_params": whole}
     for module in root.modules():
         if isinstance(module, classes):
             fully_shard(module, **kwargs)
