@@ -106,16 +106,6 @@ def ground_truth(member: str, root: Path | None = None) -> bytes:
         return inner.extractfile(member).read()
 
 
-def write_split(records: list[dict], out: Path, info: dict) -> dict[str, int]:
-    """The fixed 80/10/10 split of `records` as out/{train,validation,test}.jsonl, plus out/info.json; the sizes."""
-    splits = make_split(records)
-    for name, recs in splits.items():  # atomic: a killed fetch never leaves a half split behind
-        atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode())
-    sizes = {k: len(v) for k, v in splits.items()}
-    (out / "info.json").write_text(json.dumps({**info, "sizes": sizes}, indent=2))
-    return sizes
-
-
 CORPORA = {"movies": "movieReviewSnippets", "tweets": "tweets", "amazon": "amazonReviewSnippets",
            "nyt": "nytEditorialSnippets"}
 
@@ -136,7 +126,11 @@ def fetch_corpus(name: str, root: Path | None = None, force: bool = False, log=p
             "licence": "MIT"}
     if member == MOVIES:  # the default task's file is pinned too
         info["file_sha256"] = sha256(_verified(raw, MOVIES_SHA256, MOVIES))
-    sizes = write_split(parse_ground_truth(raw.decode("utf-8")), paths["train"].parent, info)
+    splits = make_split(parse_ground_truth(raw.decode("utf-8")))
+    for split, recs in splits.items():  # atomic: a killed fetch never leaves a half split behind
+        atomic_write(paths[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode())
+    sizes = {k: len(v) for k, v in splits.items()}
+    (paths["train"].parent / "info.json").write_text(json.dumps({**info, "sizes": sizes}, indent=2))
     log(f"VADER {name}: {sizes} -> {paths['train'].parent}")
     return paths
 
