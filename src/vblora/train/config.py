@@ -10,6 +10,7 @@ unique and land in `RunConfig.vblora`; its `seed` is the run's `seed`. The basel
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import re
@@ -191,10 +192,8 @@ def _scalar(name: str, typ: type, value):
     if typ is bool and isinstance(value, str) and value.lower() in _BOOLS:
         return _BOOLS[value.lower()]
     if isinstance(value, bool) == (typ is bool):
-        try:
+        with contextlib.suppress(TypeError, ValueError):  # else the one-line error below
             return typ(value)
-        except (TypeError, ValueError):
-            pass
     raise SetupError(f"setting '{name}': cannot read {value!r} as {typ.__name__}")
 
 
