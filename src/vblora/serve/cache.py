@@ -7,8 +7,33 @@ alive until it ends.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections import OrderedDict
 from typing import Any, Callable, Hashable
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing to release
+        return None
+
+
+def release_freed_heap() -> None:
+    """Give the C heap's free memory back to the operating system (glibc's `malloc_trim`; a no-op elsewhere).
+
+    Why: glibc raises its mmap threshold to the size of each large block freed, so after the first evictions the
+    store's compositions (MiBs each) and the temporaries of reading adapter files come from the heap, and the heap
+    keeps what they free as resident memory. Measured on 1,000 SmolLM2 adapters with a 64 MiB cache
+    (bench/serve_adapters.py): 184 -> 151 MiB resident after loading them all, 249 -> 215 MiB after a forward through
+    each. A call takes under a millisecond there; the store makes one after each load and after a plan that evicted.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class ByteLRU:

@@ -29,7 +29,7 @@ from torch import nn
 
 from vblora.errors import AdapterFormatError, TargetError, VBLoRAError
 from vblora.inject import BANK_ATTR, unwrap
-from vblora.serve.cache import ByteLRU
+from vblora.serve.cache import ByteLRU, release_freed_heap
 from vblora.serve.loaded import (LoadedAdapter, check_fits, compacted, factor_bytes, head_states, layout_key, load,
                                  read_snapshot)
 from vblora.serve.mixed import ROWS, TOKENS, MixedHead, MixedLayer, Plan, Router, unwrapped
@@ -220,7 +220,9 @@ class AdapterStore:
         except AdapterFormatError as e:
             text = str(e)
             raise AdapterFormatError(text if source.name in text else f"adapter '{source.name}': {text}") from None
-        return compacted(loaded)
+        loaded = compacted(loaded)
+        release_freed_heap()  # what reading the file left behind
+        return loaded
 
     def intern_bank(self, digest: str, bank: torch.Tensor) -> torch.Tensor:
         with self.lock:
@@ -280,17 +282,21 @@ class AdapterStore:
         self.last_plan = plan  # kept for the next block (its grouping is made once)
         return plan
 
-    @contextlib.contextmanager
     def rows(self, handles, *, strategy: str | None = None):
         """Per-row adapters (batch dim 0; None: base model) for every forward inside the block."""
-        with self.router.use(self.plan(handles, ROWS, strategy)) as plan:
-            yield plan
+        return self.block(handles, ROWS, strategy)
 
-    @contextlib.contextmanager
     def tokens(self, handles, *, strategy: str | None = None):
         """Per-token adapters for packed batches shaped `(1, T, ...)`: T entries."""
-        with self.router.use(self.plan(handles, TOKENS, strategy)) as plan:
+        return self.block(handles, TOKENS, strategy)
+
+    @contextlib.contextmanager
+    def block(self, handles, axis: str, strategy: str | None):
+        previous = self.last_plan
+        with self.router.use(self.plan(handles, axis, strategy)) as plan:
             yield plan
+        if plan is not previous:  # a new plan (not a decode step's reuse): what its compositions evicted and its
+            release_freed_heap()  # first forward's temporaries freed, given back to the system
 
     def stats(self) -> dict:
         with self.lock:
