@@ -8,7 +8,9 @@
     row's A (micro-benchmark, the A side of one 576 -> 576 layer).
 (b) cold start: adapter file -> first generated token: `store.add` + `acquire` + a 1-token generate, vs HF PEFT
     loading the same adapter exported as plain LoRA (`vblora.export_lora`): `PeftModel.load_adapter` +
-    `set_adapter` + a 1-token generate; fresh adapter files each repetition; median.
+    `set_adapter` + a 1-token generate; fresh adapter files each repetition; median. Each side then answers the same
+    request again with its adapter warm; cold minus warm is the cold-start penalty, what a cold adapter adds to a
+    request (the base model's own forward, the same on both sides, cancels out).
 (c) memory: 1,000 registered adapters (half referencing one shared bank file, half embedding their own bank) in a
     fresh process: resident set growth after registering, after acquiring all, and after a forward through every
     one of them (composed cache at its cap), vs the sum of their file sizes plus the cache cap.
@@ -176,6 +178,7 @@ def cold_start(base, work: Path, reps: int, prompt: int) -> dict:
     store = AdapterStore(served)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(lora_dirs[0]), adapter_name="first").eval()
     ours, theirs, ours_load, theirs_load, first_token = [], [], [], [], []
+    ours_warm, theirs_warm = [], []  # first token of the same request once the adapter is loaded
     for i in range(1, reps + 2):  # i = 1: warm-up of both sides (first-call costs), not counted
         t0 = time.perf_counter()
         store.add(files[i].stem, files[i])
@@ -187,6 +190,8 @@ def cold_start(base, work: Path, reps: int, prompt: int) -> dict:
         if i > 1:
             ours.append(t2 - t0)
             ours_load.append(t1 - t0)
+            with torch.no_grad(), store.rows([handle]):  # the same request again, adapter now warm
+                ours_warm.append(timed(lambda: served.generate(ids, **kw)))
         t0 = time.perf_counter()
         peft_model.load_adapter(str(lora_dirs[i]), adapter_name=f"a{i}")
         peft_model.set_adapter(f"a{i}")
@@ -197,6 +202,8 @@ def cold_start(base, work: Path, reps: int, prompt: int) -> dict:
         if i > 1:
             theirs.append(t2 - t0)
             theirs_load.append(t1 - t0)
+            with torch.no_grad():
+                theirs_warm.append(timed(lambda: peft_model.generate(input_ids=ids, **kw)))
             first_token.append(timed(lambda: base.generate(ids, **kw)))
     return {"reps": reps, "prompt_tokens": prompt,
             "ours_file_to_first_token_s": spread(ours), "peft_lora_file_to_first_token_s": spread(theirs),
@@ -204,6 +211,13 @@ def cold_start(base, work: Path, reps: int, prompt: int) -> dict:
             "base_first_token_s": spread(first_token),
             "speedup_file_to_first_token": statistics.median(theirs) / statistics.median(ours),
             "speedup_load_only": statistics.median(theirs_load) / statistics.median(ours_load),
+            "ours_warm_first_token_s": spread(ours_warm), "peft_lora_warm_first_token_s": spread(theirs_warm),
+            # what a cold adapter adds to a request: cold file-to-first-token minus the same side's warm first token
+            # (per repetition, then the median); the base model's own forward cancels out of each side
+            "ours_cold_penalty_s": spread([c - w for c, w in zip(ours, ours_warm)]),
+            "peft_lora_cold_penalty_s": spread([c - w for c, w in zip(theirs, theirs_warm)]),
+            "speedup_cold_penalty": statistics.median([c - w for c, w in zip(theirs, theirs_warm)])
+            / statistics.median([c - w for c, w in zip(ours, ours_warm)]),
             "bytes_on_disk": {"vblora": files[1].stat().st_size,
                               "peft_lora": sum(p.stat().st_size for p in lora_dirs[1].iterdir())}}
 
@@ -290,6 +304,10 @@ def tables(r: dict) -> str:
             f"{c['speedup_load_only']:.1f}x |",
             f"| file to first token (s) | {med('ours_file_to_first_token_s'):.3f} | "
             f"{med('peft_lora_file_to_first_token_s'):.3f} | {c['speedup_file_to_first_token']:.1f}x |",
+            f"| warm first token, same request (s) | {med('ours_warm_first_token_s'):.3f} | "
+            f"{med('peft_lora_warm_first_token_s'):.3f} | |",
+            f"| cold-start penalty: cold minus warm (s) | {med('ours_cold_penalty_s'):.3f} | "
+            f"{med('peft_lora_cold_penalty_s'):.3f} | {c['speedup_cold_penalty']:.1f}x |",
             f"| bytes on disk | {c['bytes_on_disk']['vblora']:,} | {c['bytes_on_disk']['peft_lora']:,} | |",
             f"| (base model's own first token, s) | {med('base_first_token_s'):.3f} | | |"]
     m = r["memory"]
