@@ -159,14 +159,18 @@ def test_fsdp_settings_refused_in_one_line(tmp_path):
     files = {"train_file": str(tmp_path / "t.csv"), "model": "x"}
     with pytest.raises(SetupError, match="--method full"):
         build_config(None, {**files, "fsdp": True, "method": "full"})
-    with pytest.raises(SetupError, match="--quantize"):
-        build_config(None, {**files, "fsdp": True, "quantize": "4bit"})
+    with pytest.raises(SetupError, match="--quantize 8bit"):
+        build_config(None, {**files, "fsdp": True, "quantize": "8bit"})
+    assert build_config(None, {**files, "fsdp": True, "quantize": "4bit"}).quantize == "4bit"
 
 
 @pytest.mark.slow
-def test_vblora_train_fsdp_matches_one_process(tiny_llama, tmp_path):
+@pytest.mark.parametrize("quantize", [None, "4bit"])
+def test_vblora_train_fsdp_matches_one_process(tiny_llama, tmp_path, quantize):
     """`torchrun --nproc-per-node 2 -m vblora train --fsdp` (the Trainer, gloo) on the tiny LLaMA ends where one
-    process with the same global batch ends: validation loss per epoch, test metrics, the saved bank."""
+    process with the same global batch ends: validation loss per epoch, test metrics, the saved bank. With
+    `--quantize 4bit` (QLoRA, float32 compute on the CPU) both runs train on the NF4 base; under --fsdp it is stored
+    in float32 and sharded, in one process in uint8: the same values."""
     import json
     import subprocess
     import sys
@@ -188,6 +192,9 @@ def test_vblora_train_fsdp_matches_one_process(tiny_llama, tmp_path):
                 "eval_batch_size": 8, "max_length": 64, "vector_length": 32, "num_vectors": 16, "lr_bank": 1e-2,
                 "lr_logits": 5e-2, "logging_steps": 1000, "max_new_tokens": 2, "num_samples": 2, "generate_eval": 4,
                 "overwrite": True}
+    if quantize:
+        pytest.importorskip("bitsandbytes")
+        settings.update(quantize=quantize, compute_dtype="float32")
     one = train(build_config(None, {**settings, "batch_size": 8, "output": str(tmp_path / "one")}),
                 log=lambda *a: None)
     args = []
@@ -200,7 +207,7 @@ def test_vblora_train_fsdp_matches_one_process(tiny_llama, tmp_path):
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads(Path(tmp_path / "two" / "results.json").read_text())
-    assert two["world_size"] == 2 and two["config"]["fsdp"] is True
+    assert two["world_size"] == 2 and two["config"]["fsdp"] is True and two["config"]["quantize"] == quantize
     losses = [e["validation"]["loss"] for e in one["per_epoch"]]
     assert [e["validation"]["loss"] for e in two["per_epoch"]] == pytest.approx(losses, abs=1e-5)
     assert abs(losses[1] - losses[0]) > 1e-3  # the weights moved: the match is not trivial

@@ -284,9 +284,9 @@ def _check_combinations(cfg: RunConfig) -> None:
     if cfg.fsdp and cfg.method == "full":
         raise SetupError("--fsdp with --method full: --fsdp keeps what trains whole and shards the frozen base, and "
                          "full fine-tuning freezes nothing; use an adapter method (vblora, lora, ...)")
-    if cfg.fsdp and cfg.quantize:
-        raise SetupError("--fsdp with --quantize: sharding a bitsandbytes base is not supported by vblora train yet "
-                         "(docs/training.md, Sharded training); use one of them")
+    if cfg.fsdp and cfg.quantize == "8bit":
+        raise SetupError("--fsdp with --quantize 8bit: FSDP shards floating-point tensors only and an 8-bit base "
+                         "keeps int8 weights; use --quantize 4bit (stored in the compute dtype under --fsdp)")
 
 
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"vblora"}

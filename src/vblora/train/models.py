@@ -71,16 +71,18 @@ HEADS = ("lm_head", "classifier", "score", "pre_classifier")
 
 
 def quantization(quantize: str, quant_type: str = "nf4", double_quant: bool = True,
-                 compute_dtype: str = "bfloat16", skip_modules=(), use_cpu: bool = True) -> dict:
+                 compute_dtype: str = "bfloat16", skip_modules=(), use_cpu: bool = True, sharded: bool = False) -> dict:
     """from_pretrained kwargs loading the base through bitsandbytes (transformers' BitsAndBytesConfig), on the CPU
-    or this process's CUDA device; the base's unquantized weights take the compute dtype."""
+    or this process's CUDA device; the base's unquantized weights take the compute dtype. `sharded` (--fsdp): the
+    packed 4-bit weights are stored in the compute dtype instead of uint8, since FSDP shards floating-point tensors
+    only (bitsandbytes' FSDP-QLoRA setting); the values and the matmul are the same."""
     require_bitsandbytes()  # ImportError naming the extra
     dtype = getattr(torch, compute_dtype)
     skip = list(dict.fromkeys([*HEADS, *skip_modules]))
     if quantize == "4bit":
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
-                               llm_int8_skip_modules=skip)
+                               bnb_4bit_quant_storage=dtype if sharded else torch.uint8, llm_int8_skip_modules=skip)
     elif quantize == "8bit":
         q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     else:

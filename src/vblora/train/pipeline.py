@@ -190,7 +190,7 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     lm = data.kind in ("causal-lm", "gsm8k")
     set_seed(cfg.seed)  # the head's random init does not depend on how much data loading consumed
     quant = models.quantization(cfg.quantize, cfg.quant_type, cfg.double_quant, cfg.compute_dtype,
-                                cfg.vblora.modules_to_save or (), dev["use_cpu"]) if cfg.quantize else None
+                                cfg.vblora.modules_to_save or (), dev["use_cpu"], cfg.fsdp) if cfg.quantize else None
     model = models.load_model(path, gguf, "causal-lm" if lm else data.kind,
                               data.labels.num_labels if data.labels else 0, data.labels.names if data.labels else None,
                               quant=quant)
