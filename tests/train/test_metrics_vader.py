@@ -45,6 +45,8 @@ def test_vader_parse_and_split_are_fixed():
     assert (len(a["train"]), len(a["validation"]), len(a["test"])) == (60, 7, 8)
     ids = [r["id"] for s in a.values() for r in s]
     assert sorted(ids) == sorted(r["id"] for r in recs)
+    with pytest.raises(vader.DataError, match=r"^hutto_ICWSM_2014/tweets_GroundTruth.txt:2: expected 3"):
+        vader.parse_ground_truth("1\t0.5\tfine\n2\tno rating", "hutto_ICWSM_2014/tweets_GroundTruth.txt")
 
 
 def test_vader_fetch_checks_hashes(tmp_path, monkeypatch):

@@ -402,7 +402,7 @@ def _json_default(o):
 def summary_line(r: dict) -> str:
     t = r["metrics"]["test"]
     key = r["primary_metric"] if r["primary_metric"] in t else next(iter(t), None)
-    shown = ", ".join(f"{k} {t[k]:.4f}" for k in (key, "perplexity", "exact_match", "answer_accuracy") if k in t)
+    shown = ", ".join(f"{k} {t[k]:.4f}" for k in dict.fromkeys((key, "perplexity", "exact_match", "answer_accuracy")) if k in t)
     wall = f", wall {r['wall_time_s']:.0f} s" if r.get("wall_time_s") else ""
     return (f"{r['method']}: test {shown} | stored parameters {r['stored_parameters']:,.0f} | "
             f"adapter bytes {r['adapter_bytes']:,} | best epoch {r['best_epoch']}{wall}")

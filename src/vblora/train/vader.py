@@ -71,15 +71,15 @@ def download_sdist(dest: Path) -> Path:
     return target
 
 
-def parse_ground_truth(text: str) -> list[dict]:
-    """Lines `id<TAB>mean_rating<TAB>sentence` -> records; rating 0 has no sign and is dropped."""
+def parse_ground_truth(text: str, source: str = MOVIES) -> list[dict]:
+    """Lines `id<TAB>mean_rating<TAB>sentence` of the file `source` -> records; rating 0 has no sign and is dropped."""
     out = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split("\t", 2)
         if len(parts) != 3:
-            raise DataError(f"{MOVIES}:{lineno}: expected 3 tab-separated columns, found {len(parts)}")
+            raise DataError(f"{source}:{lineno}: expected 3 tab-separated columns, found {len(parts)}")
         rating = float(parts[1])
         if rating == 0:
             continue
@@ -126,7 +126,7 @@ def fetch_corpus(name: str, root: Path | None = None, force: bool = False, log=p
             "licence": "MIT"}
     if member == MOVIES:  # the default task's file is pinned too
         info["file_sha256"] = sha256(_verified(raw, MOVIES_SHA256, MOVIES))
-    splits = make_split(parse_ground_truth(raw.decode("utf-8")))
+    splits = make_split(parse_ground_truth(raw.decode("utf-8"), member))
     for split, recs in splits.items():  # atomic: a killed fetch never leaves a half split behind
         atomic_write(paths[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode())
     sizes = {k: len(v) for k, v in splits.items()}
