@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import functools
 from collections import OrderedDict
-from typing import Any, Callable, Hashable
+from typing import Any, Hashable
 
 
 @functools.cache
@@ -78,7 +78,3 @@ class ByteLRU:
             return None
         self.bytes -= entry[1]
         return entry[0]
-
-    def drop_where(self, predicate: Callable[[Hashable], bool]) -> None:
-        for key in [k for k in self.entries if predicate(k)]:
-            self.pop(key)

@@ -148,11 +148,9 @@ class Plan:
         return None if len(units) == n else torch.tensor(units, dtype=torch.long, device=self.device)
 
     def layer_groups(self, name: str, n: int, embedding: bool) -> list[Group]:
-        key = (name, n)
-        groups = self.layers.get(key)
-        if groups is None:
-            groups = self.layers[key] = self.build_groups(name, n, embedding)
-        return groups
+        if (name, n) not in self.layers:
+            self.layers[name, n] = self.build_groups(name, n, embedding)
+        return self.layers[name, n]
 
     def build_groups(self, name: str, n: int, embedding: bool) -> list[Group]:
         per_adapter = self.unit_lists(n, lambda a: self.factors[a].get(name))  # [((A, B), units)]
@@ -178,15 +176,20 @@ class Plan:
 
     def heads(self, name: str, n: int) -> list[tuple[torch.Tensor, dict]]:
         """[(unit indices, head state)] of the adapters carrying head `name`."""
-        key = (name, n)
-        if key not in self.head_groups:
-            self.head_groups[key] = [(torch.tensor(us, dtype=torch.long, device=self.device), state)
-                                     for state, us in self.unit_lists(n, lambda a: a.heads.get(name))]
-        return self.head_groups[key]
+        if (name, n) not in self.head_groups:
+            self.head_groups[name, n] = [(torch.tensor(us, dtype=torch.long, device=self.device), state)
+                                         for state, us in self.unit_lists(n, lambda a: a.heads.get(name))]
+        return self.head_groups[name, n]
 
 
 class Wrapper(nn.Module):
-    """Attribute reads fall through to the wrapped module (`layer.weight`, `head.out_proj`, ...)."""
+    """A module of the served base model held as `self.base`, named `name`, reading plans from the shared router.
+    Attribute reads fall through to the wrapped module (`layer.weight`, `head.out_proj`, ...)."""
+
+    def __init__(self, base: nn.Module, name: str, router: Router) -> None:
+        super().__init__()
+        self.base, self.name = base, name
+        object.__setattr__(self, "router", router)  # shared by every wrapper; not a submodule
 
     def __getattr__(self, name: str):
         try:
@@ -194,17 +197,19 @@ class Wrapper(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("base"), name)
 
+    def extra_repr(self) -> str:
+        return f"name={self.name}"
+
 
 class MixedLayer(Wrapper):
     """An adapted module of the served base model: `base(x)` plus, per unit, its adapter's `x A^T B^T`."""
 
     def __init__(self, base: nn.Module, name: str, router: Router) -> None:
-        super().__init__()
         kind = kind_of(base)
         if kind is None:
             raise VBLoRAError(f"module {name} ({type(base).__name__}) cannot carry an adapter")
-        self.base, self.name, self.embedding = base, name, kind.name == "embedding"
-        object.__setattr__(self, "router", router)  # shared by every wrapper; not a submodule
+        super().__init__(base, name, router)
+        self.embedding = kind.name == "embedding"
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
@@ -222,18 +227,10 @@ class MixedLayer(Wrapper):
             apply_group(g, xu, ou, self.embedding)
         return out
 
-    def extra_repr(self) -> str:
-        return f"name={self.name}"
-
 
 class MixedHead(Wrapper):
     """A `modules_to_save` head (e.g. a classifier): units whose adapter carries a trained copy of it run that copy
     (the base module called with the adapter's state), the others the base module."""
-
-    def __init__(self, base: nn.Module, name: str, router: Router) -> None:
-        super().__init__()
-        self.base, self.name = base, name
-        object.__setattr__(self, "router", router)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
@@ -250,11 +247,6 @@ class MixedHead(Wrapper):
             own = functional_call(self.base, state, (x.index_select(dim, index), *args), kwargs)
             out.index_copy_(dim, index, own.to(out.dtype))
         return out
-
-    def extra_repr(self) -> str:
-        return f"name={self.name}"
-
-
 
 
 def unwrapped(module: nn.Module | None) -> nn.Module | None:
