@@ -30,7 +30,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     model = unwrap(model)
     layers, copies = adapted_layers(model), trained_copies(model)
     renames = [(f"{n}.base.", f"{n}.") for n in layers] + [(f"{n}.trained.", f"{n}.") for n in copies]
-    drops = ("vblora_bank.",) + tuple(f"{n}.original." for n in copies)
+    drops = (f"{BANK_ATTR}.",) + tuple(f"{n}.original." for n in copies)
 
     def rename(key: str) -> str:
         return next((new + key[len(old):] for old, new in renames if key.startswith(old)), key)
