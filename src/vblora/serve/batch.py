@@ -18,6 +18,7 @@ linear-attention state) are refused with `UnsupportedCacheError`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class UnsupportedCacheError(TypeError):
@@ -37,12 +38,8 @@ def cache_layers(cache) -> list:
 
 
 def left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """`t` with `width` zero columns prepended on `dim`."""
-    if width == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = width
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+    """`t` with `width` zero columns prepended on `dim` (F.pad lists (left, right) widths from the last dim back)."""
+    return F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width, 0))
 
 
 class RunningBatch:

@@ -2,8 +2,8 @@
 bodies, and errors in OpenAI's `{"error": {"message", "type", "param", "code"}}` form.
 
 Fields OpenAI defines but this server does not implement (logprobs, echo, best_of > 1, n > 1, penalties, tools) are
-refused with a 400 naming the field rather than silently ignored; unknown fields are ignored, as OpenAI's own
-clients send a few extras.
+refused with a 400 naming the field rather than silently ignored; unknown fields are ignored (pydantic's default),
+as OpenAI's own clients send a few extras.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 
 class APIError(Exception):
@@ -35,7 +35,6 @@ def model_not_found(name: str, known: list[str]) -> APIError:
 
 class Sampled(BaseModel):
     """What both endpoints share: the adapter (`model`), length, sampling and stop settings."""
-    model_config = ConfigDict(extra="ignore")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -90,13 +89,11 @@ class CompletionRequest(Sampled):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart], None] = None
 
@@ -123,20 +120,17 @@ class ChatCompletionRequest(Sampled):
 
 class AdapterRequest(BaseModel):
     """POST /v1/adapters: register an adapter file or directory under a name."""
-    model_config = ConfigDict(extra="ignore")
     name: str = Field(min_length=1)
     path: str = Field(min_length=1)
 
 
 class LoRALoadRequest(BaseModel):
     """vLLM's POST /v1/load_lora_adapter body, accepted as an alias of POST /v1/adapters."""
-    model_config = ConfigDict(extra="ignore")
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
 
 
 class LoRAUnloadRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
     lora_name: str = Field(min_length=1)
 
 

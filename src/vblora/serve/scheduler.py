@@ -52,7 +52,6 @@ class GenerationRequest:
     cancelled: str | None = None  # why the caller stopped it: "cancelled" (client gone) or "stop" (stop string)
     finished: bool = False
     generator: torch.Generator | None = None
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 class Scheduler:

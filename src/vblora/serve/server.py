@@ -32,10 +32,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 def eos_ids(model, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])}
     return {i for i in ids if i is not None}
 
 
@@ -46,7 +44,7 @@ class Engine:
                  max_model_len: int | None = None, default_max_tokens: int = 256, max_prefill_tokens: int = 4096):
         self.tokenizer, self.store, self.base_name = tokenizer, store, base_name
         limit = getattr(model.config, "max_position_embeddings", None)
-        self.max_model_len = min(x for x in (limit, max_model_len) if x) if (limit or max_model_len) else 2048
+        self.max_model_len = min((x for x in (limit, max_model_len) if x), default=2048)
         self.default_max_tokens = default_max_tokens
         self.vocab = len(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -295,6 +293,7 @@ def create_app(engine: Engine, *, api_key: str | None = None):
             raise APIError(400, f"cannot add adapter '{name}' from '{path}': {e}", param="path") from None
         return {"object": "adapter", "id": name, "path": path, "info": json.loads(json.dumps(info, default=str))}
 
+    @app.delete("/v1/adapters/{name:path}")
     async def remove_adapter(name: str) -> dict:
         try:
             await run_in_threadpool(engine.store.remove, name)
@@ -305,10 +304,6 @@ def create_app(engine: Engine, *, api_key: str | None = None):
     @app.post("/v1/adapters")
     async def post_adapter(body: AdapterRequest):
         return await add_adapter(body.name, body.path)
-
-    @app.delete("/v1/adapters/{name:path}")
-    async def delete_adapter(name: str):
-        return await remove_adapter(name)
 
     @app.post("/v1/adapters/scan")
     async def scan_adapters():
