@@ -95,10 +95,11 @@ class RunningBatch:
         self.rows = [self.rows[i] for i in keep]
 
     def step_inputs(self) -> dict:
-        """Model kwargs of one decode step: input_ids (B, 1), attention_mask (B, L + 1), position_ids (B, 1)."""
+        """Model kwargs of one decode step over `self.cache`: input_ids (B, 1), attention_mask (B, L + 1),
+        position_ids (B, 1)."""
         ones = torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=self.device)
         return {"input_ids": self.last[:, None], "attention_mask": torch.cat([self.mask, ones], dim=1),
-                "position_ids": self.positions[:, None], "past_key_values": self.cache}
+                "position_ids": self.positions[:, None]}
 
     def advance(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
         """After a decode step: every row's cache grew by one real column, which the step's `attention_mask`

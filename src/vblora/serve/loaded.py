@@ -65,17 +65,14 @@ class LoadedAdapter:
         weights = (complete_weights(self.weights).clamp_(min=0) if self.partial else self.weights).to(self.bank.device)
         indices = self.indices.to(device=self.bank.device, dtype=torch.long)
         r = self.layout.rank
-        buffer = torch.empty(sum(r * (e.in_features + e.out_features) for e in self.layout.entries), dtype=dtype,
-                             device=device)
-        factors, at = {}, 0
+        sizes = [n for e in self.layout.entries for n in (r * e.in_features, e.out_features * r)]  # A, B per module
+        pieces = iter(torch.empty(sum(sizes), dtype=dtype, device=device).split(sizes))
+        factors = {}
         for e in self.layout.entries:
             s = e.slot
             rows = compose_selected(indices[s.a_start:s.stop], weights[s.a_start:s.stop], self.bank)  # (rows, b)
             rows = rows.to(device=device, dtype=dtype)
-            A = buffer[at:at + r * e.in_features].view(r, e.in_features)
-            at += A.numel()
-            B = buffer[at:at + e.out_features * r].view(e.out_features, r)
-            at += B.numel()
+            A, B = next(pieces).view(r, e.in_features), next(pieces).view(e.out_features, r)
             A.copy_(self.layout.A(rows[:s.a_count], e))
             B.copy_(self.layout.B(rows[s.a_count:], e))
             factors[e.name] = (A, B)

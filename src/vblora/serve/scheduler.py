@@ -169,39 +169,36 @@ class Scheduler:
                 tokens += len(nxt.prompt)
         return group
 
-    def forward(self, rows: list[GenerationRequest], **inputs) -> torch.Tensor:
-        """Last-position logits (B, V) of one forward, each row under its own adapter."""
+    def forward(self, rows: list[GenerationRequest], cache, **inputs) -> torch.Tensor:
+        """Each row's next token `(B,)`, chosen from the last-position logits of one forward in which each row runs
+        under its own adapter."""
         ctx = self.store.rows([r.adapter for r in rows]) if self.store is not None else contextlib.nullcontext()
         with ctx:
-            out = self.model(**inputs, use_cache=True, **self.keep_last)
-        return out.logits[:, -1]
+            logits = self.model(**inputs, **{self.cache_kw: cache}, use_cache=True, **self.keep_last).logits[:, -1]
+        return next_tokens(logits, [r.sampling for r in rows], [r.generator for r in rows])
 
     def prefill(self, group: list[GenerationRequest]) -> None:
         from transformers import DynamicCache
 
         inputs = prefill_inputs([r.prompt for r in group], self.pad_id, self.device)
         cache = DynamicCache()
+        for req in group:
+            req.generator = new_generator(req.sampling, self.device)
         try:
-            logits = self.forward(group, **inputs, **{self.cache_kw: cache})
+            tokens = self.forward(group, cache, **inputs)
             cache_layers(cache)  # a cache the batch cannot pad: refused here, for these requests only
         except Exception as e:  # e.g. an adapter that fails to compose: fail this group only
             log.exception("prefill failed")
             for req in group:
                 self.finish(req, "error", f"generation failed: {type(e).__name__}: {e}")
             return
-        for req in group:
-            req.generator = new_generator(req.sampling, self.device)
-        tokens = next_tokens(logits, [r.sampling for r in group], [r.generator for r in group])
         mask = inputs["attention_mask"]
         self.batch.join(group, cache, mask, mask.sum(1), tokens)
         self.accept(tokens)
 
     def decode(self) -> None:
-        rows = self.batch.rows
         inputs = self.batch.step_inputs()
-        cache = inputs.pop("past_key_values")
-        logits = self.forward(rows, **inputs, **{self.cache_kw: cache})
-        tokens = next_tokens(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        tokens = self.forward(self.batch.rows, self.batch.cache, **inputs)
         self.batch.advance(tokens, inputs["attention_mask"])
         self.accept(tokens)
 

@@ -200,29 +200,27 @@ def create_app(engine: Engine, *, api_key: str | None = None):
     @app.exception_handler(RequestValidationError)
     async def bad_request(request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        where = ".".join(loc)
-        return JSONResponse(APIError(400, f"{where + ': ' if where else ''}{first['msg']}",
-                                     param=where or None).body(), status_code=400)
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return await api_error(request, APIError(400, f"{where + ': ' if where else ''}{first['msg']}",
+                                                 param=where or None))
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+        return await api_error(request, APIError(e.status_code, str(e.detail)))
 
     @app.exception_handler(Exception)
     async def internal(request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(APIError(500, "internal server error (see the server log)",
-                                     type="server_error").body(), status_code=500)
+        return await api_error(request, APIError(500, "internal server error (see the server log)",
+                                                 type="server_error"))
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
         given = request.headers.get("authorization", "").encode()
         if api_key and request.url.path.startswith("/v1") and \
                 not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
-            return JSONResponse(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                         type="authentication_error", code="invalid_api_key").body(),
-                                status_code=401)
+            return await api_error(request, APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                                     type="authentication_error", code="invalid_api_key"))
         return await call_next(request)
 
     @app.get("/health")
