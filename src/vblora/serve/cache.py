@@ -71,10 +71,8 @@ class ByteLRU:
             self.bytes -= size
             self.evictions += 1
 
-    def pop(self, key: Hashable) -> Any | None:
+    def pop(self, key: Hashable) -> None:
         """Drop `key` (not an eviction: e.g. its adapter was unregistered)."""
         entry = self.entries.pop(key, None)
-        if entry is None:
-            return None
-        self.bytes -= entry[1]
-        return entry[0]
+        if entry is not None:
+            self.bytes -= entry[1]

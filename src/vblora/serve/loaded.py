@@ -134,12 +134,11 @@ def head_states(snap: AdapterSnapshot, heads: dict[str, tuple[str, nn.Module]], 
                                      f"the base model")
         model_name, head = heads[name]
         own = head.state_dict()
-        if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
-            want = {k: tuple(v.shape) for k, v in own.items()}
+        got, want = ({k: tuple(v.shape) for k, v in d.items()} for d in (state, own))
+        if got != want:  # other parameter names or shapes
             raise AdapterFormatError(
-                f"adapter '{source.name}': its {name} head {({k: tuple(v.shape) for k, v in state.items()})} does "
-                f"not fit the base model's {want} (another num_labels? build the base model with the adapter's "
-                f"num_labels)")
+                f"adapter '{source.name}': its {name} head {got} does not fit the base model's {want} (another "
+                f"num_labels? build the base model with the adapter's num_labels)")
         out[model_name] = {k: v.to(device=own[k].device, dtype=own[k].dtype) for k, v in state.items()}
     return out
 
@@ -158,8 +157,7 @@ def load(source: Source, snap: AdapterSnapshot, intern_bank, heads: dict[str, di
     digest = bank_sha256(bank)
     cfg = snap.config
     indices = snap.indices.to(index_dtype(cfg.num_vectors))
-    k = snap.weights.shape[1]
-    partial = snap.weights[:, :k - 1].contiguous().float()
+    partial = snap.weights[:, :-1].contiguous().float()  # (N, k - 1)
     exact = torch.equal(complete_weights(partial).clamp_(min=0), snap.weights.float())
     weights = partial if exact else snap.weights.float().contiguous()
     return LoadedAdapter(source, cfg, intern_layout(snap.layout), intern_bank(digest, bank), digest, indices, weights,

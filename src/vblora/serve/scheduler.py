@@ -153,10 +153,9 @@ class Scheduler:
                 self.waiting.remove(req)
                 self.finish(req, "done", req.cancelled)
         gone = [r for r in self.batch.rows if r.cancelled]
-        if gone:
-            self.batch.keep([i for i, r in enumerate(self.batch.rows) if not r.cancelled])
-            for req in gone:
-                self.finish(req, "done", req.cancelled)
+        self.batch.keep([i for i, r in enumerate(self.batch.rows) if not r.cancelled])
+        for req in gone:
+            self.finish(req, "done", req.cancelled)
 
     def admit(self) -> list[GenerationRequest]:
         group, tokens = [], 0

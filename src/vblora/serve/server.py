@@ -24,6 +24,7 @@ from vblora.serve.protocol import (AdapterRequest, APIError, ChatCompletionReque
                                    model_card, model_not_found, new_id, usage, usage_chunk)
 from vblora.serve.sampling import Sampling
 from vblora.serve.scheduler import GenerationRequest, Overloaded, Scheduler
+from vblora.serve.store import UnknownAdapterError
 from vblora.serve.text import IncrementalText
 
 log = logging.getLogger("vblora.serve")
@@ -59,8 +60,6 @@ class Engine:
 
     def resolve(self, name: str):
         """The adapter handle for a request's `model` (None: the base). Runs in a worker thread (lazy load)."""
-        from vblora.serve import UnknownAdapterError
-
         if name == self.base_name:
             return None
         try:

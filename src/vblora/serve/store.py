@@ -208,11 +208,8 @@ class AdapterStore:
                 modules = dict(self.modules)
             snap = read_snapshot(source, dict(self.bank_files), list(modules))
             check_fits(snap, self.model, {m.name: unwrapped(modules.get(m.name)) for m in snap.modules}, source)
-            heads = {}
-            for head in snap.extras:
-                name = self.head_name(head, modules)
-                if name is not None:
-                    heads[head] = (name, unwrapped(modules[name]))
+            names = {head: self.head_name(head, modules) for head in snap.extras}
+            heads = {head: (name, unwrapped(modules[name])) for head, name in names.items() if name is not None}
             loaded = load(source, snap, self.intern_bank, head_states(snap, heads, source), self.intern_layout)
             del snap
         except FileNotFoundError as e:
