@@ -29,7 +29,8 @@ def release_freed_heap() -> None:
     store's compositions (MiBs each) and the temporaries of reading adapter files come from the heap, and the heap
     keeps what they free as resident memory. Measured on 1,000 SmolLM2 adapters with a 64 MiB cache
     (bench/serve_adapters.py): 184 -> 151 MiB resident after loading them all, 249 -> 215 MiB after a forward through
-    each. A call takes under a millisecond there; the store makes one after each load and after a plan that evicted.
+    each. A call takes about a millisecond there; the store makes one after each load and after the block of each
+    new plan (not on the decode steps that reuse one).
     """
     trim = _malloc_trim()
     if trim is not None:
