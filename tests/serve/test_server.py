@@ -275,6 +275,36 @@ def test_full_queue_answers_429(adapters):
         assert httpx.get(url + "/health").status_code == 200
 
 
+def test_client_gone_cancels_a_non_streamed_request(adapters):
+    """A non-streamed request whose client disconnects mid-generation is cancelled, not generated to the end: its
+    row leaves the batch and the server counts it as cancelled."""
+    engine = build(adapters, max_batch=1)
+    release, held = hold_when(engine, lambda s: len(s.batch) == 1)
+    with running(create_app(engine)) as url:
+        with ThreadPoolExecutor(1) as pool:
+            gone = pool.submit(httpx.post, url + "/v1/completions", timeout=5.0,
+                               json={"model": "alpha", "prompt": "the cat", "max_tokens": 40, "temperature": 0})
+            assert held.wait(30)  # the request is decoding; the scheduler is paused
+            with pytest.raises(httpx.ReadTimeout):
+                gone.result()  # the client gives up and closes its connection
+        row = engine.scheduler.batch.rows[0]
+        deadline = time.time() + 30  # the server notices while the row is still there (scheduler paused)
+        while row.cancelled is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert row.cancelled == "cancelled" and not row.finished
+        release.set()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            m = httpx.get(url + "/metrics").json()
+            if m["requests"]["cancelled"] == 1:
+                break
+            time.sleep(0.05)
+        assert m["requests"] == {"completed": 0, "cancelled": 1, "failed": 0, "rejected": 0}
+        assert m["running"] == 0 and m["generated_tokens"] < 40
+        r = httpx.post(url + "/v1/completions", json={"model": "alpha", "prompt": "the cat", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1  # the server goes on
+
+
 def test_adapter_added_and_removed_while_requests_are_in_flight(adapters):
     engine = build(adapters, max_batch=8)
     jobs = [("alpha", PROMPTS[0]), ("beta", PROMPTS[1]), ("tiny", PROMPTS[2]), ("beta", PROMPTS[0])]

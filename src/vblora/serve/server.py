@@ -7,8 +7,6 @@ tokens back through `loop.call_soon_threadsafe`. A client always gets JSON in Op
 traceback: 400 bad parameters or an over-long prompt, 401 a wrong API key, 404 an unknown model, 429 a full queue.
 """
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
 import hmac
@@ -154,6 +152,33 @@ class Generation:
                 self.engine.scheduler.cancel(self.request, "stop" if self.finish_reason == "stop" else "cancelled")
 
 
+async def whole_text(gen: Generation, receive) -> str | None:
+    """The whole text of a non-streamed request, or None if its client went away first (ASGI `receive` said
+    "http.disconnect"): then the request is cancelled, its row leaving the batch at the next step, rather than
+    generated to the end for nobody. A streamed request needs no watch: Starlette stops its generator when the
+    client goes."""
+    text = asyncio.ensure_future(_join(gen.deltas()))
+    gone = asyncio.ensure_future(_disconnect(receive))
+    await asyncio.wait({text, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if text.done():
+        gone.cancel()
+        return text.result()
+    text.cancel()  # deltas()' `finally` cancels the scheduler's request
+    with contextlib.suppress(asyncio.CancelledError):
+        await text
+    return None
+
+
+async def _join(deltas) -> str:
+    return "".join([d async for d in deltas])
+
+
+async def _disconnect(receive) -> None:
+    """Returns when the client has gone (the request body was read already, so nothing else arrives)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def sse(body: dict | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
 
@@ -180,7 +205,7 @@ def create_app(engine: Engine, *, api_key: str | None = None):
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
     @asynccontextmanager
@@ -245,7 +270,7 @@ def create_app(engine: Engine, *, api_key: str | None = None):
             raise model_not_found(name, engine.names())
         return model_card(name, engine.created, None if name == engine.base_name else engine.base_name)
 
-    async def run(req, chat: bool):
+    async def run(req, chat: bool, request: Request):
         req.refuse_unsupported()
         adapter = await run_in_threadpool(engine.resolve, req.model)  # 404 before any other check of the body
         if chat:
@@ -259,18 +284,20 @@ def create_app(engine: Engine, *, api_key: str | None = None):
         if req.stream:
             return StreamingResponse(stream_events(gen, req.model, chat, req.include_usage),
                                      media_type="text/event-stream")
-        text = "".join([d async for d in gen.deltas()])
+        text = await whole_text(gen, request.receive)
+        if text is None:  # nobody to answer; 499 is nginx's "client closed request", for the access log
+            return Response(status_code=499)
         rid = new_id("chatcmpl" if chat else "cmpl")
         return (chat_completion(rid, req.model, text, gen.finish_reason, gen.usage) if chat else
                 completion(rid, req.model, text, gen.finish_reason, gen.usage))
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await run(req, chat=False)
+    async def completions(req: CompletionRequest, request: Request):
+        return await run(req, False, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        return await run(req, chat=True)
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await run(req, True, request)
 
     async def add_adapter(name: str, path: str) -> dict:
         if name == engine.base_name:
