@@ -18,11 +18,11 @@ from torch import nn
 from vblora.bank import compose_selected
 from vblora.config import VBLoRAConfig
 from vblora.errors import AdapterFormatError
-from vblora.layout import Layout, index_dtype, kind_of, module_dims
+from vblora.layout import Layout, index_dtype
 from vblora.storage.encoding import complete_weights
 from vblora.storage.native import bank_sha256, read_adapter
 from vblora.storage.peft_vblora import read_peft
-from vblora.storage.snapshot import AdapterSnapshot, weight_problems
+from vblora.storage.snapshot import AdapterSnapshot, described, shape_problems, weight_problems
 from vblora.serve.sources import NATIVE, Source, bank_candidates
 
 Factors = dict  # module name -> (A (r, in), B (out, r)) in the compute dtype
@@ -109,14 +109,10 @@ def check_fits(snap: AdapterSnapshot, model: nn.Module, bases: dict[str, nn.Modu
     problems = []
     if snap.architecture and snap.architecture != arch:
         problems.append(f"it was saved from {snap.architecture}, the served base model is {arch}")
-    for m in snap.modules:
-        base = bases.get(m.name)
-        kind = kind_of(base) if base is not None else None
-        if kind is None:
-            problems.append(f"module {m.name} is missing from the base model or cannot be adapted")
-        elif (kind.name, *module_dims(base)) != (m.kind, m.in_features, m.out_features):
-            problems.append(f"module {m.name}: adapter has {m.kind} {m.in_features}->{m.out_features}, base model "
-                            f"has {kind.name} {'->'.join(map(str, module_dims(base)))}")
+    have = {name: described(base) for name, base in bases.items()}
+    problems += [f"module {name} is missing from the base model or cannot be adapted" for name, d in have.items()
+                 if d is None]
+    problems += shape_problems(snap, {name: d for name, d in have.items() if d is not None})
     if not problems and snap.weight_sample:
         problems += weight_problems({n: b for n, b in bases.items() if b is not None}, snap)
     if problems:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vblora.errors import AdapterFormatError
-from vblora.storage.files import parse_json_metadata, read_header
+from vblora.storage.files import header_metadata, parse_json_metadata, read_header
 from vblora.storage.native import ADAPTER_FILE, BANK_FILE, BANK_FORMAT, FORMAT
 from vblora.storage.peft_vblora import CONFIG_FILE, LOGITS_A, PREFIX, TOPK_INDICES, WEIGHTS_FILE
 
@@ -66,10 +66,7 @@ def read_json_header(file: Path) -> dict:
 
 def vblora_metadata(file: Path) -> dict:
     """The "vblora" JSON entry of a native adapter or bank file's metadata."""
-    meta = read_json_header(file).get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise AdapterFormatError(f"{file}: corrupt safetensors metadata (must map strings to strings)")
-    return parse_json_metadata(file, meta, "vblora")
+    return parse_json_metadata(file, header_metadata(read_json_header(file), file), "vblora")
 
 
 def describe_native(name: str, file: Path) -> Source:

@@ -172,6 +172,15 @@ def read_header(stream: BinaryIO, path: Path, size: int) -> dict:
     return header
 
 
+def header_metadata(header: dict, path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors header (empty if absent); AdapterFormatError unless it maps strings to
+    strings."""
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFormatError(f"{path}: corrupt safetensors metadata (must map strings to strings)")
+    return metadata
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
     """`(tensors, metadata, file size)` of a safetensors file; any damage -> AdapterFormatError naming the file."""
     from safetensors.torch import load
@@ -180,10 +189,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise FileNotFoundError(f"no adapter file at {path}")
     data = path.read_bytes()
     # Parse the header ourselves first, for precise messages on truncated or damaged files.
-    header = read_header(io.BytesIO(data), path, len(data))
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise AdapterFormatError(f"{path}: corrupt safetensors metadata (must map strings to strings)")
+    metadata = header_metadata(read_header(io.BytesIO(data), path, len(data)), path)
     try:
         tensors = load(data)
     except BaseException as e:  # SafetensorError, and pyo3 PanicException (a BaseException) on odd input

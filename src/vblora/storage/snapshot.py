@@ -146,24 +146,37 @@ def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool
         found = find_targets(base, snap.config)
     except TargetError:
         found = []  # nothing matches: every adapted module is reported missing below
-    have = {name: "{} {}->{}".format(kind_of(m).name, *module_dims(m)) for name, m in found}  # "linear 64->128"
-    want = {m.name: f"{m.kind} {m.in_features}->{m.out_features}" for m in snap.modules}
-    missing = [n for n in want if n not in have]
-    extra = [n for n in have if n not in want]
+    have = {name: described(m) for name, m in found}
+    names = [m.name for m in snap.modules]
+    missing = [n for n in names if n not in have]
+    extra = [n for n in have if n not in set(names)]
     if missing:
         problems.append(f"{len(missing)} adapted module(s) missing from the base model, e.g. {missing[:3]}")
     if extra:
         problems.append(f"{len(extra)} base module(s) match the adapter's targets but were not adapted, "
                         f"e.g. {extra[:3]}")
-    problems += [f"module {name}: adapter has {want[name]}, base model has {have[name]}" for name in want
-                 if name in have and have[name] != want[name]]
-    if not missing and not extra and list(have) != list(want):
+    problems += shape_problems(snap, have)
+    if not missing and not extra and list(have) != names:
         problems.append("adapted modules appear in a different order in the base model")
     if not problems and verify_weights and snap.weight_sample:
         problems += weight_problems(dict(found), snap)
     if problems:
         shown = "; ".join(problems[:6]) + (f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else "")
         raise AdapterFormatError(f"{source}: adapter does not fit this base model: {shown}")
+
+
+def described(module: nn.Module | None) -> str | None:
+    """An adaptable module as an adapter's module table states it, e.g. "linear 64->128"; None if it is absent or
+    cannot be adapted."""
+    kind = kind_of(module) if module is not None else None
+    return None if kind is None else "{} {}->{}".format(kind.name, *module_dims(module))
+
+
+def shape_problems(snap: AdapterSnapshot, have: dict[str, str]) -> list[str]:
+    """One line per adapted module whose base layer (`have`: module name -> `described`) differs in kind or shape."""
+    want = {m.name: f"{m.kind} {m.in_features}->{m.out_features}" for m in snap.modules}
+    return [f"module {name}: adapter has {w}, base model has {have[name]}" for name, w in want.items()
+            if name in have and have[name] != w]
 
 
 @torch.no_grad()
