@@ -3,10 +3,15 @@
 The adapter carries what is needed: the base model's name or path, its class (a classifier's head size and label
 names, `id2label`), so `predict(source)` needs nothing else; `model=` overrides the recorded base. A run directory
 also contributes its task (regression vs classification) and its text columns.
+
+Input is read with bounds, so no input takes the process down: a line (one text on stdin or in a .txt file, one
+record of a CSV/TSV/JSONL file) longer than `MAX_LINE_BYTES`, bytes that are not UTF-8 text, or a NUL byte is one
+`DataError` naming the source and the line. The model reads at most `max_length` tokens of a text anyway.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +22,7 @@ from transformers.utils import logging as hf_logging
 from vblora.storage import load_adapter, read_adapter
 from vblora.train import data as D
 from vblora.train import models
-from vblora.train.errors import SetupError
+from vblora.train.errors import DataError, SetupError
 from vblora.train.evaluate import generate
 from vblora.train.tasks import prompt_text
 
@@ -35,7 +40,7 @@ class Predictor:
 def load_predictor(source: str | Path, model: str | None = None, gguf_file: str | None = None) -> Predictor:
     """A run directory (results.json + adapter/) or an adapter (directory or .safetensors) on its base model."""
     source = Path(source)
-    run = json.loads((source / "results.json").read_text()) if (source / "results.json").is_file() else {}
+    run = read_run(source / "results.json") if (source / "results.json").is_file() else {}
     adapter = source / "adapter" if run else source
     if run and run.get("method", "vblora") != "vblora":
         raise SetupError(f"{source}: a {run['method']} run; `vblora predict` reads VB-LoRA adapters (load "
@@ -68,19 +73,81 @@ def load_predictor(source: str | Path, model: str | None = None, gguf_file: str 
                      cfg.get("text_pair_column"), int(cfg.get("max_length") or 256))
 
 
-def read_inputs(p: Predictor, file: str | None, lines) -> list[tuple[str, str | None]]:
-    """`(text, pair)` per example: a CSV/TSV/JSONL file's text columns, or one text per input line."""
+def read_run(path: Path) -> dict:
+    """A run's results.json; a damaged one is one SetupError naming it (and what to pass instead)."""
+    try:
+        run = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SetupError(f"{path} cannot be read ({e}); restore it, or pass the adapter directory "
+                         f"{path.parent / 'adapter'} (with --model if it records no base)") from None
+    if not isinstance(run, dict):
+        raise SetupError(f"{path} holds a JSON {type(run).__name__}, not a run's results; restore it, or pass the "
+                         f"adapter directory {path.parent / 'adapter'}")
+    return run
+
+
+MAX_LINE_BYTES = 1 << 20  # 1 MiB per line: far above any max_length, far below what a process can hold
+# Input formats by suffix: .txt is one text per line (as stdin), the others are tables of the run's text columns.
+INPUT_FORMATS = {**{k: v for k, v in D.SUFFIX_FORMATS.items() if k != ".txt"}, ".txt": "lines"}
+
+
+def read_lines(stream, where: str, limit: int = MAX_LINE_BYTES) -> list[str]:
+    """The non-blank lines of a binary stream (text streams are accepted too) as text, each read with `readline`
+    bounded by `limit` bytes, so a 1 GB line costs 1 MiB; a longer line, non-UTF-8 bytes or a NUL is a DataError."""
+    out = []
+    for n in itertools.count(1):
+        raw = stream.readline(limit + 1)
+        if not raw:
+            return out
+        raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+        line = raw.rstrip(b"\r\n")
+        if len(line) > limit:
+            raise DataError(f"{where}:{n}: line longer than {limit:,} bytes; give one text per line (split or "
+                            f"shorten it)")
+        if b"\0" in line:
+            raise DataError(f"{where}:{n}: binary data (a NUL byte); predict reads text, one example per line")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}:{n}: not UTF-8 text (byte {e.start + 1}: {e.reason}); predict reads text, "
+                            f"one example per line") from None
+        if text.strip():
+            out.append(text)
+
+
+def read_inputs(p: Predictor, file: str | None, stdin) -> list[tuple[str, str | None]]:
+    """`(text, pair)` per example: one text per line of `stdin` (a binary stream) or of a .txt file, or a
+    CSV/TSV/JSONL/JSON file's text columns."""
     if file is None:
-        return [(line.rstrip("\n"), None) for line in lines if line.strip()]
-    table = D.read_table(file)
+        return [(line, None) for line in read_lines(stdin, "stdin")]
+    path = Path(file)
+    fmt = INPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unknown input format '{path.suffix}' (predict reads "
+                        f"{', '.join(sorted(INPUT_FORMATS))}; .txt is one text per line)")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected an input file")
+    with open(path, "rb") as f:  # also the bound on the line-oriented tables, before they are read whole
+        lines = read_lines(f, str(path)) if fmt in ("lines", "csv", "tsv", "jsonl") else None
+    if fmt == "lines":
+        return [(line, None) for line in lines]
+    table = D.read_table(path, fmt)
     return [(D.column(table, p.text_column, i), D.column(table, p.text_pair_column, i) if p.text_pair_column
              else None) for i in range(len(table.rows))]
+
+
+def check_sizes(batch_size: int, max_new_tokens: int) -> None:
+    """Both at least 1 (a batch size of -5 once dropped every input silently)."""
+    for flag, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise SetupError(f"{flag} must be a whole number >= 1 (got {value})")
 
 
 @torch.no_grad()
 def predict(p: Predictor, examples: list[tuple[str, str | None]], batch_size: int = 32,
             max_new_tokens: int = 32) -> list[dict]:
     """One dict per example: `label` and `score` (classification), `value` (regression) or `generation`."""
+    check_sizes(batch_size, max_new_tokens)
     out = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]

@@ -84,6 +84,8 @@ def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> T
         items = [{**{k: enc[k][i] for k in enc.keys()}, "labels": float(y) if labels.regression else int(y)}
                  for i, y in enumerate(ex.labels[:cap])]
         splits[split], raw[split] = items, {"n": len(items), "file": path}
+    if cfg.dataset == vader.DATASET and labels.names == ["0", "1"]:  # the class ids of the built-in data, named
+        labels = D.LabelSpace(list(vader.LABEL_NAMES))
     kind = "regression" if labels.regression else "classification"
     return TaskData(kind, splits["train"], splits["validation"], splits.get("test", splits["validation"]),
                     labels, raw, {"files": files, "label_names": labels.names})
@@ -100,7 +102,7 @@ def _lm_records(cfg: RunConfig, path: str) -> list[dict]:
         if cfg.dataset == "vader-movie-instruct":
             text, label = D.column(table, "text", i), D.column(table, "label", i)
             out.append({"instruction": SENTIMENT_INSTRUCTION, "input": text,
-                        "output": "positive" if label == "1" else "negative"})
+                        "output": vader.LABEL_NAMES[int(label)]})
         elif cfg.task == "gsm8k":  # GSM8K {question, answer}; MetaMathQA {query, response} likewise
             q = "question" if "question" in table.rows[i] or "query" not in table.rows[i] else "query"
             a = "answer" if "answer" in table.rows[i] or "response" not in table.rows[i] else "response"

@@ -32,6 +32,9 @@ MOVIES_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd1335
 SPLIT_SEED = 0
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 DATASET = "vader-movie"
+# The name of each class id of the split files (label = int(rating > 0)): what a trained classifier's adapter records
+# as id2label, so `vblora predict` answers "positive", not "1".
+LABEL_NAMES = ("negative", "positive")
 
 
 def cache_dir() -> Path:
