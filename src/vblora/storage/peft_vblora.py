@@ -29,6 +29,12 @@ BANK_KEY = "base_model.vblora_vector_bank"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 LOGITS_A, LOGITS_B = ".vblora_logits_A", ".vblora_logits_B"
 TOPK_INDICES, TOPK_WEIGHTS = "_topk_indices", "_topk_weights"
+# The heads PEFT's task model classes add to `modules_to_save` by themselves (peft_model.py: the `__init__` of
+# PeftModelForSequenceClassification / ForTokenClassification / ForQuestionAnswering). Loading a file of that
+# task type, PEFT wraps every module whose name ends with one of these and reads its weights from the file (a
+# KeyError when they are absent), and never adapts a module inside one.
+PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
 
 
 def snapshot_of(model_or_path, *, with_logits: bool = False) -> AdapterSnapshot:
@@ -42,18 +48,71 @@ def snapshot_of(model_or_path, *, with_logits: bool = False) -> AdapterSnapshot:
     return read_adapter(model_or_path)[0]
 
 
+def is_peft_head(name: str, task_type: str | None) -> bool:
+    """Whether PEFT's model class for `task_type` wraps module `name` as its head (PEFT's rule, `_set_trainable` in
+    peft/utils/other.py: the name ends with one of the head names)."""
+    return any(name.endswith(head) for head in PEFT_HEADS.get(task_type or "", ()))
+
+
+def inside_peft_head(name: str, task_type: str | None) -> bool:
+    """Whether PEFT's model class for `task_type` leaves module `name` unadapted because it lies in a head (PEFT's
+    rule, `check_target_module_exists` in peft/tuners/tuners_utils.py: a dotted component equals a head name)."""
+    return any(head in name.split(".") for head in PEFT_HEADS.get(task_type or "", ()))
+
+
+def untrained_heads(model: nn.Module, snap: AdapterSnapshot) -> dict[str, dict[str, torch.Tensor]]:
+    """`{name: state dict}` (on CPU) of the heads PEFT's task class will wrap that the adapter did not train: their
+    base weights, which PEFT reads from the file like a trained head's."""
+    model = unwrap(model)
+    trained = tuple(snap.extras)
+    return {name: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            for name, module in model.named_modules()
+            if name and is_peft_head(name, snap.task_type)
+            and not any(name == t or name.startswith(t + ".") for t in trained)}
+
+
+def peft_task_type(snap: AdapterSnapshot, from_model: bool) -> str | None:
+    """The `task_type` to write: the base model's when PEFT's class for it reproduces the model from the file as
+    written, else None (PEFT's plain `PeftModel`, which wraps no head and loads any such file).
+
+    A task with a head (PEFT_HEADS) needs the head's weights in the file, trained (`modules_to_save`) or, exporting
+    from a model, its base weights; and no adapted module inside the head (PEFT would not adapt it)."""
+    task = snap.task_type
+    if task not in PEFT_HEADS:
+        return task
+    if any(inside_peft_head(m.name, task) for m in snap.modules):
+        return None
+    return task if from_model or any(is_peft_head(name, task) for name in snap.extras) else None
+
+
+def parent_library(architecture: str) -> str | None:
+    """"transformers" when `architecture` is one of its model classes (so PEFT's AutoPeftModel can build the base
+    of a file without a task type), else None."""
+    if not architecture:
+        return None
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return "transformers" if isinstance(getattr(transformers, architecture, None), type) else None
+
+
 def write_peft_dir(out_dir: str | os.PathLike, snap: AdapterSnapshot, config: dict,
-                   tensors: dict[str, torch.Tensor]) -> Path:
+                   tensors: dict[str, torch.Tensor], heads: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write a PEFT adapter directory as a whole (an earlier export there is replaced only once this one is
-    complete; a directory holding anything else is refused): `tensors` plus the snapshot's trained heads, and
-    `config` plus the adapter_config.json fields that every PEFT format written here shares."""
-    tensors = tensors | {f"{PREFIX}{name}.{key}": t for name, state in snap.extras.items() for key, t in state.items()}
-    config = {"task_type": snap.task_type, "base_model_name_or_path": snap.name_or_path, "revision": None,
+    complete; a directory holding anything else is refused): `tensors` plus the snapshot's trained heads and the
+    untrained `heads` PEFT's task class needs, and `config` plus the adapter_config.json fields that every PEFT
+    format written here shares."""
+    task = peft_task_type(snap, from_model=heads is not None)
+    saved = snap.extras | ((heads or {}) if task in PEFT_HEADS else {})
+    tensors = tensors | {f"{PREFIX}{name}.{key}": t for name, state in saved.items() for key, t in state.items()}
+    config = {"task_type": task, "base_model_name_or_path": snap.name_or_path, "revision": None,
               "inference_mode": True,
               "r": snap.config.rank, "target_modules": [m.name for m in snap.modules], "exclude_modules": None,
               "fan_in_fan_out": any(m.kind == "conv1d" for m in snap.modules), "bias": "none",
-              "modules_to_save": sorted(snap.extras) or None, "layers_to_transform": None, "layers_pattern": None,
-              "auto_mapping": {"base_model_class": snap.architecture, "parent_library": None}
+              "modules_to_save": sorted(saved) or None, "layers_to_transform": None, "layers_pattern": None,
+              "auto_mapping": {"base_model_class": snap.architecture,
+                               "parent_library": parent_library(snap.architecture)}
               if snap.architecture else None} | config
 
     def write(d: Path) -> None:
@@ -83,6 +142,7 @@ def export_peft(model_or_path, out_dir: str | os.PathLike, *, save_only_topk_wei
     vector_length that does not divide a dimension).
     """
     snap = snapshot_of(model_or_path, with_logits=not save_only_topk_weights)
+    heads = untrained_heads(model_or_path, snap) if isinstance(model_or_path, nn.Module) else None
     cfg = snap.config
     h, b = snap.bank.shape
     k = cfg.stored_topk
@@ -110,7 +170,7 @@ def export_peft(model_or_path, out_dir: str | os.PathLike, *, save_only_topk_wei
     peft_config = {"peft_type": "VBLORA", "num_vectors": h, "vector_length": b, "topk": k,
                    "save_only_topk_weights": bool(save_only_topk_weights), "vblora_dropout": cfg.dropout,
                    "init_vector_bank_bound": cfg.init_bank_bound, "init_logits_std": cfg.init_logits_std}
-    return write_peft_dir(out_dir, snap, peft_config, tensors)
+    return write_peft_dir(out_dir, snap, peft_config, tensors, heads)
 
 
 def logits_from_selection(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> torch.Tensor:
