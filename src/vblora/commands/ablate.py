@@ -12,8 +12,10 @@ import argparse
 
 
 def _common(p: argparse.ArgumentParser, out: str) -> None:
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
-    p.add_argument("--out", default=out, help=f"study directory (default {out})")
+    from vblora.train.flags import add_output_flag, add_study_flags
+
+    add_study_flags(p, "--set model=PATH train_file=data.csv lr_logits=0.02")
+    add_output_flag(p, out, "study directory")
     p.add_argument("--recipe", default=None, help="`vblora train` recipe the runs start from (default minilm-vader)")
     p.add_argument("--max-train-samples", type=int, default=2000,
                    help="training examples per run (default 2000, a CPU budget; 0 = all)")
@@ -22,8 +24,6 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is fastest on a busy shared machine; default: torch's choice)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="any other `vblora train` setting (YAML values), e.g. model=PATH train_file=... lr_logits=0.02")
 
 
 def run(args) -> int:
@@ -37,8 +37,8 @@ def run(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     budget, out = A.Budget(args.max_train_samples or None, args.max_eval_samples or None, args.epochs,
-                           args.batch_size), Path(args.out)
-    overrides, note = assignments(args.set), f"Budget per run: {budget.describe()}; seeds {args.seeds}."
+                           args.batch_size), Path(args.output)
+    overrides, note = assignments(args.set)[0], f"Budget per run: {budget.describe()}; seeds {args.seeds}."
     if args.study == "shared-bank":  # the study writes OUT/shared_bank.json, we add the table
         from vblora.experiments.shared_bank import format_shared_bank, shared_bank_study
         from vblora.train import vader

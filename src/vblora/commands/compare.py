@@ -1,45 +1,40 @@
-"""`vblora compare`: run several methods over several seeds on one task; print and save a Table-1-like summary."""
+"""`vblora compare`: run several methods over several seeds on one task; print and save a Table-1-like summary.
+
+Every run starts from the defaults, then --recipe, then the flags, then `--set` (a `METHOD:` prefix limits a setting to
+that method); nothing is replaced behind the user's back. `--seeds` lists seed numbers, as in `vblora ablate`.
+"""
 
 from __future__ import annotations
 
+import sys
+
 
 def register(subparsers) -> None:
-    from vblora.train.flags import add_run_flags
+    from vblora.train.flags import add_output_flag, add_run_flags, add_study_flags
 
     p = subparsers.add_parser("compare", help="run methods x seeds through `vblora train` and tabulate test scores",
                               description=__doc__)
     p.add_argument("--methods", default="vblora,lora,vera,tied-lora,full",
                    help="comma-separated: vblora,lora,vera,tied-lora,full")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    p.add_argument("--set", dest="method_overrides", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                   help="per-method setting, e.g. --set vblora:epochs=2 --set lora:lr=1e-3")
-    add_run_flags(p)  # --method / --seed are ignored: --methods and --seeds decide
+    add_study_flags(p, "--set epochs=1 --set lora:lr=1e-3 vblora:lr_logits=0.02", scoped_by="METHOD")
+    add_output_flag(p, "runs/compare", "study directory: compare.md, compare.json, <method>-seed<k>/")
+    add_run_flags(p, skip=("method", "seed", "output"))  # --methods and --seeds decide those
     p.set_defaults(func=run)
-
-
-def _parse_overrides(items: list[str]) -> dict[str, dict]:
-    from vblora.train.errors import SetupError
-    from vblora.train.flags import assignments
-
-    out: dict[str, dict] = {}
-    for item in items:
-        method, sep, kv = item.partition(":")
-        if not sep or "=" not in kv:
-            raise SetupError(f"--set expects METHOD:KEY=VALUE, got '{item}'")
-        out.setdefault(method, {}).update(assignments([kv]))
-    return out
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from vblora.train.flags import given
     from vblora.experiments.compare import run_compare
+    from vblora.train.flags import assignments, given
 
-    base = {k: v for k, v in given(args).items() if k not in ("method", "seed")}
-    out = Path(base.pop("output", None) or "runs/compare")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    run_compare(methods, list(range(args.seeds)), out, base.pop("recipe", None), base,
-                _parse_overrides(args.method_overrides))
+    common, per_method = assignments(args.set, scopes=tuple(methods))
+    base = {**given(args), **common}
+    if len(args.seeds) == 1:  # compare's --seeds was a count until 0.x: say what a lone number now means
+        print(f"vblora compare: note: --seeds {args.seeds[0]} runs the one seed {args.seeds[0]} (seed numbers, as in "
+              f"ablate; --seeds 0 1 2 for three)", file=sys.stderr)
+    out = Path(args.output)
+    run_compare(methods, args.seeds, out, base.pop("recipe", None), base, per_method)
     print(f"saved {out / 'compare.md'} and {out / 'compare.json'}")
     return 0

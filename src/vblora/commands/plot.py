@@ -13,12 +13,14 @@ def run(args) -> int:
         return 0
     if not args.run_dir:
         raise VBLoRAError("give RUN_DIR (or --list)")
-    for name, path in plot_all(args.run_dir, args.out, only=args.only).items():
+    for name, path in plot_all(args.run_dir, args.output, only=args.only).items():
         print(f"{name:24s} {path}")
     return 0
 
 
 def register(subparsers) -> None:
+    from vblora.train.flags import add_output_flag
+
     p = subparsers.add_parser(
         "plot", help="write the vector-selection figures of a run recorded with selection recording on",
         description="Reads RUN_DIR/selection.npz and selection.json (written by the selection recorder during "
@@ -26,7 +28,7 @@ def register(subparsers) -> None:
                     "(fig4), top-k weight per bank vector by depth (fig6) and by module type and A/B (fig7), vector "
                     "usage histogram (fig8), 2-D embedding of the bank with the sub-vectors (fig9), selection churn.")
     p.add_argument("run_dir", nargs="?", help="run directory holding selection.npz / selection.json")
-    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/figures)")
+    add_output_flag(p, None, "output folder (none: RUN_DIR/figures)")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these figures (see --list)")
     p.add_argument("--list", action="store_true", help="list the figures and exit")
     p.set_defaults(func=run)

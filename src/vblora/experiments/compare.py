@@ -14,32 +14,31 @@ from pathlib import Path
 
 from vblora.experiments.ablate import spread
 from vblora.experiments.reuse import finished
+from vblora.storage.files import atomic_write
 from vblora.train.config import build_config
 from vblora.train.pipeline import train
-
-# Per-method settings of the paper-style comparison (issue #5): LoRA r=4 alpha 8, VeRA r=256, Tied-LoRA r=8,
-# VB-LoRA r=4 k=2 (its recipe's bank). Users override with --set METHOD:key=value.
-METHOD_DEFAULTS: dict[str, dict] = {"lora": {"rank": 4, "lora_alpha": 8.0}, "vera": {"vera_rank": 256},
-                                    "tied-lora": {"tied_rank": 8}, "vblora": {"rank": 4, "topk": 2}, "full": {}}
 
 
 def run_compare(methods: list[str], seeds: list[int], out: Path, recipe: str | None, base_overrides: dict,
                 method_overrides: dict[str, dict], log=print, train_fn=train) -> dict:
+    # every run's settings first: a bad setting or recipe is one error before any training, not a FAILED per run;
+    # seed-major: a compare stopped early still has every method at the first seeds. Each run: defaults <- recipe
+    # <- flags <- this method's --set (the paper-style per-method settings, LoRA r=4 alpha 8, VeRA r=256, Tied-LoRA
+    # r=8, VB-LoRA r=4 k=2, are RunConfig's defaults, never forced over a recipe or a flag)
+    configs = [build_config(recipe, {**base_overrides, **method_overrides.get(method, {}), "method": method,
+                                     "seed": seed, "output": str(out / f"{method}-seed{seed}"), "overwrite": True})
+               for seed in seeds for method in methods]
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for seed in seeds:  # seed-major: a compare stopped early still has every method at the first seeds
-        for method in methods:
-            cfg = build_config(recipe, {**base_overrides, **METHOD_DEFAULTS.get(method, {}),
-                                        **method_overrides.get(method, {}), "method": method, "seed": seed,
-                                        "output": str(out / f"{method}-seed{seed}"), "overwrite": True})
-            t = time.time()
-            try:
-                runs[method].append(finished(cfg.output, cfg, log) or train_fn(cfg, log=log))
-            except Exception as e:  # one failing method must not lose the others' hours
-                log(f"[compare] {method} seed {seed} FAILED: {type(e).__name__}: {e}")
-                runs[method].append({"error": f"{type(e).__name__}: {e}"})
-            log(f"[compare] {method} seed {seed} done in {time.time() - t:.0f} s")
-            write_summary(summarize(runs, seeds), out)
+    for cfg in configs:
+        t = time.time()
+        try:
+            runs[cfg.method].append(finished(cfg.output, cfg, log) or train_fn(cfg, log=log))
+        except Exception as e:  # one failing method must not lose the others' hours
+            log(f"[compare] {cfg.method} seed {cfg.seed} FAILED: {type(e).__name__}: {e}")
+            runs[cfg.method].append({"error": f"{type(e).__name__}: {e}"})
+        log(f"[compare] {cfg.method} seed {cfg.seed} done in {time.time() - t:.0f} s")
+        write_summary(summarize(runs, seeds), out)
     summary = summarize(runs, seeds)
     write_summary(summary, out)
     log(format_table(summary))
@@ -83,5 +82,6 @@ def format_table(summary: dict) -> str:
 
 
 def write_summary(summary: dict, out: Path) -> None:
-    (out / "compare.json").write_text(json.dumps(summary, indent=2))
-    (out / "compare.md").write_text(format_table(summary) + "\n")
+    """compare.json and compare.md, each replaced whole (a reader or a kill never sees half a table)."""
+    atomic_write(out / "compare.json", json.dumps(summary, indent=2).encode())
+    atomic_write(out / "compare.md", (format_table(summary) + "\n").encode())

@@ -189,15 +189,19 @@ def _evaluate(model, tok, data, cfg: RunConfig, out_dir: Path | None, opts: E2EO
 
 
 def run_e2e(cfg: RunConfig, opts: E2EOptions, log=print) -> dict:
-    """`vblora e2e`: the pipeline on the E2E task; results.json gains the E2E options under "e2e"."""
+    """`vblora e2e`: the pipeline on the E2E task; results.json gains the E2E options under "e2e". Under torchrun
+    only rank 0 rewrites it (as the pipeline writes it), atomically: a reader never sees a half-written file."""
     import json
+    import os
 
+    from vblora.storage.files import atomic_write
     from vblora.train.pipeline import train
 
     results = train(cfg, log=log, task=task(opts))
     results["e2e"] = dataclasses.asdict(opts)
     results["test_mrs"] = results["data"]["test_mrs"]
-    (Path(cfg.output) / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if int(os.environ.get("RANK", "0")) == 0:  # the pipeline's rule for the main process (torchrun / accelerate)
+        atomic_write(Path(cfg.output) / "results.json", (json.dumps(results, indent=2, default=str) + "\n").encode())
     return results
 
 

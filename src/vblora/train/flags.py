@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from vblora.train.config import HINTS, kind, recipe_defaults, settings
 from vblora.train.errors import SetupError
@@ -48,15 +49,47 @@ def given(args: argparse.Namespace, fields=None) -> dict:
     return {k: getattr(args, k) for k in (fields if fields is not None else settings()) if hasattr(args, k)}
 
 
-def assignments(items: list[str]) -> dict:
-    """`KEY=VALUE` items (values read as YAML: 1e-3, [query, value], none) -> {key: value}."""
+def assignments(items: list[str], scopes: tuple[str, ...] = ()) -> tuple[dict, dict[str, dict]]:
+    """`--set` items, one syntax in every command: `KEY=VALUE` (every run) or, where the command has scopes (compare:
+    its methods), `SCOPE:KEY=VALUE` (that scope's runs only). Values are read as YAML (1e-3, [query, value], none).
+    -> ({key: value}, {scope: {key: value}})."""
     import yaml
 
-    out = {}
+    common, scoped = {}, {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SetupError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
+        scope, colon, key = key.rpartition(":")
+        if not sep or not key.strip():
+            raise SetupError(f"--set expects KEY=VALUE{' or SCOPE:KEY=VALUE' if scopes else ''}, got {item!r}")
+        if colon and scope not in scopes:
+            raise SetupError(f"--set {item!r}: '{scope}:' names no " + (f"method of this run (one of {', '.join(scopes)})"
+                             if scopes else "scope here; give KEY=VALUE"))
+        (scoped.setdefault(scope, {}) if colon else common)[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return common, scoped
 
+
+# ---- the flags every study command (compare, ablate) spells and means the same way -----------------------------
+class OldSpelling(argparse.Action):
+    """A deprecated spelling of a flag: stores into the same setting and says the current name on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use --{self.dest.replace('_', '-')}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_output_flag(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """`--output DIR` (and `--out`, its old spelling in ablate and plot)."""
+    p.add_argument("--output", default=default, help=f"{what} (default: {show(default)}; --out is the deprecated "
+                                                     f"spelling)")
+    p.add_argument("--out", dest="output", action=OldSpelling, help=argparse.SUPPRESS)
+
+
+def add_study_flags(p: argparse.ArgumentParser, example: str, scoped_by: str | None = None) -> None:
+    """`--seeds 0 1 2` (seed numbers, in every command) and `--set KEY=VALUE ...` (repeatable; `SCOPE:KEY=VALUE` too
+    where the command has scopes, e.g. compare's methods)."""
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+                   help="seed numbers, one run each (default: 0 1 2; --seeds 5 is the one seed 5)")
+    form = f"KEY=VALUE or {scoped_by}:KEY=VALUE" if scoped_by else "KEY=VALUE"
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help=f"any other `vblora train` setting as {form} (YAML values; repeatable), e.g. {example}")
