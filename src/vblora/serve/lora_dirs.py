@@ -1,0 +1,224 @@
+"""VB-LoRA adapters as plain LoRA directories for an engine that reads PEFT LoRA (vLLM): find an adapter by name in
+an adapter directory, verify it against the served base, compose it exactly (`vblora.export_lora`), and keep the
+result in a content-addressed cache bounded in bytes. The vLLM resolver plugin (`vblora.serve.vllm_plugin`) is a
+thin async shell over `LoRADirCache.resolve`; this module needs no vLLM, so it is tested where vLLM is absent.
+
+What is checked before a directory is handed out (nothing unverified leaves this module):
+- the name: a plain file name inside the adapter directory (no separators, no leading dot, no path that resolves
+  outside the directory through a symlink);
+- the files: every header / tensor / digest check of the native reader and PEFT's directory checks, as
+  `vblora.load_adapter` and `vblora serve` run them (`vblora.serve.loaded.read_snapshot`), shared banks included;
+- the base: `vblora.storage.snapshot.check_base`, the check `load_adapter` runs (architecture, every adapted
+  module present with the adapter's kind and shape, no matching module left out, module order, and the base
+  weights sampled at the positions the file recorded). The base model is built from its config on the meta
+  device (names and shapes, no weights); only the few weights the check samples (up to 8 modules) are read, lazily,
+  from the checkpoint's safetensors files;
+- what vLLM's LoRA cannot hold: trained heads (`modules_to_save`) are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vblora.errors import AdapterFormatError, VBLoRAError
+from vblora.serve.loaded import read_snapshot
+from vblora.serve.sources import Source, adapter_path, bank_candidates, describe, discover
+from vblora.storage.files import json_sha256, tensors_sha256
+from vblora.storage.lora import export_lora
+from vblora.storage.peft_vblora import CONFIG_FILE, WEIGHTS_FILE
+from vblora.storage.snapshot import AdapterSnapshot, check_base
+
+LORA_FORMAT = 1  # bump when export_lora's output for the same snapshot changes: old cache entries are then unused
+DEFAULT_CACHE_BYTES = 4 << 30
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vblora" / "vllm-lora"
+
+
+def find_source(directory: Path, name: str) -> tuple[Source, dict[str, Path]] | None:
+    """The adapter called `name` in `directory` (`<name>.safetensors`, `<name>/adapter.safetensors`, or a PEFT
+    VB-LoRA directory `<name>/`), named as `vblora serve` names them, with the bank files a shared-bank adapter may
+    need; None if there is none. AdapterFormatError for a name that tries to leave the directory."""
+    if not name or name != Path(name).name or name.startswith(".") or "\\" in name or "\0" in name:
+        return None  # not a plain name in the directory: nothing there can be called that
+    root = directory.resolve()
+    for candidate in (directory / f"{name}.safetensors", directory / name):
+        if adapter_path(candidate) is None:
+            continue
+        if not candidate.resolve().is_relative_to(root):
+            raise AdapterFormatError(f"adapter '{name}' is a link leading outside the adapter directory; refused")
+        source = describe(name, candidate)
+        banks = {} if source.bank_sha256 is None or bank_candidates(source, {}) else discover(directory)[1]
+        return source, banks
+    return None
+
+
+class MetaBase:
+    """The served base model for verification only: built from its config on the meta device (no weights), with
+    the weights `check_base` samples read on demand from the checkpoint's safetensors. `model_dir`: a local model
+    directory or a model id in the local Hugging Face cache (what the engine serves)."""
+
+    def __init__(self, model_dir: str) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.model_dir = model_dir
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config)
+        self.module_order = [name for name, _ in self.model.named_modules()]
+        self.modules = dict(self.model.named_modules())
+
+    def weight_files(self) -> dict[str, str]:
+        """Tensor name -> safetensors file holding it (sharded checkpoints through their index)."""
+        from transformers.utils import cached_file
+
+        index = cached_file(self.model_dir, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+        if index is not None:
+            weight_map = json.loads(Path(index).read_text())["weight_map"]
+            return {key: str(Path(index).parent / file) for key, file in weight_map.items()}
+        single = cached_file(self.model_dir, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        if single is None:
+            raise VBLoRAError(f"{self.model_dir}: no model.safetensors (or index) to read base weights from")
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return {key: single for key in f.keys()}
+
+    def materialize(self, names) -> None:
+        """Read the real weight of each named module that is still on the meta device."""
+        todo = [n for n in names if n in self.modules and getattr(self.modules[n], "weight", None) is not None
+                and self.modules[n].weight.is_meta]
+        if not todo:
+            return
+        from safetensors import safe_open
+
+        files = self.weight_files()
+        for name in todo:
+            key = f"{name}.weight"
+            if key not in files:
+                raise VBLoRAError(f"cannot verify the base weights: {key} is not in {self.model_dir}'s checkpoint")
+            with safe_open(files[key], "pt") as f:
+                self.modules[name].weight = nn.Parameter(f.get_tensor(key), requires_grad=False)
+
+    def check(self, snap: AdapterSnapshot, where: str) -> None:
+        """AdapterFormatError naming what differs if the adapter was not made for this base (`check_base`)."""
+        self.materialize(snap.weight_sample)
+        check_base(self.model, snap, where)
+        if snap.extras:
+            raise AdapterFormatError(f"{where}: trained heads (modules_to_save: {', '.join(sorted(snap.extras))}) "
+                                     f"cannot be served as a plain LoRA; serve this adapter with vblora's "
+                                     f"AdapterStore, or train it without modules_to_save")
+
+
+def content_key(snap: AdapterSnapshot) -> str:
+    """What the composed LoRA directory depends on, hashed: the triplet's tensors, the module table, the config and
+    the base's name (written into adapter_config.json). A changed adapter gets a new key."""
+    tensors = tensors_sha256({"bank": snap.bank, "indices": snap.indices, "weights": snap.weights})
+    return json_sha256({"lora_format": LORA_FORMAT, "tensors": tensors, "config": snap.config.to_dict(),
+                        "modules": [m.to_row() for m in snap.modules], "base": snap.name_or_path,
+                        "architecture": snap.architecture, "task_type": snap.task_type})
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+
+
+@dataclass
+class Resolved:
+    name: str
+    path: Path  # the composed PEFT LoRA directory
+    rank: int
+    cached: bool  # the directory was already there (no composition)
+
+
+class LoRADirCache:
+    """Adapters of `adapters` composed into LoRA directories under `cache` (one per content key, written as a whole
+    by `export_lora`, least recently used removed past `max_bytes`). Entries handed out by this process are kept
+    (the engine reloads an adapter from its directory when its own memory cache evicts it); if they alone exceed the
+    bound, the bound is exceeded and `over_bound` says by how much. Thread-safe."""
+
+    def __init__(self, adapters: str | os.PathLike, cache: str | os.PathLike | None = None,
+                 max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.adapters = Path(adapters)
+        if not self.adapters.is_dir():
+            raise VBLoRAError(f"adapter directory {self.adapters} does not exist (set VBLORA_ADAPTERS to the "
+                              f"directory holding the adapters)")
+        self.cache = Path(cache) if cache else default_cache_dir()
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = int(max_bytes)
+        self.bases: dict[str, MetaBase] = {}
+        self.handed_out: set[Path] = set()
+        self.over_bound = 0
+        self.lock = threading.Lock()
+
+    def base(self, model_dir: str) -> MetaBase:
+        if model_dir not in self.bases:
+            self.bases[model_dir] = MetaBase(model_dir)
+        return self.bases[model_dir]
+
+    def resolve(self, name: str, base_model: str) -> Resolved | None:
+        """The verified LoRA directory of adapter `name` for `base_model`; None if no adapter has that name.
+        AdapterFormatError / FileNotFoundError / VBLoRAError: the adapter exists but cannot be served (why)."""
+        with self.lock:
+            found = find_source(self.adapters, name)
+            if found is None:
+                return None
+            source, banks = found
+            base = self.base(base_model)
+            snap = read_snapshot(source, banks, base.module_order)
+            base.check(snap, f"adapter '{name}'")
+            out = self.cache / content_key(snap)
+            cached = (out / WEIGHTS_FILE).is_file() and (out / CONFIG_FILE).is_file()
+            if cached:
+                os.utime(out)  # recently used
+            else:
+                export_lora(snap, out)
+            self.handed_out.add(out)
+            self.evict()
+            return Resolved(name, out, snap.config.rank, cached)
+
+    def evict(self) -> None:
+        """Remove least recently used entries not handed out by this process until the cache fits `max_bytes`."""
+        entries = [(d.stat().st_mtime, d, dir_bytes(d)) for d in self.cache.iterdir()
+                   if d.is_dir() and not d.name.startswith(".") and (d / CONFIG_FILE).is_file()]
+        total = sum(size for _, _, size in entries)
+        for _, d, size in sorted(entries, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            if d in self.handed_out:
+                continue
+            for f in d.iterdir():
+                f.unlink(missing_ok=True)
+            d.rmdir()
+            total -= size
+        self.over_bound = max(0, total - self.max_bytes)
+
+
+def cache_from_env(environ=os.environ) -> LoRADirCache:
+    """The cache the environment configures: VBLORA_ADAPTERS (required), VBLORA_LORA_CACHE (default
+    ~/.cache/vblora/vllm-lora), VBLORA_LORA_CACHE_BYTES (default 4 GiB; suffixes K, M, G allowed)."""
+    adapters = environ.get("VBLORA_ADAPTERS")
+    if not adapters:
+        raise VBLoRAError("VBLORA_ADAPTERS is not set: point it at the directory holding the VB-LoRA adapters")
+    return LoRADirCache(adapters, environ.get("VBLORA_LORA_CACHE") or None,
+                        parse_bytes(environ.get("VBLORA_LORA_CACHE_BYTES", str(DEFAULT_CACHE_BYTES))))
+
+
+def parse_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        value = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise VBLoRAError(f"VBLORA_LORA_CACHE_BYTES={text!r} is not a positive byte count (e.g. 4G, 512M)")
+    return value

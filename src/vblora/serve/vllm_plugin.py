@@ -1,0 +1,61 @@
+"""vLLM serves VB-LoRA adapters by name: a LoRA resolver plugin (vLLM's public `LoRAResolver` interface).
+
+Installed as the `vblora` entry point of the `vllm.general_plugins` group. Started with
+
+    VLLM_PLUGINS=vblora VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 VBLORA_ADAPTERS=adapters/ \
+        python -m vllm.entrypoints.openai.api_server --model BASE --enable-lora --max-lora-rank 8
+
+a request for `model: "NAME"` that vLLM does not know yet reaches `resolve_lora`: the adapter NAME is found in
+VBLORA_ADAPTERS the way `vblora serve` finds it, verified against the served base, composed exactly into a plain
+LoRA directory in VBLORA_LORA_CACHE (bounded by VBLORA_LORA_CACHE_BYTES), and handed to vLLM as a `LoRARequest`
+(`vblora.serve.lora_dirs` says what is checked). An unknown name gives vLLM's 404; an adapter that exists but
+cannot be served gives a 400 naming the reason; either way the server goes on serving. vLLM keeps a resolved name
+until `/v1/unload_lora_adapter`; after that (or a restart) the next request resolves the file again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from vllm.exceptions import VLLMValidationError
+from vllm.lora.request import LoRARequest
+from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+from vblora.errors import VBLoRAError
+from vblora.serve.lora_dirs import LoRADirCache, cache_from_env
+
+logger = logging.getLogger("vblora.vllm")
+RESOLVER_NAME = "vblora"
+
+
+class VBLoRAResolver(LoRAResolver):
+    """Resolves adapter names through a `LoRADirCache`; the blocking work runs in a thread, off vLLM's event
+    loop."""
+
+    def __init__(self, cache: LoRADirCache) -> None:
+        self.cache = cache
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        try:
+            found = await asyncio.to_thread(self.cache.resolve, lora_name, base_model_name)
+        except (OSError, VBLoRAError) as e:  # AdapterFormatError is a VBLoRAError
+            logger.warning("vblora: adapter %r refused: %s", lora_name, e)
+            raise VLLMValidationError(f"adapter '{lora_name}' cannot be served: {e}", parameter="model") from None
+        if found is None:
+            return None
+        if self.cache.over_bound:
+            logger.warning("vblora: the LoRA cache %s holds %d bytes over VBLORA_LORA_CACHE_BYTES=%d in adapters "
+                           "this server handed to vLLM (kept: vLLM reloads them from there)", self.cache.cache,
+                           self.cache.over_bound, self.cache.max_bytes)
+        logger.info("vblora: adapter %r -> %s (rank %d, %s)", lora_name, found.path, found.rank,
+                    "cached" if found.cached else "composed")
+        # lora_int_id: vLLM replaces it with its own counter's value (OpenAIServingModels.resolve_lora)
+        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(found.path),
+                           base_model_name=base_model_name)
+
+
+def register() -> None:
+    """The entry point vLLM calls in each of its processes (`VLLM_PLUGINS=vblora`): registers the resolver, or
+    stops the start-up with one line naming the missing setting."""
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, VBLoRAResolver(cache_from_env()))

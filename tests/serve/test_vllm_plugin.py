@@ -1,0 +1,200 @@
+"""vLLM serves VB-LoRA adapters by name through the vblora resolver plugin (issue 18), proved on the CPU.
+
+vLLM's OpenAI server (`vblora.serve.vllm_launch.vllm_command`, the documented command) on the offline SmolLM2-135M
+base, with the plugin reading an adapter directory that holds three adapters in three sources (a native file, an
+HF PEFT VB-LoRA directory, a native file on a shared bank file), a damaged file and an adapter made for another
+base. Queried with the `openai` client: each adapter's greedy completion equals transformers + `vblora.load_adapter`
+(or `import_peft`) token for token (fp32 on both sides; the prompt is sent as token ids); an unknown name is a 404,
+a damaged file and a wrong-base adapter are 400s naming the reason, and the server answers the next request.
+
+Needs vLLM in its own environment (docs/serving.md): the interpreter in VBLORA_VLLM_PYTHON, default
+.venv-vllm/bin/python at the repository root, with `pip install --no-deps -e .` done there. Skipped, with that
+reason, where it is absent. vLLM starts once for the module (about 1-2 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import vblora
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = os.environ.get("VBLORA_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+NEW_TOKENS = 12
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+
+pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).is_file(),
+                                reason=f"vLLM is not installed at {VLLM_PYTHON} (set VBLORA_VLLM_PYTHON; build it as "
+                                       f"docs/serving.md says)")
+
+
+def greedy(model, ids: list[int]) -> list[int]:
+    """NEW_TOKENS argmax tokens, never stopping at EOS (the server is asked with ignore_eos too)."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            x = torch.cat([x, model(input_ids=x).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return x[0, len(ids):].tolist()
+
+
+def adapted(base, seed: int, **cfg):
+    defaults = dict(target_modules="all-linear", rank=4, num_vectors=64, vector_length=64, topk=2,
+                    init_bank_bound=0.3)  # a bank far from zero, so each adapter changes the greedy text
+    return vblora.add_vblora(copy.deepcopy(base), vblora.VBLoRAConfig(**(defaults | cfg), seed=seed))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The adapter directory, the base's path and the expected tokens (transformers + vblora's loaders)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from vblora.train.models import load_model, resolve_model
+
+    path, gguf = resolve_model("smollm2", None)
+    base = load_model(path, gguf, "causal-lm").eval()
+    path, _ = resolve_model("smollm2", None)  # the fp32 transformers copy the first load cached: what vLLM serves
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    d = tmp_path_factory.mktemp("vllm") / "adapters"
+    d.mkdir()
+    vblora.save_adapter(adapted(base, 1), d / "native.safetensors")
+    vblora.export_peft(adapted(base, 2, target_modules=["q_proj", "v_proj"], rank=8), d / "peftdir",
+                       save_only_topk_weights=True)
+    shared = adapted(base, 3, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    vblora.save_adapter(shared, d / "shared.safetensors", bank="reference")
+    vblora.save_bank(shared, d / "bank.safetensors")
+    (d / "damaged.safetensors").write_bytes((d / "native.safetensors").read_bytes()[:-1000])  # truncated
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    vblora.save_adapter(adapted(tiny, 4, vector_length=32), d / "otherbase.safetensors")
+
+    def fresh():
+        return load_model(path, None, "causal-lm").eval()
+
+    expected = {"base": [greedy(base, p) for p in prompts]}
+    for name, load in (("native", lambda: vblora.load_adapter(fresh(), d / "native.safetensors")),
+                       ("peftdir", lambda: vblora.import_peft(fresh(), d / "peftdir")),
+                       ("shared", lambda: vblora.load_adapter(fresh(), d / "shared.safetensors",
+                                                              bank_path=d / "bank.safetensors"))):
+        model = load()
+        expected[name] = [greedy(model, p) for p in prompts]
+        del model
+    return {"adapters": d, "model": path, "prompts": prompts, "expected": expected,
+            "cache": d.parent / "lora-cache"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    """vLLM's OpenAI server with the plugin, started by the documented command; its log is printed on failure."""
+    import httpx
+
+    from vblora.serve.vllm_launch import vllm_command
+
+    port = free_port()
+    argv, env = vllm_command(VLLM_PYTHON, work["model"], work["adapters"], port=port, rank=8,
+                             cache=work["cache"], cache_bytes="64M", dtype="float32",
+                             extra=["--max-model-len", "256", "--served-model-name", "base"])
+    log = open(work["adapters"].parent / "vllm.log", "w+")
+    proc = subprocess.Popen(argv, env=env | {"HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"vLLM exited with {proc.returncode}:\n{log.read()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("vLLM did not become healthy in 600 s")
+            time.sleep(2)
+        yield {"url": url, "proc": proc, "log": log}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server['url']}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def complete(client, model: str, ids: list[int]) -> list[int]:
+    out = client.completions.create(model=model, prompt=ids, max_tokens=NEW_TOKENS, temperature=0,
+                                    extra_body={"ignore_eos": True, "return_token_ids": True})
+    return list(out.choices[0].token_ids)
+
+
+def assert_serves_base(client, work):
+    assert complete(client, "base", work["prompts"][0]) == work["expected"]["base"][0]
+
+
+@pytest.mark.parametrize("name", ["base", "native", "peftdir", "shared"])
+def test_greedy_completions_equal_transformers_and_load_adapter(client, work, name):
+    got = [complete(client, name, p) for p in work["prompts"]]
+    assert got == work["expected"][name]
+    if name != "base":  # the adapter does change the text, so an adapter ignored by the server would fail here
+        assert got != work["expected"]["base"]
+
+
+def test_each_adapter_composed_once_into_the_bounded_cache(client, work):
+    for name in ("native", "peftdir", "shared"):
+        complete(client, name, work["prompts"][0])
+    entries = [p for p in work["cache"].iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 3 and all((p / "adapter_config.json").is_file() for p in entries)
+    assert sum(f.stat().st_size for p in entries for f in p.iterdir()) <= 64 << 20
+
+
+def test_unknown_adapter_is_404_and_the_server_goes_on(client, work):
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError, match="nosuch"):
+        complete(client, "nosuch", work["prompts"][0])
+    with pytest.raises(NotFoundError):
+        complete(client, "../native", work["prompts"][0])  # no way out of the adapter directory
+    assert_serves_base(client, work)
+
+
+@pytest.mark.parametrize("name, reason", [("damaged", "corrupt"), ("otherbase", "does not fit")])
+def test_bad_adapter_is_400_naming_why_and_the_server_goes_on(client, work, name, reason):
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError, match=rf"adapter '{name}' cannot be served: .*({reason})"):
+        complete(client, name, work["prompts"][0])
+    with pytest.raises(BadRequestError):  # asked again: refused again (nothing half-registered)
+        complete(client, name, work["prompts"][0])
+    assert_serves_base(client, work)
+    assert complete(client, "native", work["prompts"][0]) == work["expected"]["native"][0]
+    assert server_alive(client)
+
+
+def server_alive(client) -> bool:
+    return bool(client.models.list().data)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-x", "-q"]))
