@@ -104,7 +104,7 @@ def test_shared_bank_held_once(base, tmp_path):
         vblora.save_adapter(m, tmp_path / f"ref{i}.safetensors", bank="reference")
     vblora.save_adapter(models[3], tmp_path / "embedded.safetensors")
     served = copy.deepcopy(base)
-    store = AdapterStore(served, tmp_path)
+    store = AdapterStore(served, tmp_path, allow_outside_paths=True)  # adds a run directory beside it, below
     assert store.names() == ["embedded", "ref0", "ref1", "ref2"]  # the bank file is not an adapter
     handles = [store.acquire(n) for n in store.names()]
     assert len({id(h.adapter.bank) for h in handles}) == 1
@@ -171,12 +171,12 @@ def test_add_remove_while_running(base, tmp_path):
     vblora.save_adapter(adapted(base, 2), tmp_path / "two.safetensors")
     vblora.save_adapter(adapted(base, 3, target_modules=["o_proj", "up_proj"], rank=2), tmp_path / "three.safetensors")
     served = copy.deepcopy(base)
-    store = AdapterStore(served, d)
+    store = AdapterStore(served, d, allow_outside_paths=True)  # adds files outside d
     refs = {"one": alone(base, d / "one.safetensors"), "two": alone(base, tmp_path / "two.safetensors"),
             "three": alone(base, tmp_path / "three.safetensors")}
     one = store.acquire("one")
     store.add("two", tmp_path / "two.safetensors")
-    store.add("three", tmp_path / "three.safetensors")  # other targets: wrapped on registration
+    store.add("three", tmp_path / "three.safetensors")  # other targets: wrapped when added (after verifying)
     assert store.names() == ["one", "three", "two"]
     check_rows(store, served, base, refs, ["three", "one", "two", None])
     store.remove("one")

@@ -6,6 +6,11 @@ Loading verifies like `vblora.load_adapter`: the damage-proof reader and every h
 the native format (`vblora.storage.native.read_adapter`), PEFT's directory checks (`read_peft`), then the base model
 check: architecture, each adapted module's kind and shape, the base weight sample where the file carries one, the
 heads' shapes. Composition is the stored rule, exactly as a single-adapter model composes it.
+
+`verified(source, model, modules)` is the one path from a source to a checked snapshot (the store's loads, and any
+other server's, e.g. a vLLM resolver: `verified(find(directory, name), model, dict(model.named_modules()))`). Heads
+are checked to be heads before anyone wraps them: not the model itself, not a container without a forward, not
+holding or inside an adapted module (a crafted `modules_to_save` naming `model` or `""` is refused here).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from vblora.storage.native import bank_sha256, read_adapter
 from vblora.storage.peft_vblora import read_peft
 from vblora.storage.snapshot import AdapterSnapshot, described, shape_problems, weight_problems
 from vblora.serve.sources import NATIVE, Source, bank_candidates
+
+MAX_MESSAGE = 4  # problems named in one message
 
 Factors = dict  # module name -> (A (r, in), B (out, r)) in the compute dtype
 
@@ -116,7 +123,71 @@ def check_fits(snap: AdapterSnapshot, model: nn.Module, bases: dict[str, nn.Modu
     if not problems and snap.weight_sample:
         problems += weight_problems({n: b for n, b in bases.items() if b is not None}, snap)
     if problems:
-        raise AdapterFormatError(f"{where} does not fit the served base model: " + "; ".join(problems[:4]))
+        raise AdapterFormatError(f"{where} does not fit the served base model: " + "; ".join(problems[:MAX_MESSAGE]))
+
+
+def verified(source: Source, model: nn.Module, modules: dict[str, nn.Module],
+             banks: dict | None = None) -> tuple[AdapterSnapshot, dict[str, dict]]:
+    """`(snapshot, head states)` of `source`, read and verified: the file's own checks, the fit to `model` (kind and
+    shape of each adapted module, the base weight sample), its heads being real heads of `model` whose states fit.
+    `modules`: `model`'s modules by name as the base model has them (no serving wrappers); `banks`: {sha256: bank
+    file} of a directory (`discover`), for adapters referencing a shared bank. Head states are keyed by the model's
+    module names. AdapterFormatError / FileNotFoundError naming the adapter on any defect; nothing is changed."""
+    try:
+        snap = read_snapshot(source, dict(banks or {}), list(modules))
+        check_fits(snap, model, {m.name: modules.get(m.name) for m in snap.modules}, source)
+        return snap, head_states(snap, head_targets(snap, modules, source), source)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"adapter '{source.name}': {e}") from None
+    except AdapterFormatError as e:
+        text = str(e)
+        raise AdapterFormatError(text if source.name in text else f"adapter '{source.name}': {text}") from None
+
+
+def head_name(head: str, names) -> str | None:
+    """The model's module for a `modules_to_save` name: exact, else the outermost with that dotted suffix (PEFT
+    saves the names its task type may use, e.g. "classifier"); never the model itself (name "")."""
+    if not head:
+        return None
+    if head in names:
+        return head
+    found = [n for n in names if n.endswith("." + head)]
+    return min(found, key=len) if found else None
+
+
+def nested(a: str, b: str) -> bool:
+    """Whether module `a` is `b` or inside it, or `b` inside `a` (dotted names)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def head_targets(snap: AdapterSnapshot, modules: dict[str, nn.Module],
+                 source: Source) -> dict[str, tuple[str, nn.Module]]:
+    """The adapter's head name -> (the model's module name, that module) for each `modules_to_save` entry.
+    AdapterFormatError unless each is a real head: a named module of the model (not the model itself) with a forward
+    of its own (not a ModuleList / ModuleDict), neither holding nor inside one of the adapter's adapted modules or
+    another of its heads."""
+    out, problems = {}, []
+    adapted = [m.name for m in snap.modules]
+    for head in snap.extras:
+        name = head_name(head, modules)
+        if name is None:
+            problems.append(f"modules_to_save entry {head or '(empty name)'} matches no module of the base model"
+                            + (" (the model itself cannot be one)" if not head else ""))
+            continue
+        module = modules[name]
+        if type(module).forward is nn.Module.forward:
+            problems.append(f"modules_to_save entry {head}: {type(module).__name__} {name} is a container, not a "
+                            f"head")
+        elif any(nested(name, a) for a in adapted):
+            problems.append(f"modules_to_save entry {head}: module {name} holds or is an adapted module, so it is "
+                            f"no head")
+        elif any(nested(name, other) for other, _ in out.values()):
+            problems.append(f"modules_to_save entry {head}: module {name} overlaps another head")
+        else:
+            out[head] = (name, module)
+    if problems:
+        raise AdapterFormatError(f"adapter '{source.name}': " + "; ".join(problems[:MAX_MESSAGE]))
+    return out
 
 
 def head_states(snap: AdapterSnapshot, heads: dict[str, tuple[str, nn.Module]], source: Source) -> dict[str, dict]:

@@ -232,12 +232,19 @@ class MixedHead(Wrapper):
     """A `modules_to_save` head (e.g. a classifier): units whose adapter carries a trained copy of it run that copy
     (the base module called with the adapter's state), the others the base module."""
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        out = self.base(x, *args, **kwargs)
+    def forward(self, *args, **kwargs):
+        out = self.base(*args, **kwargs)  # called as the module it wraps is called, whatever its signature
         plan = self.router.current()
         if plan is None:
             return out
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor):  # units cannot be told apart: fail the batch using this head only
+            if any(a is not None and self.name in a.heads for a in plan.units):
+                raise VBLoRAError(f"head {self.name} was called without a tensor input; its trained copies cannot be "
+                                  f"applied per {plan.axis[:-1]}")
+            return out
         n = plan.unit_count(x)
+        args = args[1:]
         parts = plan.heads(self.name, n)
         if not parts:
             return out

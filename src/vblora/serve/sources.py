@@ -6,6 +6,14 @@ use.
 Names: a native file `DIR/<name>.safetensors`, a native directory `DIR/<name>/adapter.safetensors`, a PEFT directory
 `DIR/<name>/adapter_config.json` (peft_type VBLORA). Bank files (`vblora.save_bank`, format "vblora-bank") found in
 DIR are not adapters: they are indexed by content hash for the adapters that reference a shared bank.
+
+Confinement (hostile names and files): a source found in or added to a directory with `root` set is read only if
+every file it reads resolves (symlinks followed) inside that root; an entry of the directory that leaves it (a
+symlink to /etc/passwd, a native directory whose `adapter.safetensors` links elsewhere) is not listed at all, and a
+path given to `describe(..., root=...)` outside it is refused with `PathNotAllowedError` before anything is opened
+(so a refusal says nothing about the file). `find(directory, name)` is the one way to look a name up in a directory
+(with `bank_index(directory)` for the bank files a shared-bank adapter may reference); then
+`vblora.serve.loaded.verified` reads and verifies it.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vblora.errors import AdapterFormatError
+from vblora.errors import AdapterFormatError, VBLoRAError
 from vblora.storage.files import header_metadata, parse_json_metadata, read_header
 from vblora.storage.native import ADAPTER_FILE, BANK_FILE, BANK_FORMAT, FORMAT
 from vblora.storage.peft_vblora import CONFIG_FILE, LOGITS_A, PREFIX, TOPK_INDICES, WEIGHTS_FILE
@@ -29,8 +37,9 @@ class Source:
     """One registered adapter, as its headers describe it (no tensors).
 
     modules: qualified names of the adapted modules; heads: names of its `modules_to_save` (full names for native
-    files, PEFT's names, possibly suffixes, for PEFT directories); stamp: (size, mtime_ns) of the file read, so a
-    rescan notices a replaced file; error: why the adapter cannot be used (then modules and heads are empty).
+    files, PEFT's names, possibly suffixes, for PEFT directories); stamp: `stamp_of` the files read (size, mtime,
+    inode, ctime of each), so a rescan and the first load notice a replaced file; error: why the adapter cannot be
+    used (then modules and heads are empty); root: the directory every file read must stay inside (None: anywhere).
     """
 
     name: str
@@ -39,10 +48,15 @@ class Source:
     modules: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
     file_bytes: int = 0
-    stamp: tuple[int, int] = (0, 0)
+    stamp: tuple[int, ...] = (0, 0)
     bank_sha256: str | None = None  # the shared bank a native adapter references (None: bank embedded)
     summary: dict = field(default_factory=dict)  # small JSON-able facts for AdapterHandle.info
     error: str | None = None
+    root: Path | None = None
+
+
+class PathNotAllowedError(VBLoRAError, PermissionError):
+    """An adapter path outside the directory it must stay in (its name, or a symlink, leads out of it)."""
 
 
 _names: dict[tuple, tuple] = {}  # one tuple object per distinct module list: 1,000 adapters of one model share it
@@ -53,9 +67,43 @@ def shared_names(names) -> tuple[str, ...]:
     return _names.setdefault(key, key)
 
 
-def stamp_of(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
+def stamp_of(*paths: Path) -> tuple[int, ...]:
+    """(size, mtime_ns, inode, ctime_ns) of each file: any replacement changes it, even one of the same size that
+    keeps the old modification time (`cp -p`, an atomic rename), since the inode or the ctime changes."""
+    out: tuple[int, ...] = ()
+    for path in paths:
+        st = path.stat()
+        out += (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    return out
+
+
+def source_stamp(source: Source) -> tuple[int, ...] | None:
+    """The stamp of the files `source` was described from, as they are now; None if one is gone."""
+    try:
+        return stamp_of(*stamped_files(source))
+    except OSError:
+        return None
+
+
+def stamped_files(source: Source) -> tuple[Path, ...]:
+    return (source.path / WEIGHTS_FILE, source.path / CONFIG_FILE) if source.kind == PEFT else (source.path,)
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether `path`, every symlink followed, lies in `root` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def confine(path: Path, root: Path | None) -> Path:
+    """`path`, or PathNotAllowedError if it leaves `root` (no root: anywhere)."""
+    if root is not None and not inside(path, root):
+        raise PathNotAllowedError(f"adapter path {path} is outside the adapter directory {root}: put the adapter "
+                                  f"in that directory (the operator may allow other paths: "
+                                  f"AdapterStore(..., allow_outside_paths=True))")
+    return path
 
 
 def read_json_header(file: Path) -> dict:
@@ -69,13 +117,21 @@ def vblora_metadata(file: Path) -> dict:
     return parse_json_metadata(file, header_metadata(read_json_header(file), file), "vblora")
 
 
-def describe_native(name: str, file: Path) -> Source:
-    meta = vblora_metadata(file)
+def short(value, limit: int = 40) -> str:
+    """repr of a value read from a file, cut to `limit` characters (a message is one line, not the file)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def describe_native(name: str, file: Path, root: Path | None = None) -> Source:
+    meta = vblora_metadata(confine(file, root))
     if meta.get("format") != FORMAT:
-        raise AdapterFormatError(f"{file}: not a vblora adapter (format={meta.get('format')!r})")
+        raise AdapterFormatError(f"{file}: not a vblora adapter (format={short(meta.get('format'))})")
     try:
         modules = [str(row[0]) for row in meta["modules"]]
         heads = [str(h) for h in dict(meta.get("modules_to_save") or {})]
+        if "" in modules or "" in heads:
+            raise ValueError("a module name is empty (the model itself is no adapted module or head)")
         config, bank, base = dict(meta["config"]), dict(meta["bank"]), dict(meta.get("base") or {})
         labels = meta.get("labels")
         summary = {"format": NATIVE, "task_type": base.get("task_type"), "base_model": base.get("name_or_path"),
@@ -86,37 +142,43 @@ def describe_native(name: str, file: Path) -> Source:
                    "labels": {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else None}
         shared = bank.get("sha256") if bank.get("mode") == "reference" else None
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise AdapterFormatError(f"{file}: malformed header ({type(e).__name__}: {e})") from None
-    size, mtime = stamp_of(file)
-    return Source(name, file, NATIVE, shared_names(modules), shared_names(heads), size, (size, mtime), shared,
-                  summary)
+        raise AdapterFormatError(f"{file}: malformed header ({type(e).__name__}: {str(e)[:120]})") from None
+    stamp = stamp_of(file)
+    return Source(name, file, NATIVE, shared_names(modules), shared_names(heads), stamp[0], stamp, shared, summary,
+                  root=root)
 
 
-def describe_peft(name: str, d: Path) -> Source:
+def describe_peft(name: str, d: Path, root: Path | None = None) -> Source:
+    config, weights = confine(d / CONFIG_FILE, root), d / WEIGHTS_FILE
     try:
-        conf = json.loads((d / CONFIG_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{d / CONFIG_FILE}: unreadable ({e})") from None
+        conf = json.loads(config.read_text())
+    except OSError as e:
+        raise AdapterFormatError(f"{config}: unreadable ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise AdapterFormatError(f"{config}: not a JSON file") from None
     if not isinstance(conf, dict) or conf.get("peft_type") != "VBLORA":
         kind = conf.get("peft_type") if isinstance(conf, dict) else None
-        raise AdapterFormatError(f"{d}: peft_type {kind!r} is not a VB-LoRA adapter (expected 'VBLORA'); export "
+        raise AdapterFormatError(f"{d}: peft_type {short(kind)} is not a VB-LoRA adapter (expected 'VBLORA'); export "
                                  f"VB-LoRA adapters with vblora.export_peft")
-    weights = d / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterFormatError(f"{d}: missing {WEIGHTS_FILE}")
     suffix = LOGITS_A + (TOPK_INDICES if conf.get("save_only_topk_weights") else "")
-    keys = [k for k in read_json_header(weights) if k != "__metadata__"]
+    keys = [k for k in read_json_header(confine(weights, root)) if k != "__metadata__"]
     modules = [k[len(PREFIX):-len(suffix)] for k in keys if k.startswith(PREFIX) and k.endswith(suffix)]
     if not modules:
         raise AdapterFormatError(f"{d}: no '*{suffix}' tensors in {WEIGHTS_FILE}")
-    heads = [h for h in conf.get("modules_to_save") or () if any(k.startswith(f"{PREFIX}{h}.") for k in keys)]
-    size, mtime = stamp_of(weights)
+    saved = conf.get("modules_to_save") or ()
+    if not isinstance(saved, (list, tuple)) or not all(isinstance(h, str) and h for h in saved):
+        raise AdapterFormatError(f"{config}: modules_to_save must be a list of module names")
+    heads = [h for h in saved if any(k.startswith(f"{PREFIX}{h}.") for k in keys)]
+    size = weights.stat().st_size
     summary = {"format": PEFT, "task_type": conf.get("task_type"), "base_model": conf.get("base_model_name_or_path"),
                "rank": conf.get("r"), "num_vectors": conf.get("num_vectors"),
                "vector_length": conf.get("vector_length"), "modules": len(modules), "heads": heads,
                "num_labels": None, "labels": None}
-    file_bytes = size + (d / CONFIG_FILE).stat().st_size
-    return Source(name, d, PEFT, shared_names(modules), shared_names(heads), file_bytes, (size, mtime), None, summary)
+    file_bytes = size + config.stat().st_size
+    return Source(name, d, PEFT, shared_names(modules), shared_names(heads), file_bytes, stamp_of(weights, config),
+                  None, summary, root=root)
 
 
 def adapter_path(path: Path) -> tuple[str, Path] | None:
@@ -131,21 +193,67 @@ def adapter_path(path: Path) -> tuple[str, Path] | None:
     return None
 
 
-def describe(name: str, path: str | os.PathLike) -> Source:
-    """Read the headers of the adapter at `path`. Raises FileNotFoundError / AdapterFormatError."""
+def describe(name: str, path: str | os.PathLike, root: str | os.PathLike | None = None) -> Source:
+    """Read the headers of the adapter at `path`. Raises FileNotFoundError / AdapterFormatError, or
+    PathNotAllowedError (before looking at the path) if `root` is given and the path leads out of it."""
     path = Path(path)
+    root = Path(root) if root is not None else None
+    confine(path, root)
     found = adapter_path(path)
     if found is None:
         raise FileNotFoundError(f"no adapter at {path}: give a native .safetensors file, a directory holding "
                                 f"{ADAPTER_FILE}, or an HF PEFT VB-LoRA directory ({CONFIG_FILE})")
     kind, target = found
-    return describe_native(name, target) if kind == NATIVE else describe_peft(name, target)
+    return describe_native(name, target, root) if kind == NATIVE else describe_peft(name, target, root)
 
 
-def broken(name: str, path: Path, error: Exception) -> Source:
-    """A registered name whose headers cannot be read: acquiring it raises `error` again, others are unaffected."""
-    return Source(name, path, NATIVE, error=f"{type(error).__name__}: {error}" if not isinstance(
-        error, AdapterFormatError) else str(error))
+def valid_name(name: str) -> bool:
+    """A name that can only mean one entry of a directory: one path component, not hidden, no separators."""
+    return (isinstance(name, str) and bool(name) and not name.startswith(".") and "/" not in name
+            and "\\" not in name and "\0" not in name and name == name.strip())
+
+
+def find(directory: str | os.PathLike, name: str) -> Source:
+    """The adapter `name` of `directory`, as `discover` would list it (`<name>.safetensors`, or a directory `<name>`
+    holding a native or PEFT adapter), confined to the directory. FileNotFoundError if there is none (also for a
+    name that is not one plain directory entry, e.g. '../x'), AdapterFormatError if its headers are bad,
+    PathNotAllowedError if it leads out of the directory."""
+    d = Path(directory)
+    if valid_name(name):
+        for entry in (d / f"{name}.safetensors", d / name):
+            listed = listing(d, entry)
+            if listed is not None and listed[0] == name and not (entry.is_file() and entry_bank(d, entry)):
+                return describe(name, entry, d)
+    raise FileNotFoundError(f"no adapter named {name!r} in {d}")
+
+
+def listing(d: Path, entry: Path) -> tuple[str, str, Path] | None:
+    """`(name, kind, path to read)` of an entry of directory `d` that is an adapter (or bank) whose every file lies
+    inside `d`, else None: hidden entries, other files, and entries leading out of `d` (symlinks) are not listed."""
+    if entry.name.startswith("."):
+        return None  # temporaries of atomic writes, hidden files
+    try:
+        found = adapter_path(entry)
+        if found is None:
+            return None
+        kind, target = found
+        files = [entry, target] + ([target / CONFIG_FILE, target / WEIGHTS_FILE] if kind == PEFT else [])
+        if not all(inside(f, d) for f in files if f == entry or f.exists()):
+            return None  # a symlink out of the directory: not an adapter of this directory
+        return (entry.stem if entry.is_file() else entry.name), kind, target
+    except OSError:  # a symlink loop, a name too long
+        return None
+
+
+def broken(name: str, path: Path, error: Exception, root: Path | None = None) -> Source:
+    """A registered name whose headers cannot be read: acquiring it raises `error` again (until the file at `path`
+    changes: its stamp is kept), others are unaffected."""
+    try:
+        stamp = stamp_of(path)
+    except OSError:
+        stamp = (0, 0)
+    return Source(name, path, NATIVE, stamp=stamp, root=root, error=f"{type(error).__name__}: {error}" if not
+                  isinstance(error, AdapterFormatError) else str(error))
 
 
 def bank_file_sha256(file: Path) -> str | None:
@@ -158,34 +266,59 @@ def bank_file_sha256(file: Path) -> str | None:
 
 
 def discover(directory: str | os.PathLike) -> tuple[dict[str, Source], dict[str, Path]]:
-    """Every adapter in `directory` by name (unreadable ones as `broken` sources) and every bank file by hash."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"adapter directory {d} does not exist")
+    """Every adapter in `directory` by name (unreadable ones as `broken` sources) and every bank file by hash.
+    Entries leading out of the directory (symlinks) are left out; no single entry makes the scan fail."""
+    d = existing(directory)
     sources: dict[str, Source] = {}
     banks: dict[str, Path] = {}
     for entry in sorted(d.iterdir()):
-        if entry.name.startswith("."):
-            continue  # temporaries of atomic writes, hidden files
-        found = adapter_path(entry)
-        if found is None:
+        listed = listing(d, entry)
+        if listed is None:
             continue
-        kind, target = found
-        if kind == NATIVE and entry.is_file():
-            sha = bank_file_sha256(entry)
-            if sha is not None:
-                banks[sha] = entry
-                continue
-        if entry.is_dir() and (entry / BANK_FILE).is_file():
-            sha = bank_file_sha256(entry / BANK_FILE)
-            if sha is not None:
-                banks.setdefault(sha, entry / BANK_FILE)
-        name = entry.stem if entry.is_file() else entry.name
+        name, kind, target = listed
+        found = entry_bank(d, entry)
+        if found is not None:
+            sha, bank, alone = found
+            banks[sha] = bank if alone else banks.get(sha, bank)
+            if alone:
+                continue  # a bank file is no adapter
         try:
-            sources[name] = describe(name, entry)
-        except (OSError, AdapterFormatError) as e:
-            sources[name] = broken(name, target, e)
+            sources[name] = describe(name, entry, d)
+        except Exception as e:  # noqa: BLE001  (any defect of one file is that file's problem, listed with it)
+            sources[name] = broken(name, target, e, d)
     return sources, banks
+
+
+def bank_index(directory: str | os.PathLike) -> dict[str, Path]:
+    """Every bank file of `directory` by content hash, as `discover` finds them, reading bank headers only (for a
+    shared-bank adapter found with `find`; its `bank_candidates` also look beside it)."""
+    d = existing(directory)
+    banks: dict[str, Path] = {}
+    for entry in sorted(d.iterdir()):
+        found = entry_bank(d, entry) if listing(d, entry) is not None else None
+        if found is not None:
+            banks[found[0]] = found[1] if found[2] else banks.get(found[0], found[1])
+    return banks
+
+
+def existing(directory: str | os.PathLike) -> Path:
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"adapter directory {d} does not exist")
+    return d
+
+
+def entry_bank(d: Path, entry: Path) -> tuple[str, Path, bool] | None:
+    """(sha256, bank file, whether the entry is that bank file itself) for a listed entry that is a bank file or a
+    directory holding `bank.safetensors` inside `d`; None otherwise."""
+    if entry.is_file():
+        sha = bank_file_sha256(entry)
+        return (sha, entry, True) if sha is not None else None
+    bank = entry / BANK_FILE
+    if entry.is_dir() and bank.is_file() and inside(bank, d):
+        sha = bank_file_sha256(bank)
+        return (sha, bank, False) if sha is not None else None
+    return None
 
 
 def bank_candidates(source: Source, banks: dict[str, Path]) -> list[Path]:
@@ -196,4 +329,4 @@ def bank_candidates(source: Source, banks: dict[str, Path]) -> list[Path]:
     for d in (source.path.parent, source.path.parent.parent):
         if (d / BANK_FILE).is_file() and d / BANK_FILE not in out:
             out.append(d / BANK_FILE)
-    return out
+    return [p for p in out if source.root is None or inside(p, source.root)]

@@ -5,9 +5,12 @@
     with store.rows([a, None, b]):          # one entry per row: its adapter, or None for the base model
         out = model(input_ids=ids)          # also model.generate(...)
 
-Registration reads headers only and wraps the adapted modules (the union over adapters) with mixed layers, which
-pass the base output through untouched outside `rows(...)` / `tokens(...)`. An adapter's tensors are read and
-verified on first `acquire`, then stay resident (indices and mixing weights: about its file size; its bank is held
+Registration reads headers only. An adapter's tensors are read and verified on first `acquire` (the file rechecked
+first: a file replaced since registration is described again from its new header), and only then are its modules
+wrapped with mixed layers (the union over loaded adapters; they pass the base output through untouched outside
+`rows(...)` / `tokens(...)`): a file refused on loading changes nothing in the model. `add` verifies the new file
+before it replaces a registration of that name. Paths stay inside the store's directory (symlinks out of it are not
+listed; `add` refuses paths outside it) unless `allow_outside_paths=True`. Loaded adapters then stay resident (indices and mixing weights: about its file size; its bank is held
 once per content hash, so adapters sharing a bank, e.g. trained with `--freeze-bank`, cost only their indices and
 weights). Compositions (every module's A and B in the compute dtype) live in a least-recently-used cache bounded in
 bytes and are recomposed on demand.
@@ -30,10 +33,11 @@ from torch import nn
 from vblora.errors import AdapterFormatError, TargetError, VBLoRAError
 from vblora.inject import BANK_ATTR, unwrap
 from vblora.serve.cache import ByteLRU, release_freed_heap
-from vblora.serve.loaded import (LoadedAdapter, check_fits, compacted, factor_bytes, head_states, layout_key, load,
-                                 read_snapshot)
-from vblora.serve.mixed import ROWS, TOKENS, MixedHead, MixedLayer, Plan, Router, unwrapped
-from vblora.serve.sources import Source, describe, discover
+from vblora.serve.loaded import LoadedAdapter, compacted, factor_bytes, head_name, layout_key, load, nested, verified
+from vblora.serve.mixed import ROWS, TOKENS, MixedHead, MixedLayer, Plan, Router
+from vblora.serve.sources import PathNotAllowedError, Source, broken, describe, discover, source_stamp
+
+REFUSED = (AdapterFormatError, FileNotFoundError, PathNotAllowedError)  # a bad file, not a bug: remembered per stamp
 
 
 class UnknownAdapterError(VBLoRAError, KeyError):
@@ -60,17 +64,21 @@ class AdapterHandle:
 
 
 class Entry:
-    """A registered name: its source, its loaded form once acquired, and a lock so it is loaded once."""
+    """A registered name: its source, its loaded form once acquired, and a lock so it is loaded once; `refused`:
+    (stamp, error) of the last refused load, raised again without reading while the file is unchanged."""
 
-    __slots__ = ("source", "loaded", "lock", "from_directory")
+    __slots__ = ("source", "loaded", "lock", "from_directory", "refused")
 
-    def __init__(self, source: Source, from_directory: bool) -> None:
-        self.source, self.loaded, self.lock, self.from_directory = source, None, threading.Lock(), from_directory
+    def __init__(self, source: Source, from_directory: bool, loaded: LoadedAdapter | None = None) -> None:
+        self.source, self.loaded, self.lock, self.from_directory = source, loaded, threading.Lock(), from_directory
+        self.refused: tuple[tuple, Exception] | None = None
 
 
 class AdapterStore:
     def __init__(self, model: nn.Module, directory: str | os.PathLike | None = None, *,
-                 cache_bytes: int = 64 << 20) -> None:
+                 cache_bytes: int = 64 << 20, allow_outside_paths: bool = False) -> None:
+        """`directory`: adapters registered by name (see `vblora.serve.sources`); `add` takes paths inside it only,
+        unless `allow_outside_paths` (a store without a directory takes any path: its caller is the operator)."""
         self.model = unwrap(model)
         if hasattr(self.model, BANK_ATTR):
             raise TargetError(f"{type(self.model).__name__} already carries a VB-LoRA adapter; give the store the "
@@ -79,13 +87,15 @@ class AdapterStore:
         self.dtype = param.dtype if param is not None else torch.float32
         self.device = param.device if param is not None else torch.device("cpu")
         self.directory = Path(directory) if directory is not None else None
+        self.root = None if allow_outside_paths else self.directory  # where `add` may read from (None: anywhere)
         self.router = Router()
         self.cache = ByteLRU(cache_bytes)
         self.lock = threading.RLock()
         self.entries: dict[str, Entry] = {}
         self.bank_files: dict[str, Path] = {}  # sha256 -> bank file found in the directory
         self.banks: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
-        self.modules = dict(self.model.named_modules())  # name -> module, kept current by `wrap`
+        self.modules = dict(self.model.named_modules())  # name -> module of the base model as given (unwrapped)
+        self.wrappers: dict[str, MixedLayer | MixedHead] = {}  # module name -> the wrapper in its place
         self.last_plan: Plan | None = None
         self.layouts: weakref.WeakValueDictionary[tuple, object] = weakref.WeakValueDictionary()  # one per module table
         if self.directory is not None:
@@ -97,9 +107,13 @@ class AdapterStore:
             return sorted(self.entries)
 
     def problems(self) -> dict[str, str]:
-        """Registered names whose headers could not be read, with the reason (acquiring them raises it)."""
+        """Registered names whose headers could not be read, or whose last load was refused (file unchanged since),
+        with the reason (acquiring them raises it)."""
         with self.lock:
-            return {n: e.source.error for n, e in self.entries.items() if e.source.error is not None}
+            out = {n: e.source.error for n, e in self.entries.items() if e.source.error is not None}
+            out.update({n: str(e.refused[1]) for n, e in self.entries.items()
+                        if e.refused is not None and e.loaded is None and n not in out})
+            return out
 
     def scan(self) -> tuple[list[str], list[str]]:
         """Re-read the directory: register new adapters, unregister those gone, re-register replaced files.
@@ -124,17 +138,20 @@ class AdapterStore:
                     added.append(name)
         return sorted(added), sorted(removed)
 
-    def add(self, name: str, path: str | os.PathLike) -> None:
-        """Register the adapter at `path` (native file or directory, or PEFT VB-LoRA directory) as `name`,
-        replacing a registration of that name. Raises FileNotFoundError / AdapterFormatError if its headers are
-        unreadable."""
+    def add(self, name: str, path: str | os.PathLike) -> AdapterHandle:
+        """Register the adapter at `path` (native file or directory, or PEFT VB-LoRA directory) as `name` and return
+        its handle. The file is read and verified first: if it is refused (FileNotFoundError, AdapterFormatError,
+        PathNotAllowedError for a path outside the store's directory), a registration of that name stays as it
+        was; otherwise the new adapter replaces it."""
         if not isinstance(name, str) or not name:
             raise VBLoRAError(f"adapter name {name!r}: give a non-empty string")
-        source = describe(name, path)
+        source = describe(name, path, self.root)
+        entry = Entry(source, from_directory=False, loaded=self.load(source))
         with self.lock:
             if name in self.entries:
                 self.unregister(name)
-            self.register(source, from_directory=False)
+            self.entries[name] = entry
+        return AdapterHandle(entry.loaded, self.info(entry.loaded))
 
     def remove(self, name: str) -> None:
         """Unregister `name`; handles already acquired keep working. UnknownAdapterError if not registered."""
@@ -144,9 +161,7 @@ class AdapterStore:
             self.unregister(name)
 
     def register(self, source: Source, from_directory: bool) -> None:
-        if source.error is None:
-            self.wrap(source)
-        self.entries[source.name] = Entry(source, from_directory)
+        self.entries[source.name] = Entry(source, from_directory)  # headers only: nothing is wrapped before loading
 
     def unregister(self, name: str) -> None:
         entry = self.entries.pop(name)
@@ -160,32 +175,35 @@ class AdapterStore:
         return UnknownAdapterError(f"no adapter named {name!r} is registered (registered: {shown or 'none'})")
 
     # -- wrapping the base model ----------------------------------------------------------------------------------
-    def wrap(self, source: Source) -> None:
-        """Wrap the modules this adapter adapts (and its heads) once; modules it lacks are reported at load."""
-        modules = self.modules
-        for name in source.modules:
-            module = modules.get(name)
-            if module is not None and not isinstance(module, MixedLayer) and name.rpartition(".")[2] != "base":
-                try:
-                    self.replace(name, MixedLayer(module, name, self.router))
-                except VBLoRAError:
-                    pass  # cannot be adapted: check_fits names it when the adapter is loaded
-        for head in source.heads:
-            name = self.head_name(head, modules)
-            if name is not None and not isinstance(modules[name], MixedHead):
-                self.replace(name, MixedHead(modules[name], name, self.router))
-
-    def replace(self, name: str, wrapper: nn.Module) -> None:
-        self.model.set_submodule(name, wrapper)
-        self.modules[name] = wrapper
-        self.modules[f"{name}.base"] = wrapper.base
+    def wrap(self, adapted: list[str], heads: list[str], source: Source) -> None:
+        """Wrap the modules a verified adapter adapts with mixed layers and its heads with mixed heads (those not
+        wrapped yet), all or none. Called under the lock. AdapterFormatError (nothing wrapped) if the adapter's
+        modules and heads overlap what other adapters wrapped the other way (a head holding an adapted module)."""
+        clash = [f"module {a} is inside head {w} of another adapter" for a in adapted for w, m in self.wrappers.items()
+                 if isinstance(m, MixedHead) and nested(a, w)]
+        clash += [f"head {h} overlaps {type(m).__name__} {w} of another adapter" for h in heads
+                  for w, m in self.wrappers.items() if nested(h, w) and not (h == w and isinstance(m, MixedHead))]
+        if clash:
+            raise AdapterFormatError(f"adapter '{source.name}' cannot be served beside the adapters loaded: "
+                                     + "; ".join(clash[:4]))
+        done = []
+        try:
+            for kind, names in ((MixedLayer, adapted), (MixedHead, heads)):
+                for name in names:
+                    if name not in self.wrappers:
+                        wrapper = kind(self.modules[name], name, self.router)
+                        self.model.set_submodule(name, wrapper)
+                        self.wrappers[name] = wrapper
+                        done.append(name)
+        except BaseException:
+            for name in reversed(done):  # undo: the base model exactly as before
+                self.model.set_submodule(name, self.modules[name])
+                del self.wrappers[name]
+            raise
 
     def head_name(self, head: str, modules: dict[str, nn.Module]) -> str | None:
-        """The model's module for a `modules_to_save` name: exact, else the outermost with that dotted suffix."""
-        if head in modules:
-            return head
-        found = [n for n in modules if n.endswith("." + head) and ".base" not in n]
-        return min(found, key=len) if found else None
+        """The model's module for a `modules_to_save` name (`vblora.serve.loaded.head_name`)."""
+        return head_name(head, modules)
 
     # -- loading --------------------------------------------------------------------------------------------------
     def acquire(self, name: str) -> AdapterHandle:
@@ -197,26 +215,40 @@ class AdapterStore:
                 raise self.unknown(name)
         with entry.lock:
             if entry.loaded is None:
-                entry.loaded = self.load(entry.source)
+                source = self.current(entry)
+                if entry.refused is not None and entry.refused[0] == source.stamp:
+                    raise entry.refused[1]  # the same file again: refused without reading it
+                try:
+                    entry.loaded = self.load(source)
+                except REFUSED as e:
+                    entry.refused = (source.stamp, e)
+                    raise
+                entry.refused = None
                 with self.lock:  # removed while loading: the handle works, nothing is cached for it
                     entry.loaded.removed = self.entries.get(name) is not entry
         return AdapterHandle(entry.loaded, self.info(entry.loaded))
 
-    def load(self, source: Source) -> LoadedAdapter:
+    def current(self, entry: Entry) -> Source:
+        """The entry's source, described again if its file changed since (size, mtime, inode or ctime): the module
+        list and facts of a replaced file come from its new header, never the old one."""
+        old = entry.source
+        if source_stamp(old) == old.stamp:
+            return old
         try:
-            with self.lock:
-                modules = dict(self.modules)
-            snap = read_snapshot(source, dict(self.bank_files), list(modules))
-            check_fits(snap, self.model, {m.name: unwrapped(modules.get(m.name)) for m in snap.modules}, source)
-            names = {head: self.head_name(head, modules) for head in snap.extras}
-            heads = {head: (name, unwrapped(modules[name])) for head, name in names.items() if name is not None}
-            loaded = load(source, snap, self.intern_bank, head_states(snap, heads, source), self.intern_layout)
-            del snap
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"adapter '{source.name}': {e}") from None
-        except AdapterFormatError as e:
-            text = str(e)
-            raise AdapterFormatError(text if source.name in text else f"adapter '{source.name}': {text}") from None
+            new = describe(old.name, old.path, old.root)
+        except Exception as e:  # noqa: BLE001  (the file's problem, raised by the load below)
+            new = broken(old.name, old.path, e, old.root)
+        with self.lock:
+            entry.source = new
+        return new
+
+    def load(self, source: Source) -> LoadedAdapter:
+        """Read and verify `source` against the base model, then wrap what it adapts (nothing if refused)."""
+        snap, heads = verified(source, self.model, self.modules, self.bank_files)
+        with self.lock:
+            self.wrap([m.name for m in snap.modules], list(heads), source)
+        loaded = load(source, snap, self.intern_bank, heads, self.intern_layout)
+        del snap
         loaded = compacted(loaded)
         release_freed_heap()  # what reading the file left behind
         return loaded

@@ -161,12 +161,19 @@ def read_header(stream: BinaryIO, path: Path, size: int) -> dict:
     if len(head) < 8:
         raise AdapterFormatError(f"{path}: truncated file ({len(head)} bytes; not a safetensors file)")
     (n,) = struct.unpack("<Q", head)
+    # Messages name no value read from the file (the length word, undecodable bytes): the file may be one the caller
+    # could not read otherwise (a path given to a server), and its first bytes would be echoed back to them.
     if n > min(MAX_HEADER_BYTES, size - 8):
-        raise AdapterFormatError(f"{path}: truncated or corrupt: header claims {n} bytes, file has {size}")
+        raise AdapterFormatError(f"{path}: truncated or not a safetensors file (header length out of range; the file "
+                                 f"has {size} bytes)")
     try:
         header = json.loads(stream.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise AdapterFormatError(f"{path}: corrupt safetensors header ({e})") from None
+    except UnicodeDecodeError:
+        raise AdapterFormatError(f"{path}: corrupt safetensors header (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:  # its message: what was expected and where, never the text itself
+        raise AdapterFormatError(f"{path}: corrupt safetensors header (not JSON: {e.msg} at byte {e.pos})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path}: corrupt safetensors header (not a JSON object)")
     return header
