@@ -14,8 +14,9 @@ CORE = {"vblora.config", "vblora.errors", "vblora.layout", "vblora.bank", "vblor
 ALLOWED = {
     "core": {"core"},
     "storage": {"core", "storage"},
-    "api": {"core", "storage"},
-    "train": {"core", "storage", "api", "train"},
+    "api": {"core", "storage", "integrations"},
+    "integrations": {"core", "storage"},
+    "train": {"core", "storage", "api", "integrations", "train"},
     "experiments": {"core", "storage", "api", "train", "experiments"},
     "plots": {"core", "train", "plots"},
     "serve": {"core", "storage", "api", "train", "serve"},

@@ -51,4 +51,17 @@ __all__ = [
     "merge_and_save",
     "save_checkpoint",
     "load_checkpoint",
+    "AdapterTrainer",
 ]
+
+
+def __getattr__(name: str):
+    """`vblora.AdapterTrainer` (vblora/integrations.py), imported on first use: it needs transformers, and
+    `import vblora` needs torch alone."""
+    if name == "AdapterTrainer":
+        try:
+            from vblora.integrations import AdapterTrainer
+        except ImportError as e:
+            raise ImportError(f"vblora.AdapterTrainer needs transformers ({e}): pip install transformers") from None
+        return AdapterTrainer
+    raise AttributeError(f"module 'vblora' has no attribute {name!r}")

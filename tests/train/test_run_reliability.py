@@ -122,20 +122,20 @@ def test_damaged_checkpoints_are_skipped_with_a_note(setup, tmp_path):
     shutil.copytree(ck / "checkpoint-9", ck / "checkpoint-12")  # what an in-place save killed mid-way leaves
     (ck / "checkpoint-12" / "trainer_state.json").unlink()
     shutil.copytree(ck / "checkpoint-9", ck / "checkpoint-15")
-    data = (ck / "checkpoint-15" / "checkpoint.pt").read_bytes()
-    (ck / "checkpoint-15" / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # truncated
+    data = (ck / "checkpoint-15" / "model.safetensors").read_bytes()
+    (ck / "checkpoint-15" / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
     lines = []
     assert_identical(setup["ref"], _resume(setup, out, log=lines.append))
     note = next(s for s in lines if "resuming from" in s)
     assert f"{ck / 'checkpoint-9'} (step 9)" in note and "checkpoint-12 (incomplete: no trainer_state.json)" in note
-    assert "checkpoint-15 (unreadable: " in note and "not a loadable checkpoint" in note
+    assert "checkpoint-15 (unreadable: " in note and "model.safetensors" in note
 
 
 def test_no_complete_checkpoint_is_one_clear_error(setup, tmp_path):
     out = _copy(setup, "killed", tmp_path)
     for d in (out / "checkpoints").glob("checkpoint-*"):
-        data = (d / "checkpoint.pt").read_bytes()
-        (d / "checkpoint.pt").write_bytes(data[:100])
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[:100])
     with pytest.raises(ResumeError, match=r"no complete checkpoint in .*checkpoint-9 \(unreadable: .*--overwrite"):
         _resume(setup, out)
 
@@ -181,7 +181,7 @@ class Evil:
         return exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
-@pytest.mark.parametrize("target", ["checkpoint-*/checkpoint.pt", "checkpoint-9/optimizer.pt",
+@pytest.mark.parametrize("target", ["checkpoint-9/optimizer.pt",
                                     "checkpoint-9/scheduler.pt", "checkpoint-9/rng_state.pth", "best/checkpoint.pt"])
 def test_crafted_pickle_runs_no_code_on_any_load_path(setup, tmp_path, monkeypatch, target):
     out = _copy(setup, "killed", tmp_path)

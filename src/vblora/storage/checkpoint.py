@@ -10,6 +10,7 @@ and tensors only, so loading never runs code. Everything in `extra` must be of t
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 from pathlib import Path
@@ -19,10 +20,13 @@ from torch import nn
 
 from vblora.errors import AdapterFormatError
 from vblora.inject import BANK_ATTR, unwrap
-from vblora.storage.files import atomic_write
+from vblora.storage.files import atomic_write, parse_json_metadata, read_safetensors, write_safetensors
 
 FORMAT, FORMAT_VERSION = "vblora-checkpoint", 2
 CHECKPOINT_FILE = "checkpoint.pt"
+# The trainable tensors of a transformers-Trainer checkpoint directory: the Trainer's own weights file name, so its
+# resume reads them itself (a subset of the model's state dict: the frozen base is never written)
+TRAINABLE_FILE, TRAINABLE_FORMAT = "model.safetensors", "vblora-trainable"
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:
@@ -69,6 +73,34 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, optimizer: torch.
     return atomic_write(checkpoint_file(path), buffer.getvalue())
 
 
+def save_trainable(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write `directory/model.safetensors`: the trainable tensors (`trainable_state`) by their state-dict names, and
+    in its metadata the adapter identity and `extra` (JSON types). Atomic: a kill leaves the previous file or none."""
+    info = {"format": TRAINABLE_FORMAT, "adapter": adapter_identity(model), "extra": extra or {}}
+    return write_safetensors(Path(directory) / TRAINABLE_FILE, trainable_state(model),
+                             {"format": "pt", TRAINABLE_FORMAT: json.dumps(info)})
+
+
+def read_trainable(directory: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """`(file, tensors, info)` of what `save_trainable` wrote; AdapterFormatError for anything else (a full model's
+    weights included) or a damaged file. Never unpickles."""
+    file = Path(directory) / TRAINABLE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {TRAINABLE_FILE} in {directory}")
+    tensors, metadata, _ = read_safetensors(file)
+    if TRAINABLE_FORMAT not in metadata:
+        raise AdapterFormatError(f"{file}: not the trainable state of a vblora checkpoint (no '{TRAINABLE_FORMAT}' "
+                                 f"metadata)")
+    return file, tensors, parse_json_metadata(file, metadata, TRAINABLE_FORMAT)
+
+
+def load_trainable(model: nn.Module, directory: str | os.PathLike) -> dict:
+    """Restore what `save_trainable` wrote into `model` (checked first: nothing changes on a mismatch); -> its extra."""
+    file, tensors, info = read_trainable(directory)
+    restore_trainable(model, file, info.get("adapter"), tensors)
+    return info.get("extra") or {}
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
     """`(file, payload)` of a checkpoint; AdapterFormatError for anything that is not one (never runs code)."""
     file = checkpoint_file(path)
@@ -93,7 +125,22 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, optimizer: torch.
     scheduler. Returns `{"step": ..., "extra": ...}`. Raises AdapterFormatError on a damaged file or a model that
     does not match, saying what differs; nothing is modified then."""
     file, payload = read_checkpoint(path)
-    mine, theirs = adapter_identity(model), payload.get("adapter")
+    if optimizer is not None and payload["optimizer"] is None:
+        raise AdapterFormatError(f"{file}: checkpoint holds no optimizer state")
+    restore_trainable(model, file, payload.get("adapter"), payload["trainable"])
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and payload["scheduler"] is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    if restore_rng and payload.get("rng"):
+        torch.set_rng_state(payload["rng"]["torch"])
+    return {"step": payload["step"], "extra": payload["extra"]}
+
+
+def restore_trainable(model: nn.Module, file: Path, theirs: dict | None, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` (what `trainable_state` took, saved with adapter identity `theirs`) into `model`, after checking
+    that it fits: AdapterFormatError naming `file` and what differs otherwise, and nothing is modified then."""
+    mine = adapter_identity(model)
     if (mine is None) != (theirs is None):
         raise AdapterFormatError(f"{file}: checkpoint and model differ in method (one has a VB-LoRA bank, the other "
                                  f"not)")
@@ -103,7 +150,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, optimizer: torch.
                                  f"(checkpoint, model)")
     if mine is not None and theirs["modules"] != mine["modules"]:
         raise AdapterFormatError(f"{file}: checkpoint was saved from a model with other adapted modules or shapes")
-    state, target = payload["trainable"], trainable_state(model)
+    target = trainable_state(model)
     missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
     if missing or unexpected:
         raise AdapterFormatError(f"{file}: checkpoint does not fit this model: missing {missing[:3]}, unexpected "
@@ -112,16 +159,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, optimizer: torch.
         if not isinstance(t, torch.Tensor) or t.shape != target[name].shape:
             raise AdapterFormatError(f"{file}: checkpoint tensor '{name}' has shape "
                                      f"{tuple(getattr(t, 'shape', ()))}, the model needs {tuple(target[name].shape)}")
-    if optimizer is not None and payload["optimizer"] is None:
-        raise AdapterFormatError(f"{file}: checkpoint holds no optimizer state")
     live = dict(unwrap(model).named_parameters()) | dict(unwrap(model).named_buffers())
     with torch.no_grad():
         for name, t in state.items():
             live[name].copy_(t.to(live[name].device, live[name].dtype))
-    if optimizer is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-    if scheduler is not None and payload["scheduler"] is not None:
-        scheduler.load_state_dict(payload["scheduler"])
-    if restore_rng and payload.get("rng"):
-        torch.set_rng_state(payload["rng"]["torch"])
-    return {"step": payload["step"], "extra": payload["extra"]}

@@ -1,30 +1,35 @@
 """`vblora train`'s checkpoints: complete or absent, and resumed only when they continue this very run.
 
-The Trainer writes `checkpoint-N` (the trainable tensors through `vblora.storage.save_checkpoint`, optimizer,
-scheduler, RNG and trainer state) into `checkpoints/.saving/checkpoint-N`; once every process has written its part,
-rank 0 renames it to `checkpoints/checkpoint-N` (`publish`). A kill or a full disk mid-save leaves the earlier
-checkpoints and a stale `.saving`, which the next start removes. `find_resume` takes the newest checkpoint that is
+The Trainer (`vblora.AdapterTrainer`) writes `checkpoint-N` (the trainable tensors in `model.safetensors`, optimizer,
+scheduler, RNG and trainer state) into its output directory, `checkpoints/.saving`; once every process has written
+its part, rank 0 renames it to `checkpoints/checkpoint-N` (`Publisher`, on the Trainer's public `on_save` event). A
+kill or a full disk mid-save leaves the earlier checkpoints and a stale `.saving`, which the next start removes. `find_resume` takes the newest checkpoint that is
 complete and readable (damaged ones found on the way are removed, with a note) and refuses, in one line, one
 saved with other settings or lacking optimizer / scheduler / RNG state: resuming from it would not continue the run
-exactly (`--resume-partial` continues anyway, with a warning). Every checkpoint records the settings that decide the
-training trajectory and the Trainer's loss bookkeeping, so a resumed run logs the losses of an uninterrupted one.
+exactly (`--resume-partial` continues anyway, with a warning), and one whose training data file changed since
+(its sha256 is part of the run's identity). Every checkpoint records the settings that decide the training
+trajectory and the loss bookkeeping (`vblora.integrations.LossBook`), so a resumed run logs the losses of an
+uninterrupted one. `check_loadable` reads the optimizer, scheduler and RNG files before the Trainer does, so a
+damaged or crafted one is one ResumeError instead of a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import pickle
 import re
 import shutil
 from pathlib import Path
 
-from transformers.trainer_pt_utils import nested_gather
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_pt_utils import safe_globals
 
 from vblora.errors import VBLoRAError
-from vblora.storage import load_checkpoint, save_checkpoint
-from vblora.storage.checkpoint import read_checkpoint
-from vblora.train.errors import ResumeError, SaveError
+from vblora.storage.checkpoint import TRAINABLE_FILE, read_trainable
+from vblora.train.errors import ResumeError
 
 STAGING, KEEP = ".saving", 2
 # settings that may change between a checkpoint and its resume: they do not touch the training trajectory
@@ -40,9 +45,25 @@ def first_line(e: BaseException) -> str:
 
 
 def run_identity(cfg, train_examples: int, processes: int) -> dict:
-    """What a checkpoint must share with the run resuming it (plain JSON types: it is stored in checkpoint.pt)."""
+    """What a checkpoint must share with the run resuming it (plain JSON types: it is stored with the checkpoint),
+    including the content of the training data file (`train_sha256`): the same path and row count with edited rows
+    is another run."""
     settings = {k: v for k, v in cfg.to_dict().items() if k not in FREE_ON_RESUME}
-    return json.loads(json.dumps({**settings, "train_examples": train_examples, "processes": processes}, default=str))
+    data = {"train_sha256": file_sha256(cfg.train_file)} if getattr(cfg, "train_file", None) else {}
+    return json.loads(json.dumps({**settings, **data, "train_examples": train_examples, "processes": processes},
+                                 default=str))
+
+
+def file_sha256(path) -> str | None:
+    """sha256 of a file's bytes, read in 1 MiB blocks (None if it is not a readable file)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def checkpoints(ckpt: Path) -> list[Path]:
@@ -62,14 +83,17 @@ def publish(staged: Path, final: Path) -> None:
 
 
 def _damage(d: Path) -> tuple[str | None, dict]:
-    """(why `d` cannot be resumed from, or None; the extras its checkpoint.pt recorded)."""
-    for name in ("trainer_state.json", "checkpoint.pt"):  # the last and the first file the Trainer writes
+    """(why `d` cannot be resumed from, or None; the extras its trainable state recorded)."""
+    for name in ("trainer_state.json", TRAINABLE_FILE):  # the last and the first file the Trainer writes
         if not (d / name).is_file():
             return f"incomplete: no {name}", {}
     try:
-        json.loads((d / "trainer_state.json").read_text())
-        extra = read_checkpoint(d)[1].get("extra")
-    except (OSError, ValueError) as e:  # AdapterFormatError and JSONDecodeError are ValueErrors
+        state = json.loads((d / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) \
+                or not isinstance(state.get("log_history"), list):
+            return "unreadable: trainer_state.json is not a Trainer state (no global_step / log_history)", {}
+        extra = read_trainable(d)[2].get("extra")
+    except (OSError, ValueError, RecursionError) as e:  # AdapterFormatError and JSONDecodeError are ValueErrors
         return f"unreadable: {first_line(e)}", {}
     return None, extra if isinstance(extra, dict) else {}
 
@@ -78,6 +102,9 @@ def find_resume(ckpt: Path, identity: dict, partial: bool, rank: int, world: int
     """The newest complete checkpoint under `ckpt` and its extras; None if there is none at all."""
     skipped = []
     for d in checkpoints(ckpt):
+        if (d / "checkpoint.pt").is_file() and not (d / TRAINABLE_FILE).is_file():
+            raise ResumeError(f"--resume: {d} was written by an older vblora (checkpoint.pt, before checkpoints held "
+                              f"{TRAINABLE_FILE}); finish the run with that version, or pass --overwrite to start again")
         problem, extra = _damage(d)
         if problem:
             skipped.append(f"{d.name} ({problem})")
@@ -87,6 +114,11 @@ def find_resume(ckpt: Path, identity: dict, partial: bool, rank: int, world: int
         theirs = extra["run"] if isinstance(extra.get("run"), dict) else identity
         diff = [f"{k} {theirs.get(k)!r} -> {identity.get(k)!r}" for k in sorted(set(theirs) | set(identity))
                 if theirs.get(k) != identity.get(k)]
+        if theirs.get("train_sha256") != identity.get("train_sha256") and not partial:
+            raise ResumeError(f"--resume: the training file {identity.get('train_file')} changed since {d} was saved "
+                              f"(sha256 {str(theirs.get('train_sha256'))[:12]}... then, "
+                              f"{str(identity.get('train_sha256'))[:12]}... now), so resuming would not continue that "
+                              f"run; restore the file, or pass --overwrite to start again on the new one")
         rng = "rng_state.pth" if world == 1 else f"rng_state_{rank}.pth"
         missing = [f for f in ("optimizer.pt", "scheduler.pt", rng) if not (d / f).is_file()]
         problems = " and ".join(([f"was saved with other settings: {', '.join(diff)} (checkpoint -> now)"] if diff
@@ -116,54 +148,29 @@ def restoring(checkpoint, what: str):
                           f"starts the run again") from None
 
 
-class CheckpointHooks:
-    """Mixed into the pipeline's Trainer: `checkpoint-N` written under `.saving` and renamed into place once every
-    process has written its part; the trainable tensors only (a frozen base is never re-saved), with the run's
-    identity (`_run`) and the loss bookkeeping (`_losses`, restored by `restore_losses` when resuming); every part read
-    back on resume turns any failure into one ResumeError."""
+def check_loadable(d: Path, rank: int, world: int) -> None:
+    """Read the optimizer, scheduler and RNG files of `d` as the Trainer will (tensors and plain containers only),
+    before it does: a damaged or crafted file is one ResumeError naming the part, never a traceback or code run."""
+    rng = "rng_state.pth" if world == 1 else f"rng_state_{rank}.pth"
+    for what, names in (("optimizer and scheduler state", ("optimizer.pt", "scheduler.pt")), ("RNG state", (rng,))):
+        with restoring(d, what), safe_globals():  # the numpy types the Trainer's RNG state holds, as it allows
+            for name in names:
+                if (d / name).is_file():
+                    torch.load(d / name, map_location="cpu", weights_only=True)
 
-    _run: dict | None = None
-    _losses: dict | None = None  # on resume: the checkpoint's; then the one being saved
-    _staging: Path | None = None
 
-    def _save(self, output_dir=None, state_dict=None):
-        save_checkpoint(self.model, output_dir or self.args.output_dir, rng=False,
-                        extra={"run": self._run, "losses": self._losses})
+class Publisher(TrainerCallback):
+    """After each save (every process has returned from it): rank 0 renames `.saving/checkpoint-N` into place."""
 
-    def _save_checkpoint(self, model, trial):
-        pending = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()  # every process
-        self._losses = {"total": self._total_loss_scalar, "pending": pending, "logged": self._globalstep_last_logged}
-        self._staging = Path(self.args.output_dir) / STAGING
-        try:
-            super()._save_checkpoint(model, trial)  # into _get_output_dir(), i.e. .saving/checkpoint-N
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
-            raise SaveError(f"could not write checkpoint-{self.state.global_step} ({first_line(e)}; is the disk "
-                            f"full?); the checkpoints before it are intact and --resume continues from them") from e
-        finally:
-            self._staging = None
+    def __init__(self, ckpt: Path, accelerator, is_main: bool):
+        self.ckpt, self.accelerator, self.is_main = ckpt, accelerator, is_main
+
+    def on_save(self, args, state, control, **kw):
         self.accelerator.wait_for_everyone()  # every process has written its RNG state
-        if self.args.should_save:
-            name = f"checkpoint-{self.state.global_step}"
-            publish(Path(self.args.output_dir) / STAGING / name, Path(self.args.output_dir) / name)
+        if self.is_main:
+            name = f"checkpoint-{state.global_step}"
+            publish(self.ckpt / STAGING / name, self.ckpt / name)
 
-    def _get_output_dir(self, trial):
-        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
-
-    def restore_losses(self) -> None:
-        """At the start of training: the loss sums and the last logged step of the checkpoint resumed from."""
-        if self._losses:
-            self._tr_loss += self._losses["pending"]
-            self._total_loss_scalar, self._globalstep_last_logged = self._losses["total"], self._losses["logged"]
-            self._initial_global_step = 0  # train_loss = the whole run's loss sum / its steps
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        with restoring(resume_from_checkpoint, "trainable tensors"):
-            load_checkpoint(model or self.model, resume_from_checkpoint, restore_rng=False)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        with restoring(checkpoint, "optimizer and scheduler state"):
-            super()._load_optimizer_and_scheduler(checkpoint)
-
-    def _load_rng_state(self, checkpoint):
-        with restoring(checkpoint, "RNG state"):
-            super()._load_rng_state(checkpoint)
+    def staged(self, step: int) -> Path:
+        """Where checkpoint-`step` is written before it is published."""
+        return self.ckpt / STAGING / f"checkpoint-{step}"

@@ -27,10 +27,12 @@ import numpy as np
 import peft
 import torch
 import transformers
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments, set_seed
 
 import vblora
+from vblora.errors import AdapterFormatError
 from vblora.inject import unwrap
+from vblora.integrations import AdapterTrainer
 from vblora.layout import require_bitsandbytes
 from vblora.storage import load_checkpoint, save_checkpoint
 from vblora.storage.checkpoint import trainable_state
@@ -39,49 +41,31 @@ from vblora.train import checkpoints as C
 from vblora.train import evaluate, methods, models, tasks, vader
 from vblora.train import metrics as M
 from vblora.train.config import RunConfig
-from vblora.train.errors import DivergedError, SetupError
+from vblora.train.errors import DivergedError, ResumeError, SaveError, SetupError
 from vblora.train.sampling import LengthGroupedEpochSampler, item_lengths
 
 
-class _Trainer(C.CheckpointHooks, Trainer):
-    """Trainer with our optimizer groups, length-grouped batches, checkpoints of train/checkpoints.py (trainable
-    tensors only, complete or absent, the loss bookkeeping restored on resume) and a divergence guard."""
+class _Trainer(AdapterTrainer):
+    """`vblora.AdapterTrainer` (checkpoints of the trainable tensors only, exact loss bookkeeping across a resume,
+    a quantized base accepted) with our optimizer groups, length-grouped batches and the run's identity stored in
+    every checkpoint. One private override remains: `_get_train_sampler` (tests/train/test_private_api.py pins its
+    signature)."""
 
-    def __init__(self, *a, cfg: RunConfig, param_groups: list[dict], run: dict, resumed: dict | None, log=print, **kw):
-        self._cfg, self._groups, self._log = cfg, param_groups, log
-        self._run, self._losses, self._nonfinite = run, resumed, 0
-        model = kw.get("model")
-        # transformers refuses a quantized model that is not a PEFT model ("purely quantized"); ours carries its
-        # adapter (VB-LoRA, or the baselines' own layers): say so for the length of that check only
-        adapter = getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False) \
-            and any(p.requires_grad for p in model.parameters())
-        if adapter:
-            model._hf_peft_config_loaded = True
-        try:
-            super().__init__(*a, **kw)
-        finally:
-            if adapter:
-                del model._hf_peft_config_loaded
+    def __init__(self, *a, cfg: RunConfig, param_groups: list[dict], run: dict, log=print, **kw):
+        self.cfg, self.param_groups, self.run_identity, self.say = cfg, param_groups, run, log
+        super().__init__(*a, **kw)
         if cfg.fsdp:
             # The Trainer's own path for a model sharded before it gets it (transformers' load-time FSDP2): no DDP
             # wrap, no second sharding; the trainable tensors, left whole, are broadcast from rank 0 and their
             # gradients averaged over the processes once per accumulation window. Set after __init__, which refuses
             # optimizer checkpoints for such models: theirs are sharded, ours hold whole tensors only (rank 0 writes).
             self.is_distributed_loading_by_transformers = True
-        self.add_callback(_LossBook(self))
 
-    def _move_model_to_device(self, model, device):
-        if not self._cfg.fsdp:  # train/sharding.py placed the sharded model (`.to()` on its DTensors would fail)
-            super()._move_model_to_device(model, device)
-
-    @contextlib.contextmanager
-    def _defer_fsdp_gradient_reduction(self):
-        """Gradient accumulation with --fsdp: FSDP holds frozen parameters only, so it has no gradient to reduce
-        (the Trainer averages the whole trainable tensors at the window's end): nothing to defer."""
-        yield
+    def checkpoint_extra(self) -> dict:
+        return {**super().checkpoint_extra(), "run": self.run_identity}
 
     def _get_train_sampler(self, train_dataset=None):
-        if not self._cfg.group_by_length:
+        if not self.cfg.group_by_length:
             return super()._get_train_sampler(train_dataset)
         ds = train_dataset if train_dataset is not None else self.train_dataset
         a = self.args  # group by the global batch, so 1 process and N processes see the same batches
@@ -90,43 +74,49 @@ class _Trainer(C.CheckpointHooks, Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            groups = [{k: v for k, v in g.items() if k != "name"} for g in self._groups]
+            groups = [{k: v for k, v in g.items() if k != "name"} for g in self.param_groups]
             adamw = torch.optim.AdamW
-            if self._cfg.quantize and not self.args.use_cpu:
+            if self.cfg.quantize and not self.args.use_cpu:
                 # QLoRA's paged AdamW: optimizer state paged to host memory under memory spikes
                 adamw = require_bitsandbytes().optim.PagedAdamW
-            elif self._cfg.quantize:
-                self._log("vblora train: --quantize on the CPU: paged AdamW needs CUDA; using torch AdamW")
+            elif self.cfg.quantize:
+                self.say("vblora train: --quantize on the CPU: paged AdamW needs CUDA; using torch AdamW")
             self.optimizer = adamw(groups, lr=self.args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         return self.optimizer
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        """The divergence guard: one host sync per optimizer step (the Trainer's own NaN filter, switched off, made
-        one per batch). Under fp16 the loss scaler skips overflowing steps itself: stop after 16 in a row."""
-        norm = super()._get_grad_norm(model, grad_norm)
-        if norm is not None and not math.isfinite(norm):
-            self._nonfinite += 1
-            if not self.args.fp16 or self._nonfinite >= 16:
-                raise DivergedError(_divergence_message(self._cfg, self.state.global_step + 1, self.state.max_steps,
-                                                        f"the gradient norm is {float(norm)}"))
-        else:
-            self._nonfinite = 0
-        return norm
+
+class _ShardedArguments(TrainingArguments):
+    """--fsdp: train/sharding.py placed the sharded model (`.to()` on its DTensors would fail); the Trainer's
+    documented switch for integrations that place the model themselves."""
+
+    @property
+    def place_model_on_device(self) -> bool:
+        return False
 
 
-class _LossBook(TrainerCallback):
-    """Restores a resumed run's loss bookkeeping (so `train_loss` and the logged losses cover the whole run); stops
-    on a non-finite logged loss (the gradient norm is checked every step: this catches the rest)."""
+class DivergenceGuard(TrainerCallback):
+    """Stops the run when the gradient norm of the trained tensors (checked before every optimizer step: one host
+    sync) or a logged loss stops being finite. Under fp16 the loss scaler skips overflowing steps itself: stop after
+    16 in a row."""
 
-    def __init__(self, trainer: _Trainer):
-        self.t = trainer
+    def __init__(self, cfg: RunConfig, model):
+        self.cfg, self.nonfinite = cfg, 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def on_train_begin(self, args, state, control, **kw):
-        self.t.restore_losses()
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        norms = [p.grad.detach().float().norm() for p in self.params if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        if math.isfinite(norm):
+            self.nonfinite = 0
+            return
+        self.nonfinite += 1
+        if not args.fp16 or self.nonfinite >= 16:
+            raise DivergedError(_divergence_message(self.cfg, state.global_step + 1, state.max_steps,
+                                                    f"the gradient norm is {norm}"))
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs and not math.isfinite(logs["loss"]):
-            raise DivergedError(_divergence_message(self.t._cfg, state.global_step, state.max_steps,
+            raise DivergedError(_divergence_message(self.cfg, state.global_step, state.max_steps,
                                                     f"the loss is {logs['loss']}"))
 
 
@@ -166,6 +156,23 @@ class BestTracker(TrainerCallback):
             if self.is_main:
                 save_checkpoint(self.model, self.dir, rng=False, extra={
                     "value": self.best, "epoch": self.best_epoch, "metrics": self.metrics, "step": state.global_step})
+
+
+class CatchUpEvaluation(TrainerCallback):
+    """A run resumed from a checkpoint written at the end of an epoch before that epoch's evaluation (a save step
+    that is the epoch's last: the Trainer saves at the step's end and evaluates at the epoch's end) evaluates that
+    epoch first, as the uninterrupted run did; without it the epoch would never be scored (its row missing, maybe
+    another best epoch)."""
+
+    def __init__(self, trainer: _Trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kw):
+        epoch, step = state.epoch or 0.0, state.global_step
+        if args.eval_strategy != "epoch" or self.trainer.eval_dataset is None or step == 0 or epoch != round(epoch):
+            return
+        if not any(any(k.startswith("eval_") for k in h) and h.get("step") == step for h in state.log_history):
+            self.trainer.evaluate()
 
 
 def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.build) -> dict:
@@ -209,8 +216,9 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no directory behind
     metric = M.primary_metric(data.kind)
     has_val = data.validation is not None
-    args = TrainingArguments(
-        output_dir=str(ckpt), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+    # the Trainer writes checkpoint-N under .saving; C.Publisher renames each into checkpoints/ once complete
+    args = (_ShardedArguments if cfg.fsdp else TrainingArguments)(
+        output_dir=str(ckpt / C.STAGING), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         learning_rate=cfg.lr_head, weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,  # a float < 1 is a ratio of the steps
@@ -220,7 +228,10 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
         logging_strategy="steps" if cfg.logging_steps else "no", seed=cfg.seed, data_seed=cfg.seed,
         report_to="none", bf16=cfg.bf16, fp16=cfg.fp16, remove_unused_columns=False, dataloader_num_workers=0,
         ddp_find_unused_parameters=False, prediction_loss_only=lm, save_total_limit=None,  # checkpoints.publish keeps 2
-        logging_nan_inf_filter=False,  # a non-finite loss stops the run (_Trainer._get_grad_norm), never averaged away
+        logging_nan_inf_filter=False,  # a non-finite loss stops the run (DivergenceGuard), never averaged away
+        # --fsdp: FSDP holds frozen parameters only, so it has no gradient to reduce and nothing to defer between
+        # micro-batches (the Trainer averages the whole trainable tensors at the window's end)
+        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}} if cfg.fsdp else None,
         # token-count loss scaling across processes is right for causal-LM losses only; a classifier's mean loss
         # would be multiplied by the world size
         average_tokens_across_devices=lm, disable_tqdm=not sys.stderr.isatty(),  # bars on a terminal, lines in logs
@@ -231,20 +242,36 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     # LM: right-padded with -100 labels; else padded to each batch's own longest sequence (dynamic padding)
     collator = tasks.LMCollator(tok.pad_token_id) if lm else DataCollatorWithPadding(tok)
     tracker = BestTracker(model, metric, ckpt, is_main, int(found[0].name[11:]) if found else None)
-    callbacks = [tracker, *(callbacks or [])]
+    callbacks = [tracker, DivergenceGuard(cfg, model), *(callbacks or [])]
     if cfg.record_selection_every and cfg.method == "vblora" and is_main:
         from vblora.train.selection import SelectionCallback
         callbacks.append(SelectionCallback(every=cfg.record_selection_every, run_dir=out))
     trainer = _Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
                        data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.kind),
-                       callbacks=callbacks, cfg=cfg, param_groups=adapted.param_groups, run=identity,
-                       resumed=found[1].get("losses") if found else None, log=log)
+                       callbacks=callbacks, cfg=cfg, param_groups=adapted.param_groups, run=identity, log=log)
+    publisher = C.Publisher(ckpt, trainer.accelerator, is_main)
+    trainer.add_callback(publisher)
+    trainer.add_callback(CatchUpEvaluation(trainer))
+    if found:
+        C.check_loadable(found[0], rank, world)
     log(f"vblora train: {cfg.method} on {Path(path).name} ({data.kind}), {len(data.train)} train / "
         f"{len(data.validation or ())} validation / {len(data.test)} test examples, {len(adapted.targets)} adapted "
         f"modules, {adapted.trainable_parameters:,} trainable, {adapted.stored_parameters:,.0f} stored parameters"
         + (f", {world} processes" if world > 1 else ""))
     t_train = time.time()
-    train_out = trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
+    except AdapterFormatError as e:  # only the trainable tensors' check raises it (AdapterTrainer.train)
+        if not found:
+            raise
+        raise ResumeError(f"--resume: cannot restore the trainable tensors from {found[0]} ({C.first_line(e)}); "
+                          f"--overwrite starts the run again") from None
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if not publisher.staged(trainer.state.global_step).exists():
+            raise
+        raise SaveError(f"could not write checkpoint-{trainer.state.global_step} ({C.first_line(e)}; is the disk "
+                        f"full?); the checkpoints before it are intact and --resume continues from them") from e
+    train_loss = trainer.run_loss()  # the whole run's, also after a resume (AdapterTrainer's LossBook)
     train_time = time.time() - t_train
     tracker.active = False
     per_epoch = _per_epoch(trainer.state.log_history)  # before the final evaluations add their own entries
@@ -280,7 +307,7 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
         "trainable_parameters": adapted.trainable_parameters,
         "method": cfg.method, "task": data.kind, "primary_metric": metric, "recipe": cfg.recipe, "seed": cfg.seed,
         "model": path, "best_epoch": tracker.best_epoch, "per_epoch": per_epoch, "steps": trainer.state.global_step,
-        "train_loss": float(train_out.training_loss),  # the whole run's, also after a resume (_LossBook)
+        "train_loss": train_loss,
         "wall_time_s": None, "train_time_s": round(train_time, 2),
         "eval_time_s": round(time.time() - t_eval, 2),
         "world_size": world, "device": "cpu" if dev["use_cpu"] else torch.cuda.get_device_name(0),
