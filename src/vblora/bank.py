@@ -19,7 +19,19 @@ from vblora.layout import Layout
 
 
 def compose(logits: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k admixture (Eq. 3.3, Algorithm 1): `(N, h)` logits, `(h, b)` bank -> `(N, b)` sub-vectors."""
+    """Top-k admixture (Eq. 3.3, Algorithm 1): each sub-vector is the softmax-weighted sum of its k top bank vectors.
+
+    Args:
+        logits: `(N, h)` scores of every sub-vector over the bank's vectors.
+        bank: `(h, b)` the vector bank.
+        k: how many bank vectors each sub-vector mixes (1 <= k <= h).
+
+    Returns:
+        `(N, b)` sub-vectors, differentiable in `logits` (through the k selected entries) and in `bank`.
+
+    Raises:
+        RuntimeError: k is larger than h (from `torch.topk`).
+    """
     top_logits, indices = logits.topk(k, dim=-1)  # (N, k)
     return compose_selected(indices, top_logits.softmax(dim=-1), bank)
 
@@ -115,14 +127,21 @@ class _Step:
 class VectorBank(nn.Module):
     """The one bank of a model: `bank (h, b)` plus either training logits `(N, h)` or a frozen selection.
 
-    Training form: parameters `bank` and `logits`. Frozen form (after `freeze_selection()` or loading an adapter):
-    parameter `bank` and buffers `indices (N, k)` (int64) and `weights (N, k)`, with no `(N, h)` logits at all.
-    `layout` (a `vblora.layout.Layout`) says which rows each adapted module owns.
+    Training form: parameters `bank` and `logits`. Frozen form (loading an adapter): parameter `bank` and buffers
+    `indices (N, k)` (int64) and `weights (N, k)`, with no `(N, h)` logits at all. `layout` (a
+    `vblora.layout.Layout`) says which rows each adapted module owns. `add_vblora` builds and registers it; users
+    reach it with `get_bank(model)`.
 
     Composition state: the root module's forward hooks open and close a `_Step`; all adapted layers of that forward
     read their rows from one composition. No-grad evaluation reuses one cached composition, keyed on the parameters'
     identity and version counters and on the config, so an optimizer step or a config change is seen without anybody
     resetting anything.
+
+    Args:
+        config: the adapter's settings (bank shape, k, initialisation, selection rule).
+        layout: the row ranges of every adapted module (N rows in all).
+        with_logits: True for the training form (logits initialised from `config.seed`), False for the frozen form
+            (zero indices and uniform weights, to be filled by a loader).
     """
 
     def __init__(self, config: VBLoRAConfig, layout: Layout, *, with_logits: bool = True) -> None:
@@ -145,10 +164,12 @@ class VectorBank(nn.Module):
 
     @property
     def frozen(self) -> bool:
+        """True in the frozen (inference) form: a stored selection, no `(N, h)` logits."""
         return self.logits is None
 
     @property
     def num_subvectors(self) -> int:
+        """N: the sub-vectors of all adapted modules together (rows of the logits)."""
         return self.layout.num_subvectors
 
     # -- composition rules ---------------------------------------------------------------------------------------
@@ -166,11 +187,26 @@ class VectorBank(nn.Module):
 
     @torch.no_grad()
     def stored_subvectors(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """`(rows, b)` float32 by the stored rule, whatever the mode: what merge, unmerge and every export use."""
+        """Sub-vectors by the stored rule, whatever the mode: what merge, unmerge and every export use.
+
+        Args:
+            start: first row.
+            stop: row after the last (default: N).
+
+        Returns:
+            `(stop - start, b)` float32.
+        """
         return self.compose_rows(start, stop, stored=True)
 
     def subvectors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`(N, b)` sub-vectors by the current mode's rule, composed now (for analysis; layers use `module_rows`)."""
+        """All sub-vectors by the current mode's rule, composed now (for analysis; layers use `module_rows`).
+
+        Args:
+            dtype: the result's dtype (default: the bank's).
+
+        Returns:
+            `(N, b)` sub-vectors.
+        """
         return self.compose_rows().to(dtype or self.bank.dtype)
 
     # -- composition state -----------------------------------------------------------------------------------------
@@ -269,7 +305,14 @@ class VectorBank(nn.Module):
     # -- selection ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def topk_selection(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(indices (N, k) int64, weights (N, k) float32)` of the stored rule, from logits or the frozen form."""
+        """The stored selection: which bank vectors each sub-vector mixes, and with what weights.
+
+        Args:
+            k: how many vectors per sub-vector (default: `config.stored_topk`); ignored in the frozen form.
+
+        Returns:
+            `(indices (N, k) int64, weights (N, k) float32)`, each row of weights summing to 1.
+        """
         if self.frozen:
             return self.indices.clone(), self.weights.float().clone()
         k = k or self.config.stored_topk
@@ -290,7 +333,11 @@ class VectorBank(nn.Module):
     # -- checks ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def check_finite(self) -> None:
-        """Raise `NonFiniteError` naming the tensor and the first bad module if bank or logits hold NaN/inf."""
+        """Check the bank and the logits (or frozen weights) hold finite values only.
+
+        Raises:
+            NonFiniteError: naming the tensor and the first module with a NaN or infinite value.
+        """
         bad_rows = (~torch.isfinite(self.bank)).any(dim=1).nonzero()
         if len(bad_rows):
             raise NonFiniteError(f"VB-LoRA bank row {int(bad_rows[0])} holds NaN/inf values; the bank is shared by "

@@ -25,6 +25,13 @@ class VBLoRAConfig:
     is composed in full and its excess entries dropped; HF PEFT raises), so b=256 works on MiniLM's hidden 384.
     We read the paper's "N(0, 0.01)" for the logits as std 0.01. "all-linear" leaves embeddings, the pooler and
     the output / classifier head alone, as in the paper.
+
+    The constructor's arguments are the fields, each described by its `help` metadata (the API reference's table
+    of fields is generated from it). List-valued fields are stored as tuples, so a config is hashable.
+
+    Raises:
+        ConfigError: a field is out of range or inconsistent with another (e.g. topk > num_vectors), naming the
+            field and the fix.
     """
 
     target_modules: str | Sequence[str] = knob(
@@ -91,6 +98,7 @@ class VBLoRAConfig:
         return self.eval_topk if self.eval_topk is not None else self.topk
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name, tuples as lists (JSON-ready; `from_dict` reads it back)."""
         d = dataclasses.asdict(self)
         for key, value in d.items():
             if isinstance(value, tuple):
@@ -99,6 +107,17 @@ class VBLoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VBLoRAConfig":
+        """A config from `to_dict()`'s output (or a recipe's keys).
+
+        Args:
+            d: field name -> value.
+
+        Returns:
+            The config.
+
+        Raises:
+            ConfigError: an unknown field name, or an invalid value.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -106,4 +125,5 @@ class VBLoRAConfig:
         return cls(**d)
 
     def replace(self, **changes: Any) -> "VBLoRAConfig":
+        """A copy with `changes` applied (validated like a new config; raises ConfigError on a bad value)."""
         return dataclasses.replace(self, **changes)

@@ -78,11 +78,23 @@ def _no_match_message(model: nn.Module, config: VBLoRAConfig) -> str:
 
 
 def add_vblora(model: nn.Module, config: VBLoRAConfig, *, with_logits: bool = True) -> nn.Module:
-    """Wrap the targets of `model` in place with VB-LoRA layers sharing one bank; freeze the rest. Returns model.
+    """Wrap the targets of `model` in place with VB-LoRA layers sharing one bank; freeze the rest.
 
     The bank is registered once, at `model.vblora_bank`, and composes all sub-vectors once per forward pass
-    (a forward pre-hook on the root opens each composition step). `with_logits=False` builds the inference form
-    (indices and weights buffers, no `(N, h)` logits), which `load_adapter` then fills.
+    (a forward pre-hook on the root opens each composition step).
+
+    Args:
+        model: the base model (a DDP / `torch.compile` wrapper is looked through). Modified in place.
+        config: which modules to adapt and the bank's shape (`VBLoRAConfig`).
+        with_logits: True builds the training form (trainable `(N, h)` logits); False the inference form
+            (`indices` and `weights` buffers, no logits), which `load_adapter` then fills.
+
+    Returns:
+        The same `model`, adapted: only the bank, the logits and the `modules_to_save` copies are trainable.
+
+    Raises:
+        TargetError: the model already has an adapter, no module matched `config.target_modules`, a matched
+            module's type cannot be adapted, or `modules_to_save` matched nothing.
     """
     model = unwrap(model)
     if hasattr(model, BANK_ATTR):
@@ -118,6 +130,17 @@ def _modules_to_save(model: nn.Module, config: VBLoRAConfig) -> list[str]:
 
 
 def get_bank(model: nn.Module) -> VectorBank:
+    """The model's vector bank (the module at `model.vblora_bank`).
+
+    Args:
+        model: an adapted model (a DDP / `torch.compile` wrapper is looked through).
+
+    Returns:
+        Its `VectorBank`, which holds the bank, the logits or frozen selection, and the layout.
+
+    Raises:
+        TargetError: the model has no VB-LoRA adapter.
+    """
     bank = getattr(unwrap(model), BANK_ATTR, None)
     if not isinstance(bank, VectorBank):
         raise TargetError(f"{type(model).__name__} has no VB-LoRA adapter; call vblora.add_vblora(model, config) "
@@ -126,6 +149,14 @@ def get_bank(model: nn.Module) -> VectorBank:
 
 
 def adapted_layers(model: nn.Module) -> dict[str, VBLoRALayer]:
+    """The model's VB-LoRA layers by qualified module name, in model order.
+
+    Args:
+        model: any module (a DDP / `torch.compile` wrapper is looked through).
+
+    Returns:
+        `{name: layer}`; empty for a model without an adapter (never raises).
+    """
     return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, VBLoRALayer)}
 
 
@@ -137,7 +168,21 @@ def parameter_groups(model: nn.Module, lr_bank: float = 1e-3, lr_logits: float =
                      weight_decay: float = 0.0) -> list[dict]:
     """Optimizer groups with the paper's three learning rates: bank, logits, everything else trainable (heads).
 
-    Checks the bank and logits are finite first, so a broken adapter fails before training starts.
+    Args:
+        model: an adapted model.
+        lr_bank: learning rate of the vector bank.
+        lr_logits: learning rate of the logits (absent from a frozen adapter).
+        lr_other: learning rate of every other trainable parameter (`modules_to_save` heads).
+        weight_decay: AdamW weight decay of every group.
+
+    Returns:
+        A list of `{"name", "params", "lr", "weight_decay"}` dicts for `torch.optim.AdamW(groups)`; groups
+        with nothing trainable are left out.
+
+    Raises:
+        TargetError: the model has no adapter.
+        NonFiniteError: the bank or the logits hold NaN or infinity (checked first, so a broken adapter fails
+            before training starts).
     """
     bank = get_bank(model)
     bank.check_finite()
@@ -155,9 +200,18 @@ def parameter_groups(model: nn.Module, lr_bank: float = 1e-3, lr_logits: float =
 def count_parameters(model: nn.Module) -> dict:
     """Trainable and stored parameters.
 
-    stored: the paper's float32-equivalent count of the saved triplet (`vblora.layout.stored_count`), plus the
-    parameters of `modules_to_save`. A float, since index widths are fractions.
-    lora_equivalent: what LoRA of the same rank on the same modules stores, sum of r*(in + out).
+    Args:
+        model: an adapted model.
+
+    Returns:
+        A dict: `trainable` (parameters with gradients), `stored` (the paper's float32-equivalent count of the
+        saved triplet, `vblora.layout.stored_count`, plus the `modules_to_save` parameters; a float, since index
+        widths are fractions), its parts `stored_adapter` and `stored_other`, `bank` (h * b), `subvectors` (N),
+        `stored_bytes`, `lora_equivalent` (what LoRA of the same rank on the same modules stores,
+        sum of r * (in + out)) and `base` (the base model's own parameters).
+
+    Raises:
+        TargetError: the model has no adapter.
     """
     model = unwrap(model)
     bank = get_bank(model)
@@ -179,8 +233,19 @@ def count_parameters(model: nn.Module) -> dict:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add dW = B A into every adapted base weight (idempotent: merged layers are skipped). QuantizedBaseError,
-    before any layer is touched, if a base layer is quantized."""
+    """Add dW = B A into every adapted base weight, in place (idempotent: merged layers are skipped).
+
+    Args:
+        model: an adapted model.
+
+    Returns:
+        The same `model`, whose adapted layers now run their merged base weight alone.
+
+    Raises:
+        TargetError: the model has no adapter.
+        NonFiniteError: the bank or the logits hold NaN or infinity.
+        QuantizedBaseError: a base layer is quantized (raised before any layer is touched).
+    """
     get_bank(model).check_finite()
     layers = adapted_layers(model)
     for name, layer in layers.items():
@@ -191,7 +256,14 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract dW from every merged base weight (idempotent)."""
+    """Subtract dW from every merged base weight, in place (idempotent: unmerged layers are skipped).
+
+    Args:
+        model: an adapted model, merged or not.
+
+    Returns:
+        The same `model`.
+    """
     for layer in adapted_layers(model).values():
         layer.unmerge()
     return model
@@ -199,8 +271,17 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: adapter layers pass through, heads use their originals. Merged layers are unmerged
-    meanwhile and their merged weights restored afterwards bit for bit (a copy, not a re-merge, so nothing drifts)."""
+    """Context manager: run the base model. Adapter layers pass through and heads use their originals.
+
+    Merged layers are unmerged meanwhile and their merged weights restored afterwards bit for bit (a copy, not a
+    re-merge, so nothing drifts).
+
+    Args:
+        model: an adapted model.
+
+    Yields:
+        The same `model`, behaving as its base until the `with` block ends.
+    """
     layers, copies = adapted_layers(model).values(), trained_copies(model).values()
     was_merged = [(layer, layer.base.weight.detach().clone()) for layer in layers if layer.merged]
     for layer, _ in was_merged:
@@ -219,7 +300,20 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Remove the adapter: put base layers back (with dW merged in if `merge`), trained heads in place of originals."""
+    """Remove the adapter: put the base layers back, and the trained heads in place of their originals.
+
+    Args:
+        model: an adapted model. Modified in place.
+        merge: True adds dW into the base weights first (the model keeps its adapted outputs); False restores the
+            original base weights and heads (the model is the base again).
+
+    Returns:
+        The plain model, with no `vblora_bank`.
+
+    Raises:
+        TargetError: the model has no adapter.
+        QuantizedBaseError: `merge=True` and a base layer is quantized (raised before anything changes).
+    """
     model = unwrap(model)
     bank = get_bank(model)
     layers = adapted_layers(model)

@@ -15,9 +15,25 @@ from vblora.storage.peft_vblora import PREFIX, snapshot_of, write_peft_dir
 
 
 def export_lora(model_or_path, out_dir: str | os.PathLike) -> Path:
-    """Write an adapted model (or adapter file) as a PEFT LoRA adapter directory: `lora_A.weight (r, in)`,
-    `lora_B.weight (out, r)` per Linear / Conv1D module (`fan_in_fan_out=True` when GPT-2 Conv1D is adapted),
-    `lora_embedding_A (r, num_embeddings)` / `lora_embedding_B (dim, r)` per Embedding, `lora_alpha = r`."""
+    """Write an adapted model (or adapter file) as an HF PEFT LoRA adapter directory, exactly (no approximation).
+
+    Per Linear / Conv1D module `lora_A.weight (r, in)` and `lora_B.weight (out, r)` (`fan_in_fan_out=True` when
+    GPT-2 Conv1D is adapted); per Embedding `lora_embedding_A (r, num_embeddings)` and
+    `lora_embedding_B (dim, r)`; `lora_alpha = r` (scaling 1). Trained heads travel as `modules_to_save`.
+
+    Args:
+        model_or_path (nn.Module | AdapterSnapshot | str | os.PathLike): an adapted model, an
+            `AdapterSnapshot`, or a native adapter file or directory.
+        out_dir: the output directory: empty, absent, or a previous PEFT export.
+
+    Returns:
+        `out_dir` as a Path, holding `adapter_config.json` and `adapter_model.safetensors`.
+
+    Raises:
+        AdapterFormatError: the adapter file is damaged.
+        TargetError: a model without an adapter.
+        VBLoRAError: `out_dir` holds other files than a previous export (nothing is replaced).
+    """
     snap = snapshot_of(model_or_path)
     layout, sub = snap.layout, snap.subvectors()  # (N, b) float32, the stored rule
     tensors: dict[str, torch.Tensor] = {}

@@ -63,15 +63,28 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
 
 def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
                    **save_kwargs) -> Path:
-    """Save the merged full model (W + B A in every adapted module) with `save_pretrained`, loadable by the base
-    model's own class with no vblora installed; written as a whole (an earlier export is replaced once this one is
-    complete). The adapted model itself is left unchanged. Plain nn.Modules (no `save_pretrained`) get
-    `out_dir/model.safetensors`. Tied embeddings of which only one use was adapted are saved untied
-    (`tie_word_embeddings=False`), so a loader that honours the flag gets the adapted model.
+    """Save the merged full model (W + B A in every adapted module), loadable by the base model's own class with no
+    vblora installed.
 
-    `dtype` (e.g. torch.bfloat16 or torch.float32) casts every floating tensor; see `merged_state_dict` for the
-    default. A quantized base (bitsandbytes) is written dequantized, with no `quantization_config`: the base class
-    loads it in full precision (quantize it again at load time if wanted)."""
+    Written as a whole (an earlier export is replaced once this one is complete). The adapted model itself is left
+    unchanged. Tied embeddings of which only one use was adapted are saved untied (`tie_word_embeddings=False`), so
+    a loader that honours the flag gets the adapted model. A quantized base (bitsandbytes) is written dequantized,
+    with no `quantization_config`: the base class loads it in full precision (quantize it again at load time if
+    wanted).
+
+    Args:
+        model: an adapted model (merged or not).
+        out_dir: the output directory: empty, absent, or a previous merged export.
+        dtype: casts every floating tensor (e.g. `torch.bfloat16`); default: see `merged_state_dict`.
+        **save_kwargs (Any): passed to the model's `save_pretrained`.
+
+    Returns:
+        `out_dir` as a Path: `save_pretrained`'s files, or `model.safetensors` for a plain `nn.Module`.
+
+    Raises:
+        TargetError: the model has no adapter.
+        VBLoRAError: `out_dir` holds other files than a previous export (nothing is replaced).
+    """
     state = merged_state_dict(model, dtype)
     base = unwrap(model)
     # safetensors refuses shared storage: clone tensors that alias one another

@@ -62,13 +62,25 @@ def bank_sha256(bank: torch.Tensor) -> str:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, precision: str = "fp32", pack_indices: bool = False,
                  bank: str = "embed") -> Path:
-    """Write the adapter of `model` to `path/adapter.safetensors` atomically; returns the file path.
+    """Write the adapter of `model` to `path/adapter.safetensors` atomically (an earlier file is replaced only once
+    the new one is complete).
 
-    precision: "fp32" (exactly the paper's float32-equivalent count), "fp16" / "bf16" (bank, weights and
-        modules_to_save in half precision) or "int8" (8-bit bank with a per-vector scale, 8-bit mixing weights).
-    pack_indices: bit-pack indices to ceil(log2 h) bits instead of whole bytes.
-    bank: "embed" stores the bank; "reference" stores only its sha256 (write it once with `save_bank`, load with
-        `load_adapter(base, path, bank_path=...)`), for many adapters sharing one bank.
+    Args:
+        model: an adapted model, in training or inference form, merged or not.
+        path: a directory (the file is `adapter.safetensors` inside it) or a path ending in `.safetensors`.
+        precision: "fp32" (exactly the paper's float32-equivalent count), "fp16" / "bf16" (bank, weights and
+            modules_to_save in half precision) or "int8" (8-bit bank with a per-vector scale, 8-bit mixing weights).
+        pack_indices: bit-pack indices to ceil(log2 h) bits instead of whole bytes.
+        bank: "embed" stores the bank; "reference" stores only its sha256 (write it once with `save_bank`, load
+            with `load_adapter(base, path, bank_path=...)`), for many adapters sharing one bank.
+
+    Returns:
+        The path of the written file.
+
+    Raises:
+        AdapterFormatError: an unknown `precision` or `bank` value, or `path` is an HF PEFT adapter directory.
+        TargetError: the model has no adapter.
+        NonFiniteError: the bank or the logits hold NaN or infinity (nothing is written).
     """
     if precision not in PRECISIONS:
         raise AdapterFormatError(f"precision={precision!r}; choose one of {PRECISIONS}")
@@ -127,10 +139,27 @@ def encode(snap: AdapterSnapshot, precision: str = "fp32", pack_indices: bool = 
 def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, bank_path: str | os.PathLike | None = None,
                  strict: bool = True, trainable: bool = False, verify_weights: bool = True) -> nn.Module:
     """Wrap `base_model` in place with the adapter at `path` (inference form: indices and weights, no `(N, h)`
-    logits) and return it. Raises AdapterFormatError if the file is damaged or the base model differs: strict=False
-    tolerates a different model class with the same module names and shapes, verify_weights=False another
-    checkpoint of the same shapes. With trainable=False (default) the adapter is frozen and the model put in eval
-    mode."""
+    logits) and return it.
+
+    Args:
+        base_model: the plain model the adapter was trained on (not already adapted). Modified in place.
+        path: the adapter directory or `.safetensors` file (`save_adapter`'s output).
+        bank_path: the shared bank file, for an adapter saved with `bank="reference"`.
+        strict: False tolerates a different model class with the same module names and shapes.
+        trainable: False (default) freezes the adapter and puts the model in eval mode; True leaves the bank
+            and the `modules_to_save` copies trainable (the selection stays fixed).
+        verify_weights: False accepts another checkpoint of the same shapes (the adapter samples a few base
+            weights and compares them by default).
+
+    Returns:
+        The same `base_model`, adapted.
+
+    Raises:
+        AdapterFormatError: the file is truncated, corrupt or edited, its shared bank is missing or differs, or
+            the base model differs (class, module names, shapes or weights), saying what differs.
+        TargetError: `base_model` already has an adapter.
+        FileNotFoundError: nothing at `path`.
+    """
     snap, info = read_adapter(path, bank_path=bank_path)
     return build_model(base_model, snap, str(info["file"]), strict=strict, trainable=trainable,
                        verify_weights=verify_weights)
@@ -249,8 +278,18 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
 # -- shared bank ----------------------------------------------------------------------------------------------------
 
 def save_bank(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's bank alone, float32, to `path/bank.safetensors` (or `path` if it ends in .safetensors),
-    with its content sha256, for adapters saved with `bank="reference"`. Returns the file path."""
+    """Write the model's bank alone, float32, with its content sha256, for adapters saved with `bank="reference"`.
+
+    Args:
+        model: an adapted model.
+        path: a directory (the file is `bank.safetensors` inside it) or a path ending in `.safetensors`.
+
+    Returns:
+        The path of the written file.
+
+    Raises:
+        TargetError: the model has no adapter.
+    """
     bank = get_bank(model).bank.detach().float().cpu()
     meta = {"format": BANK_FORMAT, "format_version": FORMAT_VERSION, "shape": list(bank.shape),
             "sha256": bank_sha256(bank)}

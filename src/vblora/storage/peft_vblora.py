@@ -138,8 +138,29 @@ def export_peft(model_or_path, out_dir: str | os.PathLike, *, save_only_topk_wei
     Full-logits variant: a model still in training form exports its real logits (PEFT can resume training);
     otherwise logits are rebuilt from the selection (log-weights at the chosen indices, a finite floor elsewhere),
     which PEFT's top-k turns back into the same sub-vectors. PEFT's `topk` is our `stored_topk`. An int8 adapter is
-    dequantised. Raises AdapterFormatError naming the module PEFT cannot represent (Embedding targets, or a
-    vector_length that does not divide a dimension).
+    dequantised.
+
+    `task_type` is the base model's (SEQ_CLS, CAUSAL_LM, ...) when PEFT's class for it rebuilds this model: a
+    classifier's or QA model's head (`classifier`, `score`, `qa_outputs`), which that class reads from the file,
+    is written too, trained (`modules_to_save`) or, exported from a model, with its base weights. Exported from a
+    file whose head was not trained, or with an adapted module inside the head, the task type is left out (PEFT's
+    plain `PeftModel`, also built by `AutoPeftModel`).
+
+    Args:
+        model_or_path (nn.Module | AdapterSnapshot | str | os.PathLike): an adapted model, an
+            `AdapterSnapshot`, or a native adapter file or directory.
+        out_dir: the output directory: empty, absent, or a previous PEFT export.
+        save_only_topk_weights: write PEFT's compact variant (top-k indices and k-1 weights per sub-vector)
+            instead of `(…, h)` logits.
+
+    Returns:
+        `out_dir` as a Path, holding `adapter_config.json` and `adapter_model.safetensors`.
+
+    Raises:
+        AdapterFormatError: a module PEFT cannot represent (an Embedding target, or a vector_length that does not
+            divide a dimension), or a damaged adapter file.
+        TargetError: a model without an adapter.
+        VBLoRAError: `out_dir` holds other files than a previous export (nothing is replaced).
     """
     snap = snapshot_of(model_or_path, with_logits=not save_only_topk_weights)
     heads = untrained_heads(model_or_path, snap) if isinstance(model_or_path, nn.Module) else None
@@ -284,9 +305,24 @@ def read_peft(in_dir: str | os.PathLike, module_order: list[str] | None = None) 
 
 def import_peft(base_model: nn.Module, in_dir: str | os.PathLike, *, strict: bool = True,
                 trainable: bool = False) -> nn.Module:
-    """Wrap `base_model` in place with an HF PEFT VB-LoRA adapter directory and return it (training form for the
-    full-logits variant, inference form for `save_only_topk_weights`). With trainable=False (default) the adapter
-    is frozen and the model put in eval mode."""
+    """Wrap `base_model` in place with an HF PEFT VB-LoRA adapter directory and return it.
+
+    Args:
+        base_model: the plain model the adapter was trained on (not already adapted). Modified in place.
+        in_dir: the PEFT adapter directory (`adapter_config.json` and `adapter_model.safetensors`).
+        strict: False tolerates a different model class with the same module names and shapes.
+        trainable: False (default) freezes the adapter and puts the model in eval mode; True leaves it
+            trainable (training form for the full-logits variant, inference form for `save_only_topk_weights`).
+
+    Returns:
+        The same `base_model`, adapted.
+
+    Raises:
+        FileNotFoundError: no `adapter_config.json` in `in_dir`.
+        AdapterFormatError: not a VB-LoRA adapter, a pickle-only (`adapter_model.bin`) or damaged directory, or
+            a base model that does not fit it.
+        TargetError: `base_model` already has an adapter.
+    """
     refuse_adapted(base_model)
     snap = read_peft(in_dir, [name for name, _ in unwrap(base_model).named_modules()])
     return build_model(base_model, snap, str(in_dir), strict=strict, trainable=trainable)
