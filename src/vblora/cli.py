@@ -15,14 +15,25 @@ import sys
 
 from vblora import commands
 from vblora.errors import VBLoRAError
+from vblora.train import flags
 
 EXTRAS = {"transformers": "hf", "accelerate": "hf", "yaml": "hf", "peft": "peft", "bitsandbytes": "qlora",
           "sklearn": "train", "scipy": "train", "matplotlib": "plot", "pycocoevalcap": "e2e",
           "fastapi": "serve", "uvicorn": "serve"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class Parser(argparse.ArgumentParser):
+    """argparse with `exit_on_error=False` for every (sub)command parser: a value its flag's type cannot read
+    (`--lr-bank abc`) raises, and `main` prints it as the one-line error every other user error is."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"exit_on_error": False, **kwargs})
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; with `command`, the others' run-setting flags are left out (see flags.BUILD_ONLY)."""
+    flags.BUILD_ONLY = command
+    parser = Parser(
         prog="vblora",
         description="VB-LoRA: fine-tune models with a global vector bank; store adapters in kilobytes. "
                     "Add --debug anywhere to see the traceback of an error.",
@@ -30,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")):
         importlib.import_module(f"vblora.commands.{name}").register(sub)
+    parser.commands = set(sub.choices)
     return parser
 
 
@@ -53,8 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("VBLORA_DEBUG"))
     argv = [a for a in argv if a != "--debug"]
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command)
+    try:
+        args = parser.parse_args(argv)
+    except argparse.ArgumentError as e:
+        print(f"vblora{' ' + command if command in parser.commands else ''}: error: {e}", file=sys.stderr)
+        return 2
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0

@@ -10,15 +10,14 @@ import sys
 
 
 def register(subparsers) -> None:
-    from vblora.train.flags import add_output_flag, add_run_flags, add_study_flags
+    from vblora.train.flags import add_output_flag, add_study_flags, run_flags
 
     p = subparsers.add_parser("compare", help="run methods x seeds through `vblora train` and tabulate test scores",
-                              description=__doc__)
+                              description=__doc__, parents=run_flags("compare", None, ("method", "seed", "output")))
     p.add_argument("--methods", default="vblora,lora,vera,tied-lora,full",
                    help="comma-separated: vblora,lora,vera,tied-lora,full")
     add_study_flags(p, "--set epochs=1 --set lora:lr=1e-3 vblora:lr_logits=0.02", scoped_by="METHOD")
     add_output_flag(p, "runs/compare", "study directory: compare.md, compare.json, <method>-seed<k>/")
-    add_run_flags(p, skip=("method", "seed", "output"))  # --methods and --seeds decide those
     p.set_defaults(func=run)
 
 

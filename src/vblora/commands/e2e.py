@@ -15,20 +15,26 @@ import argparse
 RECIPE = "e2e-gpt2-medium"
 
 
-def register(subparsers) -> None:
+def options_flags() -> tuple[type]:
+    """The E2E decoding options (E2EOptions) as flags, the help showing the recipe's values."""
     import dataclasses
     import typing
 
     from vblora.experiments.e2e import E2EOptions
-    from vblora.train.config import load_recipe
-    from vblora.train.flags import add_flags, add_run_flags
+    from vblora.train.config import flag_dataclass, load_recipe
+
+    fields = {f.name: f for f in dataclasses.fields(E2EOptions)}
+    recipe = dataclasses.asdict(E2EOptions.from_recipe(load_recipe(RECIPE).get("extra")))
+    return (flag_dataclass("E2EFlags", fields, typing.get_type_hints(E2EOptions), recipe, recipe),)
+
+
+def register(subparsers) -> None:
+    from vblora.train.flags import run_flags
 
     p = subparsers.add_parser("e2e", help="E2E NLG (Table 2): train VB-LoRA on E2E CSVs, decode, score "
                                           "BLEU/NIST/METEOR/ROUGE-L/CIDEr", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_flags(p, recipe=RECIPE)
-    add_flags(p, {f.name: f for f in dataclasses.fields(E2EOptions)}, typing.get_type_hints(E2EOptions),
-              dataclasses.asdict(E2EOptions.from_recipe(load_recipe(RECIPE).get("extra"))))  # shown: the recipe's
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              parents=run_flags("e2e", RECIPE, (), options_flags))
     p.set_defaults(func=run)
 
 

@@ -11,11 +11,11 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from vblora.train.flags import add_run_flags
+    from vblora.train.flags import run_flags
 
     p = subparsers.add_parser("train", help="fine-tune a model with VB-LoRA or a baseline; writes results.json",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_flags(p)
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              parents=run_flags("train"))
     p.add_argument("--list-recipes", action="store_true", help="list shipped recipes and exit")
     p.set_defaults(func=run)
 

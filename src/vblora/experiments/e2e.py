@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from vblora.experiments.e2e_metrics import METRICS, compute_e2e_metrics
-from vblora.train.config import RunConfig, coerce, opt, settings
+from vblora.train.config import RunConfig, opt, settings, typed
 from vblora.train.errors import DataError, SetupError
 
 PROMPT_TEMPLATE = "{mr} ||"  # the MR, linearised, then the separator the LoRA/VeRA E2E data uses
@@ -102,10 +101,10 @@ class E2EOptions:
         (`build_config` lifts them)."""
         values = {k: v for k, v in ((extra or {}).get("e2e") or {}).items() if k not in settings()}
         values.update(given or {})
-        hints = typing.get_type_hints(cls)  # field name -> type
-        if set(values) - set(hints):
-            raise SetupError(f"unknown extra.e2e setting(s) {sorted(set(values) - set(hints))}; known: {sorted(hints)}")
-        return cls(**{k: coerce(k, v, hints[k]) for k, v in values.items()})
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(values) - known:
+            raise SetupError(f"unknown extra.e2e setting(s) {sorted(set(values) - known)}; known: {sorted(known)}")
+        return typed(cls, values, "extra.e2e setting")
 
     def prompt(self, mr: str) -> str:
         return self.prompt_template.format(mr=linearize_mr(mr) if self.linearize_mr else mr)

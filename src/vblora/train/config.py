@@ -1,22 +1,29 @@
 """One run's settings: `RunConfig`, which holds the method's `VBLoRAConfig`, and the recipes that fill it.
 
 Every setting has one default and one help text (its field's `metadata`). `vblora train` flags and recipe keys are
-derived from the fields of both dataclasses (`settings()`; flags in train/flags.py), so `--help` shows what a
-run without a recipe does. Those defaults ARE the offline default task (MiniLM-L6 on the VADER movie snippets;
-recipes/minilm-vader.yaml says the same). Keys are flat: VBLoRAConfig's field names (rank, num_vectors, ...) are
-unique and land in `RunConfig.vblora`; its `seed` is the run's `seed`. The baselines read the shared adapter knobs
-(target_modules, rank, dropout, modules_to_save) from there too.
+derived from the fields of both dataclasses (`settings()`), so `--help` shows what a run without a recipe does.
+Those defaults ARE the offline default task (MiniLM-L6 on the VADER movie snippets; recipes/minilm-vader.yaml says
+the same). Keys are flat: VBLoRAConfig's field names (rank, num_vectors, ...) are unique and land in
+`RunConfig.vblora`; its `seed` is the run's `seed`. The baselines read the shared adapter knobs (target_modules,
+rank, dropout, modules_to_save) from there too.
+
+Flags and recipe values are read by `transformers.HfArgumentParser`: training needs transformers anyway, it keeps
+the `--dash-names` and argparse subcommands the CLI already has, and reads each value by its field's annotation;
+jsonargparse or tyro would add a dependency and rename flags (`--max_train_samples` only, `--vblora.rank`). It reads
+one flat dataclass (`settings_class`, the nested VBLoRAConfig's fields beside RunConfig's) and a recipe is read
+through the same flags (`typed`), so a YAML key and its flag cannot disagree. What it does not do is written here:
+`--no-x` for bools whose default is False, the word `none`, and target_modules' one-string form.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -141,7 +148,7 @@ class RunConfig:
 DEFAULT_LR = {"vblora": 1e-3, "lora": 5e-4, "vera": 4e-3, "tied-lora": 1e-3, "full": 5e-5}
 
 
-# ---- settings: names, types, text -> value --------------------------------------------------------------------
+# ---- settings: names, types, text -> value (by transformers.HfArgumentParser) ----------------------------------
 def settings() -> dict[str, dataclasses.Field]:
     """Every recipe key / flag: RunConfig's fields, with `vblora` expanded into VBLoRAConfig's (its seed is ours)."""
     out = {}
@@ -151,50 +158,97 @@ def settings() -> dict[str, dataclasses.Field]:
     return out
 
 
-HINTS = {**typing.get_type_hints(VBLoRAConfig), **typing.get_type_hints(RunConfig)}
+# HfArgumentParser reads `list[X]` and `X | None`; these three VBLoRAConfig annotations (Sequence, str | Sequence)
+# are given to it as lists (target_modules: one item that is 'all-linear' or a regex is the string form, below).
+LIST_FIELDS = {"target_modules": list[str], "layers": list[int], "modules_to_save": list[str]}
+NOT_FLAGS = ("extra",)  # a mapping: recipe key only
 _REGEX = re.compile(r"[*()\[\]|\\^$]")
 
 
-def kind(tp) -> tuple[type, bool, bool]:
-    """(scalar type, is a list, may be None) of an annotation: `int | None` -> (int, False, True)."""
-    members = list(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
-    optional = type(None) in members
-    members = [m for m in members if m is not type(None)]
-    lists = [m for m in members if typing.get_origin(m) in (list, tuple, Sequence)]
-    if lists:
-        return typing.get_args(lists[0])[0], True, optional
-    return members[0], False, optional
+@functools.cache
+def settings_class(skip: frozenset = frozenset(), cli: bool = False, shown: str | None = None) -> type:
+    """A flat dataclass of every flag (RunConfig's and VBLoRAConfig's settings, less `skip`) with RunConfig's
+    defaults: what HfArgumentParser reads values into. `cli`: for command-line flags instead, whose defaults are
+    "not given" and whose help texts name the defaults of the recipe `shown` (None: RunConfig's)."""
+    hints = {**typing.get_type_hints(VBLoRAConfig), **typing.get_type_hints(RunConfig)}
+    fields = {k: f for k, f in settings().items() if k not in NOT_FLAGS and k not in skip}
+    return flag_dataclass("Settings", fields, {k: LIST_FIELDS.get(k, hints[k]) for k in fields},
+                          RunConfig().to_dict(), recipe_defaults(shown) if cli else None)
 
 
-def coerce(name: str, value, tp=None):
-    """Recipe YAML and CLI text -> the field's type ('1e-3' -> 0.001, 'none' -> None, ['all-linear'] -> str)."""
-    tp = HINTS[name] if tp is None else tp
-    typ, listy, optional = kind(tp)
-    if isinstance(value, str) and value.lower() in ("none", "null") and (optional or listy):
-        return None if optional else []
-    takes_str = str in typing.get_args(tp)  # target_modules: names, or one regex / 'all-linear'
-    if listy and isinstance(value, str) and not takes_str:
-        value = value.replace(",", " ").split()  # --set extra_eval_topk=1,2
-    if listy and isinstance(value, (list, tuple)):
-        items = [_scalar(name, typ, v) for v in value]
-        if takes_str and len(items) == 1 and (items[0] == "all-linear" or _REGEX.search(items[0])):
-            return items[0]
-        return items
-    return _scalar(name, typ, value)
+def flag_dataclass(name: str, fields: dict[str, dataclasses.Field], hints: dict, defaults: dict,
+                   shown: dict | None = None) -> type:
+    """A dataclass of `fields` (annotations `hints`, values `defaults`) for HfArgumentParser. With `shown`: for the
+    command line, every default is argparse.SUPPRESS (a flag not given is absent, so the recipe's value stands) and
+    each help text ends in '(default: X)', X being shown[name] as one would type it."""
+    out = []
+    for key, f in fields.items():
+        value = argparse.SUPPRESS if shown is not None else defaults[key]
+        # HfArgumentParser takes a list field's default from its factory only
+        listy = typing.get_origin(hints[key]) is list or isinstance(value, (list, tuple))
+        spec = field(default_factory=lambda v=value: list(v) if isinstance(v, (list, tuple)) else v) if listy \
+            else field(default=value)
+        text = f.metadata["help"] + (f" (default: {show(shown[key])})" if shown is not None else "")
+        spec.metadata = types.MappingProxyType({"help": text.replace("%", "%%")})
+        out.append((key, hints[key], spec))
+    return dataclasses.make_dataclass(name, out)
 
 
-_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+def show(value) -> str:
+    """A value as one would type it on the command line."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value else "none"
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _scalar(name: str, typ: type, value):
-    if value is None or typ in (dict, typing.Any):
-        return value
-    if typ is bool and isinstance(value, str) and value.lower() in _BOOLS:
-        return _BOOLS[value.lower()]
-    if isinstance(value, bool) == (typ is bool):
-        with contextlib.suppress(TypeError, ValueError):  # else the one-line error below
-            return typ(value)
-    raise SetupError(f"setting '{name}': cannot read {value!r} as {typ.__name__}")
+def typed(dtype: type, values: dict, what: str = "setting"):
+    """`dtype(**values)` with every value read by HfArgumentParser as its flag's text would be: a recipe's YAML
+    numbers, lists and words go through the same per-type reading as the command line ('1e-3' -> 0.001, 2 -> 2.0
+    for a float, [0, '1'] -> [0, 1], 'yes' -> True), so a recipe key and its flag cannot read differently."""
+    parser = dataclass_parser(dtype, exit_on_error=False)
+    args = []
+    for name, value in values.items():
+        if value is None or value == []:  # no text form: the value itself
+            parser.set_defaults(**{name: value})
+        elif isinstance(value, (list, tuple)):
+            args += [f"--{name}", *map(str, value)]
+        else:
+            args.append(f"--{name}={value}")
+    try:
+        (out,) = parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+    except argparse.ArgumentError as e:
+        raise SetupError(f"{what} '{(e.argument_name or '?').split('/')[0].lstrip('-')}': {e.message}") from None
+    return out
+
+
+def dataclass_parser(dtypes, **kwargs):
+    """`HfArgumentParser(dtypes)`, plus `--no-x` for every bool (HfArgumentParser adds it where the default is True;
+    the earlier flags had it for all, and scripts use both)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dtypes, **kwargs)
+    for dtype in parser.dataclass_types:
+        for f in dataclasses.fields(dtype):
+            if f.type is bool and f.default is not True:
+                parser.add_argument(f"--no-{f.name.replace('_', '-')}", f"--no_{f.name}", action="store_false",
+                                    dest=f.name, default=f.default, help=argparse.SUPPRESS)
+    return parser
+
+
+def _normalized(name: str, value):
+    """The two forms a value takes beyond its type: the word none for an optional or list setting (None, or []), and
+    target_modules' string form (one regex or 'all-linear', as VBLoRAConfig and PEFT read a string)."""
+    word = value[0] if isinstance(value, list) and len(value) == 1 else value
+    if isinstance(word, str) and word.lower() in ("none", "null") and (name in _OPTIONAL or name in _LISTS):
+        return None if name in _OPTIONAL else []
+    if name == "target_modules" and isinstance(value, list) and len(value) == 1 and (
+            value[0] == "all-linear" or _REGEX.search(value[0])):
+        return value[0]
+    if name in LIST_FIELDS and isinstance(value, str) and name != "target_modules":
+        return [value]  # modules_to_save: classifier
+    return value
 
 
 # ---- recipes -----------------------------------------------------------------------------------------------------
@@ -252,9 +306,12 @@ def build_config(recipe: str | None = None, overrides: dict | None = None) -> Ru
                          (f"; did you mean {', '.join(near)}?" if near else "") + f" Known: {', '.join(known)}")
     if values.get("train_file") and "dataset" not in given:
         values["dataset"] = None  # the user's files replace the built-in data
-    values = {k: coerce(k, v) for k, v in values.items()}
-    vb = {k: values.pop(k) for k in list(values) if k not in _RUN_FIELDS}
-    cfg = RunConfig(**values, recipe=name)
+    values = {k: _normalized(k, v) for k, v in values.items()}
+    extra = values.pop("extra", None)
+    flat = dataclasses.asdict(typed(settings_class(), values))
+    flat.pop("recipe")
+    vb = {k: _normalized(k, flat.pop(k)) for k in list(flat) if k not in _RUN_FIELDS}
+    cfg = RunConfig(**flat, recipe=name, **({} if extra is None else {"extra": extra}))
     cfg.vblora = DEFAULT_VBLORA.replace(**vb, seed=cfg.seed)
     for key, allowed in (("method", METHODS), ("task", TASKS), ("device", DEVICES), ("quant_type", QUANT_TYPES),
                          ("compute_dtype", COMPUTE_DTYPES)):
@@ -290,3 +347,6 @@ def _check_combinations(cfg: RunConfig) -> None:
 
 
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"vblora"}
+_LISTS = {"extra_eval_topk", *LIST_FIELDS}
+_OPTIONAL = {name for name, tp in {**typing.get_type_hints(VBLoRAConfig), **typing.get_type_hints(RunConfig)}.items()
+             if type(None) in typing.get_args(tp)}

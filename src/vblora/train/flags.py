@@ -1,52 +1,43 @@
-"""CLI flags derived from dataclass fields: one `--name` per field, its help text and shown default from the field.
+"""Command-line flags of the run settings, made by `transformers.HfArgumentParser` from the settings' dataclass
+(vblora.train.config.settings_class): one `--name` (and `--name_with_underscores`) per field with its help text and
+shown default, `--x / --no-x` for bools, several values for lists, text read as the field's type.
 
-Flags default to "not given" (absent from the namespace), so a recipe's value stands unless a flag overrides it.
-bool fields get `--x / --no-x`; list fields take several values; every value is read by `vblora.train.config.coerce`
-(the same reader as recipe keys), so `--dataset none` and `--lr-bank 1e-3` mean what they mean in YAML.
+Flags default to "not given" (absent from the namespace), so a recipe's value stands unless a flag overrides it;
+`build_config` then reads recipe and flags through the same parser.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from vblora.train.config import HINTS, kind, recipe_defaults, settings
+from vblora.train.config import dataclass_parser, settings_class
 from vblora.train.errors import SetupError
 
 
-def show(value) -> str:
-    """A default as one would type it on the command line."""
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value)) if value else "none"
-    if value is None:
-        return "none"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def flags_parent(*dtypes) -> argparse.ArgumentParser:
+    """A parser to pass as `parents=[...]` to `add_parser`: every field of `dtypes` (flag dataclasses made with
+    `shown`, whose defaults are "not given") as a flag."""
+    return dataclass_parser(list(dtypes), add_help=False)
 
 
-def add_flags(p: argparse.ArgumentParser, fields: dict[str, dataclasses.Field], hints: dict, shown: dict,
-              skip: tuple = ()) -> None:
-    for name, f in fields.items():
-        typ, listy, _ = kind(hints[name])
-        if name in skip or "help" not in f.metadata or typ is dict:
-            continue
-        help_ = f"{f.metadata['help']} (default: {show(shown[name])})".replace("%", "%%")
-        flag = "--" + name.replace("_", "-")
-        if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
-        else:
-            p.add_argument(flag, nargs="*" if listy else None, default=argparse.SUPPRESS, help=help_,
-                           metavar={int: "N", float: "X"}.get(typ, "TEXT"))
+BUILD_ONLY: str | None = None
+"""Set by `vblora.cli.build_parser`: the command being run (None: all). Other commands' run flags are not built:
+HfArgumentParser imports transformers, 1.5 s that `vblora inspect` or `vblora --help` need not pay."""
 
 
-def add_run_flags(p: argparse.ArgumentParser, recipe: str | None = None, skip: tuple = ()) -> None:
-    """Every RunConfig / VBLoRAConfig setting as a flag; shown defaults are those of `recipe` (None: the defaults)."""
-    add_flags(p, settings(), HINTS, recipe_defaults(recipe), skip)
+def run_flags(command: str, recipe: str | None = None, skip: tuple = (), more=tuple) -> list[argparse.ArgumentParser]:
+    """`parents=` for `command`'s parser: every RunConfig / VBLoRAConfig setting as a flag (less `skip`), with the
+    flag dataclasses `more()` beside them; the help shows `recipe`'s values as the defaults (None: RunConfig's)."""
+    if BUILD_ONLY is not None and BUILD_ONLY != command:
+        return []
+    return [flags_parent(settings_class(frozenset(skip), True, recipe), *more())]
 
 
 def given(args: argparse.Namespace, fields=None) -> dict:
-    """The settings given on the command line (text; `build_config` / `coerce` read them into their types)."""
-    return {k: getattr(args, k) for k in (fields if fields is not None else settings()) if hasattr(args, k)}
+    """The settings given on the command line (typed by the parser; `build_config` layers them over a recipe)."""
+    names = fields if fields is not None else settings_class().__dataclass_fields__  # every flag
+    return {k: getattr(args, k) for k in names if hasattr(args, k)}
 
 
 def assignments(items: list[str], scopes: tuple[str, ...] = ()) -> tuple[dict, dict[str, dict]]:
@@ -80,7 +71,7 @@ class OldSpelling(argparse.Action):
 
 def add_output_flag(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
     """`--output DIR` (and `--out`, its old spelling in ablate and plot)."""
-    p.add_argument("--output", default=default, help=f"{what} (default: {show(default)}; --out is the deprecated "
+    p.add_argument("--output", default=default, help=f"{what} (default: {default or 'none'}; --out is the deprecated "
                                                      f"spelling)")
     p.add_argument("--out", dest="output", action=OldSpelling, help=argparse.SUPPRESS)
 
