@@ -30,10 +30,9 @@ def test_rank_0_replaces_results_atomically(fake_train, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     old = tmp_path / "results.json"
     old.write_text('{"from": "the pipeline"}')
-    reader = open(old, "rb")  # a reader holding the old file keeps reading the old, complete bytes
-    e2e.run_e2e(RunConfig(output=str(tmp_path)), e2e.E2EOptions(), log=lambda *a: None)
-    assert reader.read() == b'{"from": "the pipeline"}'  # an in-place rewrite would have truncated it under us
-    reader.close()
+    with open(old, "rb") as reader:  # a reader holding the old file keeps reading the old, complete bytes
+        e2e.run_e2e(RunConfig(output=str(tmp_path)), e2e.E2EOptions(), log=lambda *a: None)
+        assert reader.read() == b'{"from": "the pipeline"}'  # an in-place rewrite would have truncated it under us
     new = json.loads(old.read_text())
     assert new["test_mrs"] == 4 and new["e2e"]["length_penalty"] == 0.8
     assert not [p for p in tmp_path.iterdir() if p.name != "results.json"]  # no temporary left behind

@@ -7,8 +7,8 @@ import json
 import sys
 
 import pytest
-
 from _train_helpers import make_rows, run_overrides, write_csv
+
 from vblora.cli import main
 from vblora.train import predict as P
 from vblora.train import vader
