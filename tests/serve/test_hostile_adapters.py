@@ -353,6 +353,13 @@ def test_add_is_confined_to_the_directory(base, tmp_path):
     assert len(set(messages)) == 1  # the same answer whether the path exists or not, whatever it holds
     assert "x" not in store.names()
     store.add("inside", d / "good.safetensors")  # inside the directory: fine
+    alias = tmp_path / "alias"  # the directory named through a symlink: its files are inside it, by either name
+    alias.symlink_to(d)
+    via = AdapterStore(copy.deepcopy(base), alias)
+    assert via.names() == ["good"]
+    via.add("real", d / "good.safetensors")
+    with pytest.raises(PathNotAllowedError):
+        via.add("x", alias / "link.safetensors")
     assert AdapterStore(copy.deepcopy(base), d, allow_outside_paths=True).add("x", outside / "x.safetensors")
     assert AdapterStore(copy.deepcopy(base)).add("x", outside / "x.safetensors")  # no directory: any path
 

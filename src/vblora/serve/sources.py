@@ -90,7 +90,19 @@ def stamped_files(source: Source) -> tuple[Path, ...]:
 
 
 def inside(path: Path, root: Path) -> bool:
-    """Whether `path`, every symlink followed, lies in `root` (itself resolved)."""
+    """Whether `path`, every symlink followed, lies in `root` (itself resolved). Fast path, for the common case of
+    thousands of plain files: a path written below `root` without '..' and with no symlink below `root` is in it."""
+    p, r = os.fspath(path), os.fspath(root).rstrip(os.sep) or os.sep
+    if p.startswith(r + os.sep) or (r == os.sep and p.startswith(os.sep)):
+        parts = p[len(r):].strip(os.sep).split(os.sep)
+        if ".." not in parts:
+            step = r
+            for part in parts:
+                step = os.path.join(step, part)
+                if os.path.islink(step):
+                    break
+            else:
+                return True
     try:
         return path.resolve().is_relative_to(root.resolve())
     except (OSError, RuntimeError):  # a symlink loop
