@@ -227,3 +227,35 @@ def test_plan_reused_for_the_same_adapters_and_copies_are_inert(llama_setup):
     twin = copy.deepcopy(served)
     with store.rows(handles):
         assert torch.equal(logits(twin, ids), logits(base, ids))
+
+
+def test_head_called_by_keyword_passes_through():
+    """A wrapped head is called as the module it wraps is called: by keyword too. Units without a trained copy of
+    it get the base output; a batch that needs its copies, which cannot tell units apart without a positional
+    tensor, fails alone with a clear error (before: TypeError for every batch, adapters or not)."""
+    from vblora.serve.mixed import MixedHead, Plan, Router
+
+    class Unit:  # what a plan reads of a loaded adapter here: its heads
+        def __init__(self, heads: dict) -> None:
+            self.heads = heads
+
+    class ByKeyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 2)
+
+        def forward(self, *, hidden: torch.Tensor) -> torch.Tensor:
+            return self.proj(hidden)
+
+    router = Router()
+    head = MixedHead(ByKeyword(), "head", router)
+    x = torch.randn(3, 4)
+    want = head.base(hidden=x)
+    assert torch.equal(head(hidden=x), want)  # no plan
+    other = Unit({})  # an adapter without this head
+    with router.use(Plan([other, None, other], {other: {}})):
+        assert torch.equal(head(hidden=x), want)
+    carrier = Unit({"head": {k: v + 1 for k, v in head.base.state_dict().items()}})
+    with router.use(Plan([carrier, None, other], {carrier: {}, other: {}})):
+        with pytest.raises(vblora.VBLoRAError, match="head head was called without a tensor input"):
+            head(hidden=x)
