@@ -223,13 +223,25 @@ def test_file_replaced_before_first_use_serves_the_new_file(base, tmp_path):
     assert not torch.allclose(out, logits(base, ids), atol=1e-3)  # not the base model
 
 
-def test_replaced_by_a_damaged_file_is_refused_then_a_fixed_file_loads(base, tmp_path):
+def test_replaced_by_a_damaged_file_is_refused_then_a_fixed_file_loads(base, tmp_path, monkeypatch):
+    import vblora.serve.store as store_module
+    from vblora.serve.loaded import verified
+
+    reads = []
+    monkeypatch.setattr(store_module, "verified", lambda *a, **k: reads.append(1) or verified(*a, **k))
     save(base, tmp_path / "a.safetensors", 1)
+    save(base, tmp_path / "b.safetensors", 2)
+    edited(tmp_path / "b.safetensors", tmp_path / "b.safetensors", lambda h: h.update(modules_to_save={"x": ["w"]}))
     store = AdapterStore(copy.deepcopy(base), tmp_path)
     (tmp_path / "a.safetensors").write_bytes(PASSWD)  # replaced before first use
     with pytest.raises(vblora.AdapterFormatError, match="not a safetensors file"):
         store.acquire("a")
     assert "a" in store.problems()
+    reads.clear()
+    for _ in range(3):  # a refused file is refused again without being read again, while it is unchanged
+        with pytest.raises(vblora.AdapterFormatError, match="tensor keys differ"):
+            store.acquire("b")
+    assert len(reads) == 1 and "tensor keys differ" in store.problems()["b"]
     save(base, tmp_path / "a.safetensors", 3)  # fixed in place: the next use reads it, no rescan needed
     handle = store.acquire("a")
     assert "a" not in store.problems()

@@ -65,13 +65,14 @@ class AdapterHandle:
 
 class Entry:
     """A registered name: its source, its loaded form once acquired, and a lock so it is loaded once; `refused`:
-    (stamp, error) of the last refused load, raised again without reading while the file is unchanged."""
+    (stamp, error type, message) of the last refused load, raised again without reading while the file is unchanged
+    (not the exception itself: its traceback would keep the frames of the read, and the tensors they hold, alive)."""
 
     __slots__ = ("source", "loaded", "lock", "from_directory", "refused")
 
     def __init__(self, source: Source, from_directory: bool, loaded: LoadedAdapter | None = None) -> None:
         self.source, self.loaded, self.lock, self.from_directory = source, loaded, threading.Lock(), from_directory
-        self.refused: tuple[tuple, Exception] | None = None
+        self.refused: tuple[tuple, type, str] | None = None
 
 
 class AdapterStore:
@@ -111,7 +112,7 @@ class AdapterStore:
         with the reason (acquiring them raises it)."""
         with self.lock:
             out = {n: e.source.error for n, e in self.entries.items() if e.source.error is not None}
-            out.update({n: str(e.refused[1]) for n, e in self.entries.items()
+            out.update({n: e.refused[2] for n, e in self.entries.items()
                         if e.refused is not None and e.loaded is None and n not in out})
             return out
 
@@ -217,11 +218,11 @@ class AdapterStore:
             if entry.loaded is None:
                 source = self.current(entry)
                 if entry.refused is not None and entry.refused[0] == source.stamp:
-                    raise entry.refused[1]  # the same file again: refused without reading it
+                    raise entry.refused[1](entry.refused[2])  # the same file again: refused without reading it
                 try:
                     entry.loaded = self.load(source)
                 except REFUSED as e:
-                    entry.refused = (source.stamp, e)
+                    entry.refused = (source.stamp, type(e), str(e))
                     raise
                 entry.refused = None
                 with self.lock:  # removed while loading: the handle works, nothing is cached for it
