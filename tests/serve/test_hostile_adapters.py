@@ -405,3 +405,47 @@ def test_find_and_verified_are_the_one_path(base, tmp_path):
         verified(find(tmp_path, "ref"), base, modules)
     with pytest.raises(FileNotFoundError):  # a bank file is no adapter
         find(tmp_path, "shared-bank")
+
+
+# -- the same probes through the HTTP server (while `vblora serve` has one) ------------------------------------------
+
+def test_http_server_refuses_hostile_adapters_and_keeps_serving(tmp_path):
+    """Cases 1, 5 and 7 as the issue probed them: the real server and the `openai` client. Each bad load is a 400
+    naming the problem, and base and adapter completions are the same before and after."""
+    pytest.importorskip("vblora.serve.server")
+    openai, httpx = pytest.importorskip("openai"), pytest.importorskip("httpx")
+    helpers = pytest.importorskip("test_server")  # its tiny tokenizer, base model and adapters
+    from vblora.serve.server import Engine, create_app, running
+
+    d = tmp_path / "adapters"
+    alpha = helpers.make_adapter(d / "alpha", 1)
+    helpers.make_adapter(tmp_path / "files" / "spare", 2)
+    edited(alpha, d / "crafted.safetensors", lambda h: h.update(modules_to_save={"model": ["weight"]}))
+    edited(alpha, d / "rooted.safetensors", lambda h: h.update(modules_to_save={"": ["weight"]}))
+    data = bytearray((tmp_path / "files" / "spare" / "adapter.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (d / "flipped").mkdir()
+    (d / "flipped" / "adapter.safetensors").write_bytes(bytes(data))
+    (d / "passwd.safetensors").write_bytes(PASSWD)
+    (d / "leak.safetensors").symlink_to(tmp_path / "files" / "spare" / "adapter.safetensors")
+    store = AdapterStore(helpers.base_model(), d)  # the crafted files never stop the store from constructing
+    with running(create_app(Engine(store.model, helpers.tokenizer(), store, base_name="tiny"))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def ask(model: str) -> str:
+            return client.completions.create(model=model, prompt="the cat", max_tokens=6, temperature=0).choices[0].text
+
+        before = {m: ask(m) for m in ("tiny", "alpha")}
+        assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "crafted", "flipped", "passwd", "rooted"]
+        for name, path in (("crafted", d / "crafted.safetensors"), ("rooted", d / "rooted.safetensors"),
+                           ("alpha", d / "flipped"), ("alpha", d / "passwd.safetensors"),
+                           ("x", tmp_path / "files" / "spare"), ("x", d / "leak.safetensors")):
+            r = httpx.post(url + "/v1/adapters", json={"name": name, "path": str(path)})
+            message = r.json()["error"]["message"]
+            assert r.status_code == 400 and "Traceback" not in message and "root:x" not in message, (name, path)
+            assert str(struct.unpack("<Q", PASSWD[:8])[0]) not in message
+        for name in ("crafted", "rooted", "flipped", "passwd"):
+            with pytest.raises(openai.BadRequestError):
+                ask(name)
+        assert {m: ask(m) for m in ("tiny", "alpha")} == before  # case 5: the failed replacement kept alpha
+        assert httpx.get(url + "/health").status_code == 200
