@@ -355,8 +355,8 @@ def test_add_is_confined_to_the_directory(base, tmp_path):
     (d / "link.safetensors").symlink_to(outside / "x.safetensors")
     store = AdapterStore(copy.deepcopy(base), d)
     messages = []
-    for path in (outside / "x.safetensors", outside / "passwd", outside / "none", d / ".." / "outside" / "x.safetensors",
-                 d / "link.safetensors", "/etc/passwd"):
+    for path in (outside / "x.safetensors", outside / "passwd", outside / "none",
+                 d / ".." / "outside" / "x.safetensors", d / "link.safetensors", "/etc/passwd"):
         with pytest.raises(PathNotAllowedError) as err:
             store.add("x", path)
         assert isinstance(err.value, vblora.VBLoRAError) and isinstance(err.value, PermissionError)

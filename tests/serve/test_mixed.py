@@ -256,6 +256,6 @@ def test_head_called_by_keyword_passes_through():
     with router.use(Plan([other, None, other], {other: {}})):
         assert torch.equal(head(hidden=x), want)
     carrier = Unit({"head": {k: v + 1 for k, v in head.base.state_dict().items()}})
-    with router.use(Plan([carrier, None, other], {carrier: {}, other: {}})):
-        with pytest.raises(vblora.VBLoRAError, match="head head was called without a tensor input"):
-            head(hidden=x)
+    with router.use(Plan([carrier, None, other], {carrier: {}, other: {}})), \
+            pytest.raises(vblora.VBLoRAError, match="head head was called without a tensor input"):
+        head(hidden=x)

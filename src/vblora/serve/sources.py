@@ -287,7 +287,7 @@ def discover(directory: str | os.PathLike) -> tuple[dict[str, Source], dict[str,
         listed = listing(d, entry)
         if listed is None:
             continue
-        name, kind, target = listed
+        name, _, target = listed
         found = entry_bank(d, entry)
         if found is not None:
             sha, bank, alone = found

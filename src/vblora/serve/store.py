@@ -10,13 +10,15 @@ first: a file replaced since registration is described again from its new header
 wrapped with mixed layers (the union over loaded adapters; they pass the base output through untouched outside
 `rows(...)` / `tokens(...)`): a file refused on loading changes nothing in the model. `add` verifies the new file
 before it replaces a registration of that name. Paths stay inside the store's directory (symlinks out of it are not
-listed; `add` refuses paths outside it) unless `allow_outside_paths=True`. Loaded adapters then stay resident (indices and mixing weights: about its file size; its bank is held
-once per content hash, so adapters sharing a bank, e.g. trained with `--freeze-bank`, cost only their indices and
-weights). Compositions (every module's A and B in the compute dtype) live in a least-recently-used cache bounded in
-bytes and are recomposed on demand.
+listed; `add` refuses paths outside it) unless `allow_outside_paths=True`. Loaded adapters then stay resident
+(indices and mixing weights: about its file size; its bank is held once per content hash, so adapters sharing a
+bank, e.g. trained with `--freeze-bank`, cost only their indices and weights). Compositions (every module's A and
+B in the compute dtype) live in a least-recently-used cache bounded in bytes and are recomposed on demand.
 
 Threads: `add`, `remove`, `scan`, `acquire`, `stats` may be called from any thread; the forwards inside `rows(...)`
-from one thread at a time (plans are per thread). A handle keeps its adapter usable after `remove`.
+from one thread at a time (plans are per thread). A handle keeps its adapter usable after `remove`. A first
+`acquire` in one thread may wrap modules while another thread runs a forward: a new wrapper holds nothing of the
+plans made before it (their adapters were wrapped when loaded), so those forwards get the base output from it.
 """
 
 from __future__ import annotations
