@@ -30,7 +30,7 @@ def block(title: str) -> str:
     """The python block under the `### title...` heading of the section."""
     text = section_text()
     start = text.index(f"### {title}")
-    return re.search(r"```python\n(.*?)```", text[start:], flags=re.S).group(1)
+    return re.search(r"```python\n(.*?)```", text[start:], flags=re.DOTALL).group(1)
 
 
 def run_block(title: str, where: Path, monkeypatch) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from _train_helpers import make_rows, run_overrides, write_csv
+from transformers import TrainerCallback
 
 from vblora.train import pipeline as P
 from vblora.train.config import build_config
@@ -24,7 +25,7 @@ class Killed(Exception):
     pass
 
 
-class KillAt(P.TrainerCallback):
+class KillAt(TrainerCallback):
     """Raises at `event` ("epoch_end": after the step-8 checkpoint, before the evaluation; "evaluate": after the
     best-epoch tracker wrote best/checkpoint.pt) at step `step`."""
 

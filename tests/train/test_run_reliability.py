@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from _train_helpers import make_rows, run_overrides, write_csv
+from transformers import TrainerCallback
 
 from vblora.errors import VBLoRAError
 from vblora.train import methods
 from vblora.train import pipeline as P
-from vblora.train.errors import ResumeError, SaveError
 from vblora.train.config import build_config
+from vblora.train.errors import DivergedError, ResumeError, SaveError
 
 STEPS = 16  # 64 examples / batch 8 = 8 steps per epoch, 2 epochs; checkpoints every 3 steps, losses logged every 5
 
@@ -31,7 +32,7 @@ class Killed(Exception):
     pass
 
 
-class KillAt(P.TrainerCallback):
+class KillAt(TrainerCallback):
     def __init__(self, step: int):
         self.step = step
 
@@ -213,7 +214,7 @@ def test_divergence_stops_within_a_few_steps_and_keeps_the_earlier_results(setup
     out = _copy(setup, "ref", tmp_path)
     before = {p: p.read_bytes() for p in [out / "results.json", *sorted((out / "adapter").iterdir())]}
     huge = {"lr_bank": 1e4, "lr_logits": 1e4, "lr_head": 1e4, "output": str(out), "overwrite": True}
-    with pytest.raises(P.DivergedError, match=r"diverged at step (\d) of 16: .* Lower the learning rates \(now "
+    with pytest.raises(DivergedError, match=r"diverged at step (\d) of 16: .* Lower the learning rates \(now "
                                               r"--lr-bank 10000, --lr-logits 10000, --lr-head 10000\)") as e:
         _train({**setup["ov"], **huge})
     assert int(re.search(r"step (\d+)", str(e.value)).group(1)) <= 6 and "\n" not in str(e.value)

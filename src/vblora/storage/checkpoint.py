@@ -20,7 +20,12 @@ from torch import nn
 
 from vblora.errors import AdapterFormatError
 from vblora.inject import BANK_ATTR, unwrap
-from vblora.storage.files import atomic_write, parse_json_metadata, read_safetensors, write_safetensors
+from vblora.storage.files import (
+    atomic_write,
+    parse_json_metadata,
+    read_safetensors,
+    write_safetensors,
+)
 
 FORMAT, FORMAT_VERSION = "vblora-checkpoint", 2
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -1,20 +1,22 @@
 """`train(cfg)`: the one training pipeline, from a RunConfig to DIR/results.json and DIR/adapter/.
 
 transformers.Trainer gives the loop, progress bars, gradient accumulation, mixed precision, label smoothing,
-resumable checkpoints and torchrun/accelerate scale-out (DDP; gloo on CPU). We add: the per-method AdamW groups
-(VB-LoRA's three learning rates), checkpoints of the trainable tensors only (`vblora.storage.save_checkpoint`) that are
-complete or absent and resume only the run they belong to (train/checkpoints.py), a divergence guard, the best
-validation epoch (kept across a kill/resume), and scoring of that state on test, plus the task's own evaluation
-(generation) and other eval top-k. An earlier run's adapter/ and results.json stay until a complete run replaces
-them. Every experiment (compare, ablations, E2E) is a loop of configs over `train`, so all are scored the same way.
-This is the only place in the package that builds a Trainer. docs/reliability.md lists the faults tried.
+resumable checkpoints and torchrun/accelerate scale-out (DDP; gloo on CPU); `vblora.AdapterTrainer` (the public
+integration, src/vblora/integrations.py) makes its checkpoints hold the trainable tensors only and resume with the
+loss bookkeeping of an uninterrupted run. We add: the per-method AdamW groups (VB-LoRA's three learning rates),
+checkpoints that are complete or absent and resume only the run they belong to (train/checkpoints.py), a divergence
+guard, the best validation epoch (kept across a kill/resume; train/callbacks.py), and scoring of that state on test,
+plus the task's own evaluation (generation) and other eval top-k. An earlier run's adapter/ and results.json stay
+until a complete run replaces them. Every experiment (compare, ablations, E2E) is a loop of configs over `train`, so
+all are scored the same way. This is the only place in the package that builds a Trainer, through public Trainer
+hooks but one (`_get_train_sampler`, pinned in tests/train/test_private_api.py). docs/reliability.md lists the
+faults tried.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import platform
 import resource
@@ -27,21 +29,28 @@ import numpy as np
 import peft
 import torch
 import transformers
-from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    DataCollatorWithPadding,
+    TrainingArguments,
+    set_seed,
+)
 
 import vblora
 from vblora.errors import AdapterFormatError
-from vblora.inject import unwrap
 from vblora.integrations import AdapterTrainer
 from vblora.layout import require_bitsandbytes
-from vblora.storage import load_checkpoint, save_checkpoint
-from vblora.storage.checkpoint import trainable_state
 from vblora.storage.files import atomic_write, replace_dir
 from vblora.train import checkpoints as C
 from vblora.train import evaluate, methods, models, tasks, vader
 from vblora.train import metrics as M
+from vblora.train.callbacks import (
+    BestTracker,
+    CatchUpEvaluation,
+    DivergenceGuard,
+    load_trainable,
+)
 from vblora.train.config import RunConfig
-from vblora.train.errors import DivergedError, ResumeError, SaveError, SetupError
+from vblora.train.errors import ResumeError, SaveError, SetupError
 from vblora.train.sampling import LengthGroupedEpochSampler, item_lengths
 
 
@@ -92,87 +101,6 @@ class _ShardedArguments(TrainingArguments):
     @property
     def place_model_on_device(self) -> bool:
         return False
-
-
-class DivergenceGuard(TrainerCallback):
-    """Stops the run when the gradient norm of the trained tensors (checked before every optimizer step: one host
-    sync) or a logged loss stops being finite. Under fp16 the loss scaler skips overflowing steps itself: stop after
-    16 in a row."""
-
-    def __init__(self, cfg: RunConfig, model):
-        self.cfg, self.nonfinite = cfg, 0
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def on_pre_optimizer_step(self, args, state, control, **kw):
-        norms = [p.grad.detach().float().norm() for p in self.params if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-        if math.isfinite(norm):
-            self.nonfinite = 0
-            return
-        self.nonfinite += 1
-        if not args.fp16 or self.nonfinite >= 16:
-            raise DivergedError(_divergence_message(self.cfg, state.global_step + 1, state.max_steps,
-                                                    f"the gradient norm is {norm}"))
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs and not math.isfinite(logs["loss"]):
-            raise DivergedError(_divergence_message(self.cfg, state.global_step, state.max_steps,
-                                                    f"the loss is {logs['loss']}"))
-
-
-def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy back what `trainable_state` took: trained parameters (and a frozen selection's buffers)."""
-    live = dict(unwrap(model).named_parameters()) | dict(unwrap(model).named_buffers())
-    with torch.no_grad():
-        for n, t in state.items():
-            live[n].copy_(t.to(live[n].device, live[n].dtype))
-
-
-class BestTracker(TrainerCallback):
-    """The trainable state of the best validation epoch: in memory (every process) and in DIR/best (rank 0, for
-    resume; its value, epoch and metrics inside the one checkpoint file). On resume from step `resume_step`, a best
-    state saved at or before it is read through the model before the Trainer restores that checkpoint over it."""
-
-    def __init__(self, model, metric: str, ckpt_dir: Path, is_main: bool, resume_step: int | None):
-        self.model, self.key, self.dir, self.is_main = model, f"eval_{metric}", ckpt_dir / "best", is_main
-        self.sign = 1.0 if M.greater_is_better(metric) else -1.0
-        self.best = self.best_epoch = self.state = self.metrics = None  # metrics: validation, best epoch
-        self.active = True
-        if resume_step is not None and (self.dir / "checkpoint.pt").exists():
-            with C.restoring(self.dir, "best epoch's state"):
-                info = load_checkpoint(model, self.dir, restore_rng=False)["extra"]
-                if info["step"] <= resume_step:  # a later one is recomputed when the run gets there again
-                    self.best, self.best_epoch, self.metrics = info["value"], info["epoch"], info["metrics"]
-                    self.state = trainable_state(model)
-
-    def on_evaluate(self, args, state, control, metrics=None, **kw):
-        if not self.active or not metrics or self.key not in metrics:
-            return
-        value = float(metrics[self.key])
-        if self.best is None or self.sign * value > self.sign * self.best:
-            self.best, self.best_epoch = value, round(float(state.epoch or 0), 4)
-            self.metrics = {k: float(v) for k, v in metrics.items()}
-            self.state = trainable_state(self.model)
-            if self.is_main:
-                save_checkpoint(self.model, self.dir, rng=False, extra={
-                    "value": self.best, "epoch": self.best_epoch, "metrics": self.metrics, "step": state.global_step})
-
-
-class CatchUpEvaluation(TrainerCallback):
-    """A run resumed from a checkpoint written at the end of an epoch before that epoch's evaluation (a save step
-    that is the epoch's last: the Trainer saves at the step's end and evaluates at the epoch's end) evaluates that
-    epoch first, as the uninterrupted run did; without it the epoch would never be scored (its row missing, maybe
-    another best epoch)."""
-
-    def __init__(self, trainer: _Trainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kw):
-        epoch, step = state.epoch or 0.0, state.global_step
-        if args.eval_strategy != "epoch" or self.trainer.eval_dataset is None or step == 0 or epoch != round(epoch):
-            return
-        if not any(any(k.startswith("eval_") for k in h) and h.get("step") == step for h in state.log_history):
-            self.trainer.evaluate()
 
 
 def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.build) -> dict:
@@ -378,16 +306,6 @@ def _check_output(cfg: RunConfig) -> tuple[Path, Path, bool]:
         raise SetupError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite "
                          f"to start again")
     return out, ckpt, has and cfg.resume
-
-
-def _divergence_message(cfg: RunConfig, step: int, steps: int, what: str) -> str:
-    rates = (("lr_bank", "lr_logits") if cfg.method == "vblora" else ("lr",)) + ("lr_head",)
-    now = ", ".join(f"--{k.replace('_', '-')} {cfg.method_lr() if k == 'lr' else getattr(cfg, k):g}" for k in rates)
-    fixes = [f"Lower the learning rates (now {now})", f"raise --warmup-ratio (now {cfg.warmup_ratio:g})"]
-    fixes += ["clip the gradients (--max-grad-norm 1)"] if cfg.max_grad_norm <= 0 else []
-    fixes += ["use --bf16 or full precision instead of --fp16 (float16 overflows)"] if cfg.fp16 else []
-    return (f"training diverged at step {step} of {steps}: {what}. {'; '.join(fixes)}; then rerun with "
-            f"--overwrite (an earlier run's adapter/ and results.json in {cfg.output} are left as they were)")
 
 
 def _compute_metrics(kind: str):
