@@ -374,6 +374,10 @@ def test_add_is_confined_to_the_directory(base, tmp_path):
         via.add("x", alias / "link.safetensors")
     assert AdapterStore(copy.deepcopy(base), d, allow_outside_paths=True).add("x", outside / "x.safetensors")
     assert AdapterStore(copy.deepcopy(base)).add("x", outside / "x.safetensors")  # no directory: any path
+    closed = AdapterStore(copy.deepcopy(base), allow_outside_paths=False)  # a server with no adapter directory
+    with pytest.raises(PathNotAllowedError, match="no adapter directory"):
+        closed.add("x", outside / "x.safetensors")
+    assert closed.names() == []
 
 
 def test_find_and_verified_are_the_one_path(base, tmp_path):

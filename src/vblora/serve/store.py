@@ -79,9 +79,11 @@ class Entry:
 
 class AdapterStore:
     def __init__(self, model: nn.Module, directory: str | os.PathLike | None = None, *,
-                 cache_bytes: int = 64 << 20, allow_outside_paths: bool = False) -> None:
-        """`directory`: adapters registered by name (see `vblora.serve.sources`); `add` takes paths inside it only,
-        unless `allow_outside_paths` (a store without a directory takes any path: its caller is the operator)."""
+                 cache_bytes: int = 64 << 20, allow_outside_paths: bool | None = None) -> None:
+        """`directory`: adapters registered by name (see `vblora.serve.sources`). `allow_outside_paths`: whether
+        `add` may read paths outside it; None (default): not if there is a directory, any path if there is none
+        (from Python, the caller is the operator); a server passes its operator's choice: False with no directory
+        refuses every path."""
         self.model = unwrap(model)
         if hasattr(self.model, BANK_ATTR):
             raise TargetError(f"{type(self.model).__name__} already carries a VB-LoRA adapter; give the store the "
@@ -90,7 +92,8 @@ class AdapterStore:
         self.dtype = param.dtype if param is not None else torch.float32
         self.device = param.device if param is not None else torch.device("cpu")
         self.directory = Path(directory) if directory is not None else None
-        self.root = None if allow_outside_paths else self.directory  # where `add` may read from (None: anywhere)
+        self.outside = allow_outside_paths if allow_outside_paths is not None else self.directory is None
+        self.root = None if self.outside else self.directory  # where `add` may read from (None: anywhere)
         self.router = Router()
         self.cache = ByteLRU(cache_bytes)
         self.lock = threading.RLock()
@@ -148,6 +151,9 @@ class AdapterStore:
         was; otherwise the new adapter replaces it."""
         if not isinstance(name, str) or not name:
             raise VBLoRAError(f"adapter name {name!r}: give a non-empty string")
+        if not self.outside and self.root is None:
+            raise PathNotAllowedError(f"cannot add adapter '{name}' by path: this store has no adapter directory and "
+                                      f"loads no other paths (give it a directory, or allow_outside_paths=True)")
         source = describe(name, path, self.root)
         entry = Entry(source, from_directory=False, loaded=self.load(source))
         with self.lock:
