@@ -255,6 +255,3 @@ class MixedHead(Wrapper):
             out.index_copy_(dim, index, own.to(out.dtype))
         return out
 
-
-def unwrapped(module: nn.Module | None) -> nn.Module | None:
-    return module.base if isinstance(module, (MixedLayer, MixedHead)) else module
