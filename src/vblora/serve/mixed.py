@@ -254,4 +254,3 @@ class MixedHead(Wrapper):
             own = functional_call(self.base, state, (x.index_select(dim, index), *args), kwargs)
             out.index_copy_(dim, index, own.to(out.dtype))
         return out
-
