@@ -133,3 +133,13 @@ def test_edited_train_file_is_refused(setup, tmp_path):
                                           r"\(sha256 [0-9a-f]{12}\.\.\. then, [0-9a-f]{12}\.\.\. now\)") as e:
         _train({**ov, "resume": True, "overwrite": False})
     assert "\n" not in str(e.value)
+
+
+def test_checkpoint_of_an_older_vblora_is_refused_and_kept(setup, tmp_path):
+    """Before this version checkpoint-N held checkpoint.pt instead of model.safetensors: one line, nothing removed."""
+    out = Path(shutil.copytree(setup["dir"] / "ref", tmp_path / "ref"))
+    for d in (out / "checkpoints").glob("checkpoint-*"):
+        (d / "model.safetensors").rename(d / "checkpoint.pt")
+    with pytest.raises(ResumeError, match=r"checkpoint-16 was written by an older vblora \(checkpoint.pt"):
+        _resume(setup, out)
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-16"]
