@@ -4,8 +4,8 @@ result in a content-addressed cache bounded in bytes. The vLLM resolver plugin (
 thin async shell over `LoRADirCache.resolve`; this module needs no vLLM, so it is tested where vLLM is absent.
 
 What is checked before a directory is handed out (nothing unverified leaves this module):
-- the name: a plain file name inside the adapter directory (no separators, no leading dot, no path that resolves
-  outside the directory through a symlink);
+- the name: one plain entry of the adapter directory, found as the store finds it (`sources.find`: no separators,
+  no leading dot, nothing that leads out of the directory through a symlink);
 - the files: every header / tensor / digest check of the native reader and PEFT's directory checks, as
   `vblora.load_adapter` and `vblora serve` run them (`vblora.serve.loaded.read_snapshot`), shared banks included;
 - the base: `vblora.storage.snapshot.check_base`, the check `load_adapter` runs (architecture, every adapted
@@ -29,7 +29,7 @@ from torch import nn
 
 from vblora.errors import AdapterFormatError, VBLoRAError
 from vblora.serve.loaded import read_snapshot
-from vblora.serve.sources import Source, adapter_path, bank_candidates, describe, discover
+from vblora.serve.sources import Source, bank_candidates, bank_index, find
 from vblora.storage.files import json_sha256, tensors_sha256
 from vblora.storage.lora import export_lora
 from vblora.storage.peft_vblora import CONFIG_FILE, WEIGHTS_FILE
@@ -44,21 +44,16 @@ def default_cache_dir() -> Path:
 
 
 def find_source(directory: Path, name: str) -> tuple[Source, dict[str, Path]] | None:
-    """The adapter called `name` in `directory` (`<name>.safetensors`, `<name>/adapter.safetensors`, or a PEFT
-    VB-LoRA directory `<name>/`), named as `vblora serve` names them, with the bank files a shared-bank adapter may
-    need; None if there is none. AdapterFormatError for a name that tries to leave the directory."""
-    if not name or name != Path(name).name or name.startswith(".") or "\\" in name or "\0" in name:
-        return None  # not a plain name in the directory: nothing there can be called that
-    root = directory.resolve()
-    for candidate in (directory / f"{name}.safetensors", directory / name):
-        if adapter_path(candidate) is None:
-            continue
-        if not candidate.resolve().is_relative_to(root):
-            raise AdapterFormatError(f"adapter '{name}' is a link leading outside the adapter directory; refused")
-        source = describe(name, candidate)
-        banks = {} if source.bank_sha256 is None or bank_candidates(source, {}) else discover(directory)[1]
-        return source, banks
-    return None
+    """The adapter called `name` in `directory` and the bank files a shared-bank adapter may need, found as
+    `vblora serve` and the `AdapterStore` find it (`sources.find`: `<name>.safetensors`, `<name>/adapter.safetensors`
+    or a PEFT VB-LoRA directory `<name>/`, confined to the directory, symlinks out of it not listed); None if there
+    is none, including for names that are not one plain directory entry ('../x')."""
+    try:
+        source = find(directory, name)
+    except FileNotFoundError:
+        return None
+    banks = {} if source.bank_sha256 is None or bank_candidates(source, {}) else bank_index(directory)
+    return source, banks
 
 
 class MetaBase:
