@@ -58,6 +58,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from vblora.storage.native import ADAPTER_FILE, BANK_FILE
+    from vblora.storage.snapshot import shapes_sha256
 
     path = Path(args.path)
     bank = path.name.endswith(BANK_FILE) or (path.is_dir() and not (path / ADAPTER_FILE).exists()
@@ -76,8 +77,8 @@ def run(args) -> int:
     print(f"  stored parameters (float32-equivalent{shared}): {info['stored_parameters']:,.0f}")
     print("  bytes: " + ", ".join(f"{k} {v:,}" for k, v in info["bytes"].items()))
     base = info["base"] or {}
-    print(f"  base model: {base.get('architecture')} (model_type {base.get('model_type')}), adapted weight shapes "
-          f"sha256 {str(base.get('weights_sha256'))[:16]}")
+    print(f"  base model: {base.get('architecture')} (model_type {base.get('model_type')}), adapted module names "
+          f"and shapes sha256 {str(shapes_sha256(base))[:16]}")
     print(f"  verified: {info['verified']}")
     return 0 if info["verified"] == "ok" else 1
 

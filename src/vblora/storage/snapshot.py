@@ -54,12 +54,23 @@ class AdapterSnapshot:
         return compose_selected(self.indices, self.weights, self.bank)
 
     def fingerprint(self) -> dict:
-        """The base model's identity as the adapter sees it: class name, model_type, adapted weight shapes (hashed),
-        a strided sample of a few adapted weights (tells two checkpoints of one architecture apart), its name."""
+        """The base model's identity as the adapter sees it: class name, model_type, the sha256 of the adapted
+        modules' names and weight shapes (`shapes_sha256`), a strided sample of a few adapted weights (tells two
+        checkpoints of one architecture apart), its name."""
         shapes = json.dumps([[m.name, list(m.weight_shape)] for m in self.modules], separators=(",", ":"))
         return {"architecture": self.architecture, "model_type": self.model_type,
-                "weights_sha256": hashlib.sha256(shapes.encode()).hexdigest(), "name_or_path": self.name_or_path,
+                SHAPES_SHA256: hashlib.sha256(shapes.encode()).hexdigest(), "name_or_path": self.name_or_path,
                 "task_type": self.task_type, "weight_sample": self.weight_sample}
+
+
+# The fingerprint's digest of the adapted modules' names and weight shapes (not of their weights). Files written
+# before it got this name (vblora 0.1.0) call it "weights_sha256"; `shapes_sha256` reads either.
+SHAPES_SHA256, SHAPES_SHA256_BEFORE = "shapes_sha256", "weights_sha256"
+
+
+def shapes_sha256(fingerprint: dict) -> str | None:
+    """The names-and-shapes digest of a stored base fingerprint, under its current or its earlier key."""
+    return fingerprint.get(SHAPES_SHA256, fingerprint.get(SHAPES_SHA256_BEFORE))
 
 
 TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
