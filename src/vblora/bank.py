@@ -319,17 +319,6 @@ class VectorBank(nn.Module):
         top, idx = self.logits.float().topk(k, dim=-1)
         return idx, top.softmax(dim=-1)
 
-    @torch.no_grad()
-    def freeze_selection(self) -> None:
-        """Replace the `(N, h)` logits by the stored top-k selection (inference form; frees the logits)."""
-        if self.frozen:
-            return
-        idx, w = self.topk_selection()
-        del self.logits
-        self.register_parameter("logits", None)
-        self.register_buffer("indices", idx)
-        self.register_buffer("weights", w.to(self.bank.dtype))
-
     # -- checks ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def check_finite(self) -> None:

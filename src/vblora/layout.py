@@ -189,13 +189,6 @@ class Layout:
             row += a + b
         return cls(entries, rank, vector_length)
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Layout) and (self.entries, self.rank, self.vector_length) == (
-            other.entries, other.rank, other.vector_length)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def split(self, sub: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`(N, b)` -> per module `((a_count, b), (b_count, b))` views, in row order."""
         pieces = sub.split(self.sizes)
