@@ -166,14 +166,11 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, bank_path: s
 
 
 def read_adapter(path: str | os.PathLike, bank_path: str | os.PathLike | None = None) -> tuple[AdapterSnapshot, dict]:
-    """Read and fully validate an adapter file -> (snapshot, info with header, file size and bytes per tensor)."""
+    """Read and fully validate an adapter file -> (snapshot, {"file": the file read, "header": its JSON header})."""
     file = adapter_file(path)
-    tensors, metadata, size = read_safetensors(file)
+    tensors, metadata, _ = read_safetensors(file)
     header = parse_json_metadata(file, metadata, "vblora")
-    snap = decode(file, header, tensors, bank_path)
-    info = {"file": file, "header": header, "file_size": size,
-            "tensor_bytes": {k: v.numel() * v.element_size() for k, v in tensors.items()}}
-    return snap, info
+    return decode(file, header, tensors, bank_path), {"file": file, "header": header}
 
 
 def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
