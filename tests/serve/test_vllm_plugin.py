@@ -1,11 +1,12 @@
 """vLLM serves VB-LoRA adapters by name through the vblora resolver plugin (issue 18), proved on the CPU.
 
-vLLM's OpenAI server (`vblora.serve.vllm_launch.vllm_command`, the documented command) on the offline SmolLM2-135M
-base, with the plugin reading an adapter directory that holds three adapters in three sources (a native file, an
-HF PEFT VB-LoRA directory, a native file on a shared bank file), a damaged file and an adapter made for another
-base. Queried with the `openai` client: each adapter's greedy completion equals transformers + `vblora.load_adapter`
-(or `import_peft`) token for token (fp32 on both sides; the prompt is sent as token ids); an unknown name is a 404,
-a damaged file and a wrong-base adapter are 400s naming the reason, and the server answers the next request.
+vLLM's OpenAI server, started by the documented command (`vblora serve`, which becomes vLLM's server), on the
+offline SmolLM2-135M base, with the plugin reading an adapter directory that holds three adapters in three sources
+(a native file, an HF PEFT VB-LoRA directory, a native file on a shared bank file), a damaged file and an adapter
+made for another base. Queried with the `openai` client: each adapter's greedy completion equals transformers +
+`vblora.load_adapter` (or `import_peft`) token for token (fp32 on both sides; the prompt is sent as token ids); an
+unknown name is a 404, a damaged file and a wrong-base adapter are 400s naming the reason, and the server answers
+the next request. Then issue 19's server cases 2, 3, 6 and 8 asked of vLLM's server (docs/serving.md, Security).
 
 Needs vLLM in its own environment (docs/serving.md): the interpreter in VBLORA_VLLM_PYTHON, default
 .venv-vllm/bin/python at the repository root, with `pip install --no-deps -e .` done there. Skipped, with that
@@ -15,6 +16,7 @@ reason, where it is absent. vLLM starts once for the module (about 1-2 minutes o
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -98,18 +100,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+API_KEY = "test-key-not-secret"
+
+
 @pytest.fixture(scope="module")
 def server(work):
-    """vLLM's OpenAI server with the plugin, started by the documented command; its log is printed on failure."""
+    """vLLM's OpenAI server with the plugin, started by the documented command, `vblora serve` (which becomes vLLM's
+    server), with an API key from a file; its log is printed on failure."""
     import httpx
 
-    from vblora.serve.vllm_launch import vllm_command
-
     port = free_port()
-    argv, env = vllm_command(VLLM_PYTHON, work["model"], work["adapters"], port=port, rank=8,
-                             cache=work["cache"], cache_bytes="64M", dtype="float32",
-                             extra=["--max-model-len", "256", "--served-model-name", "base"])
-    log = open(work["adapters"].parent / "vllm.log", "w+")
+    key_file = work["adapters"].parent / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    argv = [sys.executable, "-m", "vblora", "serve", "--model", work["model"], "--adapters", str(work["adapters"]),
+            "--vllm-python", VLLM_PYTHON, "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+            "--served-model-name", "base", "--lora-cache", str(work["cache"]), "--lora-cache-bytes", "64M",
+            "--api-key-file", str(key_file)]
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "VBLORA_API_KEY")}
+    log = open(work["adapters"].parent / "vllm.log", "w+")  # noqa: SIM115  (closed in the finally below)
     proc = subprocess.Popen(argv, env=env | {"HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -140,7 +148,7 @@ def server(work):
 def client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{server['url']}/v1", api_key="unused", max_retries=0, timeout=300)
+    return OpenAI(base_url=f"{server['url']}/v1", api_key=API_KEY, max_retries=0, timeout=300)
 
 
 def complete(client, model: str, ids: list[int]) -> list[int]:
@@ -194,6 +202,63 @@ def test_bad_adapter_is_400_naming_why_and_the_server_goes_on(client, work, name
 
 def server_alive(client) -> bool:
     return bool(client.models.list().data)
+
+
+# -- issue 19's server cases, asked of vLLM's server (our own HTTP server is gone): each a 4xx, the server goes on
+
+def post(server, body: dict | bytes, key: str | None = API_KEY, path: str = "/v1/completions"):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, bytes):
+        return httpx.post(server["url"] + path, content=body, timeout=120,
+                          headers=headers | {"content-type": "application/json"})
+    return httpx.post(server["url"] + path, json=body, headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_out_of_range_seed_is_400(server, client, work, seed):  # case 2
+    r = post(server, {"model": "native", "prompt": "Hi", "max_tokens": 4, "temperature": 1, "seed": seed})
+    assert r.status_code == 400 and "seed" in r.text
+    assert_serves_base(client, work)
+
+
+def test_huge_prompt_is_refused_before_tokenizing(server, client, work):  # case 3
+    t0 = time.monotonic()
+    r = post(server, {"model": "native", "prompt": "hello world " * 900_000, "max_tokens": 2})  # 10.8 MB
+    assert r.status_code == 400 and "maximum context length" in r.text
+    assert time.monotonic() - t0 < 30  # refused by its character count, not after tokenizing 10 MB
+    assert_serves_base(client, work)
+
+
+@pytest.mark.parametrize("field", ["prompt", "model", "chat"])
+def test_lone_surrogate_is_400(server, client, work, field):  # case 6
+    body = {"model": "native", "prompt": "Hi", "max_tokens": 2}
+    path = "/v1/completions"
+    if field == "prompt":
+        body["prompt"] = "Hi \ud800"
+    elif field == "model":
+        body["model"] = "nat\ud800ive"
+    else:
+        body = {"model": "native", "messages": [{"role": "user", "content": "Hi \ud800"}], "max_tokens": 2}
+        path = "/v1/chat/completions"
+    raw = json.dumps(body).encode()  # json.dumps writes the lone surrogate as the escape \ud800
+    assert b"\\ud800" in raw
+    r = post(server, raw, path=path)
+    assert 400 <= r.status_code < 500, r.text
+    assert_serves_base(client, work)
+
+
+def test_api_key_from_a_file_guards_v1_and_the_docs_are_off(server, client, work):  # case 8
+    import httpx
+
+    assert post(server, {"model": "base", "prompt": "Hi", "max_tokens": 2}, key=None).status_code == 401
+    assert post(server, {"model": "base", "prompt": "Hi", "max_tokens": 2}, key="wrong").status_code == 401
+    for page in ("/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(server["url"] + page, timeout=30).status_code == 404, page
+    with open(f"/proc/{server['proc'].pid}/cmdline", "rb") as f:
+        assert API_KEY.encode() not in f.read()  # not in the process list
+    assert_serves_base(client, work)
 
 
 if __name__ == "__main__":

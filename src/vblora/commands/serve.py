@@ -1,109 +1,125 @@
-"""`vblora serve --model PATH --adapters DIR`: an OpenAI-compatible HTTP server over one base model and every
-VB-LoRA adapter in DIR (each named by its sub-directory or file stem); the request's `model` picks the adapter.
-docs/serving.md has the API, the batching and the road to vLLM."""
+"""`vblora serve --model PATH --adapters DIR`: vLLM's OpenAI server over one base model, serving every VB-LoRA adapter
+in DIR by name through the vblora resolver plugin (`vblora.serve.vllm_plugin`). One command for the common case:
+it finds vLLM's interpreter, picks `--max-lora-rank` from the adapters' headers, keeps the API key out of the
+process list, and then becomes vLLM's server (exec). docs/serving.md has the details and the measurements that
+chose vLLM as the engine."""
 
 from __future__ import annotations
 
-import socket
+import ipaddress
+import os
 import sys
+from pathlib import Path
 
 
-def check_port(host: str, port: int) -> None:
+def largest_rank(adapters: Path) -> int:
+    """The largest rank among the adapters of the directory (their headers only), 8 if none is readable."""
+    from vblora.serve.sources import discover
+
+    ranks = [int(s.summary["rank"]) for s in discover(adapters)[0].values()
+             if s.error is None and isinstance(s.summary.get("rank"), int)]
+    return max(ranks, default=8)
+
+
+def served_model(model: str) -> str:
+    """A directory vLLM can load: `model` itself, or the fp32 copy of an offline alias (`smollm2`; written once)."""
+    from vblora.train.models import load_model, resolve_model
+
+    path, gguf = resolve_model(model, None)
+    if gguf is not None:  # first use of the alias: write the fp32 transformers copy vLLM reads
+        load_model(path, gguf, "causal-lm")
+        path, gguf = resolve_model(model, None)
+    return path
+
+
+def api_key(args) -> str | None:
+    """The API key: --api-key-file, else VBLORA_API_KEY / VLLM_API_KEY (never on the command line, where `ps`
+    shows it to every user of the machine)."""
     from vblora.train.errors import SetupError
 
-    if not 0 <= port <= 65535:
-        raise SetupError(f"--port {port} is not a port number (0-65535)")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if args.api_key_file:
         try:
-            s.bind((host, port))
-        except OSError as e:
-            raise SetupError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") \
-                from None
+            key = Path(args.api_key_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SetupError(f"--api-key-file {args.api_key_file}: cannot read it ({e})") from None
+        if not key:
+            raise SetupError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return os.environ.get("VBLORA_API_KEY") or os.environ.get("VLLM_API_KEY") or None
 
 
-def load_base(args):
-    import torch
-
-    from vblora.train.errors import SetupError
-    from vblora.train.models import load_model, load_tokenizer, resolve_model
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    path, gguf = resolve_model(args.model, args.gguf_file)
-    tokenizer = load_tokenizer(path, gguf)
-    model = load_model(path, gguf, "causal-lm")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
-        model = model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
-    except (RuntimeError, AssertionError) as e:  # e.g. --device cuda on a machine without one
-        raise SetupError(f"cannot place the model on --device {device}: {e}") from None
-    return model, tokenizer
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def run(args) -> int:
-    from pathlib import Path
-
+    from vblora.serve.vllm_launch import vllm_command, vllm_python
     from vblora.train.errors import SetupError
 
-    import fastapi  # noqa: F401  (the serve extra: a missing one is named by cli.EXTRAS in one line)
-    import uvicorn  # noqa: F401
-    if args.adapters is not None and not Path(args.adapters).is_dir():
-        raise SetupError(f"--adapters '{args.adapters}' is not a directory (give the directory holding one "
+    adapters = Path(args.adapters)
+    if not adapters.is_dir():
+        raise SetupError(f"--adapters '{adapters}' is not a directory (give the directory holding one "
                          f"sub-directory or .safetensors file per adapter)")
-    minimum = {"max_batch": 1, "max_queue": 0, "max_tokens_default": 1, "cache_mb": 1, "threads": 1}
-    for name, least in minimum.items():
-        value = getattr(args, name)
-        if value is not None and value < least:  # --threads may be left to torch (None)
-            raise SetupError(f"--{name.replace('_', '-')} must be >= {least}")
-    check_port(args.host, args.port)
-
-    from vblora.serve import AdapterStore
-    from vblora.serve.server import Engine, create_app, serve
-
-    model, tokenizer = load_base(args)
-    store = AdapterStore(model, args.adapters, cache_bytes=args.cache_mb << 20)
-    for name, problem in store.problems().items():
-        print(f"vblora serve: warning: adapter '{name}' cannot be served: {problem}", file=sys.stderr)
-    engine = Engine(model, tokenizer, store, base_name=args.served_model_name or args.model,
-                    max_batch=args.max_batch, max_waiting=args.max_queue, max_model_len=args.max_model_len,
-                    default_max_tokens=args.max_tokens_default)
-    print(f"vblora serve: {engine.base_name} ({model.device}, {args.dtype}) with {len(store.names())} adapter(s) "
-          f"on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, queue {args.max_queue}, "
-          f"context {engine.max_model_len})", file=sys.stderr)
-    serve(create_app(engine, api_key=args.api_key), args.host, args.port, log_level=args.log_level)
-    return 0
+    python = vllm_python(args.vllm_python)
+    key = api_key(args)
+    extra = list(args.vllm_args)
+    if args.served_model_name:
+        extra += ["--served-model-name", args.served_model_name]
+    if args.max_model_len:
+        extra += ["--max-model-len", str(args.max_model_len)]
+    if args.max_loras:
+        extra += ["--max-loras", str(args.max_loras)]
+    if key is not None:
+        extra.append("--disable-fastapi-docs")  # vLLM guards /v1 only: /docs and /openapi.json would stay open
+    elif not is_loopback(args.host):
+        print(f"vblora serve: warning: listening on {args.host} without an API key: anyone who reaches this port "
+              f"can use the server (set VBLORA_API_KEY or --api-key-file)", file=sys.stderr)
+    argv, env = vllm_command(python, served_model(args.model), adapters, host=args.host, port=args.port,
+                             rank=args.max_lora_rank or largest_rank(adapters), cache=args.lora_cache,
+                             cache_bytes=args.lora_cache_bytes, dtype=args.dtype, extra=extra)
+    if key is not None:
+        env["VLLM_API_KEY"] = key
+    if args.print_command:
+        print(" ".join(f"{k}={env[k]}" for k in ("VLLM_PLUGINS", "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+                                                 "VBLORA_ADAPTERS", "VBLORA_LORA_CACHE", "VBLORA_LORA_CACHE_BYTES",
+                                                 "VLLM_TARGET_DEVICE", "VLLM_CPU_KVCACHE_SPACE") if k in env)
+              + " " + " ".join(argv))
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)  # vLLM's server replaces this process: signals and exit code are its own
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="OpenAI-compatible server: one base model, many VB-LoRA adapters, "
-                                            "continuous batching across adapters")
-    p.add_argument("--model", required=True, help="base model: a local transformers directory, or the offline "
-                                                   "aliases 'smollm2' / 'minilm'")
-    p.add_argument("--adapters", default=None, help="directory of adapters: one sub-directory or .safetensors "
-                                                    "file per adapter, named by it (native or PEFT VB-LoRA)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                                                       "only)")
+    p = subparsers.add_parser("serve", help="vLLM's OpenAI server with every VB-LoRA adapter of a directory served "
+                                            "by name (the vblora resolver plugin)")
+    p.add_argument("--model", required=True, help="base model: a local transformers directory (or a model id in "
+                                                   "the local Hugging Face cache), or the offline alias 'smollm2'")
+    p.add_argument("--adapters", required=True, help="directory of adapters: one sub-directory or .safetensors file "
+                                                     "per adapter, named by it (native, PEFT VB-LoRA, shared bank)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model "
-                                                            "as given); requests naming it use no adapter")
-    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (default 32)")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a batch slot before new ones "
-                                                             "get 429 (default 256)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context limit for prompt + completion "
-                                                                  "(default: the model's max_position_embeddings)")
-    p.add_argument("--max-tokens-default", type=int, default=256, help="chat completions' max_tokens when the "
-                                                                      "request gives none (default 256)")
-    p.add_argument("--cache-mb", type=int, default=64, help="memory for composed adapters, least recently used "
-                                                           "evicted (default 64 MiB)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights and activations (default float32)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, one "
-                                                             "per core; 1 on a machine shared with other jobs)")
-    p.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if the model is one")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (health and "
-                                                   "metrics stay open)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level (default info)")
+    p.add_argument("--served-model-name", default=None, help="the base model's name in the API")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="largest adapter rank to serve (default: the largest in --adapters; rounded up to vLLM's "
+                        "values)")
+    p.add_argument("--max-loras", type=int, default=None, help="adapters in one batch (vLLM's --max-loras)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (vLLM's --max-model-len)")
+    p.add_argument("--dtype", default="auto", help="vLLM's --dtype (default auto; float32 for exact parity with "
+                                                   "transformers in fp32)")
+    p.add_argument("--lora-cache", default=None, help="where composed LoRA directories are kept (default "
+                                                      "~/.cache/vblora/vllm-lora; VBLORA_LORA_CACHE)")
+    p.add_argument("--lora-cache-bytes", default=None, help="bound of that cache, e.g. 4G (default 4 GiB; "
+                                                            "VBLORA_LORA_CACHE_BYTES)")
+    p.add_argument("--api-key-file", default=None, help="file holding the API key required on /v1 (or set "
+                                                        "VBLORA_API_KEY); /docs and /openapi.json are then disabled")
+    p.add_argument("--vllm-python", default=None, help="interpreter of the environment holding vLLM and vblora "
+                                                       "(default: VBLORA_VLLM_PYTHON, else this one)")
+    p.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
+    p.add_argument("vllm_args", nargs="*", help="after --: more vLLM arguments, passed as they are")
     p.set_defaults(func=run)

