@@ -134,6 +134,7 @@ class RunConfig:
     extra: dict = opt({}, "free-form settings of experiments (recipe key only, e.g. extra.e2e)")
 
     def method_lr(self) -> float:
+        """The adapter learning rate of a baseline (VB-LoRA's are `lr_bank` and `lr_logits`)."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
     def to_dict(self) -> dict:
@@ -145,7 +146,7 @@ class RunConfig:
 
 # Adapter learning rates of the baselines when `lr` is not set (common values from their papers: LoRA 5e-4
 # (RoBERTa-base GLUE), VeRA 4e-3-1e-2 for its scaling vectors, full fine-tuning 5e-5 for a small encoder).
-DEFAULT_LR = {"vblora": 1e-3, "lora": 5e-4, "vera": 4e-3, "tied-lora": 1e-3, "full": 5e-5}
+DEFAULT_LR = {"lora": 5e-4, "vera": 4e-3, "tied-lora": 1e-3, "full": 5e-5}
 
 
 # ---- settings: names, types, text -> value (by transformers.HfArgumentParser) ----------------------------------
