@@ -3,7 +3,9 @@
 For each module *type* (e.g. every layer's `attention.self.query`) one trainable `A (r, in)` and `B (out, r)` are
 shared by all layers; each adapted module has its own trainable scaling vectors `u (r)` and `v (out)`:
 
-    y = base(x) + scaling * v * (B @ (u * (A @ dropout(x))))
+    y = base(x) + v * (B @ (u * (A @ dropout(x))))
+
+(no alpha / r factor: u and v are trained scales, and every run here used alpha = r, a factor of 1)
 
 Stored parameters: sum over types r*(in+out) + sum over modules (r + out); on RoBERTa-base q/v at r=8 that is
 2*2*8*768 + 12*2*(8+768) = 43,200 (Table 1's 0.043M). The shared A/B live once, at `model.tied_lora`, so
@@ -48,12 +50,11 @@ class TiedShared(nn.Module):
 class TiedLoRALinear(nn.Module):
     """Holds the frozen base Linear; A/B come from the shared root module (not registered here)."""
 
-    def __init__(self, base: nn.Linear, shared: TiedShared, key: str, rank: int, scaling: float, dropout: float):
+    def __init__(self, base: nn.Linear, shared: TiedShared, key: str, rank: int, dropout: float):
         super().__init__()
         self.base = base
         object.__setattr__(self, "_shared", shared)  # plain attribute: keeps A/B out of this module's state_dict
         self.key = key
-        self.scaling = scaling
         self.u = nn.Parameter(torch.ones(rank))                  # (r,)
         self.v = nn.Parameter(torch.ones(base.out_features))     # (out,)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -61,22 +62,21 @@ class TiedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self._shared.A[self.key], self._shared.B[self.key]  # (r, in), (out, r)
         z = (self.dropout(x).to(A.dtype) @ A.T) * self.u            # (..., r)
-        return self.base(x) + ((z @ B.T) * (self.v * self.scaling)).to(x.dtype)  # (..., out)
+        return self.base(x) + ((z @ B.T) * self.v).to(x.dtype)  # (..., out)
 
 
-def add_tied_lora(model: nn.Module, target_names: list[str], rank: int = 8, alpha: float | None = None,
-                  dropout: float = 0.0, modules_to_save: list[str] = (), seed: int = 0) -> nn.Module:
+def add_tied_lora(model: nn.Module, target_names: list[str], rank: int = 8, dropout: float = 0.0,
+                  modules_to_save: list[str] = (), seed: int = 0) -> nn.Module:
     """Wrap `target_names` (qualified nn.Linear names) in place; freeze everything else but the heads."""
     g = torch.Generator().manual_seed(seed)
     shared = TiedShared()
     model.requires_grad_(False)
-    scaling = (alpha if alpha is not None else rank) / rank
     for name in target_names:
         mod = model.get_submodule(name)
         if not isinstance(mod, nn.Linear):
             raise ValueError(f"Tied-LoRA supports nn.Linear targets; {name} is {type(mod).__name__}")
         key = shared.get(module_type(name), rank, mod.in_features, mod.out_features, g)
-        model.set_submodule(name, TiedLoRALinear(mod, shared, key, rank, scaling, dropout))
+        model.set_submodule(name, TiedLoRALinear(mod, shared, key, rank, dropout))
     model.add_module(ROOT_ATTR, shared)
     shared.to(next(model.parameters()).device)
     for name in modules_to_save:
