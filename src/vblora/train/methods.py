@@ -82,14 +82,16 @@ def apply_method(model: nn.Module, cfg: RunConfig) -> Adapted:
         model.requires_grad_(True)
         return _adapted(model, cfg, list(model.parameters()), [], lambda d: model.save_pretrained(str(d)))
     targets = resolve_targets(model, cfg)
-    fn = {"vblora": _vblora, "lora": _lora, "vera": _vera, "tied-lora": _tied}[cfg.method]
-    out = fn(model, cfg, targets, heads)
+    if cfg.method == "vblora":  # its config's target rule matches exactly `targets`
+        out = _vblora(model, cfg, heads)
+    else:
+        out = {"lora": _lora, "vera": _vera, "tied-lora": _tied}[cfg.method](model, cfg, targets, heads)
     out.targets = targets
     return out
 
 
-def _vblora(model, cfg, targets, heads) -> Adapted:
-    vcfg = cfg.vblora.replace(modules_to_save=tuple(heads))  # adapts exactly `targets` (same matching rules)
+def _vblora(model, cfg, heads) -> Adapted:
+    vcfg = cfg.vblora.replace(modules_to_save=tuple(heads))
     model = vblora.add_vblora(model, vcfg)
     bank_source = _start_bank(model, cfg)
     groups = vblora.parameter_groups(model, lr_bank=cfg.lr_bank, lr_logits=cfg.lr_logits, lr_other=cfg.lr_head,
