@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import vblora
-from vblora.train.selection import (SelectionCallback, SelectionRecorder, load_selection, module_type,
+from vblora.train.selection import (SelectionCallback, SelectionRecorder, load_selection, name_in_layer,
                                        record_selection)
 
 from _selection_run import batches, recorded_run, tiny_classifier
 
 
-def test_module_type_strips_the_layer_prefix():
-    assert module_type("roberta.encoder.layer.3.attention.self.query") == "attention.self.query"
-    assert module_type("transformer.h.11.mlp.c_fc") == "mlp.c_fc"
-    assert module_type("classifier") == "classifier"
+def test_name_in_layer_strips_the_layer_prefix():
+    assert name_in_layer("roberta.encoder.layer.3.attention.self.query") == "attention.self.query"
+    assert name_in_layer("transformer.h.11.mlp.c_fc") == "mlp.c_fc"
+    assert name_in_layer("classifier") == "classifier"
 
 
 def test_snapshot_is_compact_and_matches_the_bank():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaForSequenceClassification
 
-from vblora.train.tied_lora import TiedLoRALinear, add_tied_lora, module_type, tied_lora_parameters
+from vblora.train.tied_lora import TiedLoRALinear, add_tied_lora, layer_pattern, tied_lora_parameters
 
 
 def test_roberta_base_qv_rank8_is_43200():
@@ -33,7 +33,7 @@ def test_tied_across_layers_and_zero_update_at_init():
     assert torch.equal(before, after)  # B = 0 at init
     layers = [m for m in model.modules() if isinstance(m, TiedLoRALinear)]
     assert len(layers) == 6 and len(model.tied_lora.A) == 2  # two module types, shared by three layers
-    assert module_type("encoder.layer.2.attention.self.query") == "encoder.layer.*.attention.self.query"
+    assert layer_pattern("encoder.layer.2.attention.self.query") == "encoder.layer.*.attention.self.query"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(n.startswith("tied_lora.") or n.endswith((".u", ".v")) for n in trainable)
     # state_dict holds each shared matrix once

@@ -38,7 +38,7 @@ NPZ, JSON = "selection.npz", "selection.json"
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
-def module_type(name: str) -> str:
+def name_in_layer(name: str) -> str:
     """The part of a qualified name after its layer index: `encoder.layer.3.attention.self.query` ->
     `attention.self.query` (the whole name if it has no layer index)."""
     m = _LAYER.search(name)
@@ -57,7 +57,7 @@ def subvector_table(bank) -> tuple[list[dict], dict[str, np.ndarray]]:
         name, slot = entry.name, entry.slot
         lay = layer_index(name)
         lay = -1 if lay is None else lay  # -1: no layer index
-        modules.append({"name": name, "type": module_type(name), "layer": lay, **dataclasses.asdict(slot)})
+        modules.append({"name": name, "type": name_in_layer(name), "layer": lay, **dataclasses.asdict(slot)})
         for start, count, which in ((slot.a_start, slot.a_count, 0), (slot.b_start, slot.b_count, 1)):
             rows = slice(start, start + count)
             layer[rows], module[rows], matrix[rows] = lay, i, which

@@ -23,8 +23,9 @@ from torch import nn
 ROOT_ATTR = "tied_lora"
 
 
-def module_type(name: str) -> str:
-    """`roberta.encoder.layer.3.attention.self.query` -> `roberta.encoder.layer.*.attention.self.query`."""
+def layer_pattern(name: str) -> str:
+    """The name with its layer indices as `*`: modules with one pattern share A and B.
+    `roberta.encoder.layer.3.attention.self.query` -> `roberta.encoder.layer.*.attention.self.query`."""
     return re.sub(r"\.\d+(\.|$)", r".*\1", name)
 
 
@@ -75,7 +76,7 @@ def add_tied_lora(model: nn.Module, target_names: list[str], rank: int = 8, drop
         mod = model.get_submodule(name)
         if not isinstance(mod, nn.Linear):
             raise ValueError(f"Tied-LoRA supports nn.Linear targets; {name} is {type(mod).__name__}")
-        key = shared.get(module_type(name), rank, mod.in_features, mod.out_features, g)
+        key = shared.get(layer_pattern(name), rank, mod.in_features, mod.out_features, g)
         model.set_submodule(name, TiedLoRALinear(mod, shared, key, rank, dropout))
     model.add_module(ROOT_ATTR, shared)
     shared.to(next(model.parameters()).device)
