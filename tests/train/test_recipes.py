@@ -9,7 +9,7 @@ import re
 import pytest
 
 import vblora
-from vblora.train.config import METHODS, RunConfig, build_config, recipe_names, settings
+from vblora.train.config import METHODS, RunConfig, build_config, recipe_names, setting_fields
 from vblora.train.errors import SetupError
 
 
@@ -60,7 +60,7 @@ def test_bad_settings(tmp_path):
 
 
 def test_keys_cover_every_vblora_field_and_reach_the_nested_config():
-    names = set(settings())
+    names = set(setting_fields())
     for f in dataclasses.fields(vblora.VBLoRAConfig):
         assert f.name in names, f"VBLoRAConfig.{f.name} has no flag / recipe key"
     values = {"selection": "gumbel", "noise_std": "0.5", "temperature": "0.25", "eval_topk": "1",
@@ -103,8 +103,8 @@ def test_help_shows_every_default(recipe, capsys, monkeypatch):
     shown = _help_defaults(shown)
     defaults = build_config(recipe, {}).to_dict() if recipe is None else \
         build_config(recipe, {"model": "m", "train_file": "t", "test_file": "t"}).to_dict()
-    assert {k for k in settings() if k != "extra"} <= set(shown)
-    for name in (k for k in settings() if k != "extra"):
+    assert {k for k in setting_fields() if k != "extra"} <= set(shown)
+    for name in (k for k in setting_fields() if k != "extra"):
         text = shown[name]
         if name in ("recipe", "train_file", "model", "test_file", "dataset"):
             continue

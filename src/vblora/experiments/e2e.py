@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vblora.experiments.e2e_metrics import METRICS, compute_e2e_metrics
-from vblora.train.config import RunConfig, opt, settings, typed
+from vblora.train.config import RunConfig, opt, setting_fields, typed
 from vblora.train.errors import DataError, SetupError
 
 PROMPT_TEMPLATE = "{mr} ||"  # the MR, linearised, then the separator the LoRA/VeRA E2E data uses
@@ -99,7 +99,7 @@ class E2EOptions:
     def from_recipe(cls, extra: dict | None, given: dict | None = None) -> "E2EOptions":
         """A recipe's `extra.e2e` <- `given` (flags); run settings kept there by older recipes are skipped
         (`build_config` lifts them)."""
-        values = {k: v for k, v in ((extra or {}).get("e2e") or {}).items() if k not in settings()}
+        values = {k: v for k, v in ((extra or {}).get("e2e") or {}).items() if k not in setting_fields()}
         values.update(given or {})
         known = {f.name for f in dataclasses.fields(cls)}
         if set(values) - known:

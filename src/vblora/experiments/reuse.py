@@ -18,7 +18,7 @@ _ONLY_FOR = {"vblora": {f.name for f in dataclasses.fields(VBLoRAConfig)} - _SHA
 _BOOKKEEPING = {"output", "overwrite", "resume", "resume_partial", "logging_steps", "save_steps"}
 
 
-def settings(config: dict) -> dict:
+def result_settings(config: dict) -> dict:
     """The settings that decide a run's result, as JSON stores them (bookkeeping and other methods' knobs left out)."""
     method = config.get("method")
     skip = _BOOKKEEPING | {k for m, keys in _ONLY_FOR.items() if m != method for k in keys}
@@ -38,7 +38,7 @@ def finished(run_dir: Path, cfg, log=print) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # damaged by hand or by the disk
         log(f"{f} cannot be read ({e}); running again")
         return None
-    if not isinstance(old, dict) or settings(old.get("config") or {}) != settings(cfg.to_dict()):
+    if not isinstance(old, dict) or result_settings(old.get("config") or {}) != result_settings(cfg.to_dict()):
         log(f"{f} has other settings; running again")
         return None
     log(f"reusing {f}")

@@ -1,7 +1,7 @@
 """One run's settings: `RunConfig`, which holds the method's `VBLoRAConfig`, and the recipes that fill it.
 
 Every setting has one default and one help text (its field's `metadata`). `vblora train` flags and recipe keys are
-derived from the fields of both dataclasses (`settings()`), so `--help` shows what a run without a recipe does.
+derived from the fields of both dataclasses (`setting_fields()`), so `--help` shows what a run without a recipe does.
 Those defaults ARE the offline default task (MiniLM-L6 on the VADER movie snippets; recipes/minilm-vader.yaml says
 the same). Keys are flat: VBLoRAConfig's field names (rank, num_vectors, ...) are unique and land in
 `RunConfig.vblora`; its `seed` is the run's `seed`. The baselines read the shared adapter knobs (target_modules,
@@ -150,7 +150,7 @@ DEFAULT_LR = {"lora": 5e-4, "vera": 4e-3, "tied-lora": 1e-3, "full": 5e-5}
 
 
 # ---- settings: names, types, text -> value (by transformers.HfArgumentParser) ----------------------------------
-def settings() -> dict[str, dataclasses.Field]:
+def setting_fields() -> dict[str, dataclasses.Field]:
     """Every recipe key / flag: RunConfig's fields, with `vblora` expanded into VBLoRAConfig's (its seed is ours)."""
     out = {}
     for f in dataclasses.fields(RunConfig):
@@ -172,7 +172,7 @@ def settings_class(skip: frozenset = frozenset(), cli: bool = False, shown: str 
     defaults: what HfArgumentParser reads values into. `cli`: for command-line flags instead, whose defaults are
     "not given" and whose help texts name the defaults of the recipe `shown` (None: RunConfig's)."""
     hints = {**typing.get_type_hints(VBLoRAConfig), **typing.get_type_hints(RunConfig)}
-    fields = {k: f for k, f in settings().items() if k not in NOT_FLAGS and k not in skip}
+    fields = {k: f for k, f in setting_fields().items() if k not in NOT_FLAGS and k not in skip}
     return flag_dataclass("Settings", fields, {k: LIST_FIELDS.get(k, hints[k]) for k in fields},
                           RunConfig().to_dict(), recipe_defaults(shown) if cli else None)
 
@@ -296,7 +296,7 @@ def build_config(recipe: str | None = None, overrides: dict | None = None) -> Ru
         if task not in per_task:
             raise SetupError(f"recipe {name} needs --glue-task, one of {', '.join(per_task)}")
         values.update({k: v for k, v in per_task[task].items() if k not in given})
-    known = settings()
+    known = setting_fields()
     for k, v in ((values.get("extra") or {}).get("e2e") or {}).items():  # older E2E recipes kept these there
         if k in known:
             values.setdefault(k, v)
