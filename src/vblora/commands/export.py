@@ -4,7 +4,7 @@ plain-LoRA directory, or (with `--base`) the merged full model."""
 from __future__ import annotations
 
 
-def load_base(base: str | None, snap):
+def load_adapter_base(base: str | None, snap):
     """A transformers model from a local directory (`base`, else the one the adapter records), of the class the
     adapter was saved from when known, with the adapter's classifier size."""
     from vblora.errors import VBLoRAError
@@ -30,7 +30,7 @@ def run(args) -> int:
     elif args.to == "lora":
         out = export_lora(snap, args.output)
     else:
-        model = load_adapter(load_base(args.base, snap), args.path, bank_path=args.bank,
+        model = load_adapter(load_adapter_base(args.base, snap), args.path, bank_path=args.bank,
                              verify_weights=not args.ignore_base_weights)
         out = merge_and_save(model, args.output)
     print(f"wrote {args.to} to {out}")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 
 def run(args) -> int:
-    from vblora.commands.export import load_base
+    from vblora.commands.export import load_adapter_base
     from vblora.storage import import_peft, save_adapter
     from vblora.storage.peft_vblora import read_peft
 
     snap = read_peft(args.peft_dir)
     snap.architecture = args.model_class or snap.architecture
-    model = import_peft(load_base(args.base, snap), args.peft_dir)
+    model = import_peft(load_adapter_base(args.base, snap), args.peft_dir)
     out = save_adapter(model, args.output, precision=args.precision, pack_indices=args.pack_indices)
     print(f"wrote {out}")
     return 0
