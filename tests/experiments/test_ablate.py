@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from vblora.experiments import ablate as A
+from vblora.experiments import ablate as ablation
 
 
 def test_selection_variants_are_table_5():
-    v = {x.name: x for x in A.selection_variants()}
+    v = {x.name: x for x in ablation.selection_variants()}
     assert list(v) == ["select-all", "top-1", "top-2", "top-3", "top-6", "noisy-top-1", "noisy-top-2", "gumbel",
                        "st-gumbel"]
     assert v["select-all"].vb == {"selection": "all"}
@@ -24,7 +24,7 @@ def test_selection_variants_are_table_5():
 
 
 def test_vector_length_variants_keep_the_budget():
-    v = A.vector_length_variants(12288)
+    v = ablation.vector_length_variants(12288)
     assert [(x.vb["vector_length"], x.vb["num_vectors"]) for x in v] == [(64, 192), (128, 96), (256, 48), (512, 24)]
 
 
@@ -45,9 +45,9 @@ def _fake_train(calls):
 
 def test_run_study_every_variant_and_seed_then_resumes(tmp_path):
     calls = []
-    variants = [x for x in A.selection_variants() if x.name in ("top-1", "top-2", "gumbel")]
-    budget = A.Budget(max_train_samples=100, epochs=0.5)
-    rows = A.run_study(variants, [0, 1, 2], tmp_path, {}, budget, train_fn=_fake_train(calls))
+    variants = [x for x in ablation.selection_variants() if x.name in ("top-1", "top-2", "gumbel")]
+    budget = ablation.Budget(max_train_samples=100, epochs=0.5)
+    rows = ablation.run_study(variants, [0, 1, 2], tmp_path, {}, budget, train_fn=_fake_train(calls))
     assert len(calls) == 9 and {c[3:] for c in calls} == {(100, 0.5)}
     assert {c[:2] for c in calls} == {("topk", 1), ("topk", 2), ("gumbel", 2)}
     by = {r["variant"]: r for r in rows}
@@ -55,19 +55,19 @@ def test_run_study_every_variant_and_seed_then_resumes(tmp_path):
     assert by["top-2"]["runs"] == 3 and by["top-2"]["median"] == pytest.approx(0.721)
     assert by["top-2"]["min"] == pytest.approx(0.72) and by["top-2"]["max"] == pytest.approx(0.722)
     assert by["gumbel (eval top-2)"]["inference"] == "top-2 softmax"
-    table = A.format_table(rows, "T")
+    table = ablation.format_table(rows, "T")
     assert "| top-2 | top-2 softmax | top-2 softmax | 72.1 | 72.0-72.2 |" in table
     saved = json.loads((tmp_path / "ablation.json").read_text())
     assert saved["budget"].startswith("100 training examples") and len(saved["rows"]) == 4
     calls.clear()  # a second call reuses every finished run
-    assert A.run_study(variants, [0, 1, 2], tmp_path, {}, budget, train_fn=_fake_train(calls)) == rows
+    assert ablation.run_study(variants, [0, 1, 2], tmp_path, {}, budget, train_fn=_fake_train(calls)) == rows
     assert calls == []
     # other settings (here the budget) or a damaged results.json: those runs are done again, not reused
     (tmp_path / "top-1-seed0" / "results.json").write_text("{trunc")
-    A.run_study(variants, [0], tmp_path, {}, budget, train_fn=_fake_train(calls))
+    ablation.run_study(variants, [0], tmp_path, {}, budget, train_fn=_fake_train(calls))
     assert calls == [("topk", 1, 0, 100, 0.5)]
     calls.clear()
-    A.run_study(variants, [0], tmp_path, {}, A.Budget(max_train_samples=100, epochs=1.0), train_fn=_fake_train(calls))
+    ablation.run_study(variants, [0], tmp_path, {}, ablation.Budget(max_train_samples=100, epochs=1.0), train_fn=_fake_train(calls))
     assert len(calls) == 3 and {c[4] for c in calls} == {1.0}
 
 

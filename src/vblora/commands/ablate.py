@@ -29,14 +29,14 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from vblora.experiments import ablate as A
+    from vblora.experiments import ablate as ablation
     from vblora.train.errors import SetupError
     from vblora.train.flags import assignments
 
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    budget, out = A.Budget(args.max_train_samples or None, args.max_eval_samples or None, args.epochs,
+    budget, out = ablation.Budget(args.max_train_samples or None, args.max_eval_samples or None, args.epochs,
                            args.batch_size), Path(args.output)
     overrides, note = assignments(args.set)[0], f"Budget per run: {budget.describe()}; seeds {args.seeds}."
     if args.study == "shared-bank":  # the study writes OUT/shared_bank.json, we add the table
@@ -52,16 +52,16 @@ def run(args) -> int:
         (out / "shared_bank.md").write_text(table + "\n")
     else:  # the study writes OUT/ablation.json, we add the table
         if args.study == "selection":
-            variants, title = A.selection_variants(), "Selection rules (paper Table 5)"
+            variants, title = ablation.selection_variants(), "Selection rules (paper Table 5)"
         else:
-            variants = A.vector_length_variants(args.budget, tuple(args.lengths))
+            variants = ablation.vector_length_variants(args.budget, tuple(args.lengths))
             title = f"Sub-vector length at a fixed bank budget h*b = {args.budget:,} (paper Table 6)"
         if args.variants:
             unknown = set(args.variants) - {v.name for v in variants}
             if unknown:
                 raise SetupError(f"unknown variant(s) {sorted(unknown)}; choose from {[v.name for v in variants]}")
             variants = [v for v in variants if v.name in args.variants]
-        table = A.format_table(A.run_study(variants, args.seeds, out, overrides, budget, args.recipe),
+        table = ablation.format_table(ablation.run_study(variants, args.seeds, out, overrides, budget, args.recipe),
                                f"{title}\n\n{note}")
         (out / "ablation.md").write_text(table + "\n")
     print(table)

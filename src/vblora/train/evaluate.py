@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import vblora
-from vblora.train import metrics as M
+from vblora.train import metrics
 from vblora.train import models, tasks
 
 
@@ -32,7 +32,7 @@ def lm_loss(model, dataset, collator, batch_size: int) -> dict[str, float]:
         total += float(loss)
         count += int((shift_labels != -100).sum())
     mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": M.perplexity(mean), "tokens": count, "examples": len(dataset)}
+    return {"loss": mean, "perplexity": metrics.perplexity(mean), "tokens": count, "examples": len(dataset)}
 
 
 @torch.no_grad()
@@ -93,7 +93,7 @@ def generate_answers(model, tok, data, cfg, out_dir: Path | None) -> dict[str, f
     if n_score:
         refs, preds = [r["output"] for r in recs[:n_score]], gens[:n_score]
         if data.kind == "gsm8k":
-            result["exact_match"] = M.exact_match(preds, refs)
+            result["exact_match"] = metrics.exact_match(preds, refs)
         elif sentiment:
             result["answer_accuracy"] = sum(answer_word(p) == r for p, r in zip(preds, refs)) / len(refs)
         result["generated"] = n_score

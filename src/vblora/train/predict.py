@@ -20,7 +20,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from vblora.storage import load_adapter, read_adapter
-from vblora.train import data as D
+from vblora.train import data as user_data
 from vblora.train import models
 from vblora.train.errors import DataError, SetupError
 from vblora.train.evaluate import generate
@@ -88,7 +88,7 @@ def read_run(path: Path) -> dict:
 
 MAX_LINE_BYTES = 1 << 20  # 1 MiB per line: far above any max_length, far below what a process can hold
 # Input formats by suffix: .txt is one text per line (as stdin), the others are tables of the run's text columns.
-INPUT_FORMATS = {**{k: v for k, v in D.SUFFIX_FORMATS.items() if k != ".txt"}, ".txt": "lines"}
+INPUT_FORMATS = {**{k: v for k, v in user_data.SUFFIX_FORMATS.items() if k != ".txt"}, ".txt": "lines"}
 
 
 def read_lines(stream, where: str, limit: int = MAX_LINE_BYTES) -> list[str]:
@@ -131,8 +131,8 @@ def read_inputs(p: Predictor, file: str | None, stdin) -> list[tuple[str, str | 
         lines = read_lines(f, str(path)) if fmt in ("lines", "csv", "tsv", "jsonl") else None
     if fmt == "lines":
         return [(line, None) for line in lines]
-    table = D.read_table(path, fmt)
-    return [(D.column(table, p.text_column, i), D.column(table, p.text_pair_column, i) if p.text_pair_column
+    table = user_data.read_table(path, fmt)
+    return [(user_data.column(table, p.text_column, i), user_data.column(table, p.text_pair_column, i) if p.text_pair_column
              else None) for i in range(len(table.rows))]
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from vblora.train import data as D
+from vblora.train import data as user_data
 from vblora.train import vader
 from vblora.train.errors import DataError
 from vblora.train.config import RunConfig
@@ -31,7 +31,7 @@ class TaskData:
     train: list[dict]
     validation: list[dict] | None   # None: no best-epoch selection, the final state is scored
     test: list[dict]
-    labels: D.LabelSpace | None = None
+    labels: user_data.LabelSpace | None = None
     raw: dict = field(default_factory=dict)  # split -> list of raw records (LM: prompts/answers for generation)
     info: dict = field(default_factory=dict)
     # the task's own scoring of the best state, (model, tokenizer, data, cfg, out_dir | None) -> test metrics;
@@ -69,15 +69,15 @@ def build(cfg: RunConfig, tokenizer) -> TaskData:
 def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> TaskData:
     text_col, pair_col, label_col, names = cfg.text_column, cfg.text_pair_column, cfg.label_column, None
     if cfg.glue_task:
-        if cfg.glue_task not in D.GLUE_LAYOUTS:
-            raise DataError(f"unknown GLUE task '{cfg.glue_task}' (one of {', '.join(D.GLUE_LAYOUTS)})")
-        lay = D.GLUE_LAYOUTS[cfg.glue_task]
+        if cfg.glue_task not in user_data.GLUE_LAYOUTS:
+            raise DataError(f"unknown GLUE task '{cfg.glue_task}' (one of {', '.join(user_data.GLUE_LAYOUTS)})")
+        lay = user_data.GLUE_LAYOUTS[cfg.glue_task]
         text_col, pair_col, label_col, names = lay["text"], lay["pair"], lay["label"], lay.get("names")
-    labels = D.LabelSpace([], regression=True) if cfg.task == "regression" else None
+    labels = user_data.LabelSpace([], regression=True) if cfg.task == "regression" else None
     splits, raw = {}, {}
     for split, path in files.items():  # train, validation[, test]
-        table = D.read_table(path, cfg.data_format, names)
-        ex, labels = D.load_split(table, text_col, pair_col, label_col, labels)
+        table = user_data.read_table(path, cfg.data_format, names)
+        ex, labels = user_data.load_split(table, text_col, pair_col, label_col, labels)
         cap = _split_cap(cfg, split)  # None: all
         enc = tokenizer(ex.texts[:cap], ex.pairs[:cap] if ex.pairs else None, truncation=True,
                         max_length=cfg.max_length)
@@ -85,7 +85,7 @@ def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> T
                  for i, y in enumerate(ex.labels[:cap])]
         splits[split], raw[split] = items, {"n": len(items), "file": path}
     if cfg.dataset == vader.DATASET and labels.names == ["0", "1"]:  # the class ids of the built-in data, named
-        labels = D.LabelSpace(list(vader.LABEL_NAMES))
+        labels = user_data.LabelSpace(list(vader.LABEL_NAMES))
     kind = "regression" if labels.regression else "classification"
     return TaskData(kind, splits["train"], splits["validation"], splits.get("test", splits["validation"]),
                     labels, raw, {"files": files, "label_names": labels.names})
@@ -96,21 +96,21 @@ def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> T
 
 def _lm_records(cfg: RunConfig, path: str) -> list[dict]:
     """-> [{"instruction", "input", "output"}] from Alpaca JSON/JSONL, GSM8K JSONL or the VADER split."""
-    table = D.read_table(path, cfg.data_format)
+    table = user_data.read_table(path, cfg.data_format)
     out = []
     for i in range(len(table.rows)):
         if cfg.dataset == "vader-movie-instruct":
-            text, label = D.column(table, "text", i), D.column(table, "label", i)
+            text, label = user_data.column(table, "text", i), user_data.column(table, "label", i)
             out.append({"instruction": SENTIMENT_INSTRUCTION, "input": text,
                         "output": vader.LABEL_NAMES[int(label)]})
         elif cfg.task == "gsm8k":  # GSM8K {question, answer}; MetaMathQA {query, response} likewise
             q = "question" if "question" in table.rows[i] or "query" not in table.rows[i] else "query"
             a = "answer" if "answer" in table.rows[i] or "response" not in table.rows[i] else "response"
-            out.append({"instruction": D.column(table, q, i), "input": "", "output": D.column(table, a, i)})
+            out.append({"instruction": user_data.column(table, q, i), "input": "", "output": user_data.column(table, a, i)})
         else:
-            out.append({"instruction": D.column(table, "instruction", i),
-                        "input": D.column(table, "input", i, required=False) or "",
-                        "output": D.column(table, "output", i)})
+            out.append({"instruction": user_data.column(table, "instruction", i),
+                        "input": user_data.column(table, "input", i, required=False) or "",
+                        "output": user_data.column(table, "output", i)})
     return out
 
 
