@@ -95,7 +95,7 @@ def read_snapshot(source: Source, banks: dict, module_order: list[str]) -> Adapt
     """Read and verify the adapter's tensors (AdapterFormatError / FileNotFoundError on any defect)."""
     if source.error is not None:
         raise AdapterFormatError(source.error)
-    if source.kind != NATIVE:
+    if source.format != NATIVE:
         return read_peft(source.path, module_order)
     if source.bank_sha256 is None:
         return read_adapter(source.path)[0]

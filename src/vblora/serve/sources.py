@@ -44,7 +44,7 @@ class Source:
 
     name: str
     path: Path  # the native .safetensors file, or the PEFT directory
-    kind: str  # NATIVE | PEFT
+    format: str  # NATIVE | PEFT
     modules: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
     file_bytes: int = 0
@@ -86,7 +86,7 @@ def source_stamp(source: Source) -> tuple[int, ...] | None:
 
 
 def stamped_files(source: Source) -> tuple[Path, ...]:
-    return (source.path / WEIGHTS_FILE, source.path / CONFIG_FILE) if source.kind == PEFT else (source.path,)
+    return (source.path / WEIGHTS_FILE, source.path / CONFIG_FILE) if source.format == PEFT else (source.path,)
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -169,8 +169,8 @@ def describe_peft(name: str, d: Path, root: Path | None = None) -> Source:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise AdapterFormatError(f"{config}: not a JSON file") from None
     if not isinstance(conf, dict) or conf.get("peft_type") != "VBLORA":
-        kind = conf.get("peft_type") if isinstance(conf, dict) else None
-        raise AdapterFormatError(f"{d}: peft_type {short(kind)} is not a VB-LoRA adapter (expected 'VBLORA'); export "
+        peft_type = conf.get("peft_type") if isinstance(conf, dict) else None
+        raise AdapterFormatError(f"{d}: peft_type {short(peft_type)} is not a VB-LoRA adapter (expected 'VBLORA'); export "
                                  f"VB-LoRA adapters with vblora.export_peft")
     if not weights.is_file():
         raise AdapterFormatError(f"{d}: missing {WEIGHTS_FILE}")
@@ -194,7 +194,7 @@ def describe_peft(name: str, d: Path, root: Path | None = None) -> Source:
 
 
 def adapter_path(path: Path) -> tuple[str, Path] | None:
-    """`(kind, path to read)` if `path` looks like an adapter (file or directory), else None."""
+    """`(format, path to read)` if `path` looks like an adapter (file or directory), else None."""
     if path.is_file() and path.suffix == ".safetensors":
         return NATIVE, path
     if path.is_dir():
@@ -215,8 +215,8 @@ def describe(name: str, path: str | os.PathLike, root: str | os.PathLike | None 
     if found is None:
         raise FileNotFoundError(f"no adapter at {path}: give a native .safetensors file, a directory holding "
                                 f"{ADAPTER_FILE}, or an HF PEFT VB-LoRA directory ({CONFIG_FILE})")
-    kind, target = found
-    return describe_native(name, target, root) if kind == NATIVE else describe_peft(name, target, root)
+    adapter_format, target = found
+    return describe_native(name, target, root) if adapter_format == NATIVE else describe_peft(name, target, root)
 
 
 def valid_name(name: str) -> bool:
@@ -240,7 +240,7 @@ def find(directory: str | os.PathLike, name: str) -> Source:
 
 
 def listing(d: Path, entry: Path) -> tuple[str, str, Path] | None:
-    """`(name, kind, path to read)` of an entry of directory `d` that is an adapter (or bank) whose every file lies
+    """`(name, format, path to read)` of an entry of directory `d` that is an adapter (or bank) whose every file lies
     inside `d`, else None: hidden entries, other files, and entries leading out of `d` (symlinks) are not listed."""
     if entry.name.startswith("."):
         return None  # temporaries of atomic writes, hidden files
@@ -248,11 +248,11 @@ def listing(d: Path, entry: Path) -> tuple[str, str, Path] | None:
         found = adapter_path(entry)
         if found is None:
             return None
-        kind, target = found
-        files = [entry, target] + ([target / CONFIG_FILE, target / WEIGHTS_FILE] if kind == PEFT else [])
+        adapter_format, target = found
+        files = [entry, target] + ([target / CONFIG_FILE, target / WEIGHTS_FILE] if adapter_format == PEFT else [])
         if not all(inside(f, d) for f in files if f == entry or f.exists()):
             return None  # a symlink out of the directory: not an adapter of this directory
-        return (entry.stem if entry.is_file() else entry.name), kind, target
+        return (entry.stem if entry.is_file() else entry.name), adapter_format, target
     except OSError:  # a symlink loop, a name too long
         return None
 

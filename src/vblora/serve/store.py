@@ -197,10 +197,10 @@ class AdapterStore:
                                      + "; ".join(clash[:4]))
         done = []
         try:
-            for kind, names in ((MixedLayer, adapted), (MixedHead, heads)):
+            for wrapper_class, names in ((MixedLayer, adapted), (MixedHead, heads)):
                 for name in names:
                     if name not in self.wrappers:
-                        wrapper = kind(self.modules[name], name, self.router)
+                        wrapper = wrapper_class(self.modules[name], name, self.router)
                         self.model.set_submodule(name, wrapper)
                         self.wrappers[name] = wrapper
                         done.append(name)
