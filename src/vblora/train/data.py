@@ -12,7 +12,7 @@ Labels follow one rule, decided on the training file: a label column is numeric 
 - Categorical: every label is a class name (text that is not a number); classes are in sorted order. Here "nan" or
   "inf" are names like any other (e.g. "nan" is the ISO 639-3 code of Min Nan).
 - A value that breaks the rule is an error at its file:line: a blank label, `nan` / `inf` / `-inf` or a word among
-  numbers, or a number among class names (the minority kind is the one reported; a tie goes to the first row's kind).
+  numbers, or a number among class names (the minority type is the one reported; a tie goes to the first row's type).
 The label set comes from the training file; a label outside it in validation/test is an error, not a new class.
 """
 
@@ -87,7 +87,7 @@ def read_table(path: str | Path, fmt: str | None = None, names: list[str] | None
 
 def _read_delimited(path: Path, text: str, delim: str, names: list[str] | None) -> Table:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    kind = "TSV" if delim == "\t" else "CSV"
+    file_type = "TSV" if delim == "\t" else "CSV"
     quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs: unbalanced quotes in sentences
     # Lines split on "\n" only (str.splitlines would also split on \u2028, \x0c, ...) and keep it, so a newline in a
     # quoted field survives and reader.line_num counts physical lines.
@@ -116,7 +116,7 @@ def _read_delimited(path: Path, text: str, delim: str, names: list[str] | None) 
             rows.append(dict(zip(header, rec)))
             lines.append(start)
     except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: malformed {kind}: {e}") from None
+        raise DataError(f"{path}:{reader.line_num}: malformed {file_type}: {e}") from None
     return Table(path, rows, lines, list(header or []))
 
 
@@ -210,7 +210,7 @@ def _require_columns(table: Table, wanted: dict[str, str | None]) -> None:
 # ---- labels -------------------------------------------------------------------------------------------------
 
 
-def _kind(s: str) -> str:
+def _value_type(s: str) -> str:
     """'number' (finite), 'non-finite' (nan, inf, -inf, ...) or 'name'."""
     try:
         return "number" if math.isfinite(float(s)) else "non-finite"
@@ -219,7 +219,7 @@ def _kind(s: str) -> str:
 
 
 def _as_number(s: str) -> float | None:
-    return float(s) if _kind(s) == "number" else None
+    return float(s) if _value_type(s) == "number" else None
 
 
 _FIX = "fix the value or remove the row"
@@ -265,19 +265,19 @@ def infer_labels(values: list[str], where: list[str] | None = None) -> LabelSpac
     for v, w in zip(values, where):
         if not str(v).strip():
             raise DataError(f"{w}: label is empty; fill it in or remove the row")
-    kinds = [_kind(v) for v in values]
-    n_num, n_name = kinds.count("number"), kinds.count("name")
-    if n_num and n_num < len(kinds):  # numbers mixed with non-finite values or names
-        numeric = n_num > n_name or (n_num == n_name and kinds[0] == "number")
-        example = values[kinds.index("number" if numeric else "name")]
-        bad = next(i for i, k in enumerate(kinds) if (k != "number") == numeric)
+    types = [_value_type(v) for v in values]
+    n_num, n_name = types.count("number"), types.count("name")
+    if n_num and n_num < len(types):  # numbers mixed with non-finite values or names
+        numeric = n_num > n_name or (n_num == n_name and types[0] == "number")
+        example = values[types.index("number" if numeric else "name")]
+        bad = next(i for i, k in enumerate(types) if (k != "number") == numeric)
         if numeric:
             raise DataError(f"{where[bad]}: label '{values[bad]}' is not a finite number, while the column's other "
                             f"labels are numbers (e.g. '{example}'); {_RULE}: {_FIX}")
         raise DataError(f"{where[bad]}: label '{values[bad]}' is a number, while the column's other labels are "
                         f"class names (e.g. '{example}'); {_RULE}: {_FIX}")
     nums = [_as_number(v) for v in values]
-    if n_num == len(kinds) and any(n != int(n) for n in nums):
+    if n_num == len(types) and any(n != int(n) for n in nums):
         return LabelSpace([], regression=True)
     if all(n is not None and n == int(n) for n in nums):
         names = [str(x) for x in sorted({int(n) for n in nums})]  # numeric order: "2" before "10"

@@ -82,7 +82,7 @@ def generate_answers(model, tok, data, cfg, out_dir: Path | None) -> dict[str, f
         return {}
     recs = data.raw.get("test") or []
     sentiment = cfg.dataset == "vader-movie-instruct"
-    n_score = cfg.generate_eval if cfg.generate_eval is not None else (len(recs) if (sentiment or data.kind == "gsm8k")
+    n_score = cfg.generate_eval if cfg.generate_eval is not None else (len(recs) if (sentiment or data.task == "gsm8k")
                                                                        else 0)
     n = min(len(recs), max(n_score, cfg.num_samples))
     if n == 0:
@@ -92,7 +92,7 @@ def generate_answers(model, tok, data, cfg, out_dir: Path | None) -> dict[str, f
     result: dict[str, float] = {}
     if n_score:
         refs, preds = [r["output"] for r in recs[:n_score]], gens[:n_score]
-        if data.kind == "gsm8k":
+        if data.task == "gsm8k":
             result["exact_match"] = metrics.exact_match(preds, refs)
         elif sentiment:
             result["answer_accuracy"] = sum(answer_word(p) == r for p, r in zip(preds, refs)) / len(refs)

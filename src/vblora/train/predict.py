@@ -31,7 +31,7 @@ from vblora.train.tasks import prompt_text
 class Predictor:
     model: torch.nn.Module
     tokenizer: object
-    kind: str  # classification | regression | causal-lm
+    task: str  # classification | regression | causal-lm
     text_column: str = "text"
     text_pair_column: str | None = None
     max_length: int = 256
@@ -52,24 +52,24 @@ def load_predictor(source: str | Path, model: str | None = None, gguf_file: str 
         raise SetupError(f"{adapter} does not record its base model; pass --model (a local model directory)")
     path, gguf = models.resolve_model(name, gguf_file or cfg.get("gguf_file"))
     if snap.task_type == "CAUSAL_LM":
-        kind = "causal-lm"
+        task = "causal-lm"
     elif snap.task_type != "SEQ_CLS":
         raise SetupError(f"{adapter}: a {snap.task_type or 'bare'} model adapter; predict handles sequence "
                          f"classification, regression and causal LMs")
     else:
-        kind = "regression" if run.get("task") == "regression" or len(snap.id2label or {}) == 1 else "classification"
+        task = "regression" if run.get("task") == "regression" or len(snap.id2label or {}) == 1 else "classification"
     names = list((snap.id2label or {}).values())
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "classifier MISSING": the adapter brings the trained head
     hf_logging.disable_progress_bar()
     try:
-        base = models.load_model(path, gguf, kind, max(1, len(names)), names if kind == "classification" else None)
+        base = models.load_model(path, gguf, task, max(1, len(names)), names if task == "classification" else None)
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     tok = models.load_tokenizer(path, gguf)
     models.set_pad_token(base, tok)
-    return Predictor(load_adapter(base, adapter), tok, kind, cfg.get("text_column") or "text",
+    return Predictor(load_adapter(base, adapter), tok, task, cfg.get("text_column") or "text",
                      cfg.get("text_pair_column"), int(cfg.get("max_length") or 256))
 
 
@@ -152,7 +152,7 @@ def predict(p: Predictor, examples: list[tuple[str, str | None]], batch_size: in
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
         texts, pairs = [t for t, _ in batch], [q for _, q in batch]
-        if p.kind == "causal-lm":
+        if p.task == "causal-lm":
             prompts = [prompt_text(p.tokenizer, t, q or "") for t, q in batch]  # the training template
             out += [{"text": t, "generation": g} for t, g in zip(texts, generate(p.model, p.tokenizer, prompts,
                                                                                 max_new_tokens))]
@@ -160,7 +160,7 @@ def predict(p: Predictor, examples: list[tuple[str, str | None]], batch_size: in
         enc = p.tokenizer(texts, pairs if any(q is not None for q in pairs) else None, truncation=True,
                           max_length=p.max_length, padding=True, return_tensors="pt")
         logits = p.model(**enc).logits.float()  # (B, labels)
-        if p.kind == "regression":
+        if p.task == "regression":
             out += [{"text": t, "value": float(v)} for t, v in zip(texts, logits[:, 0])]
             continue
         probs = logits.softmax(-1)

@@ -27,7 +27,7 @@ SENTIMENT_INSTRUCTION = "Is the sentiment of this movie review positive or negat
 class TaskData:
     """Tokenized splits: each a list of example dicts (a list is all a Trainer and a DataLoader need of a dataset)."""
 
-    kind: str                       # classification|regression|causal-lm|gsm8k
+    task: str                       # classification|regression|causal-lm|gsm8k (regression inferred from labels)
     train: list[dict]
     validation: list[dict] | None   # None: no best-epoch selection, the final state is scored
     test: list[dict]
@@ -37,6 +37,11 @@ class TaskData:
     # the task's own scoring of the best state, (model, tokenizer, data, cfg, out_dir | None) -> test metrics;
     # None: LM tasks score greedy answers (evaluate.generate_answers)
     evaluate: Callable | None = None
+
+    @property
+    def kind(self) -> str:
+        """The former name of `task`, still read by train/pipeline.py."""
+        return self.task
 
 
 def _files(cfg: RunConfig) -> dict[str, str]:
@@ -86,8 +91,8 @@ def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> T
         splits[split], raw[split] = items, {"n": len(items), "file": path}
     if cfg.dataset == vader.DATASET and labels.names == ["0", "1"]:  # the class ids of the built-in data, named
         labels = user_data.LabelSpace(list(vader.LABEL_NAMES))
-    kind = "regression" if labels.regression else "classification"
-    return TaskData(kind, splits["train"], splits["validation"], splits.get("test", splits["validation"]),
+    task = "regression" if labels.regression else "classification"
+    return TaskData(task, splits["train"], splits["validation"], splits.get("test", splits["validation"]),
                     labels, raw, {"files": files, "label_names": labels.names})
 
 
@@ -163,8 +168,8 @@ def _build_lm(cfg: RunConfig, tokenizer, files: dict[str, str]) -> TaskData:
         if not items:
             raise DataError(f"{path}: every example's response is cut off by --max-length {cfg.max_length}")
         splits[split], raw[split] = items, recs
-    kind = "gsm8k" if cfg.task == "gsm8k" else "causal-lm"
-    return TaskData(kind, splits["train"], splits["validation"], splits.get("test", splits["validation"]), None,
+    task = "gsm8k" if cfg.task == "gsm8k" else "causal-lm"
+    return TaskData(task, splits["train"], splits["validation"], splits.get("test", splits["validation"]), None,
                     raw, {"files": files, "dropped_truncated": dropped})
 
 
