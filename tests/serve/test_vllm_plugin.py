@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = os.environ.get("VBLORA_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
 NEW_TOKENS = 12
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).is_file(),
                                 reason=f"vLLM is not installed at {VLLM_PYTHON} (set VBLORA_VLLM_PYTHON; build it as "
@@ -89,6 +90,10 @@ def work(tmp_path_factory):
                                                               bank_path=d / "bank.safetensors"))):
         model = load()
         expected[name] = [greedy(model, p) for p in prompts]
+        if name == "native":  # the chat route: the tokenizer's chat template, then the same greedy tokens
+            chat = tok(tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"]
+            expected["chat"] = tok.decode(greedy(model, chat), skip_special_tokens=True)
         del model
     return {"adapters": d, "model": path, "prompts": prompts, "expected": expected,
             "cache": d.parent / "lora-cache"}
@@ -167,6 +172,26 @@ def test_greedy_completions_equal_transformers_and_load_adapter(client, work, na
     assert got == work["expected"][name]
     if name != "base":  # the adapter does change the text, so an adapter ignored by the server would fail here
         assert got != work["expected"]["base"]
+
+
+def test_chat_completion_through_an_adapter(client, work):
+    r = client.chat.completions.create(model="native", messages=CHAT, max_tokens=NEW_TOKENS, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == work["expected"]["chat"]
+
+
+def test_installed_plugin_without_its_setting_leaves_vllm_alone(tmp_path):
+    """vLLM loads every installed plugin when VLLM_PLUGINS is unset: without VBLORA_ADAPTERS ours registers nothing;
+    a wrong VBLORA_ADAPTERS stops the start-up with the reason."""
+    code = ("from vblora.serve.vllm_plugin import register; from vllm.lora.resolver import LoRAResolverRegistry as R;"
+            " register(); print(sorted(R.get_supported_resolvers()))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VBLORA_")} | {"VLLM_TARGET_DEVICE": "cpu"}
+    unset = subprocess.run([VLLM_PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert unset.returncode == 0 and unset.stdout.strip().splitlines()[-1] == "[]", unset.stderr[-2000:]
+    wrong = subprocess.run([VLLM_PYTHON, "-c", code], env=env | {"VBLORA_ADAPTERS": str(tmp_path / "none")},
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert wrong.returncode != 0 and "does not exist" in wrong.stderr
 
 
 def test_each_adapter_composed_once_into_the_bounded_cache(client, work):

@@ -28,10 +28,14 @@ def max_lora_rank(rank: int) -> int:
     return next(v for v in VLLM_MAX_LORA_RANKS if v >= rank)
 
 
+LOCAL_VENV = Path(".venv-vllm") / "bin" / "python"  # where docs/serving.md installs it
+
+
 def vllm_python(given: str | None = None) -> str:
-    """The interpreter of the environment holding vLLM (and vblora): `given`, else VBLORA_VLLM_PYTHON, else this
-    interpreter; SetupError naming how to install vLLM if it cannot import vllm and the plugin."""
-    python = given or os.environ.get(VLLM_PYTHON_ENV) or sys.executable
+    """The interpreter of the environment holding vLLM (and vblora): `given`, else VBLORA_VLLM_PYTHON, else
+    `.venv-vllm/bin/python` in the current directory if there is one, else this interpreter; SetupError naming how
+    to install vLLM if it cannot import vllm and the plugin."""
+    python = given or os.environ.get(VLLM_PYTHON_ENV) or (str(LOCAL_VENV) if LOCAL_VENV.is_file() else sys.executable)
     if shutil.which(python) is None and not Path(python).is_file():
         raise SetupError(f"no Python interpreter at {python}: {INSTALL_HINT}")
     probe = subprocess.run([python, "-c", "import vllm, vblora.serve.lora_dirs"], capture_output=True, text=True,

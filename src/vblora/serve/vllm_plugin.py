@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from vllm.exceptions import VLLMValidationError
 from vllm.lora.request import LoRARequest
@@ -56,6 +57,10 @@ class VBLoRAResolver(LoRAResolver):
 
 
 def register() -> None:
-    """The entry point vLLM calls in each of its processes (`VLLM_PLUGINS=vblora`): registers the resolver, or
-    stops the start-up with one line naming the missing setting."""
+    """The entry point vLLM calls in each of its processes. Without VBLORA_ADAPTERS it registers nothing (vLLM loads
+    every installed plugin when VLLM_PLUGINS is unset: having vblora installed must not stop an unrelated server);
+    with it, it registers the resolver, or stops the start-up with one line if the setting is wrong."""
+    if not os.environ.get("VBLORA_ADAPTERS"):
+        logger.info("vblora: VBLORA_ADAPTERS is not set; the VB-LoRA resolver is not registered")
+        return
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, VBLoRAResolver(cache_from_env()))
