@@ -115,8 +115,8 @@ def run(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="vLLM's OpenAI server with every VB-LoRA adapter of a directory served "
                                             "by name (the vblora resolver plugin)")
-    p.add_argument("--model", required=True, help="base model: a local transformers directory (or a model id in "
-                                                   "the local Hugging Face cache), or the offline alias 'smollm2'")
+    p.add_argument("--model", required=True, help="base model: a local transformers directory, or the offline "
+                                                   "alias 'smollm2'")
     p.add_argument("--adapters", required=True, help="directory of adapters: one sub-directory or .safetensors file "
                                                      "per adapter, named by it (native, PEFT VB-LoRA, shared bank)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
