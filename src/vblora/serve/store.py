@@ -35,7 +35,7 @@ from torch import nn
 from vblora.errors import AdapterFormatError, TargetError, VBLoRAError
 from vblora.inject import BANK_ATTR, unwrap
 from vblora.serve.cache import ByteLRU, release_freed_heap
-from vblora.serve.loaded import LoadedAdapter, compacted, factor_bytes, head_name, layout_key, load, nested, verified
+from vblora.serve.loaded import LoadedAdapter, compacted, factor_bytes, layout_key, load, nested, verified
 from vblora.serve.mixed import ROWS, TOKENS, MixedHead, MixedLayer, Plan, Router
 from vblora.serve.sources import PathNotAllowedError, Source, broken, describe, discover, source_stamp
 
@@ -209,10 +209,6 @@ class AdapterStore:
                 self.model.set_submodule(name, self.modules[name])
                 del self.wrappers[name]
             raise
-
-    def head_name(self, head: str, modules: dict[str, nn.Module]) -> str | None:
-        """The model's module for a `modules_to_save` name (`vblora.serve.loaded.head_name`)."""
-        return head_name(head, modules)
 
     # -- loading --------------------------------------------------------------------------------------------------
     def acquire(self, name: str) -> AdapterHandle:
