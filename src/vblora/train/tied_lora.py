@@ -83,9 +83,3 @@ def add_tied_lora(model: nn.Module, target_names: list[str], rank: int = 8, drop
     for name in modules_to_save:
         model.get_submodule(name).requires_grad_(True)
     return model
-
-
-def tied_lora_parameters(model: nn.Module) -> int:
-    """Trainable adapter parameters (shared A/B + every u, v), without heads."""
-    n = sum(p.numel() for p in getattr(model, ROOT_ATTR).parameters())
-    return n + sum(m.u.numel() + m.v.numel() for m in model.modules() if isinstance(m, TiedLoRALinear))
