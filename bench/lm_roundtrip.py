@@ -15,19 +15,32 @@ import time
 from pathlib import Path
 
 
+def reloaded_generations(model_name: str, gguf_file: str | None, adapter_dir, records: list[dict],
+                         max_new_tokens: int) -> list[str]:
+    """Greedy answers to `records` ({'instruction', 'input'}) of a fresh base model with the saved adapter loaded:
+    what a user gets from the adapter file alone (no training-time state, no logits)."""
+    import vblora
+    from vblora.train import models, tasks
+    from vblora.train.evaluate import generate
+
+    path, gguf = models.resolve_model(model_name, gguf_file)
+    tok = models.load_tokenizer(path, gguf)
+    model = vblora.load_adapter(models.load_model(path, gguf, "causal-lm"), str(adapter_dir))
+    return generate(model, tok, [tasks.prompt_text(tok, r["instruction"], r["input"]) for r in records],
+                    max_new_tokens)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
     args = ap.parse_args()
 
-    from vblora.train import evaluate
-
     res = json.loads((args.run_dir / "results.json").read_text())
     cfg = res["config"]
     samples = [json.loads(line) for line in open(args.run_dir / "samples.jsonl", encoding="utf-8")]
     t = time.time()
-    again = evaluate.reloaded_generations(cfg["model"], cfg.get("gguf_file"), args.run_dir / "adapter", samples,
-                                          cfg["max_new_tokens"])  # fresh base + the saved file only
+    again = reloaded_generations(cfg["model"], cfg.get("gguf_file"), args.run_dir / "adapter", samples,
+                                 cfg["max_new_tokens"])  # fresh base + the saved file only
     same = [a == s["generation"] for a, s in zip(again, samples)]
     report = {"run_dir": str(args.run_dir), "generations": len(samples), "identical": sum(same),
               "differences": [{"prompt_input": s["input"], "trained": s["generation"], "reloaded": a}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from _train_helpers import write_jsonl
@@ -10,6 +12,8 @@ from _train_helpers import write_jsonl
 from vblora.train import tasks
 from vblora.train.config import build_config
 from vblora.train.pipeline import train
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def _alpaca(n: int) -> list[dict]:
@@ -92,10 +96,12 @@ def test_gsm8k_jsonl_exact_match(tiny_llama, tmp_path):
 
 
 def _roundtrip_generations(model_dir: str, res_dir, prompts_from: list[dict], max_new_tokens: int, gguf=None):
-    """Greedy generations of the trained model (results' adapter reloaded on a fresh base) vs. in-memory ones."""
-    from vblora.train import evaluate
-
-    return evaluate.reloaded_generations(model_dir, gguf, res_dir / "adapter", prompts_from, max_new_tokens)
+    """Greedy generations of the trained model (results' adapter reloaded on a fresh base) vs. in-memory ones, by
+    bench/lm_roundtrip.py's `reloaded_generations` (so that script is exercised too)."""
+    spec = importlib.util.spec_from_file_location("bench_lm_roundtrip", BENCH / "lm_roundtrip.py")
+    roundtrip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roundtrip)
+    return roundtrip.reloaded_generations(model_dir, gguf, res_dir / "adapter", prompts_from, max_new_tokens)
 
 
 def test_lm_adapter_roundtrip_identical_generations(tiny_llama, tmp_path):

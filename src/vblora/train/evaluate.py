@@ -11,9 +11,7 @@ from pathlib import Path
 
 import torch
 
-import vblora
-from vblora.train import metrics
-from vblora.train import models, tasks
+from vblora.train import metrics, tasks
 
 
 @torch.no_grad()
@@ -58,17 +56,6 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     finally:
         tok.padding_side = side
     return outs
-
-
-def reloaded_generations(model_name: str, gguf_file: str | None, adapter_dir, records: list[dict],
-                         max_new_tokens: int) -> list[str]:
-    """Greedy answers to `records` ({'instruction', 'input'}) of a fresh base model with the saved adapter loaded:
-    what a user gets from the adapter file alone (no training-time state, no logits)."""
-    path, gguf = models.resolve_model(model_name, gguf_file)
-    tok = models.load_tokenizer(path, gguf)
-    model = vblora.load_adapter(models.load_model(path, gguf, "causal-lm"), str(adapter_dir))
-    return generate(model, tok, [tasks.prompt_text(tok, r["instruction"], r["input"]) for r in records],
-                    max_new_tokens)
 
 
 def answer_word(text: str) -> str:
