@@ -110,8 +110,8 @@ def build(args, method: str, rank: int, base: str):
     """(model, Adapted, RunConfig) built as `vblora train` builds it."""
     import torch
 
-    from vblora.train import config as C
     from vblora.train import methods, models
+    from vblora.train.config import build_config
 
     cuda = args.device == "cuda"
     over = {"method": method, "rank": rank, "seed": 0, "compute_dtype": args.compute_dtype,
@@ -119,7 +119,7 @@ def build(args, method: str, rank: int, base: str):
     if args.model_dir:  # a random-weight shape: its bank size
         shape = SHAPES[args.model]
         over.update(num_vectors=shape["h"], vector_length=shape["b"])
-    cfg = C.build_config(RECIPE, over)
+    cfg = build_config(RECIPE, over)
     if args.model_dir:
         path, gguf = args.model_dir, None
     else:
