@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from vblora.cli import build_parser, main
-from vblora.experiments import compare as C
+from vblora.experiments import compare as comparison
 from vblora.train.flags import assignments
 
 
@@ -56,8 +56,8 @@ def compare_runs(monkeypatch):
         seen.append(cfg)
         raise RuntimeError("not trained in this test")
 
-    real = C.run_compare
-    monkeypatch.setattr(C, "run_compare", lambda *a, **k: real(*a, **k, train_fn=record, log=lambda *x: None))
+    real = comparison.run_compare
+    monkeypatch.setattr(comparison, "run_compare", lambda *a, **k: real(*a, **k, train_fn=record, log=lambda *x: None))
     return seen
 
 

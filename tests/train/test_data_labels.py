@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from vblora.train import data as D
+from vblora.train import data as user_data
 from vblora.train.errors import DataError
 
 
 def _split(path, text_col="text", label_col="label", labels=None, pair_col=None, names=None):
-    return D.load_split(D.read_table(path, names=names), text_col, pair_col, label_col, labels)
+    return user_data.load_split(user_data.read_table(path, names=names), text_col, pair_col, label_col, labels)
 
 
 def _error(fn, *args, **kw) -> str:
@@ -72,7 +72,7 @@ def test_validation_labels_are_checked_against_the_training_kind(tmp_path):
     (tmp_path / "dev.csv").write_text("text,score\na,0.5\nb,nan\n")
     msg = _error(_split, tmp_path / "dev.csv", label_col="score", labels=space)
     assert "dev.csv:3: column 'score': label 'nan' is not a finite number (regression task); fix the value" in msg
-    forced = D.LabelSpace([], regression=True)  # --task regression
+    forced = user_data.LabelSpace([], regression=True)  # --task regression
     assert "dev.csv:3" in _error(_split, tmp_path / "dev.csv", label_col="score", labels=forced)
 
 
@@ -99,7 +99,7 @@ def test_glue_tsv_layouts_parse_as_before(tmp_path):
     f = tmp_path / "stsb.tsv"
     f.write_text('index\tgenre\tsentence1\tsentence2\tscore\n0\tmain\tA "quoted\tB.\t5.000\n'
                  "1\tmain\tC.\tD.\t0.750\n")
-    lay = D.GLUE_LAYOUTS["stsb"]
+    lay = user_data.GLUE_LAYOUTS["stsb"]
     ex, space = _split(f, lay["text"], lay["label"], pair_col=lay["pair"])
     assert space.regression and ex.labels == [5.0, 0.75] and ex.texts == ['A "quoted', "C."]
     f = tmp_path / "mnli.tsv"
@@ -114,20 +114,20 @@ def test_glue_tsv_layouts_parse_as_before(tmp_path):
 def test_csv_lines_are_physical_after_a_multiline_quoted_field(tmp_path):
     f = tmp_path / "train.csv"
     f.write_text('text,score\n"one\ntwo\nthree",0.5\nb,1.5\n\nc,nan\n')
-    t = D.read_table(f)
+    t = user_data.read_table(f)
     assert t.lines == [2, 5, 7] and t.rows[0]["text"] == "one\ntwo\nthree"
     assert "train.csv:7: column 'score': label 'nan'" in _error(_split, f, label_col="score")
     f.write_text('text,label\n"multi\nline",1\nb,0,extra\n')
-    assert "train.csv:4: expected 2 columns (text, label), found 3" in _error(D.read_table, f)
+    assert "train.csv:4: expected 2 columns (text, label), found 3" in _error(user_data.read_table, f)
 
 
 def test_line_separators_other_than_newline_do_not_split_records(tmp_path):
     f = tmp_path / "train.csv"
     f.write_text("text,label\na\u2028b\x0cc,1\nd,0\n")
-    assert D.read_table(f).lines == [2, 3]
+    assert user_data.read_table(f).lines == [2, 3]
     f = tmp_path / "train.jsonl"
     f.write_text('{"text": "a\u2028b", "label": 1}\n{"text": "d", "label": 0}\n')
-    assert D.read_table(f).lines == [1, 2]
+    assert user_data.read_table(f).lines == [1, 2]
 
 
 @pytest.mark.parametrize("body, line", [
@@ -139,27 +139,27 @@ def test_line_separators_other_than_newline_do_not_split_records(tmp_path):
 def test_unclosed_quote_is_named_with_its_line(tmp_path, body, line):
     f = tmp_path / "train.csv"
     f.write_text("text,label\n" + body)
-    msg = _error(D.read_table, f)
+    msg = _error(user_data.read_table, f)
     assert msg.startswith(f"unclosed quote starting at {f}:{line}: the quoted field runs to the end of the file")
 
 
 def test_stray_quote_inside_the_file_points_at_the_multiline_record(tmp_path):
     f = tmp_path / "train.csv"
     f.write_text('text,label\nok,1\n"broken,0\nmore,1\n"fine",1\n')  # leniently: 2 columns, text to line 5
-    msg = _error(D.read_table, f)
+    msg = _error(user_data.read_table, f)
     assert "train.csv:3: malformed CSV: a quoted field runs over lines 3-5 and has text after its closing quote on " \
            "line 5" in msg and "stray or unclosed quote" in msg
     f.write_text('text,label\nok,1\n"broken\nmore",1,2\nok,0\n')
-    msg = _error(D.read_table, f)
+    msg = _error(user_data.read_table, f)
     assert "train.csv:3: expected 2 columns (text, label), found 3 in the record on lines 3-4" in msg
     f.write_text('text,label\n"a" ,1\n"b"c,0\n')  # single-line leniency is kept
-    assert [r["text"] for r in D.read_table(f).rows] == ["a ", "bc"]
+    assert [r["text"] for r in user_data.read_table(f).rows] == ["a ", "bc"]
 
 
 def test_utf8_bom_is_not_part_of_the_first_column_name(tmp_path):
     f = tmp_path / "excel.csv"
     f.write_bytes("\ufefftext,label\na,pos\nb,neg\n".encode())
-    assert D.read_table(f).columns == ["text", "label"]
+    assert user_data.read_table(f).columns == ["text", "label"]
 
 
 # ---- missing columns ----------------------------------------------------------------------------------------

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from vblora.train import metrics as M
+from vblora.train import metrics
 from vblora.train import vader
 
 
 def test_classification_metrics_hand_computed():
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])  # predictions 0, 1, 0, 1
     labels = np.array([0, 1, 1, 1])
-    m = M.classification_metrics(logits, labels)
+    m = metrics.classification_metrics(logits, labels)
     assert m["accuracy"] == pytest.approx(0.75)
     assert m["f1"] == pytest.approx(0.8)  # precision 1, recall 2/3
     # MCC = (TP*TN - FP*FN) / sqrt(...) = (2*1 - 0*1) / sqrt(2*3*1*2)
@@ -22,17 +22,17 @@ def test_classification_metrics_hand_computed():
 
 
 def test_regression_metrics():
-    m = M.regression_metrics(np.array([[1.0], [2.0], [3.0], [5.0]]), np.array([2.0, 4.0, 6.0, 8.0]))
+    m = metrics.regression_metrics(np.array([[1.0], [2.0], [3.0], [5.0]]), np.array([2.0, 4.0, 6.0, 8.0]))
     assert m["spearman"] == pytest.approx(1.0)
     assert m["pearson"] == pytest.approx(np.corrcoef([1, 2, 3, 5], [2, 4, 6, 8])[0, 1])
-    assert M.regression_metrics(np.ones(3), np.arange(3.0))["pearson"] == 0.0  # constant prediction: 0, not NaN
+    assert metrics.regression_metrics(np.ones(3), np.arange(3.0))["pearson"] == 0.0  # constant prediction: 0, not NaN
 
 
 def test_gsm8k_final_number():
-    assert M.final_number("She has 3 + 4 = 7 apples.\n#### 1,000") == "1000"
-    assert M.final_number("The answer is 12.50 dollars") == "12.5"
-    assert M.final_number("no number") is None
-    assert M.exact_match(["... so 18", "#### 7", "none"], ["#### 18", "#### 8", "#### 3"]) == pytest.approx(1 / 3)
+    assert metrics.final_number("She has 3 + 4 = 7 apples.\n#### 1,000") == "1000"
+    assert metrics.final_number("The answer is 12.50 dollars") == "12.5"
+    assert metrics.final_number("no number") is None
+    assert metrics.exact_match(["... so 18", "#### 7", "none"], ["#### 18", "#### 8", "#### 3"]) == pytest.approx(1 / 3)
 
 
 def test_vader_parse_and_split_are_fixed():

@@ -10,7 +10,7 @@ import pytest
 from _train_helpers import make_rows, run_overrides, write_csv
 
 from vblora.cli import main
-from vblora.train import predict as P
+from vblora.train import predict as prediction
 from vblora.train import vader
 from vblora.train.config import build_config
 from vblora.train.pipeline import train
@@ -96,7 +96,7 @@ def test_corrupt_results_json_is_one_line(trained_run, tmp_path, capsys, monkeyp
 
 
 def test_a_huge_line_is_refused_without_reading_it_whole(trained_run, capsys, monkeypatch):
-    huge = b"good " * (P.MAX_LINE_BYTES // 5 + 10)  # just over the bound: the same branch a 1 GB line takes
+    huge = b"good " * (prediction.MAX_LINE_BYTES // 5 + 10)  # just over the bound: the same branch a 1 GB line takes
     _stdin(monkeypatch, b"a good movie\n" + huge + b"\nbad\n")
     assert main(["predict", str(trained_run)]) == 2
     _one_line_error(capsys, "stdin:2", "longer than")
@@ -105,14 +105,14 @@ def test_a_huge_line_is_refused_without_reading_it_whole(trained_run, capsys, mo
         served = 0
 
         def readline(self, limit=-1):
-            assert 0 < limit <= P.MAX_LINE_BYTES + 1
+            assert 0 < limit <= prediction.MAX_LINE_BYTES + 1
             self.served += limit
             return b"x" * limit
 
     stream = Endless()
-    with pytest.raises(P.DataError, match="longer than"):
-        P.read_lines(stream, "stdin")
-    assert stream.served == P.MAX_LINE_BYTES + 1
+    with pytest.raises(prediction.DataError, match="longer than"):
+        prediction.read_lines(stream, "stdin")
+    assert stream.served == prediction.MAX_LINE_BYTES + 1
 
 
 def test_input_files_by_suffix(trained_run, tmp_path, capsys):
@@ -128,7 +128,7 @@ def test_input_files_by_suffix(trained_run, tmp_path, capsys):
     preds = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [p["text"] for p in preds] == lines
     long_csv = tmp_path / "long.csv"  # the line bound holds for tables too
-    long_csv.write_bytes(b"text\n" + b"a" * (P.MAX_LINE_BYTES + 1) + b"\n")
+    long_csv.write_bytes(b"text\n" + b"a" * (prediction.MAX_LINE_BYTES + 1) + b"\n")
     assert main(["predict", str(trained_run), "--input", str(long_csv)]) == 2
     _one_line_error(capsys, "long.csv:2", "longer than")
 
