@@ -13,8 +13,8 @@ from transformers import TrainerCallback
 from vblora.inject import unwrap
 from vblora.storage import load_checkpoint, save_checkpoint
 from vblora.storage.checkpoint import trainable_state
-from vblora.train import checkpoints as C
-from vblora.train import metrics as M
+from vblora.train import checkpoints as run_checkpoints
+from vblora.train import metrics as task_metrics
 from vblora.train.config import RunConfig
 from vblora.train.errors import DivergedError
 
@@ -34,11 +34,11 @@ class BestTracker(TrainerCallback):
 
     def __init__(self, model, metric: str, ckpt_dir: Path, is_main: bool, resume_step: int | None):
         self.model, self.key, self.dir, self.is_main = model, f"eval_{metric}", ckpt_dir / "best", is_main
-        self.sign = 1.0 if M.greater_is_better(metric) else -1.0
+        self.sign = 1.0 if task_metrics.greater_is_better(metric) else -1.0
         self.best = self.best_epoch = self.state = self.metrics = None  # metrics: validation, best epoch
         self.active = True
         if resume_step is not None and (self.dir / "checkpoint.pt").exists():
-            with C.restoring(self.dir, "best epoch's state"):
+            with run_checkpoints.restoring(self.dir, "best epoch's state"):
                 info = load_checkpoint(model, self.dir, restore_rng=False)["extra"]
                 if info["step"] <= resume_step:  # a later one is recomputed when the run gets there again
                     self.best, self.best_epoch, self.metrics = info["value"], info["epoch"], info["metrics"]

@@ -3,14 +3,14 @@
 The Trainer (`vblora.AdapterTrainer`) writes `checkpoint-N` (the trainable tensors in `model.safetensors`, optimizer,
 scheduler, RNG and trainer state) into its output directory, `checkpoints/.saving`; once every process has written
 its part, rank 0 renames it to `checkpoints/checkpoint-N` (`Publisher`, on the Trainer's public `on_save` event). A
-kill or a full disk mid-save leaves the earlier checkpoints and a stale `.saving`, which the next start removes. `find_resume` takes the newest checkpoint that is
-complete and readable (damaged ones found on the way are removed, with a note) and refuses, in one line, one
-saved with other settings or lacking optimizer / scheduler / RNG state: resuming from it would not continue the run
-exactly (`--resume-partial` continues anyway, with a warning), and one whose training data file changed since
-(its sha256 is part of the run's identity). Every checkpoint records the settings that decide the training
-trajectory and the loss bookkeeping (`vblora.integrations.LossBook`), so a resumed run logs the losses of an
-uninterrupted one. `check_loadable` reads the optimizer, scheduler and RNG files before the Trainer does, so a
-damaged or crafted one is one ResumeError instead of a traceback.
+kill or a full disk mid-save leaves the earlier checkpoints and a stale `.saving`, which the next start removes.
+`find_resume` takes the newest checkpoint that is complete and readable (damaged ones found on the way are removed,
+with a note) and refuses, in one line, one saved with other settings or lacking optimizer / scheduler / RNG state:
+resuming from it would not continue the run exactly (`--resume-partial` continues anyway, with a warning), and one
+whose training data file changed since (its sha256 is part of the run's identity). Every checkpoint records the
+settings that decide the training trajectory and the loss bookkeeping (`vblora.integrations.LossBook`), so a resumed
+run logs the losses of an uninterrupted one. `check_loadable` reads the optimizer, scheduler and RNG files before the
+Trainer does, so a damaged or crafted one is one ResumeError instead of a traceback.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def find_resume(ckpt: Path, identity: dict, partial: bool, rank: int, world: int
     for d in checkpoints(ckpt):
         if (d / "checkpoint.pt").is_file() and not (d / TRAINABLE_FILE).is_file():
             raise ResumeError(f"--resume: {d} was written by an older vblora (checkpoint.pt, before checkpoints held "
-                              f"{TRAINABLE_FILE}); finish the run with that version, or pass --overwrite to start again")
+                              f"{TRAINABLE_FILE}); finish the run with that version, or pass --overwrite to start "
+                              f"again")
         problem, extra = _damage(d)
         if problem:
             skipped.append(f"{d.name} ({problem})")

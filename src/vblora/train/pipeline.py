@@ -40,9 +40,9 @@ from vblora.errors import AdapterFormatError
 from vblora.integrations import AdapterTrainer
 from vblora.layout import require_bitsandbytes
 from vblora.storage.files import atomic_write, replace_dir
-from vblora.train import checkpoints as C
+from vblora.train import checkpoints as run_checkpoints
 from vblora.train import evaluate, methods, models, tasks, vader
-from vblora.train import metrics as M
+from vblora.train import metrics as task_metrics
 from vblora.train.callbacks import (
     BestTracker,
     CatchUpEvaluation,
@@ -122,11 +122,11 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     path, gguf = models.resolve_model(cfg.model, cfg.gguf_file)
     tok = models.load_tokenizer(path, gguf)
     data = task(cfg, tok)
-    lm = data.kind in ("causal-lm", "gsm8k")
+    lm = data.task in ("causal-lm", "gsm8k")
     set_seed(cfg.seed)  # the head's random init does not depend on how much data loading consumed
     quant = models.quantization(cfg.quantize, cfg.quant_type, cfg.double_quant, cfg.compute_dtype,
                                 cfg.vblora.modules_to_save or (), dev["use_cpu"], cfg.fsdp) if cfg.quantize else None
-    model = models.load_model(path, gguf, "causal-lm" if lm else data.kind,
+    model = models.load_model(path, gguf, "causal-lm" if lm else data.task,
                               data.labels.num_labels if data.labels else 0, data.labels.names if data.labels else None,
                               quant=quant)
     models.set_pad_token(model, tok)
@@ -135,18 +135,20 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     adapted = methods.apply_method(model, cfg)
     model = adapted.model
 
-    identity = C.run_identity(cfg, len(data.train), world)
-    found = C.find_resume(ckpt, identity, cfg.resume_partial, rank, world, log) if resume else None
+    identity = run_checkpoints.run_identity(cfg, len(data.train), world)
+    found = run_checkpoints.find_resume(ckpt, identity, cfg.resume_partial, rank, world, log) if resume else None
     if cfg.resume and not resume:
         log(f"vblora train: --resume: no checkpoint in {ckpt}; starting from the beginning")
     if is_main:  # a fresh start keeps no checkpoint or best state of an earlier run; a resume no half-written save
-        shutil.rmtree(ckpt / C.STAGING if found else ckpt, ignore_errors=True)
+        shutil.rmtree(ckpt / run_checkpoints.STAGING if found else ckpt, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no directory behind
-    metric = M.primary_metric(data.kind)
+    metric = task_metrics.primary_metric(data.task)
     has_val = data.validation is not None
-    # the Trainer writes checkpoint-N under .saving; C.Publisher renames each into checkpoints/ once complete
+    # the Trainer writes checkpoint-N under .saving; run_checkpoints.Publisher renames each into checkpoints/ once
+    # complete
     args = (_ShardedArguments if cfg.fsdp else TrainingArguments)(
-        output_dir=str(ckpt / C.STAGING), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+        output_dir=str(ckpt / run_checkpoints.STAGING), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         learning_rate=cfg.lr_head, weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,  # a float < 1 is a ratio of the steps
@@ -175,14 +177,14 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
         from vblora.train.selection import SelectionCallback
         callbacks.append(SelectionCallback(every=cfg.record_selection_every, run_dir=out))
     trainer = _Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
-                       data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.kind),
+                       data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.task),
                        callbacks=callbacks, cfg=cfg, param_groups=adapted.param_groups, run=identity, log=log)
-    publisher = C.Publisher(ckpt, trainer.accelerator, is_main)
+    publisher = run_checkpoints.Publisher(ckpt, trainer.accelerator, is_main)
     trainer.add_callback(publisher)
     trainer.add_callback(CatchUpEvaluation(trainer))
     if found:
-        C.check_loadable(found[0], rank, world)
-    log(f"vblora train: {cfg.method} on {Path(path).name} ({data.kind}), {len(data.train)} train / "
+        run_checkpoints.check_loadable(found[0], rank, world)
+    log(f"vblora train: {cfg.method} on {Path(path).name} ({data.task}), {len(data.train)} train / "
         f"{len(data.validation or ())} validation / {len(data.test)} test examples, {len(adapted.targets)} adapted "
         f"modules, {adapted.trainable_parameters:,} trainable, {adapted.stored_parameters:,.0f} stored parameters"
         + (f", {world} processes" if world > 1 else ""))
@@ -192,13 +194,14 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     except AdapterFormatError as e:  # only the trainable tensors' check raises it (AdapterTrainer.train)
         if not found:
             raise
-        raise ResumeError(f"--resume: cannot restore the trainable tensors from {found[0]} ({C.first_line(e)}); "
-                          f"--overwrite starts the run again") from None
+        raise ResumeError(f"--resume: cannot restore the trainable tensors from {found[0]} "
+                          f"({run_checkpoints.first_line(e)}); --overwrite starts the run again") from None
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
         if not publisher.staged(trainer.state.global_step).exists():
             raise
-        raise SaveError(f"could not write checkpoint-{trainer.state.global_step} ({C.first_line(e)}; is the disk "
-                        f"full?); the checkpoints before it are intact and --resume continues from them") from e
+        step = trainer.state.global_step
+        raise SaveError(f"could not write checkpoint-{step} ({run_checkpoints.first_line(e)}; is the disk full?); "
+                        f"the checkpoints before it are intact and --resume continues from them") from e
     train_loss = trainer.run_loss()  # the whole run's, also after a resume (AdapterTrainer's LossBook)
     train_time = time.time() - t_train
     tracker.active = False
@@ -233,7 +236,7 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
         "metrics": {"validation": val, "test": test}, "eval_topk": by_k,
         "stored_parameters": adapted.stored_parameters, "adapter_bytes": 0,
         "trainable_parameters": adapted.trainable_parameters,
-        "method": cfg.method, "task": data.kind, "primary_metric": metric, "recipe": cfg.recipe, "seed": cfg.seed,
+        "method": cfg.method, "task": data.task, "primary_metric": metric, "recipe": cfg.recipe, "seed": cfg.seed,
         "model": path, "best_epoch": tracker.best_epoch, "per_epoch": per_epoch, "steps": trainer.state.global_step,
         "train_loss": train_loss,
         "wall_time_s": None, "train_time_s": round(train_time, 2),
@@ -301,15 +304,15 @@ def _check_output(cfg: RunConfig) -> tuple[Path, Path, bool]:
     nothing; --overwrite removes the earlier checkpoints once the model is built (adapter/ and results.json stay)."""
     out = Path(cfg.output)
     ckpt = out / "checkpoints"
-    has = bool(C.checkpoints(ckpt))
+    has = bool(run_checkpoints.checkpoints(ckpt))
     if has and not cfg.resume and not cfg.overwrite:
         raise SetupError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite "
                          f"to start again")
     return out, ckpt, has and cfg.resume
 
 
-def _compute_metrics(kind: str):
-    metrics = M.regression_metrics if kind == "regression" else M.classification_metrics
+def _compute_metrics(task: str):
+    metrics = task_metrics.regression_metrics if task == "regression" else task_metrics.classification_metrics
 
     def fn(p):
         return metrics(p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions, p.label_ids)
