@@ -125,7 +125,8 @@ def test_public_hooks_we_rely_on_have_the_expected_signatures():
     """The public methods AdapterTrainer overrides and the switches the pipeline uses, as the installed
     transformers defines them (a rename would silently bypass the override)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
-    expect = {"save_model": ["output_dir", "_internal_call"], "training_step": ["model", "inputs", "num_items_in_batch"],
+    expect = {"save_model": ["output_dir", "_internal_call"],
+              "training_step": ["model", "inputs", "num_items_in_batch"],
               "train": ["resume_from_checkpoint", "trial", "ignore_keys_for_eval"], "log": ["logs", "start_time"]}
     for name, params in expect.items():
         assert list(inspect.signature(getattr(Trainer, name)).parameters)[1:1 + len(params)] == params, name
