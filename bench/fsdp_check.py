@@ -59,13 +59,21 @@ def build(shape: str, device: torch.device):
 
     hidden, inter, layers, heads, kv, vocab, _ = SHAPES[shape]
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     h, b = (2048, 256) if shape == "gpu" else (16, 32)  # paper's LLM bank on the GPU
-    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=h, vector_length=b,
-                                                         rank=4, topk=2))
+    model = vblora.add_vblora(
+        model, vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=h, vector_length=b, rank=4, topk=2)
+    )
     return model.to(device)
 
 
@@ -86,8 +94,7 @@ def worker(rank: int, world: int, port: int, backend: str, device_kind: str, sha
     else:
         device = torch.device("cpu")
         torch.set_num_threads(1)
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            device_id=device if backend == "nccl" else None)
+    dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
     try:
         model = build(shape, device)
         one = copy.deepcopy(model)  # the one-process run
@@ -97,8 +104,9 @@ def worker(rank: int, world: int, port: int, backend: str, device_kind: str, sha
         compositions = []
         compose = bank.compose_rows
         bank.compose_rows = lambda *a, **kw: (compositions.append(1), compose(*a, **kw))[1]
-        opts = [torch.optim.AdamW(vblora.parameter_groups(m, lr_bank=LR_BANK, lr_logits=LR_LOGITS))
-                for m in (model, one)]
+        opts = [
+            torch.optim.AdamW(vblora.parameter_groups(m, lr_bank=LR_BANK, lr_logits=LR_LOGITS)) for m in (model, one)
+        ]
         vocab, seq = SHAPES[shape][5], SHAPES[shape][6]
         g = torch.Generator().manual_seed(1)
         steps = []
@@ -123,13 +131,22 @@ def worker(rank: int, world: int, port: int, backend: str, device_kind: str, sha
                 o.step()
                 o.zero_grad()
         elapsed = time.time() - t0
-        params = {f"{what}_diff_over_lr": float((getattr(bank, what) - getattr(bank_one, what)).abs().max() / lr)
-                  for what, lr in (("bank", LR_BANK), ("logits", LR_LOGITS))}
+        params = {
+            f"{what}_diff_over_lr": float((getattr(bank, what) - getattr(bank_one, what)).abs().max() / lr)
+            for what, lr in (("bank", LR_BANK), ("logits", LR_LOGITS))
+        }
         local_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
         base = model.model.layers[0].self_attn.q_proj.base.weight
-        seen = {"rank": rank, "steps": steps, **params, "base_bytes_whole": whole_bytes,
-                "base_bytes_this_process": local_bytes, "base_weight_type": type(base).__name__,
-                "bank_type": type(bank.bank).__name__, "seconds_3_steps_both_models": round(elapsed, 3)}
+        seen = {
+            "rank": rank,
+            "steps": steps,
+            **params,
+            "base_bytes_whole": whole_bytes,
+            "base_bytes_this_process": local_bytes,
+            "base_weight_type": type(base).__name__,
+            "bank_type": type(bank.bank).__name__,
+            "seconds_3_steps_both_models": round(elapsed, 3),
+        }
         if device_kind == "cuda":
             seen["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         if rank == 0:
@@ -142,9 +159,15 @@ def attempt(backend: str, world: int, device_kind: str, shape: str, timeout: flo
     """Run the check once on `world` processes; {'ok': bool, 'error': str, 'result': dict}."""
     import torch.multiprocessing as mp
 
-    out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
-    ctx = mp.start_processes(worker, args=(world, _free_port(), backend, device_kind, shape, out), nprocs=world,
-                             join=False, start_method="spawn")
+    handle, out = tempfile.mkstemp(suffix=".json")  # the workers write it; nothing is kept open here
+    os.close(handle)
+    ctx = mp.start_processes(
+        worker,
+        args=(world, _free_port(), backend, device_kind, shape, out),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.time() + timeout
     try:
         while not ctx.join(timeout=max(1.0, deadline - time.time())):
@@ -189,20 +212,44 @@ def main() -> int:
     attempts, result = [], None
     for backend, world, kind in plan:
         a = attempt(backend, world, kind, shape, args.timeout)
-        attempts.append({"backend": backend, "processes": world, "device": kind, "gpus": gpus, "ok": a["ok"],
-                         **({"error": a["error"]} if not a["ok"] else {})})
+        attempts.append(
+            {
+                "backend": backend,
+                "processes": world,
+                "device": kind,
+                "gpus": gpus,
+                "ok": a["ok"],
+                **({"error": a["error"]} if not a["ok"] else {}),
+            }
+        )
         if a["ok"]:
             result = {"backend": backend, "processes": world, "device": kind, **a["result"]}
             break
-    report = {"name": "fsdp_check", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": torch.cuda.get_device_name(0) if gpus else platform.processor() or platform.machine(),
-              "gpus": gpus, "shape": dict(zip(("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab",
-                                              "sequence"), SHAPES[shape])), "global_batch": GLOBAL_BATCH,
-              "steps": STEPS, "tolerances": {"loss_rel": TOL_LOSS, "grad_rel": TOL_GRAD, "param_over_lr": TOL_PARAM},
-              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
-                           "nccl": ".".join(map(str, torch.cuda.nccl.version())) if gpus else None},
-              "attempts": attempts, "result": result, **(verdict(result) if result else {"pass": False}),
-              "wall_s": round(time.time() - t0, 1)}
+    report = {
+        "name": "fsdp_check",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": torch.cuda.get_device_name(0) if gpus else platform.processor() or platform.machine(),
+        "gpus": gpus,
+        "shape": dict(
+            zip(
+                ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "sequence"),
+                SHAPES[shape],
+                strict=True,
+            )
+        ),
+        "global_batch": GLOBAL_BATCH,
+        "steps": STEPS,
+        "tolerances": {"loss_rel": TOL_LOSS, "grad_rel": TOL_GRAD, "param_over_lr": TOL_PARAM},
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if gpus else None,
+        },
+        "attempts": attempts,
+        "result": result,
+        **(verdict(result) if result else {"pass": False}),
+        "wall_s": round(time.time() - t0, 1),
+    }
     out = Path(args.out or ROOT / "bench" / "results" / f"fsdp_check-{'cuda' if gpus else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 
-def reloaded_generations(model_name: str, gguf_file: str | None, adapter_dir, records: list[dict],
-                         max_new_tokens: int) -> list[str]:
+def reloaded_generations(
+    model_name: str, gguf_file: str | None, adapter_dir, records: list[dict], max_new_tokens: int
+) -> list[str]:
     """Greedy answers to `records` ({'instruction', 'input'}) of a fresh base model with the saved adapter loaded:
     what a user gets from the adapter file alone (no training-time state, no logits)."""
     import vblora
@@ -26,8 +27,7 @@ def reloaded_generations(model_name: str, gguf_file: str | None, adapter_dir, re
     path, gguf = models.resolve_model(model_name, gguf_file)
     tok = models.load_tokenizer(path, gguf)
     model = vblora.load_adapter(models.load_model(path, gguf, "causal-lm"), str(adapter_dir))
-    return generate(model, tok, [tasks.prompt_text(tok, r["instruction"], r["input"]) for r in records],
-                    max_new_tokens)
+    return generate(model, tok, [tasks.prompt_text(tok, r["instruction"], r["input"]) for r in records], max_new_tokens)
 
 
 def main() -> int:
@@ -37,19 +37,30 @@ def main() -> int:
 
     res = json.loads((args.run_dir / "results.json").read_text())
     cfg = res["config"]
-    samples = [json.loads(line) for line in open(args.run_dir / "samples.jsonl", encoding="utf-8")]
+    samples = [json.loads(line) for line in (args.run_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     t = time.time()
-    again = reloaded_generations(cfg["model"], cfg.get("gguf_file"), args.run_dir / "adapter", samples,
-                                 cfg["max_new_tokens"])  # fresh base + the saved file only
-    same = [a == s["generation"] for a, s in zip(again, samples)]
-    report = {"run_dir": str(args.run_dir), "generations": len(samples), "identical": sum(same),
-              "differences": [{"prompt_input": s["input"], "trained": s["generation"], "reloaded": a}
-                              for a, s, ok in zip(again, samples, same) if not ok],
-              "adapter_bytes": res.get("adapter_bytes"), "stored_parameters": res.get("stored_parameters"),
-              "seconds": round(time.time() - t, 1)}
+    again = reloaded_generations(
+        cfg["model"], cfg.get("gguf_file"), args.run_dir / "adapter", samples, cfg["max_new_tokens"]
+    )  # fresh base + the saved file only
+    same = [a == s["generation"] for a, s in zip(again, samples, strict=True)]
+    report = {
+        "run_dir": str(args.run_dir),
+        "generations": len(samples),
+        "identical": sum(same),
+        "differences": [
+            {"prompt_input": s["input"], "trained": s["generation"], "reloaded": a}
+            for a, s, ok in zip(again, samples, same, strict=True)
+            if not ok
+        ],
+        "adapter_bytes": res.get("adapter_bytes"),
+        "stored_parameters": res.get("stored_parameters"),
+        "seconds": round(time.time() - t, 1),
+    }
     (args.run_dir / "roundtrip.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    print(f"{sum(same)}/{len(samples)} greedy generations identical after save_adapter -> load_adapter "
-          f"on a fresh base ({res.get('adapter_bytes')} adapter bytes)")
+    print(
+        f"{sum(same)}/{len(samples)} greedy generations identical after save_adapter -> load_adapter "
+        f"on a fresh base ({res.get('adapter_bytes')} adapter bytes)"
+    )
     return 0 if all(same) and samples else 1
 
 

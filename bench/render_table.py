@@ -1,6 +1,6 @@
 """Render a bench/speed.py results JSON (and optionally a bench/parity.py JSON) as markdown tables.
 
-    python bench/render_table.py bench/results/speed-cuda-....json [--parity parity.json]
+python bench/render_table.py bench/results/speed-cuda-....json [--parity parity.json]
 """
 
 from __future__ import annotations
@@ -44,12 +44,17 @@ def render(res: dict, summary_only: bool = False) -> str:
     env = res.get("env", {})
     v = env.get("versions", {})
     where = env.get("gpu") or f"CPU ({env.get('processor')}, {env.get('cpu_count')} cores)"
-    lines = [f"Device: {where}; torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}; "
-             f"{env.get('date')}. Times in ms: median (min-max) over {res.get('args', {}).get('steps')} "
-             f"interleaved steps; ratios are of medians.", ""]
-    summary = ["| case | LoRA r=4 train | PEFT VB-LoRA train | ours train | ours / LoRA r=4 | PEFT VB-LoRA / ours | "
-               "ours fwd / LoRA r=4 fwd | ours merged fwd / base fwd | peak: ours / LoRA r=64 |",
-               "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {where}; torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}; "
+        f"{env.get('date')}. Times in ms: median (min-max) over {res.get('args', {}).get('steps')} "
+        f"interleaved steps; ratios are of medians.",
+        "",
+    ]
+    summary = [
+        "| case | LoRA r=4 train | PEFT VB-LoRA train | ours train | ours / LoRA r=4 | PEFT VB-LoRA / ours | "
+        "ours fwd / LoRA r=4 fwd | ours merged fwd / base fwd | peak: ours / LoRA r=64 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     details = []
     for name, c in res.get("cases", {}).items():
         if "methods" not in c:
@@ -58,7 +63,7 @@ def render(res: dict, summary_only: bool = False) -> str:
         title = CASE_TITLES.get(name, name).format(**c["case"])
         m = c["methods"]
 
-        def med(meth, key):
+        def med(meth, key, m=m):
             return (m.get(meth, {}).get(key) or {}).get("median")
 
         base = c.get("base", {})
@@ -69,32 +74,43 @@ def render(res: dict, summary_only: bool = False) -> str:
             f"| {ratio(med('peft_vblora', 'train_ms'), med('ours', 'train_ms'))} "
             f"| {ratio(med('ours', 'fwd_ms'), med('lora_r4', 'fwd_ms'))} "
             f"| {ratio(med('ours', 'fwd_merged_ms'), base_fwd)} "
-            f"| {ratio(m.get('ours', {}).get('peak_bytes'), m.get('lora_r64', {}).get('peak_bytes'))} |")
+            f"| {ratio(m.get('ours', {}).get('peak_bytes'), m.get('lora_r64', {}).get('peak_bytes'))} |"
+        )
         pr = {k: v["median"] for k, v in (c.get("paired_ratios") or {}).items() if v}
         paired = ("; medians of per-round ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in pr.items())) if pr else ""
-        details += [f"**{title}** (base model forward: {ms(base.get('fwd_ms'))} ms in the unmerged phase, "
-                    f"{ms(base.get('fwd_merged_phase_ms'))} ms in the merged phase{paired})", "",
-                    "| method | train step | fwd unmerged | fwd merged | peak MiB | static MiB | trainable | stored "
-                    "| logits+grad+AdamW MiB (share of peak) |",
-                    "|---|---|---|---|---|---|---|---|---|"]
+        details += [
+            f"**{title}** (base model forward: {ms(base.get('fwd_ms'))} ms in the unmerged phase, "
+            f"{ms(base.get('fwd_merged_phase_ms'))} ms in the merged phase{paired})",
+            "",
+            "| method | train step | fwd unmerged | fwd merged | peak MiB | static MiB | trainable | stored "
+            "| logits+grad+AdamW MiB (share of peak) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for meth, r in m.items():
             share = f" ({100 * r['logits_share_of_peak']:.1f}%)" if r.get("logits_share_of_peak") else ""
             logits = f"{mib(r.get('logits_state_bytes'))}{share}" if r.get("logits_state_bytes") else "-"
-            details.append(f"| {NAMES.get(meth, meth)} | {ms(r.get('train_ms'))} | {ms(r.get('fwd_ms'))} "
-                           f"| {ms(r.get('fwd_merged_ms'))} | {mib(r.get('peak_bytes'))} | {mib(r.get('static_bytes'))} "
-                           f"| {num(r.get('trainable'))} | {num(r.get('stored'))} | {logits} |")
+            details.append(
+                f"| {NAMES.get(meth, meth)} | {ms(r.get('train_ms'))} | {ms(r.get('fwd_ms'))} "
+                f"| {ms(r.get('fwd_merged_ms'))} | {mib(r.get('peak_bytes'))} | {mib(r.get('static_bytes'))} "
+                f"| {num(r.get('trainable'))} | {num(r.get('stored'))} | {logits} |"
+            )
         if c.get("errors"):
             details.append(f"\nerrors: {c['errors']}")
         details.append("")
-    return "\n".join(lines + summary + ([] if summary_only else [""] + details))
+    return "\n".join(lines + summary + ([] if summary_only else ["", *details]))
 
 
 def render_parity(par: dict) -> str:
-    lines = [f"Parity on {par.get('gpu') or par.get('device')} (torch {par.get('torch')}):", "",
-             "| check | result | details |", "|---|---|---|"]
+    lines = [
+        f"Parity on {par.get('gpu') or par.get('device')} (torch {par.get('torch')}):",
+        "",
+        "| check | result | details |",
+        "|---|---|---|",
+    ]
     for name, r in par.get("checks", {}).items():
-        det = ", ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                        if k not in ("ok", "trace"))
+        det = ", ".join(
+            f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k not in ("ok", "trace")
+        )
         lines.append(f"| {name} | {'PASS' if r.get('ok') else 'FAIL'} | {det} |")
     return "\n".join(lines)
 

@@ -85,6 +85,7 @@ def spread(xs: list[float]) -> dict:
 
 # -- (a) throughput ----------------------------------------------------------------------------------------------
 
+
 def throughput(base, work: Path, batch: int, prompt: int, new: int, reps: int) -> dict:
     files = write_variants(base, work / "tp", batch, shared_bank=False)
     served = copy.deepcopy(base)
@@ -93,8 +94,9 @@ def throughput(base, work: Path, batch: int, prompt: int, new: int, reps: int) -
     single = vblora.load_adapter(copy.deepcopy(base), files[0])
     merged = vblora.merge(vblora.load_adapter(copy.deepcopy(base), files[0]))
     ids = torch.randint(0, base.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-              attention_mask=torch.ones_like(ids))
+    kw = dict(
+        max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids)
+    )
 
     def gen(model, entries=None, strategy=None):
         def run():
@@ -104,6 +106,7 @@ def throughput(base, work: Path, batch: int, prompt: int, new: int, reps: int) -
                 else:
                     with store.rows(entries, strategy=strategy):
                         model.generate(ids, **kw)
+
         return run
 
     arms = {
@@ -129,8 +132,14 @@ def throughput(base, work: Path, batch: int, prompt: int, new: int, reps: int) -
     for r in rows.values():
         r["vs_one_adapter_store"] = r["tokens_per_s"] / ref
         r["vs_one_adapter_plain"] = r["tokens_per_s"] / ref_plain
-    return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new, "reps": reps, "arms": rows,
-            "store": store.stats()}
+    return {
+        "batch": batch,
+        "prompt_tokens": prompt,
+        "new_tokens": new,
+        "reps": reps,
+        "arms": rows,
+        "store": store.stats(),
+    }
 
 
 def bank_projection(batch: int, reps: int = 200) -> dict:
@@ -148,10 +157,10 @@ def bank_projection(batch: int, reps: int = 200) -> dict:
     for L in (1, 32):
         x = torch.randn(batch, L, d_in, generator=g)
 
-        def gathered():
+        def gathered(x=x):
             return torch.bmm(x, A.transpose(1, 2))
 
-        def projected():
+        def projected(x=x, L=L):
             p = x.view(batch, L, c, b) @ bank.T  # (B, L, c, h): every activation on every bank vector, once
             sel = p.gather(3, idx.permute(0, 2, 1, 3).reshape(batch, 1, c, r * k).expand(batch, L, c, r * k))
             return (sel.view(batch, L, c, r, k) * w.permute(0, 2, 1, 3).unsqueeze(1)).sum((2, 4))  # (B, L, r)
@@ -159,13 +168,16 @@ def bank_projection(batch: int, reps: int = 200) -> dict:
         assert torch.allclose(gathered(), projected(), atol=1e-4)
         t_g = [timed(gathered) for _ in range(reps)]
         t_p = [timed(projected) for _ in range(reps)]
-        out[f"L={L}"] = {"gathered_bmm_us": 1e6 * statistics.median(t_g), "bank_projection_us":
-                         1e6 * statistics.median(t_p), "projection_vs_gather": statistics.median(t_p) /
-                         statistics.median(t_g)}
+        out[f"L={L}"] = {
+            "gathered_bmm_us": 1e6 * statistics.median(t_g),
+            "bank_projection_us": 1e6 * statistics.median(t_p),
+            "projection_vs_gather": statistics.median(t_p) / statistics.median(t_g),
+        }
     return {"batch": batch, "layer": "576->576, r=4, h=256, b=64, k=2 (A side)", **out}
 
 
 # -- (b) cold start ----------------------------------------------------------------------------------------------
+
 
 def cold_start(base, work: Path, reps: int, prompt: int) -> dict:
     from peft import PeftModel
@@ -205,24 +217,33 @@ def cold_start(base, work: Path, reps: int, prompt: int) -> dict:
             with torch.no_grad():
                 theirs_warm.append(timed(lambda: peft_model.generate(input_ids=ids, **kw)))
             first_token.append(timed(lambda: base.generate(ids, **kw)))
-    return {"reps": reps, "prompt_tokens": prompt,
-            "ours_file_to_first_token_s": spread(ours), "peft_lora_file_to_first_token_s": spread(theirs),
-            "ours_add_acquire_s": spread(ours_load), "peft_load_set_adapter_s": spread(theirs_load),
-            "base_first_token_s": spread(first_token),
-            "speedup_file_to_first_token": statistics.median(theirs) / statistics.median(ours),
-            "speedup_load_only": statistics.median(theirs_load) / statistics.median(ours_load),
-            "ours_warm_first_token_s": spread(ours_warm), "peft_lora_warm_first_token_s": spread(theirs_warm),
-            # what a cold adapter adds to a request: cold file-to-first-token minus the same side's warm first token
-            # (per repetition, then the median); the base model's own forward cancels out of each side
-            "ours_cold_penalty_s": spread([c - w for c, w in zip(ours, ours_warm)]),
-            "peft_lora_cold_penalty_s": spread([c - w for c, w in zip(theirs, theirs_warm)]),
-            "speedup_cold_penalty": statistics.median([c - w for c, w in zip(theirs, theirs_warm)])
-            / statistics.median([c - w for c, w in zip(ours, ours_warm)]),
-            "bytes_on_disk": {"vblora": files[1].stat().st_size,
-                              "peft_lora": sum(p.stat().st_size for p in lora_dirs[1].iterdir())}}
+    return {
+        "reps": reps,
+        "prompt_tokens": prompt,
+        "ours_file_to_first_token_s": spread(ours),
+        "peft_lora_file_to_first_token_s": spread(theirs),
+        "ours_add_acquire_s": spread(ours_load),
+        "peft_load_set_adapter_s": spread(theirs_load),
+        "base_first_token_s": spread(first_token),
+        "speedup_file_to_first_token": statistics.median(theirs) / statistics.median(ours),
+        "speedup_load_only": statistics.median(theirs_load) / statistics.median(ours_load),
+        "ours_warm_first_token_s": spread(ours_warm),
+        "peft_lora_warm_first_token_s": spread(theirs_warm),
+        # what a cold adapter adds to a request: cold file-to-first-token minus the same side's warm first token
+        # (per repetition, then the median); the base model's own forward cancels out of each side
+        "ours_cold_penalty_s": spread([c - w for c, w in zip(ours, ours_warm, strict=True)]),
+        "peft_lora_cold_penalty_s": spread([c - w for c, w in zip(theirs, theirs_warm, strict=True)]),
+        "speedup_cold_penalty": statistics.median([c - w for c, w in zip(theirs, theirs_warm, strict=True)])
+        / statistics.median([c - w for c, w in zip(ours, ours_warm, strict=True)]),
+        "bytes_on_disk": {
+            "vblora": files[1].stat().st_size,
+            "peft_lora": sum(p.stat().st_size for p in lora_dirs[1].iterdir()),
+        },
+    }
 
 
 # -- (c) memory (own process) ------------------------------------------------------------------------------------
+
 
 def rss() -> int:
     with open("/proc/self/statm") as f:
@@ -263,65 +284,95 @@ def memory_part(work: Path, count: int, cache_mb: int) -> dict:
     t = time.perf_counter()
     with torch.no_grad():
         for i in range(0, count, 8):
-            with store.rows(handles[i:i + 8]):
+            with store.rows(handles[i : i + 8]):
                 base(input_ids=ids)
     forward_s = time.perf_counter() - t
     gc.collect()
     r3 = rss()
     stats = store.stats()
     cap = cache_mb << 20
-    return {"adapters": count, "shared_bank": half, "own_bank": count - half, "file_bytes": file_bytes,
-            "cache_cap_bytes": cap, "rss_growth_registered": r1 - r0, "rss_growth_loaded": r2 - r0,
-            "rss_growth_after_forward_through_all": r3 - r0, "forward_through_all_s": forward_s,
-            "per_adapter_registered_bytes": (r1 - r0) / count, "per_adapter_loaded_bytes": (r2 - r0) / count,
-            "ratio_vs_files_plus_cap": (r3 - r0) / (file_bytes + cap), "store": stats}
+    return {
+        "adapters": count,
+        "shared_bank": half,
+        "own_bank": count - half,
+        "file_bytes": file_bytes,
+        "cache_cap_bytes": cap,
+        "rss_growth_registered": r1 - r0,
+        "rss_growth_loaded": r2 - r0,
+        "rss_growth_after_forward_through_all": r3 - r0,
+        "forward_through_all_s": forward_s,
+        "per_adapter_registered_bytes": (r1 - r0) / count,
+        "per_adapter_loaded_bytes": (r2 - r0) / count,
+        "ratio_vs_files_plus_cap": (r3 - r0) / (file_bytes + cap),
+        "store": stats,
+    }
 
 
 def tables(r: dict) -> str:
     """Markdown tables of a result file (for docs/serving.md)."""
     tp = r["throughput"]
-    out = [f"Throughput: {tp['batch']} requests, {tp['prompt_tokens']}-token prompts, {tp['new_tokens']} new tokens "
-           f"each (greedy), median of {tp['reps']} interleaved runs, {r['threads']} threads", "",
-           "| arm | tokens/s | vs one adapter (store) | vs one adapter (load_adapter) | s: median (min-max) |",
-           "|---|---:|---:|---:|---:|"]
+    out = [
+        f"Throughput: {tp['batch']} requests, {tp['prompt_tokens']}-token prompts, {tp['new_tokens']} new tokens "
+        f"each (greedy), median of {tp['reps']} interleaved runs, {r['threads']} threads",
+        "",
+        "| arm | tokens/s | vs one adapter (store) | vs one adapter (load_adapter) | s: median (min-max) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, a in tp["arms"].items():
-        out.append(f"| {name} | {a['tokens_per_s']:.1f} | {a['vs_one_adapter_store']:.2f}x | "
-                   f"{a['vs_one_adapter_plain']:.2f}x | {a['median']:.2f} ({a['min']:.2f}-{a['max']:.2f}) |")
+        out.append(
+            f"| {name} | {a['tokens_per_s']:.1f} | {a['vs_one_adapter_store']:.2f}x | "
+            f"{a['vs_one_adapter_plain']:.2f}x | {a['median']:.2f} ({a['min']:.2f}-{a['max']:.2f}) |"
+        )
     bp = r["bank_projection_vs_gather"]
-    out += ["", f"Shared bank, {bp['layer']}, {bp['batch']} rows of distinct adapters:", "",
-            "| tokens per row | gathered A + bmm (us) | project on the bank once (us) | projection / gather |",
-            "|---:|---:|---:|---:|"]
+    out += [
+        "",
+        f"Shared bank, {bp['layer']}, {bp['batch']} rows of distinct adapters:",
+        "",
+        "| tokens per row | gathered A + bmm (us) | project on the bank once (us) | projection / gather |",
+        "|---:|---:|---:|---:|",
+    ]
     for key in ("L=1", "L=32"):
         v = bp[key]
-        out.append(f"| {key[2:]} | {v['gathered_bmm_us']:.0f} | {v['bank_projection_us']:.0f} | "
-                   f"{v['projection_vs_gather']:.1f}x |")
+        out.append(
+            f"| {key[2:]} | {v['gathered_bmm_us']:.0f} | {v['bank_projection_us']:.0f} | "
+            f"{v['projection_vs_gather']:.1f}x |"
+        )
     c = r["cold_start"]
     med = lambda k: c[k]["median"]  # noqa: E731
-    out += ["", f"Cold start ({c['prompt_tokens']}-token prompt, median of {c['reps']}, fresh adapter each run):", "",
-            "| | ours (store.add + acquire) | HF PEFT LoRA (load_adapter + set_adapter) | speed-up |",
-            "|---|---:|---:|---:|",
-            f"| load (s) | {med('ours_add_acquire_s'):.3f} | {med('peft_load_set_adapter_s'):.3f} | "
-            f"{c['speedup_load_only']:.1f}x |",
-            f"| file to first token (s) | {med('ours_file_to_first_token_s'):.3f} | "
-            f"{med('peft_lora_file_to_first_token_s'):.3f} | {c['speedup_file_to_first_token']:.1f}x |",
-            f"| warm first token, same request (s) | {med('ours_warm_first_token_s'):.3f} | "
-            f"{med('peft_lora_warm_first_token_s'):.3f} | |",
-            f"| cold-start penalty: cold minus warm (s) | {med('ours_cold_penalty_s'):.3f} | "
-            f"{med('peft_lora_cold_penalty_s'):.3f} | {c['speedup_cold_penalty']:.1f}x |",
-            f"| bytes on disk | {c['bytes_on_disk']['vblora']:,} | {c['bytes_on_disk']['peft_lora']:,} | |",
-            f"| (base model's own first token, s) | {med('base_first_token_s'):.3f} | | |"]
+    out += [
+        "",
+        f"Cold start ({c['prompt_tokens']}-token prompt, median of {c['reps']}, fresh adapter each run):",
+        "",
+        "| | ours (store.add + acquire) | HF PEFT LoRA (load_adapter + set_adapter) | speed-up |",
+        "|---|---:|---:|---:|",
+        f"| load (s) | {med('ours_add_acquire_s'):.3f} | {med('peft_load_set_adapter_s'):.3f} | "
+        f"{c['speedup_load_only']:.1f}x |",
+        f"| file to first token (s) | {med('ours_file_to_first_token_s'):.3f} | "
+        f"{med('peft_lora_file_to_first_token_s'):.3f} | {c['speedup_file_to_first_token']:.1f}x |",
+        f"| warm first token, same request (s) | {med('ours_warm_first_token_s'):.3f} | "
+        f"{med('peft_lora_warm_first_token_s'):.3f} | |",
+        f"| cold-start penalty: cold minus warm (s) | {med('ours_cold_penalty_s'):.3f} | "
+        f"{med('peft_lora_cold_penalty_s'):.3f} | {c['speedup_cold_penalty']:.1f}x |",
+        f"| bytes on disk | {c['bytes_on_disk']['vblora']:,} | {c['bytes_on_disk']['peft_lora']:,} | |",
+        f"| (base model's own first token, s) | {med('base_first_token_s'):.3f} | | |",
+    ]
     m = r["memory"]
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
-    out += ["", f"Memory, {m['adapters']} registered adapters ({m['shared_bank']} on one shared bank file, "
-            f"{m['own_bank']} with their own bank), cache cap {mib(m['cache_cap_bytes'])}:", "",
-            "| resident set growth | total | per adapter |", "|---|---:|---:|",
-            f"| registered (headers read) | {mib(m['rss_growth_registered'])} | "
-            f"{m['per_adapter_registered_bytes'] / 1024:.1f} KiB |",
-            f"| all acquired (loaded, verified) | {mib(m['rss_growth_loaded'])} | "
-            f"{m['per_adapter_loaded_bytes'] / 1024:.1f} KiB |",
-            f"| after a forward through every adapter | {mib(m['rss_growth_after_forward_through_all'])} | |",
-            f"| sum of files + cache cap | {mib(m['file_bytes'] + m['cache_cap_bytes'])} | |",
-            f"| ratio (target <= 1.2) | {m['ratio_vs_files_plus_cap']:.2f} | |"]
+    out += [
+        "",
+        f"Memory, {m['adapters']} registered adapters ({m['shared_bank']} on one shared bank file, "
+        f"{m['own_bank']} with their own bank), cache cap {mib(m['cache_cap_bytes'])}:",
+        "",
+        "| resident set growth | total | per adapter |",
+        "|---|---:|---:|",
+        f"| registered (headers read) | {mib(m['rss_growth_registered'])} | "
+        f"{m['per_adapter_registered_bytes'] / 1024:.1f} KiB |",
+        f"| all acquired (loaded, verified) | {mib(m['rss_growth_loaded'])} | "
+        f"{m['per_adapter_loaded_bytes'] / 1024:.1f} KiB |",
+        f"| after a forward through every adapter | {mib(m['rss_growth_after_forward_through_all'])} | |",
+        f"| sum of files + cache cap | {mib(m['file_bytes'] + m['cache_cap_bytes'])} | |",
+        f"| ratio (target <= 1.2) | {m['ratio_vs_files_plus_cap']:.2f} | |",
+    ]
     return "\n".join(out)
 
 
@@ -352,16 +403,20 @@ def main() -> None:
         work = Path(tmp)
         t0 = time.perf_counter()
         base = base_model()
-        result = {"model": "SmolLM2-135M-Instruct (fp32)", "adapter_config": CFG,
-                  "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
-                  "threads": args.threads,
-                  "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+        result = {
+            "model": "SmolLM2-135M-Instruct (fp32)",
+            "adapter_config": CFG,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
+            "threads": args.threads,
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        }
         import peft
         import transformers
 
-        result["versions"].update(transformers=transformers.__version__, peft=peft.__version__,
-                                  vblora=vblora.__version__)
+        result["versions"].update(
+            transformers=transformers.__version__, peft=peft.__version__, vblora=vblora.__version__
+        )
         print("(a) throughput ...", flush=True)
         result["throughput"] = throughput(base, work, args.batch, args.prompt, args.new, args.reps)
         result["bank_projection_vs_gather"] = bank_projection(args.batch)
@@ -370,9 +425,25 @@ def main() -> None:
         print("(c) memory ...", flush=True)
         write_many(base, work / "many", args.adapters)
         del base
-        child = subprocess.run([sys.executable, __file__, "--part", "memory", "--work", str(work), "--adapters",
-                                str(args.adapters), "--cache-mb", str(args.cache_mb), "--threads",
-                                str(args.threads)], capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--part",
+                "memory",
+                "--work",
+                str(work),
+                "--adapters",
+                str(args.adapters),
+                "--cache-mb",
+                str(args.cache_mb),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result["memory"] = json.loads(child.stdout.strip().splitlines()[-1])
         result["wall_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -74,16 +74,31 @@ def build_base(case: Case, device: str, seed: int = 0) -> torch.nn.Module:
     dtype = getattr(torch, case.dtype)
     torch.manual_seed(seed)
     if case.arch == "roberta":
-        cfg = RobertaConfig(vocab_size=case.vocab, hidden_size=case.hidden, num_hidden_layers=case.layers,
-                            num_attention_heads=case.heads, intermediate_size=case.ffn, num_labels=2,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                            max_position_embeddings=max(514, case.seq + 2), attn_implementation="sdpa")
+        cfg = RobertaConfig(
+            vocab_size=case.vocab,
+            hidden_size=case.hidden,
+            num_hidden_layers=case.layers,
+            num_attention_heads=case.heads,
+            intermediate_size=case.ffn,
+            num_labels=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            max_position_embeddings=max(514, case.seq + 2),
+            attn_implementation="sdpa",
+        )
         cls = RobertaForSequenceClassification
     else:
-        cfg = LlamaConfig(vocab_size=case.vocab, hidden_size=case.hidden, num_hidden_layers=case.layers,
-                          num_attention_heads=case.heads, num_key_value_heads=case.kv_heads,
-                          intermediate_size=case.ffn, max_position_embeddings=max(2048, case.seq),
-                          tie_word_embeddings=case.vocab == 49152, attn_implementation="sdpa")
+        cfg = LlamaConfig(
+            vocab_size=case.vocab,
+            hidden_size=case.hidden,
+            num_hidden_layers=case.layers,
+            num_attention_heads=case.heads,
+            num_key_value_heads=case.kv_heads,
+            intermediate_size=case.ffn,
+            max_position_embeddings=max(2048, case.seq),
+            tie_word_embeddings=case.vocab == 49152,
+            attn_implementation="sdpa",
+        )
         cls = LlamaForCausalLM
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -101,17 +116,24 @@ def adapt(method: str, model: torch.nn.Module, case: Case) -> torch.nn.Module:
     if method == "ours":
         import vblora
 
-        cfg = vblora.VBLoRAConfig(target_modules=case.targets, rank=case.r, num_vectors=case.h,
-                                  vector_length=case.b, topk=case.k)
+        cfg = vblora.VBLoRAConfig(
+            target_modules=case.targets, rank=case.r, num_vectors=case.h, vector_length=case.b, topk=case.k
+        )
         return vblora.add_vblora(model, cfg)
     import peft
 
     if method.startswith("lora_r"):
-        r = int(method[len("lora_r"):])
+        r = int(method[len("lora_r") :])
         cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=case.targets)
     elif method == "peft_vblora":
-        cfg = peft.VBLoRAConfig(r=case.r, topk=case.k, num_vectors=case.h, vector_length=case.b,
-                                vblora_dropout=0.0, target_modules=case.targets)
+        cfg = peft.VBLoRAConfig(
+            r=case.r,
+            topk=case.k,
+            num_vectors=case.h,
+            vector_length=case.b,
+            vblora_dropout=0.0,
+            target_modules=case.targets,
+        )
     else:
         raise ValueError(method)
     return peft.get_peft_model(model, cfg)
@@ -120,10 +142,7 @@ def adapt(method: str, model: torch.nn.Module, case: Case) -> torch.nn.Module:
 def make_batch(case: Case, device: str, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=g).to(device)
-    if case.arch == "roberta":
-        labels = torch.randint(0, 2, (case.batch,), generator=g).to(device)
-    else:
-        labels = ids
+    labels = torch.randint(0, 2, (case.batch,), generator=g).to(device) if case.arch == "roberta" else ids
     return {"input_ids": ids, "labels": labels}
 
 
@@ -237,8 +256,13 @@ def summary(xs: list[float]) -> dict:
     ms = [1000 * x for x in xs]
     if not ms:
         return {}
-    return {"median": statistics.median(ms), "min": min(ms), "max": max(ms), "n": len(ms),
-            "all": [round(x, 3) for x in ms]}
+    return {
+        "median": statistics.median(ms),
+        "min": min(ms),
+        "max": max(ms),
+        "n": len(ms),
+        "all": [round(x, 3) for x in ms],
+    }
 
 
 def interleave(runners: list[Runner], fn, key: str | None, warmup: int, steps: int, log=None) -> None:
@@ -261,7 +285,7 @@ def run_case(name: str, case: Case, args, log) -> dict:
     methods = [m for m in args.methods.split(",") if m]
     t_case = time.perf_counter()
     runners, errors = [], {}
-    for m in methods + ["base"]:
+    for m in [*methods, "base"]:
         try:
             runners.append(Runner(m, case, device, batch))
         except Exception as e:  # one broken method must not lose the others
@@ -282,10 +306,12 @@ def run_case(name: str, case: Case, args, log) -> dict:
                 if device == "cuda":
                     torch.cuda.empty_cache()  # e.g. after an out-of-memory error, let the others go on
                 return None
+
         return call
 
-    interleave(trainers, guarded("train", Runner.train_step), "train", args.warmup, args.steps,
-               log if args.progress else None)
+    interleave(
+        trainers, guarded("train", Runner.train_step), "train", args.warmup, args.steps, log if args.progress else None
+    )
     log(f"[{name}] train done {time.perf_counter() - t_case:.1f}s")
     interleave(runners, guarded("fwd", Runner.forward), "fwd", 1, args.fwd_steps)
     for r in trainers:
@@ -298,19 +324,25 @@ def run_case(name: str, case: Case, args, log) -> dict:
     out = {"case": asdict(case), "methods": {}, "errors": errors}
     base = next((r for r in runners if r.method == "base"), None)
     if base is not None:
-        out["base"] = {"fwd_ms": summary(base.times["fwd"]), "fwd_merged_phase_ms": summary(base.times["fwd_merged"]),
-                       "params": sum(p.numel() for p in base.model.parameters()),
-                       "static_bytes": static_bytes(base.model, None)}
+        out["base"] = {
+            "fwd_ms": summary(base.times["fwd"]),
+            "fwd_merged_phase_ms": summary(base.times["fwd_merged"]),
+            "params": sum(p.numel() for p in base.model.parameters()),
+            "static_bytes": static_bytes(base.model, None),
+        }
     for r in trainers:
         stat = static_bytes(r.model, r.opt)
         lp = logits_params(r.method, r.model)
         logits_bytes = 4 * sum(p.numel() * p.element_size() for p in lp)  # param + grad + 2 AdamW moments
         peak = stat + r.peak_step if device == "cuda" and r.peak_step else None
         out["methods"][r.method] = {
-            "train_ms": summary(r.times["train"]), "fwd_ms": summary(r.times["fwd"]),
+            "train_ms": summary(r.times["train"]),
+            "fwd_ms": summary(r.times["fwd"]),
             "train_process_cpu_ms": summary(r.times["train_cpu"]),  # CPU only: less sensitive to other jobs
             "fwd_merged_ms": summary(r.times["fwd_merged"]),
-            "peak_bytes": peak, "static_bytes": stat, "logits_state_bytes": logits_bytes,
+            "peak_bytes": peak,
+            "static_bytes": stat,
+            "logits_state_bytes": logits_bytes,
             "logits_share_of_peak": (logits_bytes / peak) if peak else None,
             **count(r.method, r.model, case),
         }
@@ -338,7 +370,9 @@ def ratios(res: dict) -> dict:
         "train_ours_vs_lora_r4": div(med("ours", "train_ms"), med("lora_r4", "train_ms")),
         "train_peft_vblora_vs_ours": div(med("peft_vblora", "train_ms"), med("ours", "train_ms")),
         "train_peft_vblora_vs_lora_r4": div(med("peft_vblora", "train_ms"), med("lora_r4", "train_ms")),
-        "train_cpu_time_ours_vs_lora_r4": div(med("ours", "train_process_cpu_ms"), med("lora_r4", "train_process_cpu_ms")),
+        "train_cpu_time_ours_vs_lora_r4": div(
+            med("ours", "train_process_cpu_ms"), med("lora_r4", "train_process_cpu_ms")
+        ),
         "fwd_ours_vs_lora_r4": div(med("ours", "fwd_ms"), med("lora_r4", "fwd_ms")),
         "fwd_merged_ours_vs_base": div(med("ours", "fwd_merged_ms"), base_fwd),
         "peak_ours_vs_lora_r64": div(m.get("ours", {}).get("peak_bytes"), m.get("lora_r64", {}).get("peak_bytes")),
@@ -350,9 +384,12 @@ def paired_ratios(times: dict) -> dict:
 
     def paired(a, ka, b, kb):
         xa, xb = times.get(a, {}).get(ka, []), times.get(b, {}).get(kb, [])
-        rs = [x / y for x, y in zip(xa, xb) if x and y]
-        return {"median": round(statistics.median(rs), 4), "min": round(min(rs), 4), "max": round(max(rs), 4)} \
-            if rs else None
+        rs = [x / y for x, y in zip(xa, xb, strict=False) if x and y]
+        return (
+            {"median": round(statistics.median(rs), 4), "min": round(min(rs), 4), "max": round(max(rs), 4)}
+            if rs
+            else None
+        )
 
     return {
         "train_ours_vs_lora_r4": paired("ours", "train", "lora_r4", "train"),
@@ -365,9 +402,16 @@ def paired_ratios(times: dict) -> dict:
 def environment(device: str) -> dict:
     import importlib.metadata as md
 
-    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
-           "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device, "versions": {}}
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "versions": {},
+    }
     for pkg in ("torch", "transformers", "peft", "accelerate", "triton", "vblora"):
         try:
             env["versions"][pkg] = md.version(pkg)
@@ -406,8 +450,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M")
-    out = Path(args.out or Path(__file__).parent / "results" / f"speed-{args.device}{'-tiny' if args.tiny else ''}"
-               f"-{stamp}.json")
+    out = Path(
+        args.out
+        or Path(__file__).parent / "results" / f"speed-{args.device}{'-tiny' if args.tiny else ''}-{stamp}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:

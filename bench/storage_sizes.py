@@ -24,8 +24,16 @@ from pathlib import Path
 import torch
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-OPTIONS = [("fp32", False), ("fp32", True), ("fp16", False), ("fp16", True), ("bf16", False), ("bf16", True),
-           ("int8", False), ("int8", True)]
+OPTIONS = [
+    ("fp32", False),
+    ("fp32", True),
+    ("fp16", False),
+    ("fp16", True),
+    ("bf16", False),
+    ("bf16", True),
+    ("int8", False),
+    ("int8", True),
+]
 
 
 def file_parts(path: Path) -> tuple[int, int]:
@@ -43,16 +51,18 @@ def main() -> None:
     import transformers
 
     import vblora
-    from vblora.storage.peft_vblora import export_peft
     from vblora.storage import load_adapter, save_adapter
+    from vblora.storage.peft_vblora import export_peft
 
     torch.manual_seed(0)
     base = transformers.RobertaModel(transformers.RobertaConfig()).eval()
     ids = torch.randint(0, 50265, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base_out = base(input_ids=ids).last_hidden_state
-    model = vblora.add_vblora(copy.deepcopy(base), vblora.VBLoRAConfig(
-        target_modules=TARGETS, rank=4, num_vectors=90, vector_length=256, topk=2)).eval()
+    model = vblora.add_vblora(
+        copy.deepcopy(base),
+        vblora.VBLoRAConfig(target_modules=TARGETS, rank=4, num_vectors=90, vector_length=256, topk=2),
+    ).eval()
     bank = vblora.get_bank(model)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -83,19 +93,29 @@ def main() -> None:
         for precision, pack in OPTIONS:
             path = save_adapter(model, tmp / f"{precision}_{pack}", precision=precision, pack_indices=pack)
             size, tensors = file_parts(path)
-            row = {"precision": precision, "pack_indices": pack, "file_bytes": size, "tensor_bytes": tensors,
-                   "header_bytes": size - tensors, "ratio_to_peft_topk": size / peft_topk,
-                   **diff(load_adapter(copy.deepcopy(base), path))}
+            row = {
+                "precision": precision,
+                "pack_indices": pack,
+                "file_bytes": size,
+                "tensor_bytes": tensors,
+                "header_bytes": size - tensors,
+                "ratio_to_peft_topk": size / peft_topk,
+                **diff(load_adapter(copy.deepcopy(base), path)),
+            }
             rows.append(row)
             print(row)
     result = {
-        "benchmark": "storage_sizes", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "versions": {
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "benchmark": "storage_sizes",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "model": "RoBERTa-base shapes, 6 linear modules x 12 layers, h=90, b=256, r=4, k=2",
-        "stored_parameters": count["stored"], "stored_bytes_fp32": count["stored_bytes"],
-        "adapter_effect_max_abs": effect, "input": "2 x 64 random token ids, seed 0",
-        "peft": {**peft_files, "max_abs_diff_peft_vs_ours": peft_diff["max_abs_diff"]}, "ours": rows,
+        "stored_parameters": count["stored"],
+        "stored_bytes_fp32": count["stored_bytes"],
+        "adapter_effect_max_abs": effect,
+        "input": "2 x 64 random token ids, seed 0",
+        "peft": {**peft_files, "max_abs_diff_peft_vs_ours": peft_diff["max_abs_diff"]},
+        "ours": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -18,17 +18,30 @@ FAMILIES = ("roberta", "gpt2", "llama")
 def tiny_base(family: str, head: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "roberta":
-        cfg = transformers.RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=128, vocab_size=100, max_position_embeddings=40)
+        cfg = transformers.RobertaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            vocab_size=100,
+            max_position_embeddings=40,
+        )
         cls = transformers.RobertaForSequenceClassification if head else transformers.RobertaModel
     elif family == "gpt2":
-        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0)
+        cfg = transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
         cls = transformers.GPT2LMHeadModel if head else transformers.GPT2Model
     else:
-        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                                       max_position_embeddings=64)
+        cfg = transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            max_position_embeddings=64,
+        )
         cls = transformers.LlamaForCausalLM if head else transformers.LlamaModel
     return cls(cfg).eval()
 

@@ -8,8 +8,15 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vblora"
 
-CORE = {"vblora.config", "vblora.errors", "vblora.layout", "vblora.bank", "vblora.layers", "vblora.inject",
-        "vblora.version"}
+CORE = {
+    "vblora.config",
+    "vblora.errors",
+    "vblora.layout",
+    "vblora.bank",
+    "vblora.layers",
+    "vblora.inject",
+    "vblora.version",
+}
 # part -> the parts it may import (docs/ARCHITECTURE.md); "api" is the package root `vblora` (the public facade)
 ALLOWED = {
     "core": {"core"},
@@ -82,21 +89,31 @@ def test_no_private_names_across_modules():
         aliases = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vblora"):
-                bad += [f"{mod}:{node.lineno}: {node.module}.{a.name}" for a in node.names
-                        if a.name.startswith("_") and not a.name.startswith("__")]
+                bad += [
+                    f"{mod}:{node.lineno}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
             if isinstance(node, ast.Import):
                 aliases.update({(a.asname or a.name): a.name for a in node.names if a.name.startswith("vblora")})
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                    and isinstance(node.value, ast.Name) and node.value.id in aliases):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+            ):
                 bad.append(f"{mod}:{node.lineno}: {aliases[node.value.id]}.{node.attr}")
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
 
 
 def test_no_import_cycles():
     known = modules()
-    graph = {m: {t for target, names, _ in imports(p) for t in resolve(target, names, known) if t in known and t != m}
-             for m, p in known.items()}
+    graph = {
+        m: {t for target, names, _ in imports(p) for t in resolve(target, names, known) if t in known and t != m}
+        for m, p in known.items()
+    }
     state: dict[str, int] = {}
     cycles = []
 
@@ -104,9 +121,9 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
             elif nxt not in state:
-                visit(nxt, stack + [nxt])
+                visit(nxt, [*stack, nxt])
         state[node] = 2
 
     for m in sorted(graph):

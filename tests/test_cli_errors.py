@@ -25,8 +25,12 @@ def bad_files(tmp_path):
     (tmp_path / "empty.safetensors").write_bytes(b"")
     (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:200])
     (tmp_path / "nothing").mkdir()
-    return {"missing": tmp_path / "missing.safetensors", "empty": tmp_path / "empty.safetensors",
-            "truncated": tmp_path / "cut.safetensors", "empty-dir": tmp_path / "nothing"}
+    return {
+        "missing": tmp_path / "missing.safetensors",
+        "empty": tmp_path / "empty.safetensors",
+        "truncated": tmp_path / "cut.safetensors",
+        "empty-dir": tmp_path / "nothing",
+    }
 
 
 COMMANDS = {
@@ -61,8 +65,11 @@ def test_closed_pipe_ends_quietly(tmp_path):
 
     vblora.save_adapter(model, tmp_path)
     # the reader closes its end before the command writes anything (importing torch takes a while)
-    proc = subprocess.Popen([sys.executable, "-m", "vblora", "inspect", str(tmp_path), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vblora", "inspect", str(tmp_path), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0
@@ -70,14 +77,21 @@ def test_closed_pipe_ends_quietly(tmp_path):
 
 
 SETTINGS_ERRORS = [  # every command, a bad setting of each kind: each fails before any training or download
-    ["train", "--rank", "0"], ["train", "--method", "bogus"], ["train", "--recipe", "nope"],
-    ["train", "--lr-bank", "abc"], ["train", "--topk", "500"], ["train", "--model", "/nonexistent"],
+    ["train", "--rank", "0"],
+    ["train", "--method", "bogus"],
+    ["train", "--recipe", "nope"],
+    ["train", "--lr-bank", "abc"],
+    ["train", "--topk", "500"],
+    ["train", "--model", "/nonexistent"],
     ["train", "--train-file", "/nonexistent.csv", "--validation-file", "/nonexistent.csv"],
-    ["compare", "--methods", "bogus"], ["compare", "--set", "rank=x"],
-    ["ablate", "selection", "--set", "foo=1"], ["ablate", "vector-length", "--recipe", "nope"],
+    ["compare", "--methods", "bogus"],
+    ["compare", "--set", "rank=x"],
+    ["ablate", "selection", "--set", "foo=1"],
+    ["ablate", "vector-length", "--recipe", "nope"],
     ["ablate", "shared-bank", "--bank", "/nonexistent"],
     ["e2e", "--model", "/nonexistent", "--train-file", "/nonexistent.csv", "--test-file", "/nonexistent.csv"],
-    ["plot", "/nonexistent"], ["predict", "/nonexistent"],
+    ["plot", "/nonexistent"],
+    ["predict", "/nonexistent"],
 ]
 
 
@@ -97,6 +111,7 @@ def test_missing_extra_is_one_line(monkeypatch, capsys):
 
     def missing(*a, **k):
         from vblora.layout import QLORA_EXTRA
+
         raise ImportError(f"quantized base layers need bitsandbytes: {QLORA_EXTRA}")
 
     monkeypatch.setattr(models, "quantization", missing)

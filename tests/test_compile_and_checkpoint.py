@@ -39,8 +39,9 @@ class Net(nn.Module):
 
 def adapted_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=8, vector_length=32, init_logits_std=0.5,
-                              init_bank_bound=0.5)
+    cfg = vblora.VBLoRAConfig(
+        target_modules="all-linear", num_vectors=8, vector_length=32, init_logits_std=0.5, init_bank_bound=0.5
+    )
     return vblora.add_vblora(Net(), cfg)
 
 
@@ -77,7 +78,7 @@ def test_compiled_matches_eager():
     yc = compiled(x)
     yc.square().mean().backward()
     torch.testing.assert_close(yc, y)
-    for a, b in zip(grads(model), ref):
+    for a, b in zip(grads(model), ref, strict=True):
         torch.testing.assert_close(a, b)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with torch._dynamo.config.patch(error_on_recompile=True):  # later steps reuse the compiled graphs
@@ -93,10 +94,13 @@ def test_compiled_matches_eager():
 def _llama_grads(checkpointing: str | None) -> tuple[torch.Tensor, ...]:
     torch.manual_seed(0)
     base = tiny_llama()
-    model = vblora.add_vblora(base, vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=8, vector_length=32,
-                                                        init_logits_std=0.5))
+    model = vblora.add_vblora(
+        base, vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=8, vector_length=32, init_logits_std=0.5)
+    )
     if checkpointing is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+        )
         model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
     model.train()
     ids = tokens(2, 8)
@@ -109,7 +113,7 @@ def _llama_grads(checkpointing: str | None) -> tuple[torch.Tensor, ...]:
 def test_gradient_checkpointing_same_grads(mode):
     ref = _llama_grads(None)
     got = _llama_grads(mode)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert ref[2].abs().sum() > 0
 

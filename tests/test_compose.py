@@ -53,8 +53,8 @@ def test_algorithm1_matrix_layout_matches_layers():
         sub = compose(logits, vb, 2)  # (N, b), float64
     s = layer.slot
     # Algorithm 1: logits_A of shape (d/b, r, h); ours are stored (r, d/b, h) like HF PEFT.
-    logits_A = logits[s.a_start:s.a_start + s.a_count].view(r, d // b, h).transpose(0, 1)
-    logits_B = logits[s.b_start:s.b_start + s.b_count].view(d // b, r, h)
+    logits_A = logits[s.a_start : s.a_start + s.a_count].view(r, d // b, h).transpose(0, 1)
+    logits_B = logits[s.b_start : s.b_start + s.b_count].view(d // b, r, h)
     A = algorithm1_get_low_rank_matrix(logits_A, vb, 2).transpose(0, 1).reshape(r, -1)
     B = algorithm1_get_low_rank_matrix(logits_B, vb, 2).transpose(1, 2).reshape(-1, r)
     A_ours, B_ours = bank.layout.factors(sub, layer.entry)
@@ -102,7 +102,9 @@ def test_compose_selected_gradients_and_what_it_keeps():
     plain = (weights.unsqueeze(-1) * F.embedding(indices, bank)).sum(dim=1)
     ours = compose_selected(indices, weights, bank)
     grad = torch.randn(n, b, dtype=torch.float64, generator=g)
-    for a, c in zip(torch.autograd.grad(plain, (weights, bank), grad), torch.autograd.grad(ours, (weights, bank), grad)):
+    for a, c in zip(
+        torch.autograd.grad(plain, (weights, bank), grad), torch.autograd.grad(ours, (weights, bank), grad), strict=True
+    ):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
 
     def kept_elements(fn) -> int:

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import vblora
-from vblora.errors import ConfigError, NonFiniteError, TargetError
 from tiny_models import tiny_roberta
+from vblora.errors import ConfigError, NonFiniteError, TargetError
 
 
 def test_no_module_matched_lists_near_misses():
@@ -16,8 +16,9 @@ def test_no_module_matched_lists_near_misses():
 
 def test_unsupported_layer_type_names_module():
     with pytest.raises(TargetError, match=r"'embeddings\.LayerNorm'.*LayerNorm cannot be adapted"):
-        vblora.add_vblora(tiny_roberta(), vblora.VBLoRAConfig(target_modules=["embeddings.LayerNorm"],
-                                                              vector_length=32))
+        vblora.add_vblora(
+            tiny_roberta(), vblora.VBLoRAConfig(target_modules=["embeddings.LayerNorm"], vector_length=32)
+        )
 
 
 def test_topk_larger_than_bank():

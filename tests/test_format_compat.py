@@ -57,7 +57,10 @@ def test_inspect_shows_the_names_and_shapes_digest_of_old_and_new_files(tmp_path
 def test_shapes_digest_hashes_module_names_and_shapes_not_weights():
     snap = read_adapter(OLD_FILE)[0]
     rows = [[m.name, list(m.weight_shape)] for m in snap.modules]
-    assert snap.fingerprint()["shapes_sha256"] == hashlib.sha256(
-        json.dumps(rows, separators=(",", ":")).encode()).hexdigest() == OLD_DIGEST
+    assert (
+        snap.fingerprint()["shapes_sha256"]
+        == hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+        == OLD_DIGEST
+    )
     snap.bank.mul_(2)  # other weights, same names and shapes: same digest
     assert snap.fingerprint()["shapes_sha256"] == OLD_DIGEST

@@ -3,6 +3,7 @@ either load correctly (same outputs) or raise AdapterFormatError; nothing else, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -21,10 +22,23 @@ try:  # tests/ may or may not be a package
 except ImportError:
     from tests._storage_models import adapted, output
 
-SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
-          torch.int32, torch.int64]
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +69,10 @@ def header_paths(obj, prefix=()):
     yield prefix
     if isinstance(obj, dict):
         for k, v in obj.items():
-            yield from header_paths(v, prefix + (k,))
+            yield from header_paths(v, (*prefix, k))
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            yield from header_paths(v, prefix + (i,))
+            yield from header_paths(v, (*prefix, i))
 
 
 def set_path(obj, path, value):
@@ -72,8 +86,15 @@ def set_path(obj, path, value):
     return obj
 
 
-values = st.one_of(st.none(), st.booleans(), st.integers(-3, 70000), st.floats(allow_nan=True),
-                   st.text(max_size=6), st.lists(st.integers(-1, 40), max_size=4), st.just({}))
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 70000),
+    st.floats(allow_nan=True),
+    st.text(max_size=6),
+    st.lists(st.integers(-1, 40), max_size=4),
+    st.just({}),
+)
 variant = st.sampled_from(["fp32", "int8"])
 
 
@@ -83,7 +104,7 @@ def test_flipped_bytes_and_truncation(saved, tmp_path, name, data):
     files, base = saved
     raw, ref = bytearray(files[name][0]), files[name][3]
     if data.draw(st.booleans(), label="truncate"):
-        raw = raw[:data.draw(st.integers(0, len(raw) - 1), label="length")]
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="length")]
     else:
         for _ in range(data.draw(st.integers(1, 3), label="flips")):
             pos = data.draw(st.integers(0, len(raw) - 1), label="pos")
@@ -103,7 +124,7 @@ def test_edited_json_header(saved, tmp_path, name, data):
     else:  # raw text edit: may break the JSON itself
         text = meta["vblora"]
         pos = data.draw(st.integers(0, len(text) - 1), label="pos")
-        text = text[:pos] + data.draw(st.text(min_size=0, max_size=3), label="insert") + text[pos + 1:]
+        text = text[:pos] + data.draw(st.text(min_size=0, max_size=3), label="insert") + text[pos + 1 :]
     check(save(tensors, metadata={"format": "pt", "vblora": text}), base, ref, tmp_path)
 
 
@@ -122,13 +143,11 @@ def test_wrong_tensors(saved, tmp_path, name, data):
     elif action == "extra":
         tensors["unexpected"] = torch.zeros(3)
     elif action == "reshape":
-        tensors[key] = tensors[key].reshape(-1)[:max(0, tensors[key].numel() - 1)]
+        tensors[key] = tensors[key].reshape(-1)[: max(0, tensors[key].numel() - 1)]
     else:  # same dtype and shape, other values (hash mismatch, or range/NaN checks first)
         fill = data.draw(st.sampled_from([0, 1, 255, float("nan"), -1.0]), label="fill")
         t = tensors[key].clone()
-        try:
-            t.view(-1)[0] = fill
-        except RuntimeError:
-            pass
+        with contextlib.suppress(RuntimeError):
+            t.view(-1)[0] = fill  # an integer tensor refuses NaN: keep its values
         tensors[key] = t
     check(save(tensors, metadata=meta), base, ref, tmp_path)

@@ -9,10 +9,9 @@ import torch
 
 import vblora
 from vblora.errors import AdapterFormatError
+from vblora.storage import export_lora, load_adapter, merge_and_save, save_adapter
 from vblora.storage.peft_vblora import export_peft, import_peft
-from vblora.storage import export_lora, merge_and_save
 from vblora.storage.snapshot import take_snapshot
-from vblora.storage import load_adapter, save_adapter
 
 try:  # tests/ may or may not be a package
     from _storage_models import FAMILIES, adapted, inputs, output, tiny_base
@@ -40,9 +39,16 @@ def test_export_to_peft_and_back(tmp_path, family, topk_only):
 @pytest.mark.parametrize("topk_only", [False, True])
 def test_import_adapter_trained_in_peft(tmp_path, family, topk_only):
     base = tiny_base(family)
-    cfg = peft.VBLoRAConfig(target_modules=["query", "value", "dense"] if family == "roberta" else ["c_attn", "c_fc"],
-                            r=2, num_vectors=24, vector_length=32, topk=2, init_logits_std=1.0,
-                            fan_in_fan_out=family == "gpt2", save_only_topk_weights=topk_only)
+    cfg = peft.VBLoRAConfig(
+        target_modules=["query", "value", "dense"] if family == "roberta" else ["c_attn", "c_fc"],
+        r=2,
+        num_vectors=24,
+        vector_length=32,
+        topk=2,
+        init_logits_std=1.0,
+        fan_in_fan_out=family == "gpt2",
+        save_only_topk_weights=topk_only,
+    )
     theirs = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
     with torch.no_grad():
         theirs.base_model.vblora_vector_bank["default"].normal_(0, 0.1)
@@ -88,8 +94,10 @@ def test_import_onto_wrong_base_names_the_module(tmp_path):
         import_peft(tiny_base("llama"), out)
 
 
-@pytest.mark.parametrize("family,targets", [("roberta", "all-linear"), ("gpt2", "all-linear"), ("llama", "all-linear"),
-                                            ("gpt2", ["wte", "c_attn"])])
+@pytest.mark.parametrize(
+    "family,targets",
+    [("roberta", "all-linear"), ("gpt2", "all-linear"), ("llama", "all-linear"), ("gpt2", ["wte", "c_attn"])],
+)
 def test_export_lora_loads_in_peft_with_same_outputs(tmp_path, family, targets):
     model, base = adapted(family, target_modules=targets)
     ref = output(model)
@@ -118,7 +126,7 @@ def test_merge_and_save_loads_as_plain_model(tmp_path, family):
     plain = type(base).from_pretrained(tmp_path).eval()
     assert (output(plain) - ref).abs().max() <= TOL
     assert torch.equal(output(model), ref)  # the adapted model itself is unchanged
-    assert not any(l.merged for l in vblora.adapted_layers(model).values())
+    assert not any(layer.merged for layer in vblora.adapted_layers(model).values())
 
 
 def test_export_from_file_equals_export_from_model(tmp_path):
@@ -143,8 +151,9 @@ def test_modules_to_save_travel_through_peft(tmp_path, topk_only):
 def test_reinflated_peft_logits_import_as_inference_form(tmp_path):
     model, base = adapted("gpt2")
     ref = output(model)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), export_peft(model, tmp_path / "a",
-                                                                             save_only_topk_weights=True))
+    theirs = peft.PeftModel.from_pretrained(
+        copy.deepcopy(base), export_peft(model, tmp_path / "a", save_only_topk_weights=True)
+    )
     theirs.peft_config["default"].save_only_topk_weights = False
     theirs.save_pretrained(tmp_path / "b")  # dense logits, -inf outside the top-k
     ours = import_peft(copy.deepcopy(base), tmp_path / "b")

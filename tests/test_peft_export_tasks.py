@@ -25,30 +25,60 @@ TOL = 1e-5
 
 
 def roberta_config(num_labels: int = 3):
-    return transformers.RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=128, vocab_size=100, max_position_embeddings=40,
-                                      num_labels=num_labels)
+    return transformers.RobertaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+        max_position_embeddings=40,
+        num_labels=num_labels,
+    )
 
 
 def bart_config():
-    return transformers.BartConfig(d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_layers=2,
-                                   decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                                   vocab_size=100, max_position_embeddings=40, dropout=0.0, attention_dropout=0.0)
+    return transformers.BartConfig(
+        d_model=64,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        vocab_size=100,
+        max_position_embeddings=40,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
 
 
 def llama_config():
-    return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    return transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
 
 
 # task type -> (transformers class, its config, PEFT's auto class, the head PEFT wraps or None)
 TASKS = {
-    "SEQ_CLS": ("RobertaForSequenceClassification", roberta_config, "AutoPeftModelForSequenceClassification",
-                "classifier"),
-    "TOKEN_CLS": ("RobertaForTokenClassification", roberta_config, "AutoPeftModelForTokenClassification",
-                  "classifier"),
-    "QUESTION_ANS": ("RobertaForQuestionAnswering", lambda: roberta_config(2), "AutoPeftModelForQuestionAnswering",
-                     "qa_outputs"),
+    "SEQ_CLS": (
+        "RobertaForSequenceClassification",
+        roberta_config,
+        "AutoPeftModelForSequenceClassification",
+        "classifier",
+    ),
+    "TOKEN_CLS": ("RobertaForTokenClassification", roberta_config, "AutoPeftModelForTokenClassification", "classifier"),
+    "QUESTION_ANS": (
+        "RobertaForQuestionAnswering",
+        lambda: roberta_config(2),
+        "AutoPeftModelForQuestionAnswering",
+        "qa_outputs",
+    ),
     "CAUSAL_LM": ("LlamaForCausalLM", llama_config, "AutoPeftModelForCausalLM", None),
     "SEQ_2_SEQ_LM": ("BartForConditionalGeneration", bart_config, "AutoPeftModelForSeq2SeqLM", None),
     "FEATURE_EXTRACTION": ("RobertaModel", roberta_config, "AutoPeftModelForFeatureExtraction", None),
@@ -68,8 +98,14 @@ def saved_base(task: str, directory):
 
 def adapt(base, head: str | None):
     """`base` adapted on all linears of its blocks, bank and logits (and the trained head, if any) made random."""
-    cfg = vblora.VBLoRAConfig(target_modules="all-linear", rank=2, num_vectors=20, vector_length=32, topk=2,
-                              modules_to_save=(head,) if head else ())
+    cfg = vblora.VBLoRAConfig(
+        target_modules="all-linear",
+        rank=2,
+        num_vectors=20,
+        vector_length=32,
+        topk=2,
+        modules_to_save=(head,) if head else (),
+    )
     model = vblora.add_vblora(base, cfg)
     bank, g = vblora.get_bank(model), torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -87,8 +123,9 @@ def outputs(model) -> torch.Tensor:
     kwargs = {"decoder_input_ids": ids[:, :5]} if model.config.is_encoder_decoder else {}
     with torch.no_grad():
         out = model(input_ids=ids, **kwargs)
-    keys = [k for k in ("logits", "start_logits", "end_logits", "last_hidden_state") if getattr(out, k, None)
-            is not None]
+    keys = [
+        k for k in ("logits", "start_logits", "end_logits", "last_hidden_state") if getattr(out, k, None) is not None
+    ]
     return torch.cat([getattr(out, k).reshape(-1) for k in keys])
 
 

@@ -32,8 +32,12 @@ except ImportError:
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # bitsandbytes' per-call fp16 cast notice (8-bit)
 
 QUANT = {  # BitsAndBytesConfig kwargs; the nf4 model is loaded as QLoRA does, the rest (and activations) in bf16
-    "nf4-dq-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                        bnb_4bit_compute_dtype=torch.bfloat16),
+    "nf4-dq-bf16": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    ),
     "fp4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
     "int8": dict(load_in_8bit=True),
 }
@@ -53,8 +57,15 @@ def load(base_dir, kind: str | None):
     """The tiny Llama from disk: quantized as `kind`, or full precision (None)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = dict(quantization_config=transformers.BitsAndBytesConfig(**QUANT[kind]), device_map="cpu",
-                 dtype=torch.bfloat16 if kind.startswith("nf4") else torch.float32) if kind else {}
+        q = (
+            dict(
+                quantization_config=transformers.BitsAndBytesConfig(**QUANT[kind]),
+                device_map="cpu",
+                dtype=torch.bfloat16 if kind.startswith("nf4") else torch.float32,
+            )
+            if kind
+            else {}
+        )
         return transformers.AutoModelForCausalLM.from_pretrained(base_dir, **q).eval()
 
 
@@ -141,10 +152,13 @@ def test_output_equals_dense_reference_and_merged_export(tmp_path, base_dir, kin
     assert (out - logits(vblora.unload(copy.deepcopy(ref), merge=False))).abs().max() > 10 * tol  # a real update
     assert (out - want).abs().max() <= tol
 
-    # per layer, on the inputs it saw: layer(x) - dense(x) is exactly the quantized matmul's own error base(x) - dense(x)
+    # per layer, on the inputs it saw: layer(x) - dense(x) is exactly the quantized matmul's own error
+    # base(x) - dense(x)
     seen = {}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0]))
-             for n, m in vblora.adapted_layers(model).items()]
+    hooks = [
+        m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0]))
+        for n, m in vblora.adapted_layers(model).items()
+    ]
     logits(model)
     for h in hooks:
         h.remove()
@@ -172,7 +186,8 @@ def test_output_equals_dense_reference_and_merged_export(tmp_path, base_dir, kin
 def test_merged_export_in_bf16(tmp_path, base_dir):
     model = adapted(base_dir, "nf4-dq-bf16")
     plain = transformers.AutoModelForCausalLM.from_pretrained(
-        vblora.merge_and_save(model, tmp_path / "m", dtype=torch.bfloat16), dtype="auto")
+        vblora.merge_and_save(model, tmp_path / "m", dtype=torch.bfloat16), dtype="auto"
+    )
     assert {p.dtype for p in plain.parameters()} == {torch.bfloat16}
     assert (logits(plain) - logits(model)).abs().max() <= 0.1  # bf16 weights and activations
 
@@ -182,8 +197,11 @@ def test_merge_refused_disable_works(base_dir, kind):
     model = adapted(base_dir, kind)
     out, plain = logits(model), logits(load(base_dir, kind))
     before = frozen_bytes(model)
-    for call in (lambda: vblora.merge(model), lambda: vblora.unload(model),
-                 lambda: next(iter(vblora.adapted_layers(model).values())).merge()):
+    for call in (
+        lambda: vblora.merge(model),
+        lambda: vblora.unload(model),
+        lambda: next(iter(vblora.adapted_layers(model).values())).merge(),
+    ):
         with pytest.raises(QuantizedBaseError, match=r"quantized base layer.*merge_and_save\(model, out_dir, dtype="):
             call()
     assert not any(layer.merged for layer in vblora.adapted_layers(model).values())

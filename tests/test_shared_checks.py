@@ -21,8 +21,10 @@ CASES = {
     "llama-all-linear": (tiny_llama, dict(target_modules="all-linear")),
     "llama-regex-layer1": (tiny_llama, dict(target_modules=r".*\.(q_proj|v_proj)", layers=[1])),
     "embedding+non-dividing": (_mlp, dict(target_modules=["0", "1", "3"])),
-    "roberta-head-trained": (lambda: tiny_roberta(classifier=True),
-                             dict(target_modules=["query", "value"], modules_to_save=["classifier"])),
+    "roberta-head-trained": (
+        lambda: tiny_roberta(classifier=True),
+        dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
+    ),
 }
 
 
@@ -67,7 +69,7 @@ def test_merged_equals_unmerged_and_merge_is_idempotent(case):
 
 
 def test_unmerge_restores_base_weights(case):
-    base, model, _ = case
+    _, model, _ = case
     before = {n: p.clone() for n, p in model.named_parameters()}
     vblora.merge(model)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -101,14 +103,19 @@ def test_unload_returns_merged_base(case):
 # merge / unmerge / disable / save use the stored rule (top-eval_topk softmax, full softmax for select-all) whatever
 # the mode: a random training rule (noisy top-k, Gumbel) must not make merge and unmerge draw different updates.
 RULES = {
-    "topk": {}, "topk-eval1": dict(eval_topk=1), "all": dict(selection="all"), "noisy_topk": dict(selection="noisy_topk"),
-    "gumbel": dict(selection="gumbel", eval_topk=2), "st_gumbel": dict(selection="st_gumbel", eval_topk=1),
+    "topk": {},
+    "topk-eval1": dict(eval_topk=1),
+    "all": dict(selection="all"),
+    "noisy_topk": dict(selection="noisy_topk"),
+    "gumbel": dict(selection="gumbel", eval_topk=2),
+    "st_gumbel": dict(selection="st_gumbel", eval_topk=1),
 }
 RULE_CASES = ["llama-all-linear", "gpt2-conv1d", "embedding+non-dividing", "roberta-head-trained"]
 
 
-@pytest.fixture(params=[(c, r, m) for c in RULE_CASES for r in RULES for m in ("train", "eval")],
-                ids=lambda p: "-".join(p))
+@pytest.fixture(
+    params=[(c, r, m) for c in RULE_CASES for r in RULES for m in ("train", "eval")], ids=lambda p: "-".join(p)
+)
 def rule_case(request):
     name, rule, mode = request.param
     build, kwargs = CASES[name]

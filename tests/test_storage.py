@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import vblora
 from vblora.errors import AdapterFormatError
-from vblora.storage.encoding import index_bits, pack_bits, unpack_bits
 from vblora.storage import load_adapter, read_adapter, save_adapter, save_bank
+from vblora.storage.encoding import index_bits, pack_bits, unpack_bits
 
 try:  # tests/ may or may not be a package
     from _storage_models import FAMILIES, adapted, output
@@ -61,9 +61,13 @@ def test_roberta_base_fp32_bytes_equal_paper_count_and_header_small(tmp_path):
     with torch.device("meta"):
         base = transformers.RobertaModel(transformers.RobertaConfig())
     base.to_empty(device="cpu")
-    cfg = vblora.VBLoRAConfig(target_modules=["query", "key", "value", "attention.output.dense",
-                                              "intermediate.dense", "output.dense"],
-                              rank=4, num_vectors=90, vector_length=256, topk=2)
+    cfg = vblora.VBLoRAConfig(
+        target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+        rank=4,
+        num_vectors=90,
+        vector_length=256,
+        topk=2,
+    )
     model = vblora.add_vblora(base, cfg)
     with torch.no_grad():
         vblora.get_bank(model).bank.uniform_(-0.02, 0.02)
@@ -76,15 +80,19 @@ def test_roberta_base_fp32_bytes_equal_paper_count_and_header_small(tmp_path):
     # against PEFT's save_only_topk_weights layout of the same adapter (bench/storage_sizes.py uses PEFT's own file)
     from vblora.storage.peft_vblora import export_peft
 
-    peft_topk = os.path.getsize(export_peft(model, tmp_path / "peft", save_only_topk_weights=True)
-                                / "adapter_model.safetensors")
+    peft_topk = os.path.getsize(
+        export_peft(model, tmp_path / "peft", save_only_topk_weights=True) / "adapter_model.safetensors"
+    )
     assert os.path.getsize(save_adapter(model, tmp_path / "fp16", precision="fp16")) <= 0.6 * peft_topk
-    assert os.path.getsize(save_adapter(model, tmp_path / "int8", precision="int8", pack_indices=True)) \
-        <= 0.35 * peft_topk
+    assert (
+        os.path.getsize(save_adapter(model, tmp_path / "int8", precision="int8", pack_indices=True)) <= 0.35 * peft_topk
+    )
 
 
-@pytest.mark.parametrize("precision,pack,tol", [("fp16", False, 2e-3), ("bf16", False, 2e-2), ("int8", False, 3e-2),
-                                                ("int8", True, 3e-2), ("fp32", True, 1e-6)])
+@pytest.mark.parametrize(
+    "precision,pack,tol",
+    [("fp16", False, 2e-3), ("bf16", False, 2e-2), ("int8", False, 3e-2), ("int8", True, 3e-2), ("fp32", True, 1e-6)],
+)
 def test_precision_options_shrink_file_with_small_output_change(tmp_path, precision, pack, tol):
     model, base = adapted("llama")
     ref = output(model)
@@ -97,7 +105,7 @@ def test_precision_options_shrink_file_with_small_output_change(tmp_path, precis
 
 
 def test_int8_weights_stay_a_probability_vector(tmp_path):
-    model, base = adapted("gpt2", topk=4)
+    model, _ = adapted("gpt2", topk=4)
     snap, _ = read_adapter(save_adapter(model, tmp_path, precision="int8"))
     assert (snap.weights >= 0).all() and torch.allclose(snap.weights.sum(1), torch.ones(len(snap.weights)))
 
@@ -114,11 +122,21 @@ def test_pack_bits_round_trip(h):
 def test_wrong_base_model_says_what_differs(tmp_path):
     model, _ = adapted("roberta")
     path = save_adapter(model, tmp_path)
-    other = transformers.RobertaModel(transformers.RobertaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, vocab_size=100,
-        max_position_embeddings=40))
-    with pytest.raises(AdapterFormatError, match=r"intermediate\.dense: adapter has linear 64->128, base model has "
-                                                 r"linear 64->256"):
+    other = transformers.RobertaModel(
+        transformers.RobertaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            vocab_size=100,
+            max_position_embeddings=40,
+        )
+    )
+    with pytest.raises(
+        AdapterFormatError,
+        match=r"intermediate\.dense: adapter has linear 64->128, base model has "
+        r"linear 64->256",
+    ):
         load_adapter(other, path)
     _, gpt_base = adapted("gpt2")
     with pytest.raises(AdapterFormatError, match="architecture: adapter was saved from RobertaModel"):
@@ -206,18 +224,21 @@ def _rewrite(path, tensors=None, header=None):
     save_file(tensors if tensors is not None else old, str(path), metadata={"format": "pt", "vblora": json.dumps(h)})
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda t, h: (dict(t, indices=torch.full_like(t["indices"], 25)), None), r"index 25 >= num_vectors 20"),
-    (lambda t, h: (dict(t, weights=torch.full_like(t["weights"], float("nan"))), None), "NaN"),
-    (lambda t, h: (dict(t, weights=t["weights"][:-1]), None), r"tensor 'weights' is torch.float32 \("),
-    (lambda t, h: (dict(t, weights=t["weights"].double()), None), "torch.float64"),
-    (lambda t, h: ({k: v for k, v in t.items() if k != "bank"}, None), r"missing \['bank'\]"),
-    (lambda t, h: (dict(t, bank=t["bank"] + 1), None), "sha256"),
-    (lambda t, h: (t, {"format_version": 99}), "unknown format version 99"),
-    (lambda t, h: (t, {"config": dict(h["config"], dropout=0.5)}), "header fields were edited"),
-    (lambda t, h: (t, {"config": dict(h["config"], rank="four")}), "malformed header"),
-    (lambda t, h: (t, {"modules": h["modules"][1:]}), "offsets"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda t, h: (dict(t, indices=torch.full_like(t["indices"], 25)), None), r"index 25 >= num_vectors 20"),
+        (lambda t, h: (dict(t, weights=torch.full_like(t["weights"], float("nan"))), None), "NaN"),
+        (lambda t, h: (dict(t, weights=t["weights"][:-1]), None), r"tensor 'weights' is torch.float32 \("),
+        (lambda t, h: (dict(t, weights=t["weights"].double()), None), "torch.float64"),
+        (lambda t, h: ({k: v for k, v in t.items() if k != "bank"}, None), r"missing \['bank'\]"),
+        (lambda t, h: (dict(t, bank=t["bank"] + 1), None), "sha256"),
+        (lambda t, h: (t, {"format_version": 99}), "unknown format version 99"),
+        (lambda t, h: (t, {"config": dict(h["config"], dropout=0.5)}), "header fields were edited"),
+        (lambda t, h: (t, {"config": dict(h["config"], rank="four")}), "malformed header"),
+        (lambda t, h: (t, {"modules": h["modules"][1:]}), "offsets"),
+    ],
+)
 def test_hand_edited_files_raise_format_error(tmp_path, edit, message):
     model, base = adapted("roberta")
     path = save_adapter(model, tmp_path)
@@ -236,13 +257,13 @@ def test_truncated_and_flipped_files(tmp_path):
     model, base = adapted("gpt2")
     path = save_adapter(model, tmp_path)
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
-    with pytest.raises(AdapterFormatError, match="truncated|corrupt"):
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterFormatError, match=r"truncated|corrupt"):
         load_adapter(copy.deepcopy(base), path)
     flipped = bytearray(data)
     flipped[-10] ^= 0x40
     path.write_bytes(bytes(flipped))
-    with pytest.raises(AdapterFormatError, match="sha256|NaN|probability|index"):
+    with pytest.raises(AdapterFormatError, match=r"sha256|NaN|probability|index"):
         load_adapter(copy.deepcopy(base), path)
     path.write_bytes(b"\x00" * 4)
     with pytest.raises(AdapterFormatError, match="truncated"):
@@ -287,8 +308,18 @@ def test_non_dividing_vector_length_and_embedding_round_trip(tmp_path):
 
 
 def test_public_api():
-    for name in ("save_adapter", "load_adapter", "export_peft", "import_peft", "export_lora", "merge_and_save",
-                 "AdapterFormatError", "save_bank", "save_checkpoint", "load_checkpoint"):
+    for name in (
+        "save_adapter",
+        "load_adapter",
+        "export_peft",
+        "import_peft",
+        "export_lora",
+        "merge_and_save",
+        "AdapterFormatError",
+        "save_bank",
+        "save_checkpoint",
+        "load_checkpoint",
+    ):
         assert name in vblora.__all__ and hasattr(vblora, name)
     assert vblora.AdapterFormatError is AdapterFormatError and issubclass(AdapterFormatError, ValueError)
 

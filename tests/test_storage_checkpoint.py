@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import vblora
-from vblora.storage.checkpoint import load_checkpoint, save_checkpoint
 from vblora.errors import AdapterFormatError
+from vblora.storage.checkpoint import load_checkpoint, save_checkpoint
 
 try:  # tests/ may or may not be a package
     from _storage_models import inputs, tiny_base, tiny_config

@@ -41,14 +41,29 @@ def test_export_and_import_peft_via_cli(tmp_path):
     base.save_pretrained(tmp_path / "base")
     save_adapter(model, tmp_path / "ours")
     assert main(["export", str(tmp_path / "ours"), "--to", "peft", "--topk-only", "-o", str(tmp_path / "peft")]) == 0
-    assert main(["import-peft", str(tmp_path / "peft"), "--base", str(tmp_path / "base"),
-                 "-o", str(tmp_path / "back")]) == 0
+    assert (
+        main(["import-peft", str(tmp_path / "peft"), "--base", str(tmp_path / "base"), "-o", str(tmp_path / "back")])
+        == 0
+    )
     assert (output(load_adapter(copy.deepcopy(base), tmp_path / "back")) - ref).abs().max() <= 1e-5
     assert main(["export", str(tmp_path / "ours"), "--to", "lora", "-o", str(tmp_path / "lora")]) == 0
     lora = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
     assert (output(lora) - ref).abs().max() <= 1e-5
-    assert main(["export", str(tmp_path / "ours"), "--to", "merged", "--base", str(tmp_path / "base"),
-                 "-o", str(tmp_path / "merged")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "ours"),
+                "--to",
+                "merged",
+                "--base",
+                str(tmp_path / "base"),
+                "-o",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     merged = type(base).from_pretrained(tmp_path / "merged").eval()
     assert (output(merged) - ref).abs().max() <= 1e-5
 

@@ -120,7 +120,7 @@ def test_another_checkpoint_of_the_same_shapes_is_refused(tmp_path):
     with torch.no_grad():
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    with pytest.raises(AdapterFormatError, match="weights differ.*verify_weights=False"):
+    with pytest.raises(AdapterFormatError, match=r"weights differ.*verify_weights=False"):
         vblora.load_adapter(copy.deepcopy(other), tmp_path)
     vblora.load_adapter(other, tmp_path, verify_weights=False)  # the explicit override
     same_bf16 = copy.deepcopy(base).to(torch.bfloat16)  # the same checkpoint in another dtype loads
@@ -153,7 +153,8 @@ def test_classifier_adapter_carries_its_label_names(tmp_path):
     fresh.config.id2label, fresh.config.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
     loaded = vblora.load_adapter(fresh, tmp_path)
     assert loaded.config.id2label == {0: "negative", 1: "positive"}
-    three = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
-        **{**base.config.to_dict(), "num_labels": 3, "id2label": None, "label2id": None}))
+    three = transformers.RobertaForSequenceClassification(
+        transformers.RobertaConfig(**{**base.config.to_dict(), "num_labels": 3, "id2label": None, "label2id": None})
+    )
     with pytest.raises(AdapterFormatError, match=r"2 labels \(negative, positive\).*num_labels=2"):
         vblora.load_adapter(three, tmp_path, verify_weights=False)

@@ -10,8 +10,12 @@ from tiny_models import tiny_roberta
 def test_few_steps_lower_loss_on_tiny_task():
     torch.manual_seed(0)
     model = tiny_roberta(classifier=True)
-    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=16,
-                                                         vector_length=32, modules_to_save=["classifier"]))
+    model = vblora.add_vblora(
+        model,
+        vblora.VBLoRAConfig(
+            target_modules="all-linear", num_vectors=16, vector_length=32, modules_to_save=["classifier"]
+        ),
+    )
     ids = torch.randint(0, 100, (16, 8))
     labels = (ids[:, 0] > 50).long()  # learnable from the first token
     opt = torch.optim.AdamW(vblora.parameter_groups(model, lr_bank=1e-2, lr_logits=1e-1, lr_other=1e-2))
@@ -28,8 +32,10 @@ def test_few_steps_lower_loss_on_tiny_task():
 
 def test_bank_gradient_only_through_selected_rows():
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
-    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules=["0", "1"], num_vectors=64,
-                                                         vector_length=16, topk=2, init_logits_std=1.0))
+    model = vblora.add_vblora(
+        model,
+        vblora.VBLoRAConfig(target_modules=["0", "1"], num_vectors=64, vector_length=16, topk=2, init_logits_std=1.0),
+    )
     bank = vblora.get_bank(model)
     model.train()
     model(torch.randn(4, 32)).pow(2).sum().backward()
@@ -47,8 +53,7 @@ def test_composed_once_per_forward():
     from vblora import bank as bank_module
 
     model = tiny_roberta()
-    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=16,
-                                                         vector_length=32))
+    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=16, vector_length=32))
     calls = []
     real = bank_module.compose_training
     bank_module.compose_training = lambda *a: calls.append(1) or real(*a)
@@ -79,8 +84,10 @@ def test_eval_cache_reused_and_invalidated_by_update():
 def test_composition_state_is_bounded_and_needs_no_manual_reset():
     """A submodule called directly in training keeps nothing; a config change is seen by the inference cache."""
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
-    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules=["0", "1"], num_vectors=8, vector_length=16,
-                                                         topk=2, init_logits_std=1.0))
+    model = vblora.add_vblora(
+        model,
+        vblora.VBLoRAConfig(target_modules=["0", "1"], num_vectors=8, vector_length=16, topk=2, init_logits_std=1.0),
+    )
     bank = vblora.get_bank(model)
     x = torch.randn(2, 32)
     model.train()

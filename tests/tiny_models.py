@@ -8,9 +8,17 @@ import torch
 def tiny_roberta(hidden: int = 64, intermediate: int = 128, layers: int = 2, classifier: bool = False):
     from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
 
-    cfg = RobertaConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=intermediate, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, num_labels=2)
+    cfg = RobertaConfig(
+        vocab_size=100,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=intermediate,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
     model = RobertaForSequenceClassification(cfg) if classifier else RobertaModel(cfg, add_pooling_layer=False)
     return model.eval()
 
@@ -18,16 +26,31 @@ def tiny_roberta(hidden: int = 64, intermediate: int = 128, layers: int = 2, cla
 def tiny_gpt2(hidden: int = 64, layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=100, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=100,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
 def tiny_llama(hidden: int = 64, intermediate: int = 128, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=100, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 

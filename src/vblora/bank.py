@@ -234,7 +234,7 @@ class VectorBank(nn.Module):
             # free a shared graph, so compose only this module's rows, afresh.
             s = self.layout.entries[i].slot
             rows = self.compose_rows(s.a_start, s.stop).to(dtype)
-            return rows[:s.a_count], rows[s.a_count:]
+            return rows[: s.a_count], rows[s.a_count :]
         if step is not None and grad and not step.consumed and step.versions == self._versions():
             # A non-reentrant checkpoint recomputing inside backward must replay the original forward's ops exactly:
             # the same composition (made in the pre-hook, before any checkpointed region), cast and split.
@@ -329,16 +329,20 @@ class VectorBank(nn.Module):
         """
         bad_rows = (~torch.isfinite(self.bank)).any(dim=1).nonzero()
         if len(bad_rows):
-            raise NonFiniteError(f"VB-LoRA bank row {int(bad_rows[0])} holds NaN/inf values; the bank is shared by "
-                                 f"every adapted module, so training diverged: lower the bank learning rate or "
-                                 f"reload a checkpoint")
+            raise NonFiniteError(
+                f"VB-LoRA bank row {int(bad_rows[0])} holds NaN/inf values; the bank is shared by "
+                f"every adapted module, so training diverged: lower the bank learning rate or "
+                f"reload a checkpoint"
+            )
         rows = self.weights if self.frozen else self.logits
         bad_rows = (~torch.isfinite(rows)).any(dim=1).nonzero()
         if len(bad_rows):
             row = int(bad_rows[0])
             what = "mixing weights" if self.frozen else "logits"
-            raise NonFiniteError(f"VB-LoRA {what} of sub-vector {row} of module {self.layout.owner_of(row)} hold "
-                                 f"NaN/inf values; lower the logits learning rate or reload a checkpoint")
+            raise NonFiniteError(
+                f"VB-LoRA {what} of sub-vector {row} of module {self.layout.owner_of(row)} hold "
+                f"NaN/inf values; lower the logits learning rate or reload a checkpoint"
+            )
 
     def extra_repr(self) -> str:
         h, b = self.bank.shape

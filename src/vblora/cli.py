@@ -17,9 +17,19 @@ from vblora import commands
 from vblora.errors import VBLoRAError
 from vblora.train import flags
 
-EXTRAS = {"transformers": "hf", "accelerate": "hf", "yaml": "hf", "peft": "peft", "bitsandbytes": "qlora",
-          "sklearn": "train", "scipy": "train", "matplotlib": "plot", "pycocoevalcap": "e2e",
-          "fastapi": "serve", "uvicorn": "serve"}
+EXTRAS = {
+    "transformers": "hf",
+    "accelerate": "hf",
+    "yaml": "hf",
+    "peft": "peft",
+    "bitsandbytes": "qlora",
+    "sklearn": "train",
+    "scipy": "train",
+    "matplotlib": "plot",
+    "pycocoevalcap": "e2e",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,7 +46,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(
         prog="vblora",
         description="VB-LoRA: fine-tune models with a global vector bank; store adapters in kilobytes. "
-                    "Add --debug anywhere to see the traceback of an error.",
+        "Add --debug anywhere to see the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")):

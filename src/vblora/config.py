@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from vblora.errors import ConfigError
 
@@ -35,8 +36,10 @@ class VBLoRAConfig:
     """
 
     target_modules: str | Sequence[str] = knob(
-        "all-linear", "modules to adapt: names or dotted suffixes (query value), one regex matched against the full "
-        "name, or all-linear (every Linear / GPT-2 Conv1D inside the repeated blocks)")
+        "all-linear",
+        "modules to adapt: names or dotted suffixes (query value), one regex matched against the full "
+        "name, or all-linear (every Linear / GPT-2 Conv1D inside the repeated blocks)",
+    )
     rank: int = knob(4, "LoRA rank r of every adapted module (paper: 4 for GLUE/E2E/math, 4-6 for Llama-2)")
     num_vectors: int = knob(256, "bank size h (paper: 90 RoBERTa-base, 256 GPT-2 medium, 2048 for 7B-13B models)")
     vector_length: int = knob(256, "sub-vector length b (paper: 256); need not divide the module dimensions")
@@ -44,16 +47,18 @@ class VBLoRAConfig:
     dropout: float = knob(0.0, "dropout on the adapter's input, as in LoRA")
     init_bank_bound: float = knob(0.02, "bank ~ U(-bound, bound) at initialisation (paper Table 7: 0.02)")
     init_logits_std: float = knob(0.01, "logits ~ N(0, std^2) at initialisation (paper: 0.01; HF PEFT: 0.1)")
-    selection: str = knob("topk", "training-time selection rule (paper Table 5): topk | all | noisy_topk | gumbel | "
-                                  "st_gumbel")
+    selection: str = knob(
+        "topk", "training-time selection rule (paper Table 5): topk | all | noisy_topk | gumbel | st_gumbel"
+    )
     noise_std: float = knob(1.0, "std of the Gaussian noise noisy_topk adds to the logits")
     temperature: float = knob(1.0 / 3.0, "tau of gumbel / st_gumbel (paper: 1/3)")
-    eval_topk: int | None = knob(None, "k at evaluation and in the stored adapter (default: topk; h for "
-                                       "selection=all)")
-    layers: Sequence[int] | None = knob(None, "adapt only modules of these layer indices (the first integer in the "
-                                              "qualified name); default: all")
-    modules_to_save: Sequence[str] = knob((), "modules trained in full and stored with the adapter (e.g. a "
-                                              "classifier head)")
+    eval_topk: int | None = knob(None, "k at evaluation and in the stored adapter (default: topk; h for selection=all)")
+    layers: Sequence[int] | None = knob(
+        None, "adapt only modules of these layer indices (the first integer in the qualified name); default: all"
+    )
+    modules_to_save: Sequence[str] = knob(
+        (), "modules trained in full and stored with the adapter (e.g. a classifier head)"
+    )
     seed: int = knob(0, "seed of the bank and logits initialisation (independent of the global RNG)")
 
     def __post_init__(self) -> None:
@@ -75,8 +80,10 @@ class VBLoRAConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(f"{name} must be an integer >= 1, got {value!r}")
         if self.topk > self.num_vectors:
-            bad(f"topk={self.topk} > num_vectors={self.num_vectors}: cannot select more vectors than the bank holds; "
-                f"lower topk or raise num_vectors")
+            bad(
+                f"topk={self.topk} > num_vectors={self.num_vectors}: cannot select more vectors than the bank holds; "
+                f"lower topk or raise num_vectors"
+            )
         if self.eval_topk is not None and not (1 <= self.eval_topk <= self.num_vectors):
             bad(f"eval_topk={self.eval_topk} must be in [1, num_vectors={self.num_vectors}]")
         if self.selection not in SELECTIONS:
@@ -106,7 +113,7 @@ class VBLoRAConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VBLoRAConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VBLoRAConfig:
         """A config from `to_dict()`'s output (or a recipe's keys).
 
         Args:
@@ -124,6 +131,6 @@ class VBLoRAConfig:
             raise ConfigError(f"VBLoRAConfig: unknown fields {sorted(unknown)}")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "VBLoRAConfig":
+    def replace(self, **changes: Any) -> VBLoRAConfig:
         """A copy with `changes` applied (validated like a new config; raises ConfigError on a bad value)."""
         return dataclasses.replace(self, **changes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -58,9 +58,11 @@ def find_targets(model: nn.Module, config: VBLoRAConfig) -> list[tuple[str, nn.M
         if config.layers is not None and layer_index(name) not in config.layers:
             continue
         if layer_class(module) is None:
-            raise TargetError(f"module '{name}' matched target_modules={config.target_modules!r} but its type "
-                              f"{type(module).__name__} cannot be adapted (supported: nn.Linear, nn.Embedding, "
-                              f"transformers Conv1D); name its Linear children instead")
+            raise TargetError(
+                f"module '{name}' matched target_modules={config.target_modules!r} but its type "
+                f"{type(module).__name__} cannot be adapted (supported: nn.Linear, nn.Embedding, "
+                f"transformers Conv1D); name its Linear children instead"
+            )
         found.append((name, module))
     if not found:
         raise TargetError(_no_match_message(model, config))
@@ -73,8 +75,10 @@ def _no_match_message(model: nn.Module, config: VBLoRAConfig) -> str:
     wanted = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
     near = sorted({m for w in wanted for m in difflib.get_close_matches(str(w).rsplit(".", 1)[-1], leaves, n=5)})
     layers = f" in layers {list(config.layers)}" if config.layers is not None else ""
-    return (f"no module of {type(model).__name__} matched target_modules={config.target_modules!r}{layers}. "
-            f"Near misses: {near or 'none'}. Module names end in e.g. {leaves[:12]}")
+    return (
+        f"no module of {type(model).__name__} matched target_modules={config.target_modules!r}{layers}. "
+        f"Near misses: {near or 'none'}. Module names end in e.g. {leaves[:12]}"
+    )
 
 
 def add_vblora(model: nn.Module, config: VBLoRAConfig, *, with_logits: bool = True) -> nn.Module:
@@ -98,9 +102,11 @@ def add_vblora(model: nn.Module, config: VBLoRAConfig, *, with_logits: bool = Tr
     """
     model = unwrap(model)
     if hasattr(model, BANK_ATTR):
-        raise TargetError(f"{type(model).__name__} already has a VB-LoRA adapter (model.{BANK_ATTR}). Remove it with "
-                          f"vblora.unload(model) first, or load another adapter with vblora.load_adapter(base, path) "
-                          f"on a fresh base model")
+        raise TargetError(
+            f"{type(model).__name__} already has a VB-LoRA adapter (model.{BANK_ATTR}). Remove it with "
+            f"vblora.unload(model) first, or load another adapter with vblora.load_adapter(base, path) "
+            f"on a fresh base model"
+        )
     targets = find_targets(model, config)
     layout = Layout.build(targets, config.rank, config.vector_length)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -119,13 +125,15 @@ def add_vblora(model: nn.Module, config: VBLoRAConfig, *, with_logits: bool = Tr
 def _modules_to_save(model: nn.Module, config: VBLoRAConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    names = [n for n, m in model.named_modules() if n and _matches(n, tuple(config.modules_to_save))
-             and not isinstance(m, VBLoRALayer) and ".base" not in n]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if n and _matches(n, tuple(config.modules_to_save)) and not isinstance(m, VBLoRALayer) and ".base" not in n
+    ]
     # keep outermost matches only (e.g. "classifier", not also "classifier.dense")
     names = [n for n in names if not any(n.startswith(o + ".") for o in names)]
     if not names:
-        raise TargetError(f"modules_to_save={list(config.modules_to_save)} matched no module of "
-                          f"{type(model).__name__}")
+        raise TargetError(f"modules_to_save={list(config.modules_to_save)} matched no module of {type(model).__name__}")
     return names
 
 
@@ -143,8 +151,10 @@ def get_bank(model: nn.Module) -> VectorBank:
     """
     bank = getattr(unwrap(model), BANK_ATTR, None)
     if not isinstance(bank, VectorBank):
-        raise TargetError(f"{type(model).__name__} has no VB-LoRA adapter; call vblora.add_vblora(model, config) "
-                          f"or vblora.load_adapter(model, path) first")
+        raise TargetError(
+            f"{type(model).__name__} has no VB-LoRA adapter; call vblora.add_vblora(model, config) "
+            f"or vblora.load_adapter(model, path) first"
+        )
     return bank
 
 
@@ -164,8 +174,9 @@ def trained_copies(model: nn.Module) -> dict[str, TrainedCopy]:
     return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, TrainedCopy)}
 
 
-def parameter_groups(model: nn.Module, lr_bank: float = 1e-3, lr_logits: float = 1e-2, lr_other: float = 4e-3,
-                     weight_decay: float = 0.0) -> list[dict]:
+def parameter_groups(
+    model: nn.Module, lr_bank: float = 1e-3, lr_logits: float = 1e-2, lr_other: float = 4e-3, weight_decay: float = 0.0
+) -> list[dict]:
     """Optimizer groups with the paper's three learning rates: bank, logits, everything else trainable (heads).
 
     Args:
@@ -189,8 +200,7 @@ def parameter_groups(model: nn.Module, lr_bank: float = 1e-3, lr_logits: float =
     special = {id(bank.bank)} | ({id(bank.logits)} if not bank.frozen else set())
     groups = [{"name": "vblora_bank", "params": [bank.bank], "lr": lr_bank, "weight_decay": weight_decay}]
     if not bank.frozen:
-        groups.append({"name": "vblora_logits", "params": [bank.logits], "lr": lr_logits,
-                       "weight_decay": weight_decay})
+        groups.append({"name": "vblora_logits", "params": [bank.logits], "lr": lr_logits, "weight_decay": weight_decay})
     other = [p for p in unwrap(model).parameters() if p.requires_grad and id(p) not in special]
     if other:
         groups.append({"name": "other", "params": other, "lr": lr_other, "weight_decay": weight_decay})
@@ -225,10 +235,13 @@ def count_parameters(model: nn.Module) -> dict:
         "stored_other": other,
         "bank": h * b,
         "subvectors": bank.num_subvectors,
-        "stored_bytes": int(round(4 * adapter)) + 4 * other,
+        "stored_bytes": round(4 * adapter) + 4 * other,
         "lora_equivalent": bank.layout.lora_equivalent(),
-        "base": sum(parameter_count(p) for n_, p in model.named_parameters() if not n_.startswith(BANK_ATTR)
-                    and ".trained." not in n_),
+        "base": sum(
+            parameter_count(p)
+            for n_, p in model.named_parameters()
+            if not n_.startswith(BANK_ATTR) and ".trained." not in n_
+        ),
     }
 
 

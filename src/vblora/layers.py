@@ -51,7 +51,7 @@ class VBLoRALayer(nn.Module):
     def _stored_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         s, layout = self.slot, self._bank.layout
         rows = self._bank.stored_subvectors(s.a_start, s.stop)  # this module's rows only, float32
-        return layout.A(rows[:s.a_count], self.entry), layout.B(rows[s.a_count:], self.entry)
+        return layout.A(rows[: s.a_count], self.entry), layout.B(rows[s.a_count :], self.entry)
 
     def lora_A(self) -> torch.Tensor:
         """`(r, in)` float32 by the stored rule."""
@@ -81,7 +81,8 @@ class VBLoRALayer(nn.Module):
                 f"dW = B A or larger, so most of the update would be lost. Run the adapter unmerged (it adds "
                 f"x A^T B^T to the quantized layer's output), or write a dequantized merged model with "
                 f"vblora.merge_and_save(model, out_dir, dtype=torch.bfloat16), or save / export the adapter "
-                f"(vblora.save_adapter, vblora.export_lora); vblora.unload(model, merge=False) removes it")
+                f"(vblora.save_adapter, vblora.export_lora); vblora.unload(model, merge=False) removes it"
+            )
 
     @torch.no_grad()
     def merge(self) -> None:

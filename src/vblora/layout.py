@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
 # -- layer kinds ------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -88,8 +88,10 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
             module.state_dict()  # bitsandbytes' CPU bf16 repacking (eval forward) is undone by its state-dict hook
         return F.dequantize_4bit(w.data, w.quant_state).float().reshape(module.out_features, module.in_features)
     # Int8Params: per-row absmax scales SCB (moved to the layer's state by its first forward), W = CB * SCB / 127
-    scale = next((s for s in (getattr(w, "SCB", None), getattr(getattr(module, "state", None), "SCB", None))
-                  if s is not None), None)
+    scale = next(
+        (s for s in (getattr(w, "SCB", None), getattr(getattr(module, "state", None), "SCB", None)) if s is not None),
+        None,
+    )
     if w.dtype == torch.int8 and scale is not None:
         return require_bitsandbytes().functional.int8_vectorwise_dequant(w.data, scale).float()
     if w.is_floating_point():  # an 8-bit layer keeping fp16 weights (has_fp16_weights=True)
@@ -107,6 +109,7 @@ def module_dims(module: nn.Module) -> tuple[int, int]:
 
 
 # -- one module's rows ------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -140,7 +143,7 @@ class ModuleEntry:
         return [self.name, self.kind, self.in_features, self.out_features, s.a_start, s.a_count, s.b_start, s.b_count]
 
     @classmethod
-    def from_row(cls, row: list) -> "ModuleEntry":
+    def from_row(cls, row: list) -> ModuleEntry:
         name, kind, i, o, a0, an, b0, bn = row
         return cls(str(name), str(kind), int(i), int(o), Slot(int(a0), int(an), int(b0), int(bn)))
 
@@ -161,6 +164,7 @@ def slot_sizes(in_features: int, out_features: int, rank: int, vector_length: in
 
 # -- the model's layout -----------------------------------------------------------------------------------------------
 
+
 class Layout:
     """The modules of one adapter in row order, with their LoRA rank; immutable.
 
@@ -175,13 +179,13 @@ class Layout:
         self.sizes = [n for e in self.entries for n in (e.slot.a_count, e.slot.b_count)]
 
     @classmethod
-    def build(cls, modules: list[tuple[str, nn.Module]], rank: int, vector_length: int) -> "Layout":
+    def build(cls, modules: list[tuple[str, nn.Module]], rank: int, vector_length: int) -> Layout:
         """The contiguous layout of `(qualified name, base module)` pairs in model order."""
         specs = [(name, kind_of(m).name, *module_dims(m)) for name, m in modules]
         return cls.from_specs(specs, rank, vector_length)
 
     @classmethod
-    def from_specs(cls, specs: list[tuple[str, str, int, int]], rank: int, vector_length: int) -> "Layout":
+    def from_specs(cls, specs: list[tuple[str, str, int, int]], rank: int, vector_length: int) -> Layout:
         entries, row = [], 0
         for name, kind, fan_in, fan_out in specs:
             a, b = slot_sizes(fan_in, fan_out, rank, vector_length)
@@ -197,19 +201,19 @@ class Layout:
     def A(self, rows: torch.Tensor, entry: ModuleEntry) -> torch.Tensor:
         """`(a_count, b)` rows -> `(r, in)` (a view; trimmed only when b does not divide `in`)."""
         A = rows.reshape(self.rank, -1)
-        return A if A.shape[1] == entry.in_features else A[:, :entry.in_features]
+        return A if A.shape[1] == entry.in_features else A[:, : entry.in_features]
 
     def B(self, rows: torch.Tensor, entry: ModuleEntry) -> torch.Tensor:
         """`(b_count, b)` rows ordered `(ceil(out/b), r)` -> `(out, r)`."""
         r, b = self.rank, rows.shape[1]
         nb = rows.shape[0] // r
         B = rows.view(nb, r, b).transpose(1, 2).reshape(nb * b, r)
-        return B if nb * b == entry.out_features else B[:entry.out_features]
+        return B if nb * b == entry.out_features else B[: entry.out_features]
 
     def factors(self, sub: torch.Tensor, entry: ModuleEntry) -> tuple[torch.Tensor, torch.Tensor]:
         """`(r, in)` A and `(out, r)` B of one module from the whole model's `(N, b)` sub-vectors."""
         s = entry.slot
-        return self.A(sub[s.a_start:s.a_start + s.a_count], entry), self.B(sub[s.b_start:s.stop], entry)
+        return self.A(sub[s.a_start : s.a_start + s.a_count], entry), self.B(sub[s.b_start : s.stop], entry)
 
     def delta(self, A: torch.Tensor, B: torch.Tensor, entry: ModuleEntry) -> torch.Tensor:
         """dW = B A in the base weight's layout (transposed for Conv1D and Embedding)."""

@@ -74,9 +74,12 @@ def plot_footprint(sel: Selection, path, max_subvectors: int | None = 192) -> Pa
     ax.set_facecolor("white")
     _xticks(ax, cols)
     n_pairs = int(ever.sum())
-    ax.set(xlabel=xlabel, ylabel=BANK_AXIS,
-           title=f"Selection footprint over training: {n_pairs} distinct (sub-vector, vector) pairs "
-                 f"({n_pairs / len(cols):.2f} per sub-vector, k={sel.indices.shape[-1]})")
+    ax.set(
+        xlabel=xlabel,
+        ylabel=BANK_AXIS,
+        title=f"Selection footprint over training: {n_pairs} distinct (sub-vector, vector) pairs "
+        f"({n_pairs / len(cols):.2f} per sub-vector, k={sel.indices.shape[-1]})",
+    )
     fig.colorbar(im, ax=ax, label="training step first selected")
     return _save(fig, path)
 
@@ -94,7 +97,7 @@ def plot_footprint_periods(sel: Selection, path, periods: int = 4, max_subvector
             continue
         lo, hi = bounds[p], bounds[p + 1]
         start = grid[lo]
-        new = grid[lo + 1:hi + 1].any(axis=0) & ~start  # an empty period (hi == lo): nothing new
+        new = grid[lo + 1 : hi + 1].any(axis=0) & ~start  # an empty period (hi == lo): nothing new
         _image(ax, np.where(new, 1.0, np.nan), cmap="Blues", vmin=0, vmax=1.2)
         _image(ax, np.where(start, 1.0, np.nan), cmap="Greys", vmin=0, vmax=3, alpha=0.6)
         ax.set_title(f"steps {sel.steps[lo]}-{sel.steps[hi]}: {int(new.sum())} new pairs")
@@ -120,11 +123,21 @@ def plot_initial_vs_final(sel: Selection, path, max_subvectors: int | None = 192
     _image(ax, code, cmap=ListedColormap(colors), vmin=-0.5, vmax=2.5)
     _xticks(ax, cols)
     kept, total = int((code == 2).sum()), int(last.sum())
-    ax.set(xlabel=xlabel, ylabel=BANK_AXIS,
-           title=f"Initial (step {sel.steps[0]}) vs final (step {sel.steps[-1]}) selection: "
-                 f"{kept} of {total} final selections kept ({kept / max(total, 1):.0%})")
-    ax.legend(handles=[Patch(color=c, label=l) for c, l in zip(colors, ["initial only", "final only", "both"])],
-              loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
+    ax.set(
+        xlabel=xlabel,
+        ylabel=BANK_AXIS,
+        title=f"Initial (step {sel.steps[0]}) vs final (step {sel.steps[-1]}) selection: "
+        f"{kept} of {total} final selections kept ({kept / max(total, 1):.0%})",
+    )
+    ax.legend(
+        handles=[
+            Patch(color=c, label=text) for c, text in zip(colors, ["initial only", "final only", "both"], strict=True)
+        ],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.12),
+        ncol=3,
+        frameon=False,
+    )
     return _save(fig, path)
 
 
@@ -139,15 +152,17 @@ def plot_weights_by_depth(sel: Selection, path) -> Path:
     names = ["first", "middle", "last"] if len(groups) == 3 else [f"group {i + 1}" for i in range(len(groups))]
     order = _norm_order(sel)
     fig, axes = _subplots(len(groups), 1, figsize=(11, 2.4 * len(groups) + 0.8), sharex=True, squeeze=False)
-    for ax, g, name, c in zip(axes[:, 0], groups, names, ["#4c72b0", "#dd8452", "#55a868"]):
+    for ax, g, name, c in zip(axes[:, 0], groups, names, ["#4c72b0", "#dd8452", "#55a868"], strict=False):
         mask = np.isin(sel.layer, g)
         sums = sel.weight_sums(mask)[order]
         ax.bar(np.arange(sel.num_vectors), sums, width=1.0, color=c)
         ax.set_ylabel("sum of weights")
         span = f"layer {g.min()}" if g.min() == g.max() else f"layers {g.min()}-{g.max()}"
-        ax.set_title(f"{name} third: {span} ({int(mask.sum())} sub-vectors); "
-                     f"top vectors (bank row): {', '.join('#' + str(i) for i in order[np.argsort(-sums)[:5]])}",
-                     loc="left")
+        ax.set_title(
+            f"{name} third: {span} ({int(mask.sum())} sub-vectors); "
+            f"top vectors (bank row): {', '.join('#' + str(i) for i in order[np.argsort(-sums)[:5]])}",
+            loc="left",
+        )
         ax.margins(x=0.005)
     axes[-1, 0].set_xlabel(BY_NORM)
     fig.suptitle(f"Sum of top-k weights per bank vector by depth (step {sel.steps[-1]})")
@@ -169,8 +184,11 @@ def plot_weights_by_module(sel: Selection, path) -> Path:
     im = _image(ax, np.array(rows)[:, _norm_order(sel)], origin="upper", cmap="magma_r")
     ax.set_yticks(np.arange(len(labels)), labels)
     ax.set_xlabel(BY_NORM)
-    ax.set_title(f"Top-k weight per bank vector by module type and A vs B (step {sel.steps[-1]})\n"
-                 f"each row sums to 1; row label: module type, matrix (number of sub-vectors)", loc="left")
+    ax.set_title(
+        f"Top-k weight per bank vector by module type and A vs B (step {sel.steps[-1]})\n"
+        f"each row sums to 1; row label: module type, matrix (number of sub-vectors)",
+        loc="left",
+    )
     fig.colorbar(im, ax=ax, label="share of group weight", pad=0.01)
     return _save(fig, path)
 
@@ -181,14 +199,18 @@ def plot_usage_histogram(sel: Selection, path) -> Path:
     fig, ax = _subplots(figsize=(7, 4.2))
     bins = np.arange(usage.min(), usage.max() + 2) - 0.5 if usage.max() - usage.min() < 60 else 30
     ax.hist(usage, bins=bins, color="#4c72b0", edgecolor="white")
-    ax.set(xlabel="times selected (sub-vectors x k slots)", ylabel="number of bank vectors",
-           title=f"Vector usage at step {sel.steps[-1]}: min {usage.min()}, median {np.median(usage):.0f}, "
-                 f"max {usage.max()}; {int((usage == 0).sum())} of {len(usage)} unused")
+    ax.set(
+        xlabel="times selected (sub-vectors x k slots)",
+        ylabel="number of bank vectors",
+        title=f"Vector usage at step {sel.steps[-1]}: min {usage.min()}, median {np.median(usage):.0f}, "
+        f"max {usage.max()}; {int((usage == 0).sum())} of {len(usage)} unused",
+    )
     return _save(fig, path)
 
 
-def plot_bank_embedding(sel: Selection, path, methods: tuple[str, ...] = ("pca", "tsne"),
-                        max_subvectors: int = 2000, tsne_iter: int = 1000) -> Path:
+def plot_bank_embedding(
+    sel: Selection, path, methods: tuple[str, ...] = ("pca", "tsne"), max_subvectors: int = 2000, tsne_iter: int = 1000
+) -> Path:
     """Fig. 9: the final bank in 2-D with the composed sub-vectors placed on it.
 
     PCA is fitted on the bank and is linear, so a top-2 sub-vector lies exactly on the segment between its two
@@ -201,7 +223,7 @@ def plot_bank_embedding(sel: Selection, path, methods: tuple[str, ...] = ("pca",
         keep = np.sort(np.random.default_rng(0).choice(len(sub), max_subvectors, replace=False))
     sub, matrix = sub[keep], sel.matrix[keep]
     fig, axes = _subplots(1, len(methods), figsize=(6.2 * len(methods), 5.6), squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    for ax, method in zip(axes[0], methods, strict=True):
         if method == "pca":
             from sklearn.decomposition import PCA
 
@@ -213,22 +235,34 @@ def plot_bank_embedding(sel: Selection, path, methods: tuple[str, ...] = ("pca",
 
             both = np.concatenate([bank, sub])
             perplexity = float(min(30, max(2, (len(both) - 1) / 3)))
-            both = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0,
-                        max_iter=tsne_iter).fit_transform(both)
-            pb, ps = both[:len(bank)], both[len(bank):]
+            both = TSNE(
+                n_components=2, perplexity=perplexity, init="pca", random_state=0, max_iter=tsne_iter
+            ).fit_transform(both)
+            pb, ps = both[: len(bank)], both[len(bank) :]
             title = "t-SNE of bank and sub-vectors jointly"
         else:
             raise VBLoRAError(f"unknown embedding method {method!r}; use 'pca' or 'tsne'")
         for m, c, name in ((0, "#dd8452", "sub-vector of A"), (1, "#55a868", "sub-vector of B")):
             pts = ps[matrix == m]
             ax.scatter(pts[:, 0], pts[:, 1], s=5, c=c, alpha=0.5, label=name, linewidths=0)
-        sc = ax.scatter(pb[:, 0], pb[:, 1], s=28, c=sel.usage(), cmap="Blues", edgecolors="k", linewidths=0.5,
-                        label="bank vector", zorder=3)
+        sc = ax.scatter(
+            pb[:, 0],
+            pb[:, 1],
+            s=28,
+            c=sel.usage(),
+            cmap="Blues",
+            edgecolors="k",
+            linewidths=0.5,
+            label="bank vector",
+            zorder=3,
+        )
         ax.set(title=title, xticks=[], yticks=[])
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=3, frameon=False, markerscale=1.5)
     fig.colorbar(sc, ax=axes[0, -1], label="bank vector usage (times selected)")
-    fig.suptitle(f"Vector bank ({sel.num_vectors} vectors of length {bank.shape[1]}) and "
-                 f"{len(sub)} composed sub-vectors, step {sel.steps[-1]}")
+    fig.suptitle(
+        f"Vector bank ({sel.num_vectors} vectors of length {bank.shape[1]}) and "
+        f"{len(sub)} composed sub-vectors, step {sel.steps[-1]}"
+    )
     return _save(fig, path)
 
 
@@ -243,8 +277,12 @@ def plot_churn(sel: Selection, path) -> Path:
     else:
         ax.text(0.5, 0.5, "only one record: no interval to compare", ha="center", transform=ax.transAxes)
     every = sel.meta.get("every")
-    ax.set(xlabel="training step (end of interval)", ylabel="fraction of sub-vectors", ylim=(0, None),
-           title=f"Selection churn per recording interval ({every} steps)" if every else "Selection churn")
+    ax.set(
+        xlabel="training step (end of interval)",
+        ylabel="fraction of sub-vectors",
+        ylim=(0, None),
+        title=f"Selection churn per recording interval ({every} steps)" if every else "Selection churn",
+    )
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

@@ -13,12 +13,22 @@ from vblora.experiments import ablate as ablation
 
 def test_selection_variants_are_table_5():
     v = {x.name: x for x in ablation.selection_variants()}
-    assert list(v) == ["select-all", "top-1", "top-2", "top-3", "top-6", "noisy-top-1", "noisy-top-2", "gumbel",
-                       "st-gumbel"]
+    assert list(v) == [
+        "select-all",
+        "top-1",
+        "top-2",
+        "top-3",
+        "top-6",
+        "noisy-top-1",
+        "noisy-top-2",
+        "gumbel",
+        "st-gumbel",
+    ]
     assert v["select-all"].vb == {"selection": "all"}
     assert v["gumbel"].eval_topk == (1, 2) and v["st-gumbel"].vb["selection"] == "st_gumbel"
     assert v["st-gumbel"].vb["temperature"] == pytest.approx(1 / 3)
     import vblora  # every variant is a valid VBLoRAConfig
+
     for x in v.values():
         vblora.VBLoRAConfig(**{"num_vectors": 90, **x.vb})
 
@@ -34,12 +44,22 @@ def _fake_train(calls):
         calls.append((vb.selection, vb.topk, cfg.seed, cfg.max_train_samples, cfg.epochs))
         acc = 0.7 + 0.01 * vb.topk + 0.001 * cfg.seed
         split = {"validation": {"accuracy": acc}, "test": {"accuracy": acc}}
-        r = {"metrics": split, "primary_metric": "accuracy", "seed": cfg.seed, "config": cfg.to_dict(), "stored_parameters": 1000.0,
-             "train_time_s": 1.0, "eval_topk": {str(k): {s: {"accuracy": acc - 0.01 * k} for s in split}
-                                                | {"stored_parameters": 900.0} for k in cfg.extra_eval_topk}}
+        r = {
+            "metrics": split,
+            "primary_metric": "accuracy",
+            "seed": cfg.seed,
+            "config": cfg.to_dict(),
+            "stored_parameters": 1000.0,
+            "train_time_s": 1.0,
+            "eval_topk": {
+                str(k): {s: {"accuracy": acc - 0.01 * k} for s in split} | {"stored_parameters": 900.0}
+                for k in cfg.extra_eval_topk
+            },
+        }
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output) / "results.json").write_text(json.dumps(r))
         return r
+
     return fn
 
 
@@ -67,7 +87,9 @@ def test_run_study_every_variant_and_seed_then_resumes(tmp_path):
     ablation.run_study(variants, [0], tmp_path, {}, budget, train_fn=_fake_train(calls))
     assert calls == [("topk", 1, 0, 100, 0.5)]
     calls.clear()
-    ablation.run_study(variants, [0], tmp_path, {}, ablation.Budget(max_train_samples=100, epochs=1.0), train_fn=_fake_train(calls))
+    ablation.run_study(
+        variants, [0], tmp_path, {}, ablation.Budget(max_train_samples=100, epochs=1.0), train_fn=_fake_train(calls)
+    )
     assert len(calls) == 3 and {c[4] for c in calls} == {1.0}
 
 

@@ -1,5 +1,6 @@
 """Ablation settings and the recorder end to end through the pipeline on a tiny saved BERT: selection rules, extra
-eval top-k, a frozen given bank with a referenced adapter, `SelectionCallback`, and `vblora ablate` == `vblora train`."""
+eval top-k, a frozen given bank with a referenced adapter, `SelectionCallback`, and `vblora ablate` ==
+`vblora train`."""
 
 from __future__ import annotations
 
@@ -23,14 +24,28 @@ def setup(tmp_path_factory):
     vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
-                                                                                                ("[SEP]", 3)])
-    tok = BertTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]")
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok = BertTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     BertForSequenceClassification(cfg).save_pretrained(str(d / "model"))
     tok.save_pretrained(str(d / "model"))
     rng = random.Random(0)
@@ -38,13 +53,23 @@ def setup(tmp_path_factory):
     for split, n in (("train", 48), ("validation", 16), ("test", 16)):
         rows = []
         for i in range(n):
-            words = rng.sample(WORDS[6:], 3) + [rng.choice(WORDS[:3] if i % 2 else WORDS[3:6])]
+            words = [*rng.sample(WORDS[6:], 3), rng.choice(WORDS[:3] if i % 2 else WORDS[3:6])]
             rows.append(json.dumps({"text": " ".join(words), "label": i % 2}))
         (d / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
         files[f"{split}_file"] = str(d / f"{split}.jsonl")
-    overrides = {"model": str(d / "model"), **files, "dataset": "none", "device": "cpu", "epochs": 1,
-                 "batch_size": 8, "eval_batch_size": 16, "vector_length": 32, "num_vectors": 16, "max_length": 16,
-                 "lr_head": 1e-2}
+    overrides = {
+        "model": str(d / "model"),
+        **files,
+        "dataset": "none",
+        "device": "cpu",
+        "epochs": 1,
+        "batch_size": 8,
+        "eval_batch_size": 16,
+        "vector_length": 32,
+        "num_vectors": 16,
+        "max_length": 16,
+        "lr_head": 1e-2,
+    }
     return d, overrides
 
 
@@ -54,8 +79,20 @@ def test_gumbel_eval_topk_and_recording(setup, tmp_path):
     from vblora.train.selection import load_selection
 
     _, ov = setup
-    r = train(build_config(None, {**ov, "selection": "gumbel", "temperature": 1 / 3, "extra_eval_topk": [1, 2],
-                                  "record_selection_every": 2, "output": str(tmp_path)}), log=lambda *_: None)
+    r = train(
+        build_config(
+            None,
+            {
+                **ov,
+                "selection": "gumbel",
+                "temperature": 1 / 3,
+                "extra_eval_topk": [1, 2],
+                "record_selection_every": 2,
+                "output": str(tmp_path),
+            },
+        ),
+        log=lambda *_: None,
+    )
     assert set(r["eval_topk"]) == {"1", "2"} and 0 <= r["eval_topk"]["1"]["test"]["accuracy"] <= 1
     assert r["eval_topk"]["1"]["stored_parameters"] < r["eval_topk"]["2"]["stored_parameters"]
     assert r["config"]["selection"] == "gumbel" and r["details"]["config"]["eval_topk"] is None
@@ -74,11 +111,17 @@ def test_frozen_given_bank_trains_only_logits_and_references_the_bank(setup, tmp
     _, ov = setup
     bank = torch.randn(16, 32) * 0.1
     torch.save(bank, tmp_path / "bank.pt")
-    r = train(build_config(None, {**ov, "bank": str(tmp_path / "bank.pt"), "freeze_bank": True,
-                                  "output": str(tmp_path / "run")}), log=lambda *_: None)
+    r = train(
+        build_config(
+            None, {**ov, "bank": str(tmp_path / "bank.pt"), "freeze_bank": True, "output": str(tmp_path / "run")}
+        ),
+        log=lambda *_: None,
+    )
     assert r["trainable_parameters"] == r["details"]["subvectors"] * 16 + 64 * 2 + 2  # logits + head
     with safe_open(str(tmp_path / "run" / "adapter" / "adapter.safetensors"), "pt") as f:
-        assert "bank" not in f.keys()  # the bank is referenced, not copied: it sits beside the adapter once
+        assert "bank" not in set(
+            f.keys()
+        )  # a safetensors handle, not a dict; the bank is referenced, not copied: it sits beside the adapter once
     torch.testing.assert_close(storage.read_bank(tmp_path / "run" / "bank.safetensors")[0], bank)  # not trained
 
 
@@ -100,11 +143,50 @@ def test_ablate_and_train_give_the_same_test_metric(setup, tmp_path, capsys):
 
     _, ov = setup
     settings = {k: v for k, v in ov.items() if k not in ("epochs", "batch_size")}
-    assert main(["ablate", "selection", "--variants", "top-2", "--seeds", "0", "--out", str(tmp_path / "ab"),
-                 "--max-train-samples", "40", "--max-eval-samples", "12", "--epochs", "2", "--batch-size", "8",
-                 "--set", *[f"{k}={v}" for k, v in settings.items()]]) == 0
-    argv = ["train", "--output", str(tmp_path / "tr"), "--max-train-samples", "40", "--max-eval-samples", "12",
-            "--max-test-samples", "12", "--epochs", "2", "--batch-size", "8", "--selection", "topk", "--topk", "2"]
+    assert (
+        main(
+            [
+                "ablate",
+                "selection",
+                "--variants",
+                "top-2",
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path / "ab"),
+                "--max-train-samples",
+                "40",
+                "--max-eval-samples",
+                "12",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--set",
+                *[f"{k}={v}" for k, v in settings.items()],
+            ]
+        )
+        == 0
+    )
+    argv = [
+        "train",
+        "--output",
+        str(tmp_path / "tr"),
+        "--max-train-samples",
+        "40",
+        "--max-eval-samples",
+        "12",
+        "--max-test-samples",
+        "12",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--selection",
+        "topk",
+        "--topk",
+        "2",
+    ]
     for k, v in settings.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     assert main(argv) == 0

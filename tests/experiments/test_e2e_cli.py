@@ -11,12 +11,12 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("yaml")
 
+from test_e2e_path import ROWS, tiny_tokenizer, write_csv  # noqa: E402  (tests/analysis is on sys.path)
+
 import vblora  # noqa: E402
+from vblora.cli import main  # noqa: E402
 from vblora.experiments import e2e as ed  # noqa: E402
 from vblora.experiments import e2e_metrics as em  # noqa: E402
-from vblora.cli import main  # noqa: E402
-
-from test_e2e_path import ROWS, tiny_tokenizer, write_csv  # noqa: E402  (tests/analysis is on sys.path)
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +33,16 @@ def e2e_files(tmp_path):
         write_csv(tmp_path / f"{name}.csv", rows)
     tok = tiny_tokenizer([ed.E2EOptions().prompt(m) + " " + r for m, r in ROWS])
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=128,
-                                  bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id)
+    cfg = transformers.GPT2Config(
+        vocab_size=len(tok),
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        n_positions=128,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model_dir = tmp_path / "gpt2-tiny"
     transformers.GPT2LMHeadModel(cfg).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
@@ -43,15 +50,32 @@ def e2e_files(tmp_path):
 
 
 def _args(d, model_dir, out, **over):
-    a = {"--model": model_dir, "--train-file": d / "train.csv", "--validation-file": d / "dev.csv",
-         "--test-file": d / "test.csv", "--output": out, "--device": "cpu", "--epochs": 1, "--max-steps": 6,
-         "--batch-size": 4, "--num-vectors": 16, "--vector-length": 32, "--rank": 2, "--warmup-steps": 2,
-         "--lr-bank": 1e-2, "--lr-logits": 5e-2, "--num-beams": 1, "--max-new-tokens": 10, "--logging-steps": 0,
-         "--metric-tokenizer": "python", **over}
+    a = {
+        "--model": model_dir,
+        "--train-file": d / "train.csv",
+        "--validation-file": d / "dev.csv",
+        "--test-file": d / "test.csv",
+        "--output": out,
+        "--device": "cpu",
+        "--epochs": 1,
+        "--max-steps": 6,
+        "--batch-size": 4,
+        "--num-vectors": 16,
+        "--vector-length": 32,
+        "--rank": 2,
+        "--warmup-steps": 2,
+        "--lr-bank": 1e-2,
+        "--lr-logits": 5e-2,
+        "--num-beams": 1,
+        "--max-new-tokens": 10,
+        "--logging-steps": 0,
+        "--metric-tokenizer": "python",
+        **over,
+    }
     argv = ["e2e"]
     for k, v in a.items():
         argv += [k, str(v)]
-    return argv + ["--meteor-modules", "exact", "stem", "synonym"]  # fast METEOR (no paraphrase table)
+    return [*argv, "--meteor-modules", "exact", "stem", "synonym"]  # fast METEOR (no paraphrase table)
 
 
 def test_e2e_command_end_to_end(e2e_files):
@@ -84,8 +108,9 @@ def test_e2e_command_end_to_end(e2e_files):
     fresh = vblora.load_adapter(transformers.AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
     opts = ed.E2EOptions(**res["e2e"])  # greedy, with the recipe's no-repeat 4-gram rule
     assert opts.num_beams == 1 and opts.no_repeat_ngram_size == 4
-    again = ed.generate_e2e(fresh, tok, [x.mr for x in ed.load_eval_set(d / "test.csv")], opts,
-                            res["config"]["max_new_tokens"])
+    again = ed.generate_e2e(
+        fresh, tok, [x.mr for x in ed.load_eval_set(d / "test.csv")], opts, res["config"]["max_new_tokens"]
+    )
     assert again == preds
 
 

@@ -28,8 +28,10 @@ def test_bleu_two_inputs_by_hand():
     #   1-grams 6/6; 2-grams: all but "the park" 4/5; 3-grams: all but "in the park" 3/4;
     #   4-grams: "a dog runs in", "dog runs in the" 2/3
     hyps = toks("the cat sat on the mat", "a dog runs in the park")
-    refs = [toks("the cat is on the mat", "there is a cat on the mat"),
-            toks("a dog runs in the big park", "the dog is running")]
+    refs = [
+        toks("the cat is on the mat", "there is a cat on the mat"),
+        toks("a dog runs in the big park", "the dog is running"),
+    ]
     p = [11 / 12, 7 / 10, 4 / 8, 2 / 6]
     c, r = 12, 6 + 7
     bp = math.exp(1 - r / c)
@@ -70,7 +72,22 @@ def test_bleu_agrees_with_sacrebleu_on_a_random_multi_reference_corpus():
 
 def test_mteval_tokenisation():
     assert em.mteval_tokenize("The Eagle, a pub, costs £20-25. It's 4.5 stars!") == [
-        "the", "eagle", ",", "a", "pub", ",", "costs", "£20", "-", "25", ".", "it's", "4.5", "stars", "!"]
+        "the",
+        "eagle",
+        ",",
+        "a",
+        "pub",
+        ",",
+        "costs",
+        "£20",
+        "-",
+        "25",
+        ".",
+        "it's",
+        "4.5",
+        "stars",
+        "!",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------- NIST
@@ -105,7 +122,7 @@ def test_rouge_l_by_hand():
     #   COCO's ROUGE-L takes max P (3/5) and max R (1) over the refs, F_beta with beta = 1.2
     # input 2: hyp "x y" vs "y x": LCS 1, P = R = 1/2 -> F = 1/2
     def f(p, r, beta=1.2):
-        return (1 + beta ** 2) * p * r / (r + beta ** 2 * p)
+        return (1 + beta**2) * p * r / (r + beta**2 * p)
 
     hyps = toks("a b c d e", "x y")
     refs = [toks("a c e f", "b d"), toks("y x")]
@@ -144,15 +161,71 @@ E2E_LIKE = [
 
 def test_python_ptb_tokenizer_by_hand():
     assert em.ptb_tokenize_python(E2E_LIKE[1]) == [
-        "aromi", "a", "pub", "with", "3.5", "stars", "children", "'s", "menu", "yes"]
+        "aromi",
+        "a",
+        "pub",
+        "with",
+        "3.5",
+        "stars",
+        "children",
+        "'s",
+        "menu",
+        "yes",
+    ]
     assert em.ptb_tokenize_python("Prices start at £30.") == ["prices", "start", "at", "#", "30"]
 
 
-PIECES = ["The", "Eagle", "is", "a", "pub", "near", "Café", "Rouge", "£20-25", "5/5", "3.5", "it's", "isn't",
-          "children's", "'The Mill'", '"The Mill"', "(near Burger King)", "non-family-friendly", "&", "...", "!", "?",
-          ";", ":", "-", "--", "more than £30.", "city centre.", "riverside,", "rated 5 out of 5.", "They're", "don't",
-          "can't", "won't", "Zizzi's", "high-priced", "1-star", "no!", "You'll", "we'd", "I'm", "£££", "costs £20.",
-          "Fitzbillies'", "the pubs'", "5.0", "30-plus", "English/Chinese", "cheap,"]
+PIECES = [
+    "The",
+    "Eagle",
+    "is",
+    "a",
+    "pub",
+    "near",
+    "Café",
+    "Rouge",
+    "£20-25",
+    "5/5",
+    "3.5",
+    "it's",
+    "isn't",
+    "children's",
+    "'The Mill'",
+    '"The Mill"',
+    "(near Burger King)",
+    "non-family-friendly",
+    "&",
+    "...",
+    "!",
+    "?",
+    ";",
+    ":",
+    "-",
+    "--",
+    "more than £30.",
+    "city centre.",
+    "riverside,",
+    "rated 5 out of 5.",
+    "They're",
+    "don't",
+    "can't",
+    "won't",
+    "Zizzi's",
+    "high-priced",
+    "1-star",
+    "no!",
+    "You'll",
+    "we'd",
+    "I'm",
+    "£££",
+    "costs £20.",
+    "Fitzbillies'",
+    "the pubs'",
+    "5.0",
+    "30-plus",
+    "English/Chinese",
+    "cheap,",
+]
 
 
 @needs_java

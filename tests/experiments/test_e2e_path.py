@@ -20,9 +20,14 @@ ROWS = [
     ("name[Aromi], eatType[pub], area[riverside]", "There is a pub called Aromi by the riverside."),
     ("name[Aromi], eatType[pub], area[riverside]", "Aromi, a pub, is in the riverside area."),
     ("name[Zizzi], food[Italian], priceRange[cheap]", "Zizzi serves cheap Italian food."),
-    ("name[Cotto], customer rating[5 out of 5], near[The Portland Arms]",
-     "Cotto has a customer rating of 5 out of 5 and is near The Portland Arms."),
-    ("name[Cotto], customer rating[5 out of 5], near[The Portland Arms]", "Cotto, near The Portland Arms, is rated 5 out of 5."),
+    (
+        "name[Cotto], customer rating[5 out of 5], near[The Portland Arms]",
+        "Cotto has a customer rating of 5 out of 5 and is near The Portland Arms.",
+    ),
+    (
+        "name[Cotto], customer rating[5 out of 5], near[The Portland Arms]",
+        "Cotto, near The Portland Arms, is rated 5 out of 5.",
+    ),
 ]
 
 
@@ -48,13 +53,14 @@ def tiny_tokenizer(texts):
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "<|endoftext|>"]))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                                eos_token="<|endoftext|>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="<|endoftext|>"
+    )
 
 
 def test_reading_grouping_and_examples(tmp_path):
     path = tmp_path / "dev.csv"
-    write_csv(path, ROWS + [("name[Ł test]", "costs Â£20")])
+    write_csv(path, [*ROWS, ("name[Ł test]", "costs Â£20")])
     rows = ed.read_e2e_csv(path)
     assert len(rows) == len(ROWS) + 1 and rows[0] == ROWS[0]
     assert rows[-1] == ("name[£ test]", "costs £20")  # e2e-metrics' encoding repairs
@@ -67,10 +73,11 @@ def test_reading_grouping_and_examples(tmp_path):
     ex = ed.build_examples(rows, tok, max_length=64)
     assert len(ex) == len(rows)
     p = tok(opts.prompt(ROWS[0][0]), add_special_tokens=False)["input_ids"]
-    assert ex[0]["labels"][:len(p)] == [-100] * len(p)  # loss on the target only
-    assert ex[0]["labels"][len(p):] == ex[0]["input_ids"][len(p):]
+    assert ex[0]["labels"][: len(p)] == [-100] * len(p)  # loss on the target only
+    assert ex[0]["labels"][len(p) :] == ex[0]["input_ids"][len(p) :]
     assert ex[0]["input_ids"][-1] == tok.eos_token_id
     from vblora.train.tasks import LMCollator
+
     batch = LMCollator(tok.pad_token_id)(ex[:3])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     # an unreferenced test file (header "mr" only) reads, with no references
@@ -86,9 +93,16 @@ def tiny_gpt2(tmp_path, texts):
     """A 2-layer GPT-2 and its word-level tokenizer, saved like a hub model; returns the directory."""
     tok = tiny_tokenizer(texts)
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=128,
-                                  bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id)
+    cfg = transformers.GPT2Config(
+        vocab_size=len(tok),
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        n_positions=128,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     d = tmp_path / "gpt2-tiny"
     transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -109,17 +123,34 @@ def test_e2e_path_on_a_tiny_gpt2(tmp_path):
         def on_log(self, args, state, control, logs=None, **kw):
             losses.extend([logs["loss"]] if "loss" in (logs or {}) else [])
 
-    cfg = build_config("e2e-gpt2-medium", {"model": str(model_dir), "train_file": str(path), "test_file": str(path),
-                                           "output": str(tmp_path / "run"), "device": "cpu", "max_steps": 30,
-                                           "warmup_steps": 3, "batch_size": 4, "num_vectors": 16, "vector_length": 32,
-                                           "rank": 2, "lr_bank": 1e-2, "lr_logits": 5e-2, "logging_steps": 5,
-                                           "max_new_tokens": 12})
+    cfg = build_config(
+        "e2e-gpt2-medium",
+        {
+            "model": str(model_dir),
+            "train_file": str(path),
+            "test_file": str(path),
+            "output": str(tmp_path / "run"),
+            "device": "cpu",
+            "max_steps": 30,
+            "warmup_steps": 3,
+            "batch_size": 4,
+            "num_vectors": 16,
+            "vector_length": 32,
+            "rank": 2,
+            "lr_bank": 1e-2,
+            "lr_logits": 5e-2,
+            "logging_steps": 5,
+            "max_new_tokens": 12,
+        },
+    )
     res = train(cfg, callbacks=[Losses()], log=lambda *_: None, task=ed.task(ed.E2EOptions(num_beams=1)))
     assert res["steps"] == 30 and res["best_epoch"] is None and res["metrics"]["validation"] == {}  # no dev file
     assert res["adapted_modules"] == 2 * 4  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj per block
     assert len(losses) == 6 and losses[-1] < losses[0]  # the adapter learns on its own data
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = vblora.load_adapter(transformers.AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "run" / "adapter")
+    model = vblora.load_adapter(
+        transformers.AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "run" / "adapter"
+    )
     evs = ed.load_eval_set(path)
     greedy = ed.generate_e2e(model, tok, [x.mr for x in evs], ed.E2EOptions(num_beams=1), max_new_tokens=12)
     assert len(greedy) == len(evs) and all(isinstance(g, str) for g in greedy)

@@ -13,9 +13,9 @@ import struct
 import pytest
 import torch
 from torch import nn
-from tiny_models import tiny_llama, tokens
 
 import vblora
+from tiny_models import tiny_llama, tokens
 from vblora.serve import AdapterStore
 from vblora.serve.mixed import MixedHead, MixedLayer
 from vblora.storage.files import read_safetensors, write_safetensors
@@ -94,15 +94,14 @@ def head_cases(base: nn.Module) -> dict[str, dict]:
 
 # -- 1: crafted headers ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["model", "root", "container", "adapted", "missing", "edited-model",
-                                  "edited-root"])
+
+@pytest.mark.parametrize("case", ["model", "root", "container", "adapted", "missing", "edited-model", "edited-root"])
 def test_crafted_head_is_refused_and_changes_nothing(base, tmp_path, case):
     d = tmp_path / "adapters"
     save(base, d / "good.safetensors")
     if case.startswith("edited-"):  # the issue's probe: a header edited by hand, no valid digests
         target = {"edited-model": "model", "edited-root": ""}[case]
-        edited(d / "good.safetensors", d / "bad.safetensors",
-               lambda h: h.update(modules_to_save={target: ["weight"]}))
+        edited(d / "good.safetensors", d / "bad.safetensors", lambda h: h.update(modules_to_save={target: ["weight"]}))
     else:
         crafted(base, d / "bad.safetensors", head_cases(base)[case])
     served = copy.deepcopy(base)
@@ -130,8 +129,11 @@ def test_crafted_head_is_refused_and_changes_nothing(base, tmp_path, case):
 def test_root_head_in_the_directory_is_listed_as_a_problem(base, tmp_path):
     """A header naming the model itself ("") is refused from its header alone: listed in problems at once."""
     save(base, tmp_path / "good.safetensors")
-    edited(tmp_path / "good.safetensors", tmp_path / "rooted.safetensors",
-           lambda h: h.update(modules_to_save={"": ["weight"]}))
+    edited(
+        tmp_path / "good.safetensors",
+        tmp_path / "rooted.safetensors",
+        lambda h: h.update(modules_to_save={"": ["weight"]}),
+    )
     store = AdapterStore(copy.deepcopy(base), tmp_path)
     assert "rooted" in store.problems() and "empty" in store.problems()["rooted"]
     store.acquire("good")
@@ -140,9 +142,13 @@ def test_root_head_in_the_directory_is_listed_as_a_problem(base, tmp_path):
 def test_only_verified_modules_of_adaptable_kinds_are_wrapped(base, tmp_path):
     """Registration wraps nothing; loading wraps exactly the adapter's modules (and real heads) after verifying."""
     save(base, tmp_path / "qv.safetensors")
-    edited(tmp_path / "qv.safetensors", tmp_path / "norms.safetensors",  # claims to adapt norms and the decoder
-           lambda h: h.update(modules=[["model.norm"] + r[1:] for r in h["modules"][:1]]
-                              + [["model"] + r[1:] for r in h["modules"][1:]]))
+    edited(
+        tmp_path / "qv.safetensors",
+        tmp_path / "norms.safetensors",  # claims to adapt norms and the decoder
+        lambda h: h.update(
+            modules=[["model.norm", *r[1:]] for r in h["modules"][:1]] + [["model", *r[1:]] for r in h["modules"][1:]]
+        ),
+    )
     served = copy.deepcopy(base)
     store = AdapterStore(served, tmp_path)
     assert not any(isinstance(m, (MixedLayer, MixedHead)) for m in served.modules())
@@ -175,7 +181,7 @@ def test_adapter_clashing_with_a_loaded_head_is_refused(base, tmp_path):
     store = AdapterStore(served, tmp_path)
     before = served_outputs(store, served, ["headed", None])
     types = module_types(served)
-    with pytest.raises(vblora.AdapterFormatError, match="onhead.*inside head lm_head"):
+    with pytest.raises(vblora.AdapterFormatError, match=r"onhead.*inside head lm_head"):
         store.acquire("onhead")
     assert module_types(served) == types
     assert torch.equal(served_outputs(store, served, ["headed", None]), before)
@@ -193,8 +199,11 @@ def test_scan_survives_any_single_file(base, tmp_path):
     deep = tmp_path / "deep"
     deep.mkdir()
     (deep / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
-    edited(tmp_path / "good.safetensors", tmp_path / "rooted.safetensors",
-           lambda h: h.update(modules_to_save={"": ["weight"]}))
+    edited(
+        tmp_path / "good.safetensors",
+        tmp_path / "rooted.safetensors",
+        lambda h: h.update(modules_to_save={"": ["weight"]}),
+    )
     (tmp_path / "passwd.safetensors").write_bytes(PASSWD)
     added, removed = store.scan()
     assert added == ["deep", "passwd", "peft", "rooted"] and removed == []
@@ -206,6 +215,7 @@ def test_scan_survives_any_single_file(base, tmp_path):
 
 
 # -- 4: a file replaced under the store ------------------------------------------------------------------------------
+
 
 def test_file_replaced_before_first_use_serves_the_new_file(base, tmp_path):
     save(base, tmp_path / "a.safetensors", 1)
@@ -248,8 +258,9 @@ def test_replaced_by_a_damaged_file_is_refused_then_a_fixed_file_loads(base, tmp
     ids = tokens(1, 6)
     with store.rows([handle]):
         out = logits(store.model, ids)
-    assert torch.allclose(out, logits(vblora.load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors"), ids),
-                          atol=1e-5, rtol=0)
+    assert torch.allclose(
+        out, logits(vblora.load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors"), ids), atol=1e-5, rtol=0
+    )
 
 
 def test_same_size_same_mtime_replacement_is_noticed(base, tmp_path):
@@ -266,6 +277,7 @@ def test_same_size_same_mtime_replacement_is_noticed(base, tmp_path):
 
 
 # -- 5: a failed replacement -----------------------------------------------------------------------------------------
+
 
 def test_failed_replacement_keeps_the_working_adapter(base, tmp_path):
     files = tmp_path / "files"
@@ -285,8 +297,12 @@ def test_failed_replacement_keeps_the_working_adapter(base, tmp_path):
     store = AdapterStore(served, tmp_path)
     store.add("x", files / "good.safetensors")
     before = served_outputs(store, served, ["x", None])
-    for bad, error in (("flipped", vblora.AdapterFormatError), ("foreign", vblora.AdapterFormatError),
-                       ("passwd", vblora.AdapterFormatError), ("missing", FileNotFoundError)):
+    for bad, error in (
+        ("flipped", vblora.AdapterFormatError),
+        ("foreign", vblora.AdapterFormatError),
+        ("passwd", vblora.AdapterFormatError),
+        ("missing", FileNotFoundError),
+    ):
         with pytest.raises(error):
             store.add("x", files / f"{bad}.safetensors")
         assert store.acquire("x").info["path"] == str(files / "good.safetensors"), bad
@@ -300,10 +316,11 @@ def test_failed_replacement_keeps_the_working_adapter(base, tmp_path):
 
 # -- 7: messages, symlinks, paths ------------------------------------------------------------------------------------
 
+
 def test_messages_do_not_echo_file_bytes(base, tmp_path):
     leaked = str(struct.unpack("<Q", PASSWD[:8])[0])  # 3475222254926655346: "root:x:0" read as a length
     (tmp_path / "passwd.safetensors").write_bytes(PASSWD)
-    (tmp_path / "latin.safetensors").write_bytes(struct.pack("<Q", 6) + b"{\"\xff\xfe\":1}" + b"\0" * 8)
+    (tmp_path / "latin.safetensors").write_bytes(struct.pack("<Q", 6) + b'{"\xff\xfe":1}' + b"\0" * 8)
     store = AdapterStore(copy.deepcopy(base), tmp_path)
     problems = store.problems()
     assert "header length out of range" in problems["passwd"] and leaked not in problems["passwd"]
@@ -355,8 +372,14 @@ def test_add_is_confined_to_the_directory(base, tmp_path):
     (d / "link.safetensors").symlink_to(outside / "x.safetensors")
     store = AdapterStore(copy.deepcopy(base), d)
     messages = []
-    for path in (outside / "x.safetensors", outside / "passwd", outside / "none",
-                 d / ".." / "outside" / "x.safetensors", d / "link.safetensors", "/etc/passwd"):
+    for path in (
+        outside / "x.safetensors",
+        outside / "passwd",
+        outside / "none",
+        d / ".." / "outside" / "x.safetensors",
+        d / "link.safetensors",
+        "/etc/passwd",
+    ):
         with pytest.raises(PathNotAllowedError) as err:
             store.add("x", path)
         assert isinstance(err.value, vblora.VBLoRAError) and isinstance(err.value, PermissionError)
@@ -392,7 +415,7 @@ def test_find_and_verified_are_the_one_path(base, tmp_path):
     snap, heads = verified(find(tmp_path, "good"), base, modules)
     want = read_adapter(tmp_path / "good.safetensors")[0]
     assert torch.equal(snap.indices, want.indices) and heads == {}
-    with pytest.raises(vblora.AdapterFormatError, match="adapter 'bad'.*model holds or is an adapted module"):
+    with pytest.raises(vblora.AdapterFormatError, match=r"adapter 'bad'.*model holds or is an adapted module"):
         verified(find(tmp_path, "bad"), base, modules)
     with pytest.raises(FileNotFoundError):
         find(tmp_path, "nothing")
@@ -412,6 +435,7 @@ def test_find_and_verified_are_the_one_path(base, tmp_path):
 
 
 # -- the same probes through the HTTP server (while `vblora serve` has one) ------------------------------------------
+
 
 def test_http_server_refuses_hostile_adapters_and_keeps_serving(tmp_path):
     """Cases 1, 5 and 7 as the issue probed them: the real server and the `openai` client. Each bad load is a 400
@@ -441,9 +465,14 @@ def test_http_server_refuses_hostile_adapters_and_keeps_serving(tmp_path):
 
         before = {m: ask(m) for m in ("tiny", "alpha")}
         assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "crafted", "flipped", "passwd", "rooted"]
-        for name, path in (("crafted", d / "crafted.safetensors"), ("rooted", d / "rooted.safetensors"),
-                           ("alpha", d / "flipped"), ("alpha", d / "passwd.safetensors"),
-                           ("x", tmp_path / "files" / "spare"), ("x", d / "leak.safetensors")):
+        for name, path in (
+            ("crafted", d / "crafted.safetensors"),
+            ("rooted", d / "rooted.safetensors"),
+            ("alpha", d / "flipped"),
+            ("alpha", d / "passwd.safetensors"),
+            ("x", tmp_path / "files" / "spare"),
+            ("x", d / "leak.safetensors"),
+        ):
             r = httpx.post(url + "/v1/adapters", json={"name": name, "path": str(path)})
             message = r.json()["error"]["message"]
             assert r.status_code == 400 and "Traceback" not in message and "root:x" not in message, (name, path)

@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 from torch import nn
-from tiny_models import tiny_gpt2, tiny_llama, tokens
 
 import vblora
+from tiny_models import tiny_gpt2, tiny_llama, tokens
 from vblora.serve import AdapterStore
 from vblora.serve.mixed import GATHER, LOOP
 
@@ -32,8 +32,9 @@ def save_random(base: nn.Module, path, config: vblora.VBLoRAConfig, **save) -> N
 LLAMA_ADAPTERS = {  # different targets, ranks, vector lengths, bank sizes and k
     "qv": vblora.VBLoRAConfig(target_modules=["q_proj", "v_proj"], rank=4, num_vectors=32, vector_length=32, seed=1),
     "all": vblora.VBLoRAConfig(target_modules="all-linear", rank=2, num_vectors=16, vector_length=16, seed=2),
-    "o3": vblora.VBLoRAConfig(target_modules=["o_proj", "down_proj"], rank=3, num_vectors=8, vector_length=48,
-                              topk=3, seed=3),
+    "o3": vblora.VBLoRAConfig(
+        target_modules=["o_proj", "down_proj"], rank=3, num_vectors=8, vector_length=48, topk=3, seed=3
+    ),
     "qv2": vblora.VBLoRAConfig(target_modules=["q_proj", "v_proj"], rank=4, num_vectors=32, vector_length=32, seed=4),
 }
 
@@ -69,10 +70,10 @@ def test_mixed_rows_equal_each_row_alone(llama_setup, strategy):
         out = logits(served, ids)
     plain = logits(base, ids)
     for i, name in enumerate(names):
-        ref = logits(alone(base, d, name), ids[i:i + 1])
-        assert torch.allclose(out[i:i + 1], ref, atol=1e-5, rtol=0), (i, name, (out[i] - ref).abs().max())
+        ref = logits(alone(base, d, name), ids[i : i + 1])
+        assert torch.allclose(out[i : i + 1], ref, atol=1e-5, rtol=0), (i, name, (out[i] - ref).abs().max())
         if name:  # the adapter really changes this row
-            assert (ref - plain[i:i + 1]).abs().max() > 1e-3
+            assert (ref - plain[i : i + 1]).abs().max() > 1e-3
 
 
 def test_no_adapter_is_exactly_the_base(llama_setup):
@@ -112,8 +113,10 @@ def test_greedy_generate_identical_and_sampling_runs(llama_setup):
         mixed = served.generate(ids, **kw)
     for i, name in enumerate(names):
         with torch.no_grad():
-            ref = alone(base, d, name).generate(ids[i:i + 1], **{**kw, "attention_mask": torch.ones_like(ids[i:i + 1])})
-        assert torch.equal(mixed[i:i + 1], ref), (name, mixed[i], ref)
+            ref = alone(base, d, name).generate(
+                ids[i : i + 1], **{**kw, "attention_mask": torch.ones_like(ids[i : i + 1])}
+            )
+        assert torch.equal(mixed[i : i + 1], ref), (name, mixed[i], ref)
     sampled = []
     for _ in range(2):
         torch.manual_seed(7)
@@ -132,8 +135,10 @@ def test_tokens_mode_on_a_packed_pointwise_model(tmp_path):
     """Packed (1, T, d) input with one adapter per token: a per-token model, so each token equals itself alone."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 40)).eval()
-    cfgs = {"a": vblora.VBLoRAConfig(target_modules=["0", "2"], rank=4, num_vectors=16, vector_length=16, seed=1),
-            "b": vblora.VBLoRAConfig(target_modules=["2"], rank=2, num_vectors=8, vector_length=32, seed=2)}
+    cfgs = {
+        "a": vblora.VBLoRAConfig(target_modules=["0", "2"], rank=4, num_vectors=16, vector_length=16, seed=1),
+        "b": vblora.VBLoRAConfig(target_modules=["2"], rank=2, num_vectors=8, vector_length=32, seed=2),
+    }
     for name, cfg in cfgs.items():
         save_random(base, tmp_path / f"{name}.safetensors", cfg)
     served = copy.deepcopy(base)
@@ -147,8 +152,8 @@ def test_tokens_mode_on_a_packed_pointwise_model(tmp_path):
             out = served(x)
         for t, h in enumerate(plan):
             with torch.no_grad():
-                ref = refs[h.name if h else None](x[:, t:t + 1])
-            assert torch.allclose(out[:, t:t + 1], ref, atol=1e-5, rtol=0), (strategy, t)
+                ref = refs[h.name if h else None](x[:, t : t + 1])
+            assert torch.allclose(out[:, t : t + 1], ref, atol=1e-5, rtol=0), (strategy, t)
     with store.tokens(plan), pytest.raises(vblora.VBLoRAError, match="batch size 1"):
         served(torch.randn(2, len(plan), 40))
 
@@ -156,10 +161,12 @@ def test_tokens_mode_on_a_packed_pointwise_model(tmp_path):
 def test_gpt2_conv1d_and_embedding_targets(tmp_path):
     torch.manual_seed(0)
     base = tiny_gpt2()
-    cfgs = {"attn": vblora.VBLoRAConfig(target_modules=["c_attn", "c_proj"], rank=4, num_vectors=16,
-                                        vector_length=32, seed=1),
-            "emb": vblora.VBLoRAConfig(target_modules=["wte", "c_fc"], rank=2, num_vectors=16, vector_length=20,
-                                       seed=2)}
+    cfgs = {
+        "attn": vblora.VBLoRAConfig(
+            target_modules=["c_attn", "c_proj"], rank=4, num_vectors=16, vector_length=32, seed=1
+        ),
+        "emb": vblora.VBLoRAConfig(target_modules=["wte", "c_fc"], rank=2, num_vectors=16, vector_length=20, seed=2),
+    }
     for name, cfg in cfgs.items():
         save_random(base, tmp_path / f"{name}.safetensors", cfg)
     served = copy.deepcopy(base)
@@ -170,16 +177,24 @@ def test_gpt2_conv1d_and_embedding_targets(tmp_path):
         with store.rows([store.acquire(n) if n else None for n in names], strategy=strategy):
             out = logits(served, ids)
         for i, name in enumerate(names):
-            ref = logits(alone(base, tmp_path, name), ids[i:i + 1])
-            assert torch.allclose(out[i:i + 1], ref, atol=1e-5, rtol=0), (strategy, i, name)
+            ref = logits(alone(base, tmp_path, name), ids[i : i + 1])
+            assert torch.allclose(out[i : i + 1], ref, atol=1e-5, rtol=0), (strategy, i, name)
 
 
 def tiny_llama_classifier(num_labels: int = 3):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_labels=num_labels,
-                      pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
     return LlamaForSequenceClassification(cfg).eval()
 
 
@@ -187,8 +202,14 @@ def test_classification_heads_per_row(tmp_path):
     torch.manual_seed(0)
     base = tiny_llama_classifier()
     for name, seed in (("h1", 1), ("h2", 2)):
-        cfg = vblora.VBLoRAConfig(target_modules=["q_proj", "v_proj"], rank=4, num_vectors=16, vector_length=32,
-                                  modules_to_save=["score"], seed=seed)
+        cfg = vblora.VBLoRAConfig(
+            target_modules=["q_proj", "v_proj"],
+            rank=4,
+            num_vectors=16,
+            vector_length=32,
+            modules_to_save=["score"],
+            seed=seed,
+        )
         save_random(base, tmp_path / f"{name}.safetensors", cfg)
     served = copy.deepcopy(base)
     store = AdapterStore(served, tmp_path)
@@ -201,10 +222,10 @@ def test_classification_heads_per_row(tmp_path):
     assert out.shape == (4, 3)
     plain = logits(base, ids)
     for i, name in enumerate(names):
-        ref = logits(alone(base, tmp_path, name), ids[i:i + 1])
-        assert torch.allclose(out[i:i + 1], ref, atol=1e-5, rtol=0), (i, name)
+        ref = logits(alone(base, tmp_path, name), ids[i : i + 1])
+        assert torch.allclose(out[i : i + 1], ref, atol=1e-5, rtol=0), (i, name)
         if name:
-            assert (ref - plain[i:i + 1]).abs().max() > 1e-2
+            assert (ref - plain[i : i + 1]).abs().max() > 1e-2
     assert not torch.allclose(out[0], out[2], atol=1e-3)  # the two heads differ
 
 
@@ -256,6 +277,8 @@ def test_head_called_by_keyword_passes_through():
     with router.use(Plan([other, None, other], {other: {}})):
         assert torch.equal(head(hidden=x), want)
     carrier = Unit({"head": {k: v + 1 for k, v in head.base.state_dict().items()}})
-    with router.use(Plan([carrier, None, other], {carrier: {}, other: {}})), \
-            pytest.raises(vblora.VBLoRAError, match="head head was called without a tensor input"):
+    with (
+        router.use(Plan([carrier, None, other], {carrier: {}, other: {}})),
+        pytest.raises(vblora.VBLoRAError, match="head head was called without a tensor input"),
+    ):
         head(hidden=x)

@@ -10,9 +10,9 @@ import threading
 import pytest
 import torch
 from torch import nn
-from tiny_models import tiny_llama, tokens
 
 import vblora
+from tiny_models import tiny_llama, tokens
 from vblora.serve import AdapterHandle, AdapterStore, UnknownAdapterError
 
 CFG = dict(target_modules=["q_proj", "v_proj"], rank=4, num_vectors=32, vector_length=32)
@@ -47,8 +47,8 @@ def check_rows(store, served, base, refs: dict, names: list) -> None:
         out = logits(served, ids)
     for i, n in enumerate(names):
         key = n.name if isinstance(n, AdapterHandle) else n
-        ref = logits(refs[key] if key else base, ids[i:i + 1])
-        assert torch.allclose(out[i:i + 1], ref, atol=1e-5, rtol=0), (i, key)
+        ref = logits(refs[key] if key else base, ids[i : i + 1])
+        assert torch.allclose(out[i : i + 1], ref, atol=1e-5, rtol=0), (i, key)
 
 
 def test_directory_kinds_and_info(base, tmp_path):
@@ -66,8 +66,11 @@ def test_directory_kinds_and_info(base, tmp_path):
     assert info["task_type"] == "CAUSAL_LM" and info["rank"] == 4 and info["format"] == "native"
     assert len(info["bank_sha256"]) == 64
     assert store.acquire("peft").info["format"] == "peft"
-    refs = {"file": alone(base, d / "file.safetensors"), "dir": alone(base, d / "dir"),
-            "peft": vblora.import_peft(copy.deepcopy(base), d / "peft")}
+    refs = {
+        "file": alone(base, d / "file.safetensors"),
+        "dir": alone(base, d / "dir"),
+        "peft": vblora.import_peft(copy.deepcopy(base), d / "peft"),
+    }
     check_rows(store, served, base, refs, ["peft", "file", None, "dir"])
 
 
@@ -114,8 +117,10 @@ def test_shared_bank_held_once(base, tmp_path):
     ref_file = tmp_path / "ref0.safetensors"
     assert handles[1].info["bytes_on_disk"] == ref_file.stat().st_size
     assert handles[1].adapter.resident_bytes < bank.numel() * 4  # per adapter: indices and weights only
-    refs = {f"ref{i}": alone(base, tmp_path / f"ref{i}.safetensors", bank_path=tmp_path / "bank.safetensors")
-            for i in range(3)}
+    refs = {
+        f"ref{i}": alone(base, tmp_path / f"ref{i}.safetensors", bank_path=tmp_path / "bank.safetensors")
+        for i in range(3)
+    }
     refs["embedded"] = alone(base, tmp_path / "embedded.safetensors")
     check_rows(store, served, base, refs, ["ref0", "embedded", "ref2", None, "ref1"])
     # a `vblora train --freeze-bank` run directory: run/adapter/adapter.safetensors, the bank at run/bank.safetensors
@@ -131,7 +136,7 @@ def test_shared_bank_held_once(base, tmp_path):
 def test_reference_without_bank_is_a_clear_error(base, tmp_path):
     vblora.save_adapter(adapted(base, 1), tmp_path / "lonely.safetensors", bank="reference")
     store = AdapterStore(copy.deepcopy(base), tmp_path)
-    with pytest.raises(vblora.AdapterFormatError, match="lonely.*shared bank.*save_bank"):
+    with pytest.raises(vblora.AdapterFormatError, match=r"lonely.*shared bank.*save_bank"):
         store.acquire("lonely")
 
 
@@ -172,8 +177,11 @@ def test_add_remove_while_running(base, tmp_path):
     vblora.save_adapter(adapted(base, 3, target_modules=["o_proj", "up_proj"], rank=2), tmp_path / "three.safetensors")
     served = copy.deepcopy(base)
     store = AdapterStore(served, d, allow_outside_paths=True)  # adds files outside d
-    refs = {"one": alone(base, d / "one.safetensors"), "two": alone(base, tmp_path / "two.safetensors"),
-            "three": alone(base, tmp_path / "three.safetensors")}
+    refs = {
+        "one": alone(base, d / "one.safetensors"),
+        "two": alone(base, tmp_path / "two.safetensors"),
+        "three": alone(base, tmp_path / "three.safetensors"),
+    }
     one = store.acquire("one")
     store.add("two", tmp_path / "two.safetensors")
     store.add("three", tmp_path / "three.safetensors")  # other targets: wrapped when added (after verifying)
@@ -197,7 +205,7 @@ def test_add_remove_while_running(base, tmp_path):
                 store.add(f"tmp{i}", tmp_path / "two.safetensors")
                 store.acquire(f"tmp{i}")
                 store.remove(f"tmp{i}")
-        except Exception as e:  # noqa: BLE001  (reported below)
+        except Exception as e:  # reported below
             errors.append(e)
 
     worker = threading.Thread(target=churn)
@@ -232,7 +240,7 @@ def test_damaged_file_fails_alone(base, tmp_path):
     assert "garbage" in store.problems()
     with pytest.raises(vblora.AdapterFormatError, match=r"flipped\.safetensors: (index|.*sha256|mixing)"):
         store.acquire("flipped")
-    with pytest.raises(vblora.AdapterFormatError, match="garbage.*corrupt"):
+    with pytest.raises(vblora.AdapterFormatError, match=r"garbage.*corrupt"):
         store.acquire("garbage")
     check_rows(store, served, base, {"good": alone(base, tmp_path / "good.safetensors")}, ["good", None])
     with pytest.raises(vblora.AdapterFormatError, match="corrupt"):
@@ -249,7 +257,7 @@ def test_adapter_of_another_base_is_refused(base, tmp_path):
     vblora.save_adapter(adapted(other, 1), tmp_path / "foreign.safetensors")
     vblora.save_adapter(adapted(base, 2), tmp_path / "mine.safetensors")
     store = AdapterStore(copy.deepcopy(base), tmp_path)
-    with pytest.raises(vblora.AdapterFormatError, match="foreign.*weights differ"):
+    with pytest.raises(vblora.AdapterFormatError, match=r"foreign.*weights differ"):
         store.acquire("foreign")
     store.acquire("mine")
     with pytest.raises(vblora.TargetError):
@@ -260,13 +268,11 @@ def test_unknown_names_and_bad_entries(base, tmp_path):
     vblora.save_adapter(adapted(base, 1), tmp_path / "a.safetensors")
     served = copy.deepcopy(base)
     store = AdapterStore(served, tmp_path)
-    with pytest.raises(UnknownAdapterError, match="'zzz'.*registered: a"):
+    with pytest.raises(UnknownAdapterError, match=r"'zzz'.*registered: a"):
         store.acquire("zzz")
-    with pytest.raises(UnknownAdapterError):
-        with store.rows(["zzz"]):
-            pass
-    with pytest.raises(vblora.VBLoRAError, match="AdapterHandles"):
-        with store.rows([42]):
-            pass
+    with pytest.raises(UnknownAdapterError), store.rows(["zzz"]):
+        pass
+    with pytest.raises(vblora.VBLoRAError, match="AdapterHandles"), store.rows([42]):
+        pass
     with store.rows(["a", None]):  # names are accepted too
         logits(served, tokens(2, 4))

@@ -27,8 +27,17 @@ import vblora
 from vblora.cli import main
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-VLLM_LLAMA_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                           "embed_tokens", "lm_head"}
+VLLM_LLAMA_LORA_MODULES = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "embed_tokens",
+    "lm_head",
+}
 
 
 def vllm_module_of(key: str) -> tuple[str, str]:
@@ -51,11 +60,17 @@ def smallest_max_lora_rank(r: int) -> int:
 def test_exported_lora_directory_is_what_vllm_loads(tmp_path, targets, rank):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg).eval()
-    vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules=targets, rank=rank, num_vectors=16,
-                                                 vector_length=16))
+    vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules=targets, rank=rank, num_vectors=16, vector_length=16))
     vblora.save_adapter(model, tmp_path / "adapter")
     assert main(["export", str(tmp_path / "adapter"), "--to", "lora", "-o", str(tmp_path / "lora")]) == 0
 
@@ -80,8 +95,11 @@ def test_exported_lora_directory_is_what_vllm_loads(tmp_path, targets, rank):
         found.setdefault(name, set()).add(part)
     assert all(parts == {"lora_A", "lora_B"} for parts in found.values())
     suffixes = {n.rsplit(".", 1)[-1] for n in found}
-    assert suffixes == ({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-                        if targets == "all-linear" else set(targets))
+    assert suffixes == (
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        if targets == "all-linear"
+        else set(targets)
+    )
     assert {t.rsplit(".", 1)[-1] for t in config["target_modules"]} == suffixes
     assert len(found) == cfg.num_hidden_layers * len(suffixes)
 
@@ -90,6 +108,8 @@ def test_vllm_would_refuse_what_it_cannot_serve():
     """The restated rules reject what vLLM rejects (so the test above could fail)."""
     with pytest.raises(ValueError):
         vllm_module_of("base_model.model.model.layers.0.self_attn.q_proj.vblora_logits_A")
-    assert vllm_module_of("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight") == \
-        ("model.layers.0.mlp.down_proj", "lora_B")
+    assert vllm_module_of("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight") == (
+        "model.layers.0.mlp.down_proj",
+        "lora_B",
+    )
     assert smallest_max_lora_rank(4) == 8 and smallest_max_lora_rank(16) == 16 and smallest_max_lora_rank(17) == 32

@@ -11,13 +11,27 @@ from vblora.train.selection import SelectionRecorder
 def tiny_classifier(layers: int = 3):
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    cfg = RobertaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, num_labels=2)
+    cfg = RobertaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
     torch.manual_seed(0)
     model = RobertaForSequenceClassification(cfg)
-    config = vblora.VBLoRAConfig(target_modules=["query", "value", "dense"], rank=2, num_vectors=24,
-                                 vector_length=32, topk=2, modules_to_save=["classifier"])
+    config = vblora.VBLoRAConfig(
+        target_modules=["query", "value", "dense"],
+        rank=2,
+        num_vectors=24,
+        vector_length=32,
+        topk=2,
+        modules_to_save=["classifier"],
+    )
     return vblora.add_vblora(model, config)
 
 

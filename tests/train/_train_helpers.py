@@ -10,13 +10,36 @@ WORDS_NEG = ["bad", "awful", "poor", "terrible", "dull", "boring"]
 WORDS_NEU = ["the", "a", "movie", "film", "was", "is", "very", "plot", "acting", "and", "it", "this"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 LM_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
-LM_WORDS = (WORDS_POS + WORDS_NEG + WORDS_NEU + ["###", "Instruction:", "Response:", "Input:", "Below", "positive",
-            "negative", "answer", "sentiment", "what", "add", "plus", "#", "user", "assistant", ":", "<|im_start|>",
-            "<|im_end|>"] + [str(i) for i in range(30)])
+LM_WORDS = (
+    WORDS_POS
+    + WORDS_NEG
+    + WORDS_NEU
+    + [
+        "###",
+        "Instruction:",
+        "Response:",
+        "Input:",
+        "Below",
+        "positive",
+        "negative",
+        "answer",
+        "sentiment",
+        "what",
+        "add",
+        "plus",
+        "#",
+        "user",
+        "assistant",
+        ":",
+        "<|im_start|>",
+        "<|im_end|>",
+    ]
+    + [str(i) for i in range(30)]
+)
 
 
 def sentence(rng: random.Random, positive: bool) -> str:
-    words = rng.sample(WORDS_NEU, 3) + [rng.choice(WORDS_POS if positive else WORDS_NEG)]
+    words = [*rng.sample(WORDS_NEU, 3), rng.choice(WORDS_POS if positive else WORDS_NEG)]
     rng.shuffle(words)
     return " ".join(words)
 
@@ -44,8 +67,20 @@ def write_jsonl(path, rows: list[dict]) -> str:
 
 def run_overrides(model: str, files: dict, out, **kw) -> dict:
     """Overrides for a fast tiny run on CPU (vector length 32 divides hidden 64 and FFN 128)."""
-    base = {"model": model, **files, "output": str(out), "device": "cpu", "epochs": 2, "batch_size": 8,
-            "eval_batch_size": 16, "vector_length": 32, "num_vectors": 16, "max_length": 16, "logging_steps": 1000,
-            "lr_head": 1e-2, "overwrite": True}
+    base = {
+        "model": model,
+        **files,
+        "output": str(out),
+        "device": "cpu",
+        "epochs": 2,
+        "batch_size": 8,
+        "eval_batch_size": 16,
+        "vector_length": 32,
+        "num_vectors": 16,
+        "max_length": 16,
+        "logging_steps": 1000,
+        "lr_head": 1e-2,
+        "overwrite": True,
+    }
     base.update(kw)
     return base

@@ -10,7 +10,7 @@ from vblora.train.errors import DataError
 
 
 def test_csv_tsv_jsonl_read_the_same_rows(tmp_path):
-    rows = [{"text": "a, quoted \"x\"", "label": "pos"}, {"text": "b", "label": "neg"}]
+    rows = [{"text": 'a, quoted "x"', "label": "pos"}, {"text": "b", "label": "neg"}]
     (tmp_path / "d.csv").write_text('text,label\n"a, quoted ""x""",pos\nb,neg\n')
     write_csv(tmp_path / "d.tsv", [{"text": 'a, quoted "x"', "label": "pos"}, rows[1]], delim="\t")
     write_jsonl(tmp_path / "d.jsonl", rows)
@@ -21,8 +21,10 @@ def test_csv_tsv_jsonl_read_the_same_rows(tmp_path):
 
 
 def test_glue_cola_headerless_layout(tmp_path):
-    (tmp_path / "train.tsv").write_text("gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\n"
-                                        "gj04\t0\t*\tThe more books I ask to whom he will give.\n")
+    (tmp_path / "train.tsv").write_text(
+        "gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\n"
+        "gj04\t0\t*\tThe more books I ask to whom he will give.\n"
+    )
     lay = user_data.GLUE_LAYOUTS["cola"]
     t = user_data.read_table(tmp_path / "train.tsv", names=lay["names"])
     ex, labels = user_data.load_split(t, lay["text"], lay["pair"], lay["label"], None)
@@ -31,7 +33,7 @@ def test_glue_cola_headerless_layout(tmp_path):
 
 
 def test_label_spaces():
-    assert user_data.infer_labels(["2", "10", "2"]).names == ["2", "10"]          # numeric order
+    assert user_data.infer_labels(["2", "10", "2"]).names == ["2", "10"]  # numeric order
     assert user_data.infer_labels(["b", "a"]).names == ["a", "b"]
     ls = user_data.infer_labels(["0.5", "1.25", "3"])
     assert ls.regression and ls.num_labels == 1
@@ -45,8 +47,11 @@ def test_unknown_label_names_file_line_column(tmp_path):
     train = user_data.read_table(write_csv(tmp_path / "train.csv", [{"t": "a", "y": "pos"}, {"t": "b", "y": "neg"}]))
     _, labels = user_data.load_split(train, "t", None, "y", None)
     dev = user_data.read_table(write_csv(tmp_path / "dev.csv", [{"t": "a", "y": "pos"}, {"t": "b", "y": "neutral"}]))
-    with pytest.raises(DataError, match=r"dev\.csv:3: column 'y': label 'neutral' is not one of the training "
-                                        r"labels \['neg', 'pos'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"dev\.csv:3: column 'y': label 'neutral' is not one of the training "
+        r"labels \['neg', 'pos'\]",
+    ):
         user_data.load_split(dev, "t", None, "y", labels)
 
 
@@ -65,8 +70,11 @@ def test_malformed_files(tmp_path):
     t = user_data.read_table(write_jsonl(tmp_path / "m.jsonl", [{"text": "a", "label": 1}, {"text": "", "label": 0}]))
     with pytest.raises(DataError, match=r"m\.jsonl:2: column 'text' is empty"):
         user_data.load_split(t, "text", None, "label", None)
-    with pytest.raises(DataError, match=r"no column 'sentence' in .*m\.jsonl; columns: label, text; "
-                                        r"pass --text-column text"):
+    with pytest.raises(
+        DataError,
+        match=r"no column 'sentence' in .*m\.jsonl; columns: label, text; "
+        r"pass --text-column text",
+    ):
         user_data.load_split(t, "sentence", None, "label", None)
     (tmp_path / "x.parquet").write_text("")
     with pytest.raises(DataError, match="unknown data format"):

@@ -44,18 +44,25 @@ def test_blank_label_is_an_error_with_what_to_do(tmp_path, blank):
     f = tmp_path / "train.csv"
     f.write_text(f"text,score\na,0.5\nb,{blank}\nc,1.5\n")
     assert _error(_split, f, label_col="score").endswith(
-        "train.csv:3: column 'score' is empty; fill it in or remove the row")
+        "train.csv:3: column 'score' is empty; fill it in or remove the row"
+    )
 
 
 def test_word_among_numbers_and_number_among_names_are_errors(tmp_path):
     f = tmp_path / "train.csv"
     f.write_text("text,score\na,0.5\nb,1.5\nc,N/A\nd,2.5\n")
-    assert "train.csv:4: column 'score': label 'N/A' is not a finite number, while the column's other labels are " \
-           "numbers" in _error(_split, f, label_col="score")
+    assert (
+        "train.csv:4: column 'score': label 'N/A' is not a finite number, while the column's other labels are "
+        "numbers" in _error(_split, f, label_col="score")
+    )
     f.write_text("text,label\na,pos\nb,neg\nc,1\nd,pos\n")
     msg = _error(_split, f)
-    assert "train.csv:4: column 'label': label '1' is a number, while the column's other labels are class names " \
-           "(e.g. 'pos')" in msg and "all numbers or all class names" in msg
+    assert (
+        "train.csv:4: column 'label': label '1' is a number, while the column's other labels are class names "
+        "(e.g. 'pos')"
+        in msg
+        and "all numbers or all class names" in msg
+    )
 
 
 def test_jsonl_labels_follow_the_same_rule(tmp_path):
@@ -85,8 +92,17 @@ def test_valid_label_columns_parse_as_before(tmp_path):
     ex, space = _split(f, label_col="score")
     assert space.regression and space.num_labels == 1 and ex.labels == [0.5, -1.25, 3.0, 0.01]
     f = tmp_path / "ints.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "a", "label": 1}, {"text": "b", "label": 0},
-                                                         {"text": "c", "label": "1.0"}, {"text": "d", "label": 10}]))
+    f.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"text": "a", "label": 1},
+                {"text": "b", "label": 0},
+                {"text": "c", "label": "1.0"},
+                {"text": "d", "label": 10},
+            ]
+        )
+    )
     ex, space = _split(f)
     assert space.names == ["0", "1", "10"] and ex.labels == [1, 0, 1, 2]
     f = tmp_path / "names.csv"
@@ -97,8 +113,7 @@ def test_valid_label_columns_parse_as_before(tmp_path):
 
 def test_glue_tsv_layouts_parse_as_before(tmp_path):
     f = tmp_path / "stsb.tsv"
-    f.write_text('index\tgenre\tsentence1\tsentence2\tscore\n0\tmain\tA "quoted\tB.\t5.000\n'
-                 "1\tmain\tC.\tD.\t0.750\n")
+    f.write_text('index\tgenre\tsentence1\tsentence2\tscore\n0\tmain\tA "quoted\tB.\t5.000\n1\tmain\tC.\tD.\t0.750\n')
     lay = user_data.GLUE_LAYOUTS["stsb"]
     ex, space = _split(f, lay["text"], lay["label"], pair_col=lay["pair"])
     assert space.regression and ex.labels == [5.0, 0.75] and ex.texts == ['A "quoted', "C."]
@@ -130,12 +145,15 @@ def test_line_separators_other_than_newline_do_not_split_records(tmp_path):
     assert user_data.read_table(f).lines == [1, 2]
 
 
-@pytest.mark.parametrize("body, line", [
-    ('ok,1\n"broken,0\nmore,1\n', 3),             # the quote swallows the rest: 1 column instead of 2
-    ('ok,1\nx,"broken\nmore,1\n', 3),             # ... or the right number of columns, silently
-    ('"two\nlines",1\nok,0\n"broken,0', 5),       # after a multi-line field, no final newline
-    ('ok,1\n"two\nlines",1\nx,"broken\n', 5),
-])
+@pytest.mark.parametrize(
+    "body, line",
+    [
+        ('ok,1\n"broken,0\nmore,1\n', 3),  # the quote swallows the rest: 1 column instead of 2
+        ('ok,1\nx,"broken\nmore,1\n', 3),  # ... or the right number of columns, silently
+        ('"two\nlines",1\nok,0\n"broken,0', 5),  # after a multi-line field, no final newline
+        ('ok,1\n"two\nlines",1\nx,"broken\n', 5),
+    ],
+)
 def test_unclosed_quote_is_named_with_its_line(tmp_path, body, line):
     f = tmp_path / "train.csv"
     f.write_text("text,label\n" + body)
@@ -147,8 +165,11 @@ def test_stray_quote_inside_the_file_points_at_the_multiline_record(tmp_path):
     f = tmp_path / "train.csv"
     f.write_text('text,label\nok,1\n"broken,0\nmore,1\n"fine",1\n')  # leniently: 2 columns, text to line 5
     msg = _error(user_data.read_table, f)
-    assert "train.csv:3: malformed CSV: a quoted field runs over lines 3-5 and has text after its closing quote on " \
-           "line 5" in msg and "stray or unclosed quote" in msg
+    assert (
+        "train.csv:3: malformed CSV: a quoted field runs over lines 3-5 and has text after its closing quote on line 5"
+        in msg
+        and "stray or unclosed quote" in msg
+    )
     f.write_text('text,label\nok,1\n"broken\nmore",1,2\nok,0\n')
     msg = _error(user_data.read_table, f)
     assert "train.csv:3: expected 2 columns (text, label), found 3 in the record on lines 3-4" in msg
@@ -168,23 +189,31 @@ def test_utf8_bom_is_not_part_of_the_first_column_name(tmp_path):
 def test_missing_label_or_text_column_suggests_the_columns_present(tmp_path):
     f = tmp_path / "train.csv"
     f.write_text("sentence,score\na,0.5\nb,1.5\n")
-    assert _error(_split, f, text_col="sentence") == \
-        f"no column 'label' in {f}; columns: sentence, score; pass --label-column score"
+    assert (
+        _error(_split, f, text_col="sentence")
+        == f"no column 'label' in {f}; columns: sentence, score; pass --label-column score"
+    )
     assert _error(_split, f, label_col="score").endswith("columns: sentence, score; pass --text-column sentence")
-    assert _error(_split, f).endswith("no column 'text' or 'label' in "
-                                      f"{f}; columns: sentence, score; pass --text-column and --label-column")
+    assert _error(_split, f).endswith(
+        f"no column 'text' or 'label' in {f}; columns: sentence, score; pass --text-column and --label-column"
+    )
     f.write_text("text,a,b\nx,1,0\ny,0,1\n")
     assert _error(_split, f).endswith("columns: text, a, b; pass --label-column with one of: a, b")
     f.write_text("text,label\nx,1\ny,0\n")
     assert _error(_split, f, pair_col="text2").endswith(
-        "columns: text, label; add the column or pass --text-pair-column")
+        "columns: text, label; add the column or pass --text-pair-column"
+    )
 
 
 def test_jsonl_missing_key_lists_the_keys_present(tmp_path):
     f = tmp_path / "train.jsonl"
     f.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "lable": 1}\n')
-    assert _error(_split, f) == \
-        f"{f}:3: no column 'label' in this record (it has: text, lable); add it or remove the record"
+    assert (
+        _error(_split, f)
+        == f"{f}:3: no column 'label' in this record (it has: text, lable); add it or remove the record"
+    )
     f.write_text('{"sentence": "a", "y": 1}\n{"sentence": "b", "y": 0}\n')
-    assert _error(_split, f, text_col="sentence") == f"no column 'label' in {f}; columns: sentence, y; " \
-                                                     "pass --label-column y"
+    assert (
+        _error(_split, f, text_col="sentence") == f"no column 'label' in {f}; columns: sentence, y; "
+        "pass --label-column y"
+    )

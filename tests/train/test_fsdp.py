@@ -29,14 +29,25 @@ def tiny_llama(tied: bool = True):
     import vblora
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=tied)
-    return vblora.add_vblora(LlamaForCausalLM(cfg), vblora.VBLoRAConfig(
-        target_modules="all-linear", num_vectors=H, vector_length=B, rank=RANK, topk=K))
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    return vblora.add_vblora(
+        LlamaForCausalLM(cfg),
+        vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=H, vector_length=B, rank=RANK, topk=K),
+    )
 
 
 def _optimizer(model):
     import vblora
+
     return torch.optim.AdamW(vblora.parameter_groups(model, lr_bank=1e-2, lr_logits=5e-2), betas=(0.9, 0.999))
 
 
@@ -63,8 +74,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         bank.compose_rows = lambda *a, **kw: (compositions.append(1), compose(*a, **kw))[1]  # counts compositions
         opt, opt_one = _optimizer(model), _optimizer(one)
         g = torch.Generator().manual_seed(1)
-        seen = {"loss": [], "loss_one": [], "grad_bank": [], "grad_logits": [], "grad_bank_one": [],
-                "grad_logits_one": [], "compositions": []}
+        seen = {
+            "loss": [],
+            "loss_one": [],
+            "grad_bank": [],
+            "grad_logits": [],
+            "grad_bank_one": [],
+            "grad_logits_one": [],
+            "compositions": [],
+        }
         for _ in range(STEPS):
             ids = torch.randint(0, 96, (GLOBAL_BATCH, LENGTH), generator=g)  # (B, T): no padding, equal token counts
             part = ids.chunk(world)[rank]
@@ -85,10 +103,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 o.step()
                 o.zero_grad()
         base = model.model.layers[0].self_attn.q_proj.base.weight
-        seen.update(bank=bank.bank.detach().clone(), logits=bank.logits.detach().clone(),
-                    bank_one=bank_one.bank.detach().clone(), logits_one=bank_one.logits.detach().clone(),
-                    base_type=type(base).__name__, base_local_rows=base.to_local().shape[0], base_rows=base.shape[0],
-                    bank_type=type(bank.bank).__name__, logits_type=type(bank.logits).__name__)
+        seen.update(
+            bank=bank.bank.detach().clone(),
+            logits=bank.logits.detach().clone(),
+            bank_one=bank_one.bank.detach().clone(),
+            logits_one=bank_one.logits.detach().clone(),
+            base_type=type(base).__name__,
+            base_local_rows=base.to_local().shape[0],
+            base_rows=base.shape[0],
+            bank_type=type(bank.bank).__name__,
+            logits_type=type(bank.logits).__name__,
+        )
         with sharding.gathered(model):  # collective; then one process reads the whole weights (adapter save)
             state = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
             seen["sample"] = take_snapshot(model).weight_sample if rank == 0 else None
@@ -106,7 +131,7 @@ def two_processes(tmp_path_factory):
     """Run `_worker` on 2 processes (forked: the parent's imports are reused, so this takes a few seconds)."""
     import torch.multiprocessing as mp
 
-    import vblora.storage.snapshot  # noqa: F401  imported once here, before the fork, not in each process
+    import vblora.storage.snapshot
     import vblora.train.sharding  # noqa: F401
 
     with torch.no_grad():  # transformers' lazy imports (model classes, generation, masks) loaded before the fork too
@@ -120,7 +145,7 @@ def test_two_processes_equal_one_process(two_processes):
     s = two_processes
     assert s["loss"] == pytest.approx(s["loss_one"], abs=1e-6)
     for what in ("grad_bank", "grad_logits"):
-        for step, (got, want) in enumerate(zip(s[what], s[what + "_one"])):
+        for step, (got, want) in enumerate(zip(s[what], s[what + "_one"], strict=True)):
             size = float(want.abs().max())
             assert size > 1e-6, (what, step)  # a gradient that could be wrong
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * size, msg=f"{what} step {step}")
@@ -184,27 +209,64 @@ def test_vblora_train_fsdp_matches_one_process(tiny_llama, tmp_path, quantize):
     files = {}
     for split, n, shift in (("train", 32, 0), ("validation", 8, 1), ("test", 8, 2)):
         words = ["good", "bad", "very good", "dull"]
-        rows = [{"instruction": "what sentiment", "input": f"the film was {words[k % 4]}",
-                 "output": ["positive", "negative"][k % 2]} for k in range(shift, shift + n)]
+        rows = [
+            {
+                "instruction": "what sentiment",
+                "input": f"the film was {words[k % 4]}",
+                "output": ["positive", "negative"][k % 2],
+            }
+            for k in range(shift, shift + n)
+        ]
         (tmp_path / f"{split}.json").write_text(json.dumps(rows))
         files[f"{split}_file"] = str(tmp_path / f"{split}.json")
-    settings = {"model": tiny_llama, **files, "dataset": None, "task": "causal-lm", "device": "cpu", "epochs": 2,
-                "eval_batch_size": 8, "max_length": 64, "vector_length": 32, "num_vectors": 16, "lr_bank": 1e-2,
-                "lr_logits": 5e-2, "logging_steps": 1000, "max_new_tokens": 2, "num_samples": 2, "generate_eval": 4,
-                "overwrite": True}
+    settings = {
+        "model": tiny_llama,
+        **files,
+        "dataset": None,
+        "task": "causal-lm",
+        "device": "cpu",
+        "epochs": 2,
+        "eval_batch_size": 8,
+        "max_length": 64,
+        "vector_length": 32,
+        "num_vectors": 16,
+        "lr_bank": 1e-2,
+        "lr_logits": 5e-2,
+        "logging_steps": 1000,
+        "max_new_tokens": 2,
+        "num_samples": 2,
+        "generate_eval": 4,
+        "overwrite": True,
+    }
     if quantize:
         pytest.importorskip("bitsandbytes")
         settings.update(quantize=quantize, compute_dtype="float32")
-    one = train(build_config(None, {**settings, "batch_size": 8, "output": str(tmp_path / "one")}),
-                log=lambda *a: None)
+    one = train(build_config(None, {**settings, "batch_size": 8, "output": str(tmp_path / "one")}), log=lambda *a: None)
     args = []
     for k, v in {**settings, "batch_size": 4, "output": str(tmp_path / "two")}.items():
         flag = "--" + k.replace("_", "-")
         args += [flag] if v is True else [flag, "none" if v is None else str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), "-m", "vblora", "train", "--fsdp", *args],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "vblora",
+            "train",
+            "--fsdp",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads(Path(tmp_path / "two" / "results.json").read_text())
     assert two["world_size"] == 2 and two["config"]["fsdp"] is True and two["config"]["quantize"] == quantize
@@ -226,11 +288,17 @@ def _load_4bit(path: str, storage: torch.dtype):
 
     import vblora
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                               bnb_4bit_quant_storage=storage, llm_int8_skip_modules=["lm_head"])
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=storage,
+        llm_int8_skip_modules=["lm_head"],
+    )
     model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32, device_map="cpu")
-    return vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=H, vector_length=B,
-                                                        rank=RANK, topk=K))
+    return vblora.add_vblora(
+        model, vblora.VBLoRAConfig(target_modules="all-linear", num_vectors=H, vector_length=B, rank=RANK, topk=K)
+    )
 
 
 def _worker_4bit(rank: int, world: int, port: int, path: str, out: str) -> None:
@@ -256,10 +324,20 @@ def _worker_4bit(rank: int, world: int, port: int, path: str, out: str) -> None:
         bank, bank_one = get_bank(model), get_bank(one)
         weight = model.model.layers[0].self_attn.q_proj.base.weight
         if rank == 0:
-            torch.save({"loss": mean.item(), "loss_one": loss_one.item(), "bank": bank.bank.grad,
-                        "bank_one": bank_one.bank.grad, "logits": bank.logits.grad, "logits_one": bank_one.logits.grad,
-                        "weight": type(weight).__name__, "local": weight.to_local().shape[0],
-                        "rows": weight.shape[0]}, out)
+            torch.save(
+                {
+                    "loss": mean.item(),
+                    "loss_one": loss_one.item(),
+                    "bank": bank.bank.grad,
+                    "bank_one": bank_one.bank.grad,
+                    "logits": bank.logits.grad,
+                    "logits_one": bank_one.logits.grad,
+                    "weight": type(weight).__name__,
+                    "local": weight.to_local().shape[0],
+                    "rows": weight.shape[0],
+                },
+                out,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -274,16 +352,25 @@ def test_4bit_base_with_float_storage_shards_and_matches(tmp_path):
     from vblora.train import sharding
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-                     ).save_pretrained(str(tmp_path / "llama"))
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(str(tmp_path / "llama"))
     with pytest.raises(SetupError, match="bnb_4bit_quant_storage"):
         sharding.shard_model(_load_4bit(str(tmp_path / "llama"), torch.uint8))
     with torch.no_grad():  # lazy imports loaded before the fork
         _load_4bit(str(tmp_path / "llama"), torch.float32)(input_ids=torch.zeros(1, 2, dtype=torch.long))
     out = str(tmp_path / "seen.pt")
-    mp.start_processes(_worker_4bit, args=(2, _free_port(), str(tmp_path / "llama"), out), nprocs=2,
-                       start_method="fork")
+    mp.start_processes(
+        _worker_4bit, args=(2, _free_port(), str(tmp_path / "llama"), out), nprocs=2, start_method="fork"
+    )
     s = torch.load(out, weights_only=False)
     assert s["weight"] == "DTensor" and s["local"] * 2 == s["rows"]  # the packed 4-bit weight is sharded
     assert s["loss"] == pytest.approx(s["loss_one"], abs=1e-6)

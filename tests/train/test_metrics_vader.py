@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vblora.train import metrics
-from vblora.train import vader
+from vblora.train import metrics, vader
 
 
 def test_classification_metrics_hand_computed():
@@ -62,7 +62,7 @@ def test_vader_fetch_checks_hashes(tmp_path, monkeypatch):
 def test_vader_fetch_real(tmp_path):
     """Downloads from PyPI (network): sizes of the pinned split."""
     paths = vader.fetch(tmp_path)
-    sizes = {k: sum(1 for _ in open(p)) for k, p in paths.items()}
+    sizes = {k: len(Path(p).read_text().splitlines()) for k, p in paths.items()}
     assert sizes == {"train": 8454, "validation": 1056, "test": 1058}
-    first = json.loads(open(paths["train"]).readline())
+    first = json.loads(Path(paths["train"]).read_text().splitlines()[0])
     assert set(first) == {"id", "text", "rating", "label"}

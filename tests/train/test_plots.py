@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from _selection_run import recorded_run
 
 from vblora import plots
 from vblora.train.selection import load_selection
-
-from _selection_run import recorded_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -32,8 +31,9 @@ def test_each_figure_writes_a_png(run_dir, tmp_path, name):
 def test_bank_embedding_pca_and_tsne(run_dir, tmp_path):
     sel = load_selection(run_dir)
     assert _is_png(plots.plot_bank_embedding(sel, tmp_path / "pca.png", methods=("pca",)))
-    assert _is_png(plots.plot_bank_embedding(sel, tmp_path / "tsne.png", methods=("tsne",), max_subvectors=40,
-                                                tsne_iter=250))
+    assert _is_png(
+        plots.plot_bank_embedding(sel, tmp_path / "tsne.png", methods=("tsne",), max_subvectors=40, tsne_iter=250)
+    )
 
 
 def test_subset_of_subvectors_and_single_record(run_dir, tmp_path):
@@ -47,8 +47,9 @@ def test_subset_of_subvectors_and_single_record(run_dir, tmp_path):
 def test_cli_plot_writes_requested_figures(run_dir, tmp_path, capsys):
     from vblora.cli import main
 
-    assert main(["plot", str(run_dir), "--out", str(tmp_path), "--only", "fig8_usage_histogram",
-                 "selection_churn"]) == 0
+    assert (
+        main(["plot", str(run_dir), "--out", str(tmp_path), "--only", "fig8_usage_histogram", "selection_churn"]) == 0
+    )
     assert _is_png(tmp_path / "fig8_usage_histogram.png") and _is_png(tmp_path / "selection_churn.png")
     assert main(["plot", str(tmp_path / "missing")]) == 2
     assert "selection recording" in capsys.readouterr().err

@@ -26,7 +26,7 @@ def test_predict_from_run_dir_adapter_file_and_stdin(tiny_bert, cls_files, tmp_p
     preds = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [p["text"] for p in preds] == [r["text"] for r in rows]
     assert {p["label"] for p in preds} <= {"negative", "positive"} and all(0.5 <= p["score"] <= 1 for p in preds)
-    accuracy = sum(p["label"] == r["label"] for p, r in zip(preds, rows)) / len(rows)
+    accuracy = sum(p["label"] == r["label"] for p, r in zip(preds, rows, strict=True)) / len(rows)
     assert accuracy == res["metrics"]["test"]["accuracy"]  # the same examples as the run's test split
     # the adapter alone (it records its base model and label names), reading stdin, CSV out
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(r["text"] + "\n" for r in rows)))
@@ -46,8 +46,10 @@ def trained_run(tiny_bert, tmp_path_factory):
     import random
 
     d = tmp_path_factory.mktemp("predict-run")
-    files = {"train_file": write_csv(d / "train.csv", make_rows(32, 0)),
-             "validation_file": write_csv(d / "dev.csv", make_rows(8, 1))}
+    files = {
+        "train_file": write_csv(d / "train.csv", make_rows(32, 0)),
+        "validation_file": write_csv(d / "dev.csv", make_rows(8, 1)),
+    }
     random.seed(0)
     train(build_config(None, run_overrides(tiny_bert, files, d / "run", epochs=1)), log=lambda *a: None)
     return d / "run"
@@ -74,8 +76,9 @@ def test_binary_stdin_is_one_line(trained_run, capsys, monkeypatch):
     _one_line_error(capsys, "stdin:2", "NUL")
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "-5"), ("--max-new-tokens", "0"),
-                                        ("--max-new-tokens", "-1")])
+@pytest.mark.parametrize(
+    "flag,value", [("--batch-size", "0"), ("--batch-size", "-5"), ("--max-new-tokens", "0"), ("--max-new-tokens", "-1")]
+)
 def test_sizes_below_one_are_refused(trained_run, capsys, monkeypatch, flag, value):
     _stdin(monkeypatch, b"a good movie\n")
     assert main(["predict", str(trained_run), flag, value]) == 2  # -5 used to exit 0 with every input dropped
@@ -122,7 +125,7 @@ def test_input_files_by_suffix(trained_run, tmp_path, capsys):
     err = _one_line_error(capsys, "texts.bin", ".txt")
     assert "--data-format" not in err  # predict has no such flag
     txt = tmp_path / "texts.txt"  # one text per line, commas and quotes included: not CSV
-    lines = ['good, great film', 'awful "plot", dull', 'text,label']
+    lines = ["good, great film", 'awful "plot", dull', "text,label"]
     txt.write_text("\n".join(lines) + "\n\n")
     assert main(["predict", str(trained_run), "--input", str(txt)]) == 0
     preds = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -141,9 +144,12 @@ def test_the_default_vader_run_predicts_label_names(tiny_bert, tmp_path, capsys,
     paths = {}
     for name, part in (("train", rows[:24]), ("validation", rows[24:]), ("test", rows[24:])):
         paths[name] = split / f"{name}.jsonl"  # the layout vader.fetch writes: label = int(rating > 0)
-        paths[name].write_text("".join(json.dumps({"id": i, "text": r["text"], "rating": 1.0,
-                                                   "label": int(r["label"] == "positive")}) + "\n"
-                                       for i, r in enumerate(part)))
+        paths[name].write_text(
+            "".join(
+                json.dumps({"id": i, "text": r["text"], "rating": 1.0, "label": int(r["label"] == "positive")}) + "\n"
+                for i, r in enumerate(part)
+            )
+        )
     monkeypatch.setattr(vader, "fetch", lambda *a, **k: paths)
     over = run_overrides(tiny_bert, {}, tmp_path / "run", epochs=1)
     res = train(build_config(None, over), log=lambda *a: None)

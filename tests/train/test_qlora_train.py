@@ -20,8 +20,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _alpaca(n: int) -> list[dict]:
-    return [{"instruction": "what sentiment", "input": f"the film was {['good', 'bad'][i % 2]}",
-             "output": ["positive", "negative"][i % 2]} for i in range(n)]
+    return [
+        {
+            "instruction": "what sentiment",
+            "input": f"the film was {['good', 'bad'][i % 2]}",
+            "output": ["positive", "negative"][i % 2],
+        }
+        for i in range(n)
+    ]
 
 
 def _overrides(model, tmp_path, **kw) -> dict:
@@ -30,11 +36,29 @@ def _overrides(model, tmp_path, **kw) -> dict:
         p = tmp_path / f"{split}.json"
         p.write_text(json.dumps(_alpaca(n)))
         files[f"{split}_file"] = str(p)
-    base = {"model": model, **files, "output": str(tmp_path / "run"), "device": "cpu", "dataset": None,
-            "task": "causal-lm", "epochs": 1, "max_steps": 4, "batch_size": 4, "eval_batch_size": 8,
-            "max_length": 96, "vector_length": 32, "num_vectors": 16, "logging_steps": 1000, "max_new_tokens": 2,
-            "num_samples": 2, "generate_eval": 2, "overwrite": True, "quantize": "4bit",
-            "lr_bank": 1e-2, "lr_logits": 5e-2}
+    base = {
+        "model": model,
+        **files,
+        "output": str(tmp_path / "run"),
+        "device": "cpu",
+        "dataset": None,
+        "task": "causal-lm",
+        "epochs": 1,
+        "max_steps": 4,
+        "batch_size": 4,
+        "eval_batch_size": 8,
+        "max_length": 96,
+        "vector_length": 32,
+        "num_vectors": 16,
+        "logging_steps": 1000,
+        "max_new_tokens": 2,
+        "num_samples": 2,
+        "generate_eval": 2,
+        "overwrite": True,
+        "quantize": "4bit",
+        "lr_bank": 1e-2,
+        "lr_logits": 5e-2,
+    }
     base.update(kw)
     return base
 

@@ -26,8 +26,12 @@ def test_recipe_builds(name):
 
 def test_default_is_the_offline_minilm_recipe():
     cfg = build_config(None, {})
-    assert (cfg.model, cfg.dataset, cfg.method, cfg.vblora.target_modules) == \
-        ("minilm", "vader-movie", "vblora", "all-linear")
+    assert (cfg.model, cfg.dataset, cfg.method, cfg.vblora.target_modules) == (
+        "minilm",
+        "vader-movie",
+        "vblora",
+        "all-linear",
+    )
     assert (cfg.max_length, cfg.batch_size, cfg.warmup_ratio) == (64, 32, 0.06)
     # one set of defaults: no recipe == the minilm-vader recipe == RunConfig() (what --help shows)
     shipped = build_config("minilm-vader", {}).to_dict()
@@ -63,15 +67,41 @@ def test_keys_cover_every_vblora_field_and_reach_the_nested_config():
     names = set(setting_fields())
     for f in dataclasses.fields(vblora.VBLoRAConfig):
         assert f.name in names, f"VBLoRAConfig.{f.name} has no flag / recipe key"
-    values = {"selection": "gumbel", "noise_std": "0.5", "temperature": "0.25", "eval_topk": "1",
-              "modules_to_save": ["classifier"], "layers": ["0"], "init_bank_bound": "0.1", "init_logits_std": "0.2",
-              "dropout": "0.1", "rank": "2", "num_vectors": "16", "vector_length": "32", "topk": "3",
-              "target_modules": ["query", "value"], "seed": "7"}
+    values = {
+        "selection": "gumbel",
+        "noise_std": "0.5",
+        "temperature": "0.25",
+        "eval_topk": "1",
+        "modules_to_save": ["classifier"],
+        "layers": ["0"],
+        "init_bank_bound": "0.1",
+        "init_logits_std": "0.2",
+        "dropout": "0.1",
+        "rank": "2",
+        "num_vectors": "16",
+        "vector_length": "32",
+        "topk": "3",
+        "target_modules": ["query", "value"],
+        "seed": "7",
+    }
     cfg = build_config(None, values).vblora
-    assert cfg == vblora.VBLoRAConfig(selection="gumbel", noise_std=0.5, temperature=0.25, eval_topk=1,
-                                      modules_to_save=("classifier",), layers=(0,), init_bank_bound=0.1,
-                                      init_logits_std=0.2, dropout=0.1, rank=2, num_vectors=16, vector_length=32,
-                                      topk=3, target_modules=("query", "value"), seed=7)
+    assert cfg == vblora.VBLoRAConfig(
+        selection="gumbel",
+        noise_std=0.5,
+        temperature=0.25,
+        eval_topk=1,
+        modules_to_save=("classifier",),
+        layers=(0,),
+        init_bank_bound=0.1,
+        init_logits_std=0.2,
+        dropout=0.1,
+        rank=2,
+        num_vectors=16,
+        vector_length=32,
+        topk=3,
+        target_modules=("query", "value"),
+        seed=7,
+    )
 
 
 def _help_defaults(text: str) -> dict[str, str]:
@@ -101,15 +131,24 @@ def test_help_shows_every_default(recipe, capsys, monkeypatch):
     back as its flag would be, is that value."""
     shown = _help(["e2e" if recipe else "train"], capsys, monkeypatch)
     shown = _help_defaults(shown)
-    defaults = build_config(recipe, {}).to_dict() if recipe is None else \
-        build_config(recipe, {"model": "m", "train_file": "t", "test_file": "t"}).to_dict()
+    defaults = (
+        build_config(recipe, {}).to_dict()
+        if recipe is None
+        else build_config(recipe, {"model": "m", "train_file": "t", "test_file": "t"}).to_dict()
+    )
     assert {k for k in setting_fields() if k != "extra"} <= set(shown)
     for name in (k for k in setting_fields() if k != "extra"):
         text = shown[name]
         if name in ("recipe", "train_file", "model", "test_file", "dataset"):
             continue
-        again = build_config(None, {name: text.split() if isinstance(defaults[name], list) else text,
-                                    "train_file": "t", "dataset": "vader-movie"}).to_dict()
+        again = build_config(
+            None,
+            {
+                name: text.split() if isinstance(defaults[name], list) else text,
+                "train_file": "t",
+                "dataset": "vader-movie",
+            },
+        ).to_dict()
         if isinstance(defaults[name], float):
             assert again[name] == pytest.approx(defaults[name], rel=1e-5), name
         else:
@@ -119,21 +158,33 @@ def test_help_shows_every_default(recipe, capsys, monkeypatch):
 # Flag spellings of the hand-written parser this one replaced (dashes, --x/--no-x for every bool, several values
 # for lists, the word none): each still parses to the same settings.
 OLD_SPELLINGS = [
-    (["--max-train-samples", "100", "--lr-bank", "1e-3", "--epochs", "3"],
-     {"max_train_samples": 100, "lr_bank": 1e-3, "epochs": 3.0}),
-    (["--target-modules", "query", "value", "--modules-to-save", "classifier"],
-     {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}),
+    (
+        ["--max-train-samples", "100", "--lr-bank", "1e-3", "--epochs", "3"],
+        {"max_train_samples": 100, "lr_bank": 1e-3, "epochs": 3.0},
+    ),
+    (
+        ["--target-modules", "query", "value", "--modules-to-save", "classifier"],
+        {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
+    ),
     (["--target-modules", "all-linear"], {"target_modules": "all-linear"}),
     (["--target-modules", ".*\\.(q|v)_proj"], {"target_modules": ".*\\.(q|v)_proj"}),
-    (["--bf16", "--no-group-by-length", "--fsdp", "--no-fsdp", "--no-double-quant"],
-     {"bf16": True, "group_by_length": False, "fsdp": False, "double_quant": False}),
-    (["--group-by-length", "--freeze-bank", "--no-bf16"], {"group_by_length": True, "freeze_bank": True,
-                                                          "bf16": False}),
+    (
+        ["--bf16", "--no-group-by-length", "--fsdp", "--no-fsdp", "--no-double-quant"],
+        {"bf16": True, "group_by_length": False, "fsdp": False, "double_quant": False},
+    ),
+    (
+        ["--group-by-length", "--freeze-bank", "--no-bf16"],
+        {"group_by_length": True, "freeze_bank": True, "bf16": False},
+    ),
     (["--dataset", "none", "--train-file", "a.csv", "--quantize", "none"], {"dataset": None, "quantize": None}),
-    (["--extra-eval-topk", "1", "2", "--eval-topk", "1", "--layers", "0", "1"],
-     {"extra_eval_topk": [1, 2], "eval_topk": 1, "layers": [0, 1]}),
-    (["--recipe", "glue-roberta-base-qv", "--glue-task", "stsb", "--train-file", "x", "--epochs", "3"],
-     {"epochs": 3.0, "task": "regression", "lr_head": 2e-2, "recipe": "glue-roberta-base-qv"}),
+    (
+        ["--extra-eval-topk", "1", "2", "--eval-topk", "1", "--layers", "0", "1"],
+        {"extra_eval_topk": [1, 2], "eval_topk": 1, "layers": [0, 1]},
+    ),
+    (
+        ["--recipe", "glue-roberta-base-qv", "--glue-task", "stsb", "--train-file", "x", "--epochs", "3"],
+        {"epochs": 3.0, "task": "regression", "lr_head": 2e-2, "recipe": "glue-roberta-base-qv"},
+    ),
     (["--max_train_samples", "7"], {"max_train_samples": 7}),  # HfArgumentParser's own spelling too
 ]
 
@@ -156,10 +207,21 @@ def test_every_recipe_parses_in_every_command(name, command, tmp_path):
     from vblora.cli import build_parser
     from vblora.train.flags import given
 
-    argv = [command, "--recipe", name, "--train-file", "t.jsonl", "--validation-file", "v.jsonl",
-            "--model", "m", "--test-file", "t.jsonl"] + (["--glue-task", "rte"] if name.startswith("glue") else [])
+    argv = [
+        command,
+        "--recipe",
+        name,
+        "--train-file",
+        "t.jsonl",
+        "--validation-file",
+        "v.jsonl",
+        "--model",
+        "m",
+        "--test-file",
+        "t.jsonl",
+    ] + (["--glue-task", "rte"] if name.startswith("glue") else [])
     args = build_parser().parse_args(argv)
     cfg = build_config(None, given(args))
     assert cfg.recipe == name and cfg.vblora.rank == build_config(name, given(args)).vblora.rank
-    again = build_config(None, given(build_parser().parse_args(argv + ["--rank", "3", "--lr-bank", "2e-3"])))
+    again = build_config(None, given(build_parser().parse_args([*argv, "--rank", "3", "--lr-bank", "2e-3"])))
     assert (again.vblora.rank, again.lr_bank) == (3, 2e-3)

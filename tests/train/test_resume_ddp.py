@@ -26,11 +26,16 @@ def varied_files(tmp_path) -> dict:
 
     def rows(n, seed):
         rng = random.Random(seed)
-        return [{**r, "text": r["text"] + " " + " ".join(rng.choices(WORDS_NEU, k=rng.randint(0, 8)))}
-                for r in make_rows(n, seed)]
-    return {"train_file": write_csv(tmp_path / "train.csv", rows(64, 0)),
-            "validation_file": write_csv(tmp_path / "dev.csv", rows(16, 1)),
-            "test_file": write_csv(tmp_path / "test.csv", rows(16, 2))}
+        return [
+            {**r, "text": r["text"] + " " + " ".join(rng.choices(WORDS_NEU, k=rng.randint(0, 8)))}
+            for r in make_rows(n, seed)
+        ]
+
+    return {
+        "train_file": write_csv(tmp_path / "train.csv", rows(64, 0)),
+        "validation_file": write_csv(tmp_path / "dev.csv", rows(16, 1)),
+        "test_file": write_csv(tmp_path / "test.csv", rows(16, 2)),
+    }
 
 
 def _free_port() -> int:
@@ -48,13 +53,23 @@ def _close(a: dict, b: dict, tol: float) -> None:
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_bert, varied_files, tmp_path):
-    ov = run_overrides(tiny_bert, varied_files, tmp_path / "full", method="vblora", save_steps=3, epochs=2,
-                       lr_head=5e-2, lr_bank=1e-2, lr_logits=5e-2)
+    ov = run_overrides(
+        tiny_bert,
+        varied_files,
+        tmp_path / "full",
+        method="vblora",
+        save_steps=3,
+        epochs=2,
+        lr_head=5e-2,
+        lr_bank=1e-2,
+        lr_logits=5e-2,
+    )
     ref = train(build_config(None, ov), **QUIET)  # 64 examples / bs 8 = 8 steps per epoch, 16 in all
 
     killed = tmp_path / "killed"
     script = tmp_path / "kill_run.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, signal, json
         from transformers import TrainerCallback
         from vblora.train.config import build_config
@@ -67,9 +82,15 @@ def test_resume_after_kill_matches_uninterrupted(tiny_bert, varied_files, tmp_pa
 
         ov = json.loads({json.dumps(json.dumps({**ov, "output": str(killed)}))})
         train(build_config(None, ov), callbacks=[KillAt()])
-    """))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     ckpts = sorted(p.name for p in (killed / "checkpoints").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-6", "checkpoint-9"] and not (killed / "results.json").exists()
@@ -80,18 +101,65 @@ def test_resume_after_kill_matches_uninterrupted(tiny_bert, varied_files, tmp_pa
 
 
 def test_torchrun_two_processes_match_one(tiny_bert, varied_files, tmp_path):
-    one = train(build_config(None, run_overrides(tiny_bert, varied_files, tmp_path / "one", batch_size=8,
-                                                          lr_head=5e-2, lr_bank=1e-2, lr_logits=5e-2)), **QUIET)
-    args = ["--model", tiny_bert, "--output", str(tmp_path / "two"), "--device", "cpu", "--epochs", "2",
-            "--batch-size", "4", "--eval-batch-size", "16", "--vector-length", "32", "--num-vectors", "16",
-            "--max-length", "16", "--lr-head", "5e-2", "--lr-bank", "1e-2", "--lr-logits", "5e-2",
-            "--logging-steps", "1000"]
+    one = train(
+        build_config(
+            None,
+            run_overrides(
+                tiny_bert, varied_files, tmp_path / "one", batch_size=8, lr_head=5e-2, lr_bank=1e-2, lr_logits=5e-2
+            ),
+        ),
+        **QUIET,
+    )
+    args = [
+        "--model",
+        tiny_bert,
+        "--output",
+        str(tmp_path / "two"),
+        "--device",
+        "cpu",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-batch-size",
+        "16",
+        "--vector-length",
+        "32",
+        "--num-vectors",
+        "16",
+        "--max-length",
+        "16",
+        "--lr-head",
+        "5e-2",
+        "--lr-bank",
+        "1e-2",
+        "--lr-logits",
+        "5e-2",
+        "--logging-steps",
+        "1000",
+    ]
     for k, v in varied_files.items():
         args += [f"--{k.replace('_', '-')}", v]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), "-m", "vblora", "train", *args],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "vblora",
+            "train",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads(Path(tmp_path / "two" / "results.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1

@@ -3,6 +3,7 @@ the same global batches whatever the process count (the Trainer-level resume / t
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 
@@ -15,8 +16,9 @@ def _lengths(n=1000, seed=0):
 
 
 def _padded_tokens(order, lengths, batch):
-    return sum(max(lengths[i] for i in order[j:j + batch]) * len(order[j:j + batch])
-               for j in range(0, len(order), batch))
+    return sum(
+        max(lengths[i] for i in order[j : j + batch]) * len(order[j : j + batch]) for j in range(0, len(order), batch)
+    )
 
 
 def test_each_epoch_is_a_seeded_permutation():
@@ -38,8 +40,10 @@ def test_grouping_halves_padding_and_keeps_the_partial_batch_last():
     rnd = list(range(len(lengths)))
     random.Random(0).shuffle(rnd)
     assert _padded_tokens(order, lengths, 32) < 0.7 * _padded_tokens(rnd, lengths, 32)
-    spreads = [max(lengths[i] for i in order[j:j + 32]) - min(lengths[i] for i in order[j:j + 32])
-               for j in range(0, 992, 32)]
+    spreads = [
+        max(lengths[i] for i in order[j : j + 32]) - min(lengths[i] for i in order[j : j + 32])
+        for j in range(0, 992, 32)
+    ]
     assert statistics.median(spreads) <= 12  # random batches of 32 from 3..64 span ~55
     # 1000 = 31 x 32 + 8: the 8 left over stay at the end, so process shards of each global batch stay aligned
     assert len(order[992:]) == 8
@@ -48,6 +52,6 @@ def test_grouping_halves_padding_and_keeps_the_partial_batch_last():
 def test_batch_order_is_shuffled_not_a_long_to_short_ramp():
     lengths = _lengths(3200)
     order = list(LengthGroupedEpochSampler(lengths, 32, seed=0))
-    maxima = [max(lengths[i] for i in order[j:j + 32]) for j in range(0, len(order), 32)]
-    descents = sum(a >= b for a, b in zip(maxima, maxima[1:]))
+    maxima = [max(lengths[i] for i in order[j : j + 32]) for j in range(0, len(order), 32)]
+    descents = sum(a >= b for a, b in itertools.pairwise(maxima))
     assert descents < 0.75 * (len(maxima) - 1)  # a sorted mega-batch ramp would give ~all descents

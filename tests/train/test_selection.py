@@ -7,12 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from _selection_run import batches, recorded_run, tiny_classifier
 
 import vblora
-from vblora.train.selection import (SelectionCallback, SelectionRecorder, load_selection, name_in_layer,
-                                       record_selection)
-
-from _selection_run import batches, recorded_run, tiny_classifier
+from vblora.train.selection import SelectionCallback, SelectionRecorder, load_selection, name_in_layer, record_selection
 
 
 def test_name_in_layer_strips_the_layer_prefix():
@@ -37,13 +35,14 @@ def test_snapshot_is_compact_and_matches_the_bank():
 def test_uint16_indices_for_banks_over_256():
     model = tiny_classifier()
     vblora.unload(model, merge=False)
-    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules=["query"], rank=2, num_vectors=300,
-                                                         vector_length=32))
+    model = vblora.add_vblora(
+        model, vblora.VBLoRAConfig(target_modules=["query"], rank=2, num_vectors=300, vector_length=32)
+    )
     assert record_selection(model, 0)["indices"].dtype == np.uint16
 
 
 def test_recorder_interval_files_and_metadata(tmp_path):
-    model, rec = recorded_run(tmp_path, steps=10, every=3)
+    model, _ = recorded_run(tmp_path, steps=10, every=3)
     sel = load_selection(tmp_path)
     n = vblora.get_bank(model).num_subvectors
     np.testing.assert_array_equal(sel.steps, [0, 3, 6, 9, 10])
@@ -92,9 +91,17 @@ def test_trainer_callback_records_every_interval(tmp_path):
 
     model = tiny_classifier()
     data = [{"input_ids": ids[i], "labels": labels[i]} for ids, labels in batches(3) for i in range(len(ids))]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=5,
-                             learning_rate=0.1, report_to=[], save_strategy="no", logging_strategy="no",
-                             use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=5,
+        learning_rate=0.1,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     cb = SelectionCallback(every=2)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
     sel = load_selection(tmp_path)

@@ -17,20 +17,35 @@ def test_frozen_shared_bank_task_stores_only_indices_and_weights(tiny_bert, cls_
     bank1 = vblora.load_adapter(_base(tiny_bert), task1 / "adapter").vblora_bank.bank.detach().clone()
 
     task2 = tmp_path / "task2"
-    res = train(build_config(None, run_overrides(tiny_bert, cls_files, task2, method="vblora", bank=str(task1),
-                                                 freeze_bank=True, record_selection_every=2)), log=lambda *a: None)
+    res = train(
+        build_config(
+            None,
+            run_overrides(
+                tiny_bert,
+                cls_files,
+                task2,
+                method="vblora",
+                bank=str(task1),
+                freeze_bank=True,
+                record_selection_every=2,
+            ),
+        ),
+        log=lambda *a: None,
+    )
     # the bank did not train, the adapter references it by hash and the bank file sits in the run directory
     shared, _ = read_bank(task2 / "bank.safetensors")
     assert torch.equal(shared, bank1)
     assert res["details"]["freeze_bank"] and res["details"]["bank_source"].endswith("adapter.safetensors")
-    assert res["trainable_parameters"] == res["details"]["trainable"] and res["trainable_parameters"] < \
-        json.loads((task1 / "results.json").read_text())["trainable_parameters"]
+    assert (
+        res["trainable_parameters"] == res["details"]["trainable"]
+        and res["trainable_parameters"] < json.loads((task1 / "results.json").read_text())["trainable_parameters"]
+    )
     # the adapter holds no bank tensor: its bytes are task 1's less the bank's, give or take header bytes (the sha256
     # it references, safetensors' 8-byte alignment)
     from safetensors import safe_open
 
     with safe_open(str(task2 / "adapter" / "adapter.safetensors"), "pt") as f:
-        assert "bank" not in f.keys()
+        assert "bank" not in set(f.keys())  # a safetensors handle, not a dict
     task1_bytes = json.loads((task1 / "results.json").read_text())["adapter_bytes"]
     assert res["adapter_bytes"] <= task1_bytes - 4 * bank1.numel() + 128
     loaded = vblora.load_adapter(_base(tiny_bert), task2 / "adapter", bank_path=task2)
@@ -40,9 +55,22 @@ def test_frozen_shared_bank_task_stores_only_indices_and_weights(tiny_bert, cls_
 
 
 def test_selection_rule_flags_reach_the_config(tiny_bert, cls_files, tmp_path):
-    res = train(build_config(None, run_overrides(tiny_bert, cls_files, tmp_path / "gs", method="vblora",
-                                                 selection="gumbel", topk=1, eval_topk=2, epochs=1)),
-                log=lambda *a: None)
+    res = train(
+        build_config(
+            None,
+            run_overrides(
+                tiny_bert,
+                cls_files,
+                tmp_path / "gs",
+                method="vblora",
+                selection="gumbel",
+                topk=1,
+                eval_topk=2,
+                epochs=1,
+            ),
+        ),
+        log=lambda *a: None,
+    )
     cfg = res["details"]["config"]
     assert cfg["selection"] == "gumbel" and cfg["eval_topk"] == 2
     # stored with k = eval_topk = 2: 2 uint8 indices (0.5 float) + 1 free weight per sub-vector

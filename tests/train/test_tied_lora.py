@@ -20,8 +20,17 @@ def test_roberta_base_qv_rank8_is_43200():
 
 def _tiny():
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def test_tied_across_layers_and_zero_update_at_init():

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _train_helpers import make_rows, run_overrides, write_csv, write_jsonl
-from vblora.train.errors import DataError, SetupError
+
 from vblora.train.config import build_config
+from vblora.train.errors import DataError, SetupError
 from vblora.train.pipeline import train
 
 METHODS = ["vblora", "lora", "vera", "tied-lora", "full"]
@@ -18,8 +18,12 @@ METHODS = ["vblora", "lora", "vera", "tied-lora", "full"]
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_and_writes_results(tiny_bert, cls_files, tmp_path, method):
-    cfg = build_config(None, run_overrides(tiny_bert, cls_files, tmp_path / "run", method=method, vera_rank=16,
-                                           lr=1e-2 if method != "full" else 1e-3))
+    cfg = build_config(
+        None,
+        run_overrides(
+            tiny_bert, cls_files, tmp_path / "run", method=method, vera_rank=16, lr=1e-2 if method != "full" else 1e-3
+        ),
+    )
     res = train(cfg, log=lambda *a: None)
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert on_disk["method"] == method
@@ -49,8 +53,9 @@ def test_every_method_trains_and_writes_results(tiny_bert, cls_files, tmp_path, 
 
 
 def test_training_learns_a_separable_task(tiny_bert, cls_files, tmp_path):
-    cfg = build_config(None, run_overrides(tiny_bert, cls_files, tmp_path / "run", method="lora", lr=1e-2,
-                                           epochs=10, lr_head=1e-2))
+    cfg = build_config(
+        None, run_overrides(tiny_bert, cls_files, tmp_path / "run", method="lora", lr=1e-2, epochs=10, lr_head=1e-2)
+    )
     res = train(cfg, log=lambda *a: None)
     assert res["metrics"]["test"]["accuracy"] >= 0.75  # chance is 0.5
     losses = [e["validation"]["loss"] for e in res["per_epoch"]]
@@ -59,13 +64,19 @@ def test_training_learns_a_separable_task(tiny_bert, cls_files, tmp_path):
 
 def test_regression_from_float_labels_jsonl(tiny_bert, tmp_path):
     def rows(n, seed):
-        return [{"text": r["text"], "score": (1.5 if r["label"] == "positive" else -1.25) + 0.01 * i}
-                for i, r in enumerate(make_rows(n, seed))]
-    files = {"train_file": write_jsonl(tmp_path / "tr.jsonl", rows(64, 0)),
-             "validation_file": write_jsonl(tmp_path / "va.jsonl", rows(16, 1)),
-             "test_file": write_jsonl(tmp_path / "te.jsonl", rows(16, 2))}
-    cfg = build_config(None, run_overrides(tiny_bert, files, tmp_path / "run", label_column="score", method="lora",
-                                           lr=2e-2, epochs=3))
+        return [
+            {"text": r["text"], "score": (1.5 if r["label"] == "positive" else -1.25) + 0.01 * i}
+            for i, r in enumerate(make_rows(n, seed))
+        ]
+
+    files = {
+        "train_file": write_jsonl(tmp_path / "tr.jsonl", rows(64, 0)),
+        "validation_file": write_jsonl(tmp_path / "va.jsonl", rows(16, 1)),
+        "test_file": write_jsonl(tmp_path / "te.jsonl", rows(16, 2)),
+    }
+    cfg = build_config(
+        None, run_overrides(tiny_bert, files, tmp_path / "run", label_column="score", method="lora", lr=2e-2, epochs=3)
+    )
     res = train(cfg, log=lambda *a: None)
     assert res["task"] == "regression" and res["primary_metric"] == "pearson"
     assert {"pearson", "spearman", "mse"} <= set(res["metrics"]["test"])
@@ -76,9 +87,10 @@ def test_glue_tsv_text_pairs(tiny_bert, tmp_path):
     def tsv(name, n, seed):  # MRPC layout: Quality, #1 ID, #2 ID, #1 String, #2 String
         lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
         for i, r in enumerate(make_rows(n, seed)):
-            lines.append(f"{int(r['label'] == 'positive')}\t{i}\t{i + 1000}\t{r['text']}\tthe \"movie")
+            lines.append(f'{int(r["label"] == "positive")}\t{i}\t{i + 1000}\t{r["text"]}\tthe "movie')
         (tmp_path / name).write_text("\n".join(lines) + "\n")
         return str(tmp_path / name)
+
     files = {"train_file": tsv("train.tsv", 32, 0), "validation_file": tsv("dev.tsv", 8, 1)}
     cfg = build_config(None, run_overrides(tiny_bert, files, tmp_path / "run", glue_task="mrpc", epochs=1))
     res = train(cfg, log=lambda *a: None)
@@ -90,7 +102,8 @@ def test_errors_are_clear(tiny_bert, cls_files, tmp_path):
     with pytest.raises(SetupError, match="does not exist"):
         train(build_config(None, run_overrides(str(tmp_path / "nope"), cls_files, tmp_path / "r")))
     from vblora.errors import VBLoRAError
-    with pytest.raises(VBLoRAError, match="not in BertForSequenceClassification|matched"):
+
+    with pytest.raises(VBLoRAError, match=r"not in BertForSequenceClassification|matched"):
         train(build_config(None, run_overrides(tiny_bert, cls_files, tmp_path / "r", target_modules=["qkv_proj"])))
     if not torch.cuda.is_available():
         with pytest.raises(SetupError, match="fp16"):
@@ -98,7 +111,7 @@ def test_errors_are_clear(tiny_bert, cls_files, tmp_path):
         with pytest.raises(SetupError, match="no CUDA GPU"):
             train(build_config(None, run_overrides(tiny_bert, cls_files, tmp_path / "r", device="cuda")))
     bad = tmp_path / "bad.csv"
-    write_csv(bad, make_rows(4, 3) + [{"text": "the film", "label": "meh"}])
+    write_csv(bad, [*make_rows(4, 3), {"text": "the film", "label": "meh"}])
     with pytest.raises(DataError, match=r"bad\.csv:6: column 'label': label 'meh' is not one of"):
         train(build_config(None, run_overrides(tiny_bert, {**cls_files, "test_file": str(bad)}, tmp_path / "r")))
     with pytest.raises(DataError, match="no column 'sentence'"):
@@ -114,8 +127,23 @@ def test_existing_checkpoints_need_resume_or_overwrite(tiny_bert, cls_files, tmp
 def test_cli_train_prints_summary(tiny_bert, cls_files, tmp_path, capsys):
     from vblora.cli import main
 
-    argv = ["train", "--model", tiny_bert, "--output", str(tmp_path / "cli"), "--device", "cpu", "--epochs", "1",
-            "--vector-length", "32", "--num-vectors", "16", "--batch-size", "8"]
+    argv = [
+        "train",
+        "--model",
+        tiny_bert,
+        "--output",
+        str(tmp_path / "cli"),
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--vector-length",
+        "32",
+        "--num-vectors",
+        "16",
+        "--batch-size",
+        "8",
+    ]
     for k, v in cls_files.items():
         argv += [f"--{k.replace('_', '-')}", v]
     assert main(argv) == 0

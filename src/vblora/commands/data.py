@@ -9,8 +9,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("data", help="fetch / locate the built-in datasets")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     f = sub.add_parser("fetch", help="download VADER (pip sdist, sha256-checked) and write the fixed 80/10/10 split")
-    f.add_argument("--cache-dir", type=Path, default=None,
-                   help="cache root (default: $VBLORA_CACHE or ~/.cache/vblora)")
+    f.add_argument(
+        "--cache-dir", type=Path, default=None, help="cache root (default: $VBLORA_CACHE or ~/.cache/vblora)"
+    )
     f.add_argument("--force", action="store_true", help="download and split again even if cached")
     f.set_defaults(func=run_fetch)
     w = sub.add_parser("where", help="print the cached split files")

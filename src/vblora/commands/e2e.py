@@ -31,21 +31,24 @@ def options_flags() -> tuple[type]:
 def register(subparsers) -> None:
     from vblora.train.flags import run_flags
 
-    p = subparsers.add_parser("e2e", help="E2E NLG (Table 2): train VB-LoRA on E2E CSVs, decode, score "
-                                          "BLEU/NIST/METEOR/ROUGE-L/CIDEr", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              parents=run_flags("e2e", RECIPE, (), options_flags))
+    p = subparsers.add_parser(
+        "e2e",
+        help="E2E NLG (Table 2): train VB-LoRA on E2E CSVs, decode, score BLEU/NIST/METEOR/ROUGE-L/CIDEr",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=run_flags("e2e", RECIPE, (), options_flags),
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import dataclasses
 
-    from vblora.train.flags import given
     from vblora.experiments import e2e
     from vblora.experiments.e2e_metrics import METRICS, format_scores
     from vblora.train.config import build_config
     from vblora.train.errors import SetupError
+    from vblora.train.flags import given
 
     for flag in ("model", "train_file", "test_file"):
         if not getattr(args, flag, None):

@@ -16,8 +16,11 @@ def load_adapter_base(base: str | None, snap):
 
     cls = getattr(transformers, snap.architecture, None) if snap.architecture else None
     cls = cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
-    kwargs = {"num_labels": len(snap.id2label), "id2label": {int(k): v for k, v in snap.id2label.items()}} \
-        if snap.id2label else {}
+    kwargs = (
+        {"num_labels": len(snap.id2label), "id2label": {int(k): v for k, v in snap.id2label.items()}}
+        if snap.id2label
+        else {}
+    )
     return cls.from_pretrained(base, **kwargs).eval()
 
 
@@ -30,8 +33,12 @@ def run(args) -> int:
     elif args.to == "lora":
         out = export_lora(snap, args.output)
     else:
-        model = load_adapter(load_adapter_base(args.base, snap), args.path, bank_path=args.bank,
-                             verify_weights=not args.ignore_base_weights)
+        model = load_adapter(
+            load_adapter_base(args.base, snap),
+            args.path,
+            bank_path=args.bank,
+            verify_weights=not args.ignore_base_weights,
+        )
         out = merge_and_save(model, args.output)
     print(f"wrote {args.to} to {out}")
     return 0
@@ -43,9 +50,16 @@ def register(subparsers) -> None:
     p.add_argument("--to", choices=["peft", "lora", "merged"], required=True)
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--topk-only", action="store_true", help="peft: PEFT's save_only_topk_weights variant")
-    p.add_argument("--base", default=None, help="merged: base model directory (transformers from_pretrained); "
-                                                "default: the base model recorded in the adapter")
-    p.add_argument("--ignore-base-weights", action="store_true",
-                   help="merged: load onto a base whose weights differ from those the adapter was trained on")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="merged: base model directory (transformers from_pretrained); "
+        "default: the base model recorded in the adapter",
+    )
+    p.add_argument(
+        "--ignore-base-weights",
+        action="store_true",
+        help="merged: load onto a base whose weights differ from those the adapter was trained on",
+    )
     p.add_argument("--bank", default=None, help="shared bank file, for adapters saved with bank='reference'")
     p.set_defaults(func=run)

@@ -20,8 +20,11 @@ def run(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("import-peft", help="convert an HF PEFT VB-LoRA adapter directory to a vblora file")
     p.add_argument("peft_dir")
-    p.add_argument("--base", default=None, help="base model directory (transformers from_pretrained); default: the "
-                                                "adapter's base_model_name_or_path")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model directory (transformers from_pretrained); default: the adapter's base_model_name_or_path",
+    )
     p.add_argument("-o", "--output", required=True, help="output directory (adapter.safetensors is written there)")
     p.add_argument("--model-class", default=None, help="transformers class of the base (default: from the adapter)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])

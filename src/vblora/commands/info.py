@@ -37,8 +37,10 @@ def run(args) -> int:
 
     print(f"vblora {vblora.__version__}  python {platform.python_version()}  torch {torch.__version__}")
     cuda = torch.cuda.is_available()
-    print(f"device: {'cuda ' + torch.cuda.get_device_name(0) if cuda else 'cpu only'} "
-          f"({torch.get_num_threads()} CPU threads)")
+    print(
+        f"device: {'cuda ' + torch.cuda.get_device_name(0) if cuda else 'cpu only'} "
+        f"({torch.get_num_threads()} CPU threads)"
+    )
     for module, what in OPTIONAL.items():
         print(f"  {module:22s} {_version(module) or '-':12s} {what}")
     print(f"  {'java':22s} {'yes' if shutil.which('java') else '-':12s} METEOR in E2E metrics")

@@ -31,12 +31,21 @@ def summary(path: str, bank_path: str | None = None) -> dict:
     except AdapterFormatError as e:
         verified = f"FAILED: {e}"
     return {
-        "file": str(file), "file_bytes": size, "format_version": header.get("format_version"),
-        "library_version": header.get("library_version"), "precision": header.get("precision"),
-        "packed_indices": header.get("indices", {}).get("packed"), "bank_mode": header.get("bank", {}).get("mode"),
-        "config": cfg, "modules": len(header.get("modules", [])), "subvectors": n, "k": k,
+        "file": str(file),
+        "file_bytes": size,
+        "format_version": header.get("format_version"),
+        "library_version": header.get("library_version"),
+        "precision": header.get("precision"),
+        "packed_indices": header.get("indices", {}).get("packed"),
+        "bank_mode": header.get("bank", {}).get("mode"),
+        "config": cfg,
+        "modules": len(header.get("modules", [])),
+        "subvectors": n,
+        "k": k,
         "stored_parameters": stored_count(h, b, n, k) + extras if h else None,
-        "bytes": components, "base": header.get("base"), "verified": verified,
+        "bytes": components,
+        "base": header.get("base"),
+        "verified": verified,
     }
 
 
@@ -48,8 +57,13 @@ def bank_summary(path: str) -> dict:
     file = adapter_file(path, BANK_FILE)
     try:
         bank, digest = read_bank(file)
-        return {"file": str(file), "file_bytes": file.stat().st_size, "shape": list(bank.shape), "sha256": digest,
-                "verified": "ok"}
+        return {
+            "file": str(file),
+            "file_bytes": file.stat().st_size,
+            "shape": list(bank.shape),
+            "sha256": digest,
+            "verified": "ok",
+        }
     except AdapterFormatError as e:
         return {"file": str(file), "verified": f"FAILED: {e}"}
 
@@ -61,24 +75,31 @@ def run(args) -> int:
     from vblora.storage.snapshot import shapes_sha256
 
     path = Path(args.path)
-    bank = path.name.endswith(BANK_FILE) or (path.is_dir() and not (path / ADAPTER_FILE).exists()
-                                             and (path / BANK_FILE).exists())
+    bank = path.name.endswith(BANK_FILE) or (
+        path.is_dir() and not (path / ADAPTER_FILE).exists() and (path / BANK_FILE).exists()
+    )
     info = bank_summary(args.path) if bank else summary(args.path, args.bank)
     if args.json or bank:
         print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
         return 0 if info["verified"] == "ok" else 1
     cfg = info["config"]
-    print(f"{info['file']}  ({info['file_bytes']:,} bytes, format v{info['format_version']}, "
-          f"written by vblora {info['library_version']})")
+    print(
+        f"{info['file']}  ({info['file_bytes']:,} bytes, format v{info['format_version']}, "
+        f"written by vblora {info['library_version']})"
+    )
     print(f"  precision {info['precision']}, packed indices {info['packed_indices']}, bank {info['bank_mode']}")
-    print(f"  rank {cfg.get('rank')}, bank h={cfg.get('num_vectors')} x b={cfg.get('vector_length')}, k={info['k']}, "
-          f"{info['modules']} modules, {info['subvectors']:,} sub-vectors, targets {cfg.get('target_modules')!r}")
+    print(
+        f"  rank {cfg.get('rank')}, bank h={cfg.get('num_vectors')} x b={cfg.get('vector_length')}, k={info['k']}, "
+        f"{info['modules']} modules, {info['subvectors']:,} sub-vectors, targets {cfg.get('target_modules')!r}"
+    )
     shared = ", including the shared bank stored separately" if info["bank_mode"] == "reference" else ""
     print(f"  stored parameters (float32-equivalent{shared}): {info['stored_parameters']:,.0f}")
     print("  bytes: " + ", ".join(f"{k} {v:,}" for k, v in info["bytes"].items()))
     base = info["base"] or {}
-    print(f"  base model: {base.get('architecture')} (model_type {base.get('model_type')}), adapted module names "
-          f"and shapes sha256 {str(shapes_sha256(base))[:16]}")
+    print(
+        f"  base model: {base.get('architecture')} (model_type {base.get('model_type')}), adapted module names "
+        f"and shapes sha256 {str(shapes_sha256(base))[:16]}"
+    )
     print(f"  verified: {info['verified']}")
     return 0 if info["verified"] == "ok" else 1
 

@@ -22,11 +22,13 @@ def register(subparsers) -> None:
     from vblora.train.flags import add_output_flag
 
     p = subparsers.add_parser(
-        "plot", help="write the vector-selection figures of a run recorded with selection recording on",
+        "plot",
+        help="write the vector-selection figures of a run recorded with selection recording on",
         description="Reads RUN_DIR/selection.npz and selection.json (written by the selection recorder during "
-                    "training) and writes PNGs: footprint over training (fig3, fig5), initial vs final selection "
-                    "(fig4), top-k weight per bank vector by depth (fig6) and by module type and A/B (fig7), vector "
-                    "usage histogram (fig8), 2-D embedding of the bank with the sub-vectors (fig9), selection churn.")
+        "training) and writes PNGs: footprint over training (fig3, fig5), initial vs final selection "
+        "(fig4), top-k weight per bank vector by depth (fig6) and by module type and A/B (fig7), vector "
+        "usage histogram (fig8), 2-D embedding of the bank with the sub-vectors (fig9), selection churn.",
+    )
     p.add_argument("run_dir", nargs="?", help="run directory holding selection.npz / selection.json")
     add_output_flag(p, None, "output folder (none: RUN_DIR/figures)")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these figures (see --list)")

@@ -19,8 +19,11 @@ def run(args) -> int:
     p.text_column = args.text_column or p.text_column
     stdin = getattr(sys.stdin, "buffer", sys.stdin)  # bytes: bounded lines, non-UTF-8 input named, not a traceback
     rows = predict(p, read_inputs(p, args.input, stdin), args.batch_size, args.max_new_tokens)
-    sink = open(args.output, "w", newline="", encoding="utf-8") if args.output else contextlib.nullcontext(sys.stdout)
-    with sink as out:
+    with (
+        open(args.output, "w", newline="", encoding="utf-8")
+        if args.output
+        else contextlib.nullcontext(sys.stdout) as out
+    ):
         if args.format == "csv":
             writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["text"])
             writer.writeheader()
@@ -33,8 +36,12 @@ def run(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predict with a trained run or adapter: labels, values or generations")
     p.add_argument("source", help="run directory (results.json + adapter/) or adapter directory / .safetensors")
-    p.add_argument("--input", default=None, help="CSV/TSV/JSONL/JSON file of the run's text columns, or .txt "
-                                               "with one text per line (default: one text per line on stdin)")
+    p.add_argument(
+        "--input",
+        default=None,
+        help="CSV/TSV/JSONL/JSON file of the run's text columns, or .txt "
+        "with one text per line (default: one text per line on stdin)",
+    )
     p.add_argument("--output", default=None, help="write here instead of stdout")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="output format (default jsonl)")
     p.add_argument("--model", default=None, help="base model directory (default: the one the adapter records)")

@@ -13,16 +13,20 @@ import argparse
 def register(subparsers) -> None:
     from vblora.train.flags import run_flags
 
-    p = subparsers.add_parser("train", help="fine-tune a model with VB-LoRA or a baseline; writes results.json",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                              parents=run_flags("train"))
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a model with VB-LoRA or a baseline; writes results.json",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=run_flags("train"),
+    )
     p.add_argument("--list-recipes", action="store_true", help="list shipped recipes and exit")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from vblora.train.flags import given
     from vblora.train.config import build_config, load_recipe, recipe_names
+    from vblora.train.flags import given
 
     if args.list_recipes:
         for name in recipe_names():

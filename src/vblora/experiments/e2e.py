@@ -20,7 +20,7 @@ from vblora.train.config import RunConfig, opt, setting_fields, typed
 from vblora.train.errors import DataError, SetupError
 
 PROMPT_TEMPLATE = "{mr} ||"  # the MR, linearised, then the separator the LoRA/VeRA E2E data uses
-TARGET_TEMPLATE = " {ref}"   # a leading space so GPT-2's BPE starts the reference as a new word
+TARGET_TEMPLATE = " {ref}"  # a leading space so GPT-2's BPE starts the reference as a new word
 # e2e-metrics' read_tsv repairs these mis-encoded characters of the released files; we do the same
 _FIXES = (("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
 
@@ -90,13 +90,15 @@ class E2EOptions:
     no_repeat_ngram_size: int = opt(4, "no-repeat n-gram size (0 = off)")
     prompt_template: str = opt(PROMPT_TEMPLATE, "prompt of an MR ({mr}: the MR, linearised if linearize_mr)")
     linearize_mr: bool = opt(True, "write name[X], eatType[Y] as 'name : X | eatType : Y'")
-    metric_tokenizer: str = opt("auto", "PTB tokenizer before METEOR/ROUGE-L/CIDEr: auto (Java when it runs) | "
-                                        "java | python")
-    meteor_modules: list[str] | None = opt(None, "METEOR modules, e.g. exact stem synonym (none: the official "
-                                                 "configuration)")
+    metric_tokenizer: str = opt(
+        "auto", "PTB tokenizer before METEOR/ROUGE-L/CIDEr: auto (Java when it runs) | java | python"
+    )
+    meteor_modules: list[str] | None = opt(
+        None, "METEOR modules, e.g. exact stem synonym (none: the official configuration)"
+    )
 
     @classmethod
-    def from_recipe(cls, extra: dict | None, given: dict | None = None) -> "E2EOptions":
+    def from_recipe(cls, extra: dict | None, given: dict | None = None) -> E2EOptions:
         """A recipe's `extra.e2e` <- `given` (flags); run settings kept there by older recipes are skipped
         (`build_config` lifts them)."""
         values = {k: v for k, v in ((extra or {}).get("e2e") or {}).items() if k not in setting_fields()}
@@ -110,13 +112,17 @@ class E2EOptions:
         return self.prompt_template.format(mr=linearize_mr(mr) if self.linearize_mr else mr)
 
     def generate_kwargs(self) -> dict:
-        return {"num_beams": self.num_beams, "length_penalty": self.length_penalty,
-                "no_repeat_ngram_size": self.no_repeat_ngram_size}
+        return {
+            "num_beams": self.num_beams,
+            "length_penalty": self.length_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+        }
 
 
 # ------------------------------------------------------------------------------------------------ the task
-def build_examples(rows: list[tuple[str, str | None]], tokenizer, max_length: int = 512,
-                   opts: E2EOptions = E2EOptions()) -> list[dict]:
+def build_examples(
+    rows: list[tuple[str, str | None]], tokenizer, max_length: int = 512, opts: E2EOptions = E2EOptions()
+) -> list[dict]:
     """One example per (mr, ref) row: `input_ids` = prompt ++ target ++ eos, `labels` = -100 on the prompt.
 
     Sequences longer than `max_length` are cut from the end; a row whose target would vanish is dropped.
@@ -130,7 +136,7 @@ def build_examples(rows: list[tuple[str, str | None]], tokenizer, max_length: in
         t = tokenizer(TARGET_TEMPLATE.format(ref=ref), add_special_tokens=False)["input_ids"] + eos
         ids = (p + t)[:max_length]
         if len(ids) > len(p):
-            out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(p) + ids[len(p):]})
+            out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(p) + ids[len(p) :]})
     if not out:
         raise DataError("no E2E training example left (no references, or max_length shorter than the prompts)")
     return out
@@ -151,20 +157,31 @@ def task(opts: E2EOptions):
     from vblora.train.tasks import TaskData
 
     def build(cfg: RunConfig, tok) -> TaskData:
-        train = _rows(cfg.train_file, "--train-file")[:cfg.max_train_samples or None]
-        val = _rows(cfg.validation_file, "--validation-file")[:cfg.max_eval_samples or None] \
-            if cfg.validation_file else None
+        train = _rows(cfg.train_file, "--train-file")[: cfg.max_train_samples or None]
+        val = (
+            _rows(cfg.validation_file, "--validation-file")[: cfg.max_eval_samples or None]
+            if cfg.validation_file
+            else None
+        )
         test_rows = _rows(cfg.test_file, "--test-file")
-        test_set = [x for x in group_by_mr(test_rows) if x.refs][:cfg.max_test_samples or None]
+        test_set = [x for x in group_by_mr(test_rows) if x.refs][: cfg.max_test_samples or None]
         if not test_set:
             raise DataError(f"--test-file '{cfg.test_file}' has no references to score against (column 'ref')")
         keep = {x.mr for x in test_set}
         encode = functools.partial(build_examples, tokenizer=tok, max_length=cfg.max_length, opts=opts)
-        return TaskData("causal-lm", encode(train), encode(val) if val else None,
-                        encode([r for r in test_rows if r[0] in keep]), raw={"test": test_set},
-                        info={"files": {"train": cfg.train_file, "validation": cfg.validation_file,
-                                        "test": cfg.test_file}, "test_mrs": len(test_set)},
-                        evaluate=functools.partial(_evaluate, opts=opts))
+        return TaskData(
+            "causal-lm",
+            encode(train),
+            encode(val) if val else None,
+            encode([r for r in test_rows if r[0] in keep]),
+            raw={"test": test_set},
+            info={
+                "files": {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file},
+                "test_mrs": len(test_set),
+            },
+            evaluate=functools.partial(_evaluate, opts=opts),
+        )
+
     return build
 
 
@@ -178,8 +195,15 @@ def _evaluate(model, tok, data, cfg: RunConfig, out_dir: Path | None, opts: E2EO
     if merged:
         vblora.merge(model)  # docs/e2e.md: decoding a merged model is ~2x faster
     try:
-        scores = evaluate_e2e(model, tok, data.raw["test"], opts, cfg.max_new_tokens, cfg.eval_batch_size,
-                              predictions_path=out_dir / "predictions.txt")
+        scores = evaluate_e2e(
+            model,
+            tok,
+            data.raw["test"],
+            opts,
+            cfg.max_new_tokens,
+            cfg.eval_batch_size,
+            predictions_path=out_dir / "predictions.txt",
+        )
     finally:
         if merged:
             vblora.unmerge(model)
@@ -205,13 +229,15 @@ def run_e2e(cfg: RunConfig, opts: E2EOptions, log=print) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def generate_e2e(model, tokenizer, mrs: list[str], opts: E2EOptions = E2EOptions(), max_new_tokens: int = 64,
-                 batch_size: int = 16) -> list[str]:
+def generate_e2e(
+    model, tokenizer, mrs: list[str], opts: E2EOptions = E2EOptions(), max_new_tokens: int = 64, batch_size: int = 16
+) -> list[str]:
     """One output per MR (the first line of the continuation), decoded as `opts` says."""
     from vblora.train.evaluate import generate
 
-    outs = generate(model, tokenizer, [opts.prompt(m) for m in mrs], max_new_tokens, batch_size,
-                    **opts.generate_kwargs())
+    outs = generate(
+        model, tokenizer, [opts.prompt(m) for m in mrs], max_new_tokens, batch_size, **opts.generate_kwargs()
+    )
     return [o.strip().split("\n")[0].strip() for o in outs]
 
 
@@ -221,9 +247,16 @@ def write_references(path: str | Path, eval_set: list[E2EInstance]) -> None:
     Path(path).write_text("\n".join("\n".join(x.refs) + "\n" for x in eval_set), encoding="utf-8")
 
 
-def evaluate_e2e(model, tokenizer, eval_set: list[E2EInstance], opts: E2EOptions = E2EOptions(),
-                 max_new_tokens: int = 64, batch_size: int = 16, metrics: tuple[str, ...] = METRICS,
-                 predictions_path: str | Path | None = None) -> dict:
+def evaluate_e2e(
+    model,
+    tokenizer,
+    eval_set: list[E2EInstance],
+    opts: E2EOptions = E2EOptions(),
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    metrics: tuple[str, ...] = METRICS,
+    predictions_path: str | Path | None = None,
+) -> dict:
     """Generate one output per unique MR and score it against all its references with the E2E metric set.
 
     Returns `compute_e2e_metrics`' dict (BLEU, NIST, METEOR, ROUGE_L, CIDEr on e2e-metrics' scale; a metric that
@@ -235,9 +268,13 @@ def evaluate_e2e(model, tokenizer, eval_set: list[E2EInstance], opts: E2EOptions
     preds = generate_e2e(model, tokenizer, [x.mr for x in eval_set], opts, max_new_tokens, batch_size)
     if predictions_path is not None:  # the official system-output format: one line per unique MR, in order
         Path(predictions_path).write_text("".join(p.replace("\n", " ") + "\n" for p in preds), encoding="utf-8")
-    scores = compute_e2e_metrics(preds, [list(x.refs) for x in eval_set], metrics=metrics,
-                                 tokenizer=opts.metric_tokenizer,
-                                 meteor_modules=tuple(opts.meteor_modules) if opts.meteor_modules else None)
+    scores = compute_e2e_metrics(
+        preds,
+        [list(x.refs) for x in eval_set],
+        metrics=metrics,
+        tokenizer=opts.metric_tokenizer,
+        meteor_modules=tuple(opts.meteor_modules) if opts.meteor_modules else None,
+    )
     scores["predictions"] = preds
     return scores
 

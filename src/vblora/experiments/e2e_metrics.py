@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import threading
 from collections import Counter
+from typing import ClassVar
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 PAPER_SCALE = {"BLEU": 100.0, "NIST": 1.0, "METEOR": 100.0, "ROUGE_L": 100.0, "CIDEr": 1.0}
@@ -36,8 +37,9 @@ PAPER_SCALE = {"BLEU": 100.0, "NIST": 1.0, "METEOR": 100.0, "ROUGE_L": 100.0, "C
 # The tokens COCOEvalCap's PTBTokenizer drops after tokenising (its PUNCTUATIONS list, verbatim: the upper-case
 # bracket names never match the lower-cased output, so "-lrb-" survives there and here alike).
 NO_COCO = "pycocoevalcap is not installed (pip install 'vblora[e2e]')"
-COCO_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
-                              "-", "--", "...", ";"])
+COCO_PUNCTUATION = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
 
 
 # ----------------------------------------------------------------------------------------------- tokenisation
@@ -114,14 +116,27 @@ def ptb_tokenize_java(texts: list[str]) -> list[list[str]]:
     out: list[list[str]] = [[] for _ in texts]
     if not todo:
         return out
-    cmd = ["java", "-cp", "stanford-corenlp-3.4.1.jar", "edu.stanford.nlp.process.PTBTokenizer",
-           "-preserveLines", "-lowerCase"]
-    proc = subprocess.run(cmd, cwd=jar_dir, input="\n".join(lines[i] for i in todo) + "\n",
-                          capture_output=True, text=True, encoding="utf-8", check=True)
+    cmd = [
+        "java",
+        "-cp",
+        "stanford-corenlp-3.4.1.jar",
+        "edu.stanford.nlp.process.PTBTokenizer",
+        "-preserveLines",
+        "-lowerCase",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=jar_dir,
+        input="\n".join(lines[i] for i in todo) + "\n",
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        check=True,
+    )
     got = proc.stdout.rstrip("\n").split("\n")
     if len(got) != len(todo):
         raise RuntimeError(f"PTBTokenizer returned {len(got)} lines for {len(todo)} inputs")
-    for i, line in zip(todo, got):
+    for i, line in zip(todo, got, strict=True):
         out[i] = [t for t in line.split() if t not in COCO_PUNCTUATION]
     return out
 
@@ -138,7 +153,7 @@ def _check(hyps: list[str], refs: list[list[str]]) -> None:
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def bleu(hyps: list[list[str]], refs: list[list[list[str]]]) -> float:
@@ -150,7 +165,7 @@ def bleu(hyps: list[list[str]], refs: list[list[list[str]]]) -> float:
     from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
     scorer = BleuScorer(n=4)
-    for h, r in zip(hyps, refs):
+    for h, r in zip(hyps, refs, strict=True):
         scorer += (" ".join(h), [" ".join(x) for x in r])
     score, _ = scorer.compute_score(option="closest", verbose=0)
     return float(score[3])
@@ -177,7 +192,7 @@ def nist(hyps: list[list[str]], refs: list[list[list[str]]], n: int = 5) -> floa
     hit_info = [0.0] * n
     sys_ngrams = [0] * n
     ref_len = 0.0
-    for h, r in zip(hyps, refs):
+    for h, r in zip(hyps, refs, strict=True):
         for k in range(1, n + 1):
             sys_ngrams[k - 1] += max(0, len(h) - k + 1)
             best: Counter = Counter()
@@ -187,7 +202,7 @@ def nist(hyps: list[list[str]], refs: list[list[list[str]]], n: int = 5) -> floa
                 if g in best:
                     hit_info[k - 1] += info(g) * min(c, best[g])
         ref_len += sum(len(x) for x in r) / len(r)
-    score = sum(hi / max(s, 1) for hi, s in zip(hit_info, sys_ngrams))
+    score = sum(hi / max(s, 1) for hi, s in zip(hit_info, sys_ngrams, strict=True))
     ratio = sys_ngrams[0] / ref_len if ref_len else 0.0
     beta = -math.log(0.5) / math.log(1.5) ** 2
     penalty = 1.0 if ratio >= 1 else 0.0 if ratio <= 0 else math.exp(-beta * math.log(ratio) ** 2)
@@ -224,7 +239,7 @@ class MeteorServer:
     """
 
     _lock = threading.Lock()
-    _servers: dict = {}
+    _servers: ClassVar[dict] = {}
 
     def __init__(self, modules: tuple[str, ...] | None = None):
         import pycocoevalcap.meteor.meteor as m
@@ -232,13 +247,20 @@ class MeteorServer:
         cmd = ["java", "-jar", "-Xmx2G", "meteor-1.5.jar", "-", "-", "-stdio", "-l", "en", "-norm"]
         if modules:
             cmd += ["-m", " ".join(modules)]
-        self.proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(m.__file__)), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, encoding="utf-8")
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=os.path.dirname(os.path.abspath(m.__file__)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            encoding="utf-8",
+        )
         self.lock = threading.Lock()
         atexit.register(self.close)
 
     @classmethod
-    def get(cls, modules: tuple[str, ...] | None = None) -> "MeteorServer":
+    def get(cls, modules: tuple[str, ...] | None = None) -> MeteorServer:
         key = tuple(modules) if modules else None
         with cls._lock:
             server = cls._servers.get(key)
@@ -256,11 +278,14 @@ class MeteorServer:
 
     def score(self, hyps: list[list[str]], refs: list[list[list[str]]]) -> float:
         """Corpus METEOR of token lists: per-input statistics ("SCORE" lines), then one "EVAL" over all of them."""
+
         def clean(tokens):  # one line of single-spaced words, without the protocol's field separator
             return " ".join(" ".join(tokens).replace("|||", " ").split())
 
         with self.lock:
-            stats = [self._ask(" ||| ".join(["SCORE", *map(clean, r), clean(h)])) for h, r in zip(hyps, refs)]
+            stats = [
+                self._ask(" ||| ".join(["SCORE", *map(clean, r), clean(h)])) for h, r in zip(hyps, refs, strict=True)
+            ]
             self._ask(" ||| ".join(["EVAL", *stats]))  # first answer line: the first input's score
             for _ in range(len(hyps) - 1):
                 self.proc.stdout.readline()
@@ -289,8 +314,13 @@ def meteor_unavailable() -> str | None:
     return java_available()
 
 
-def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[str, ...] = METRICS,
-                        tokenizer: str = "auto", meteor_modules: tuple[str, ...] | None = None) -> dict:
+def compute_e2e_metrics(
+    hyps: list[str],
+    refs: list[list[str]],
+    metrics: tuple[str, ...] = METRICS,
+    tokenizer: str = "auto",
+    meteor_modules: tuple[str, ...] | None = None,
+) -> dict:
     """Score outputs `hyps[i]` against references `refs[i]` (one entry per unique MR) with the E2E metric set.
 
     `tokenizer` is the tokenisation before METEOR / ROUGE-L / CIDEr: "java" (Stanford PTBTokenizer, as
@@ -329,8 +359,8 @@ def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[s
         flat = list(hyps) + [x for r in refs for x in r]
         toks = ptb_tokenize_java(flat) if tokenizer == "java" else [ptb_tokenize_python(t) for t in flat]
         used = f"ptb-{tokenizer}"
-        rest = iter(toks[len(hyps):])
-        c_h, c_r = toks[:len(hyps)], [list(itertools.islice(rest, len(r))) for r in refs]
+        rest = iter(toks[len(hyps) :])
+        c_h, c_r = toks[: len(hyps)], [list(itertools.islice(rest, len(r))) for r in refs]
         score("ROUGE_L", rouge_l, c_h, c_r)
         score("CIDEr", cider, c_h, c_r)
         if "METEOR" in metrics:
@@ -350,5 +380,6 @@ def compute_e2e_metrics(hyps: list[str], refs: list[list[str]], metrics: tuple[s
 def format_scores(scores: dict, paper_scale: bool = True) -> str:
     """One line, e.g. "BLEU 68.20  NIST 8.62  METEOR 46.20  ROUGE_L 71.00  CIDEr 2.47" (x100 as in the paper)."""
     scale = PAPER_SCALE if paper_scale else dict.fromkeys(METRICS, 1.0)
-    return "  ".join(f"{m} n/a" if scores[m] is None else f"{m} {scores[m] * scale[m]:.2f}"
-                     for m in METRICS if m in scores)
+    return "  ".join(
+        f"{m} n/a" if scores[m] is None else f"{m} {scores[m] * scale[m]:.2f}" for m in METRICS if m in scores
+    )

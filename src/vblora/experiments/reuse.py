@@ -12,9 +12,13 @@ from vblora.config import VBLoRAConfig
 # Settings that only one method reads: a LoRA run is still valid when, say, the recipe's bank size changed.
 # Every method reads the shared adapter knobs (targets, rank, dropout, heads); the rest of VBLoRAConfig is VB-LoRA's.
 _SHARED = {"target_modules", "rank", "dropout", "layers", "modules_to_save"}
-_ONLY_FOR = {"vblora": {f.name for f in dataclasses.fields(VBLoRAConfig)} - _SHARED - {"seed"}
-             | {"bank", "freeze_bank", "record_selection_every", "lr_bank", "lr_logits", "extra_eval_topk"},
-             "lora": {"lora_alpha"}, "vera": {"vera_rank"}, "tied-lora": {"tied_rank"}}
+_ONLY_FOR = {
+    "vblora": {f.name for f in dataclasses.fields(VBLoRAConfig)} - _SHARED - {"seed"}
+    | {"bank", "freeze_bank", "record_selection_every", "lr_bank", "lr_logits", "extra_eval_topk"},
+    "lora": {"lora_alpha"},
+    "vera": {"vera_rank"},
+    "tied-lora": {"tied_rank"},
+}
 _BOOKKEEPING = {"output", "overwrite", "resume", "resume_partial", "logging_steps", "save_steps"}
 
 

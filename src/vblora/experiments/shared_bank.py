@@ -17,36 +17,70 @@ from vblora.train.methods import read_bank_tensor
 from vblora.train.pipeline import train
 
 
-def shared_bank_study(bank_path, seeds: list[int], out, task_overrides: dict, budget: Budget,
-                      recipe: str | None = None, train_fn=train, log=print) -> list[dict]:
+def shared_bank_study(
+    bank_path,
+    seeds: list[int],
+    out,
+    task_overrides: dict,
+    budget: Budget,
+    recipe: str | None = None,
+    train_fn=train,
+    log=print,
+) -> list[dict]:
     out = Path(out)
     h, b = read_bank_tensor(bank_path)[0].shape
-    arms = [("fresh", "fresh bank (trained on task 2)", {"bank": None, "freeze_bank": False}),
-            ("frozen", "shared task-1 bank, frozen", {"bank": str(bank_path), "freeze_bank": True})]
+    arms = [
+        ("fresh", "fresh bank (trained on task 2)", {"bank": None, "freeze_bank": False}),
+        ("frozen", "shared task-1 bank, frozen", {"bank": str(bank_path), "freeze_bank": True}),
+    ]
     rows = []
     for key, label, arm in arms:
         rs = []
         for seed in seeds:
-            cfg = build_config(recipe, {**task_overrides, **arm, "seed": seed, **budget.overrides(),
-                                        "num_vectors": h, "vector_length": b, "output": str(out / f"{key}-seed{seed}"),
-                                        "overwrite": True})
+            cfg = build_config(
+                recipe,
+                {
+                    **task_overrides,
+                    **arm,
+                    "seed": seed,
+                    **budget.overrides(),
+                    "num_vectors": h,
+                    "vector_length": b,
+                    "output": str(out / f"{key}-seed{seed}"),
+                    "overwrite": True,
+                },
+            )
             rs.append(finished(cfg.output, cfg, log) or train_fn(cfg, log=log))
         vals = [r["metrics"]["test"][r["primary_metric"]] for r in rs]
         counts, bank_file = rs[0]["details"], out / f"{key}-seed{seeds[0]}" / "bank.safetensors"
-        rows.append({"arm": label, "runs": len(vals), "values": vals, **spread(vals),
-                     "adapter_file_bytes": rs[0]["adapter_bytes"],
-                     "bank_file_bytes": bank_file.stat().st_size if bank_file.exists() else None,
-                     "task_bytes_without_bank": counts["stored_bytes"] - 4 * counts["bank"],
-                     "trainable": rs[0]["trainable_parameters"]})
-        (out / "shared_bank.json").write_text(json.dumps({"budget": budget.describe(), "seeds": seeds,
-                                                          "rows": rows}, indent=2))
+        rows.append(
+            {
+                "arm": label,
+                "runs": len(vals),
+                "values": vals,
+                **spread(vals),
+                "adapter_file_bytes": rs[0]["adapter_bytes"],
+                "bank_file_bytes": bank_file.stat().st_size if bank_file.exists() else None,
+                "task_bytes_without_bank": counts["stored_bytes"] - 4 * counts["bank"],
+                "trainable": rs[0]["trainable_parameters"],
+            }
+        )
+        (out / "shared_bank.json").write_text(
+            json.dumps({"budget": budget.describe(), "seeds": seeds, "rows": rows}, indent=2)
+        )
     return rows
 
 
 def format_shared_bank(rows: list[dict], title: str) -> str:
-    lines = [title, "", "| task-2 arm | test accuracy: median | min-max | runs | trainable params | "
-                        "adapter file bytes per task |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        title,
+        "",
+        "| task-2 arm | test accuracy: median | min-max | runs | trainable params | adapter file bytes per task |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['arm']} | {100 * r['median']:.1f} | {100 * r['min']:.1f}-{100 * r['max']:.1f} | "
-                     f"{r['runs']} | {r['trainable']:,} | {r['adapter_file_bytes'] or 0:,} |")
+        lines.append(
+            f"| {r['arm']} | {100 * r['median']:.1f} | {100 * r['min']:.1f}-{100 * r['max']:.1f} | "
+            f"{r['runs']} | {r['trainable']:,} | {r['adapter_file_bytes'] or 0:,} |"
+        )
     return "\n".join(lines)

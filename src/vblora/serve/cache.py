@@ -11,7 +11,8 @@ import ctypes
 import ctypes.util
 import functools
 from collections import OrderedDict
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 
 @functools.cache

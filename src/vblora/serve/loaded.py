@@ -24,11 +24,11 @@ from vblora.bank import compose_selected
 from vblora.config import VBLoRAConfig
 from vblora.errors import AdapterFormatError
 from vblora.layout import Layout, index_dtype
+from vblora.serve.sources import NATIVE, Source, bank_candidates
 from vblora.storage.encoding import complete_weights
 from vblora.storage.native import bank_sha256, read_adapter
 from vblora.storage.peft_vblora import read_peft
 from vblora.storage.snapshot import AdapterSnapshot, described, shape_problems, weight_problems
-from vblora.serve.sources import NATIVE, Source, bank_candidates
 
 MAX_MESSAGE = 4  # problems named in one message
 
@@ -77,11 +77,11 @@ class LoadedAdapter:
         factors = {}
         for e in self.layout.entries:
             s = e.slot
-            rows = compose_selected(indices[s.a_start:s.stop], weights[s.a_start:s.stop], self.bank)  # (rows, b)
+            rows = compose_selected(indices[s.a_start : s.stop], weights[s.a_start : s.stop], self.bank)  # (rows, b)
             rows = rows.to(device=device, dtype=dtype)
             A, B = next(pieces).view(r, e.in_features), next(pieces).view(e.out_features, r)
-            A.copy_(self.layout.A(rows[:s.a_count], e))
-            B.copy_(self.layout.B(rows[s.a_count:], e))
+            A.copy_(self.layout.A(rows[: s.a_count], e))
+            B.copy_(self.layout.B(rows[s.a_count :], e))
             factors[e.name] = (A, B)
         return factors
 
@@ -101,10 +101,12 @@ def read_snapshot(source: Source, banks: dict, module_order: list[str]) -> Adapt
         return read_adapter(source.path)[0]
     candidates = bank_candidates(source, banks)
     if not candidates:
-        raise AdapterFormatError(f"{source.path}: adapter '{source.name}' references a shared bank (sha256 "
-                                 f"{source.bank_sha256}) that is not in the adapter directory: put the bank file "
-                                 f"written by vblora.save_bank (bank.safetensors) beside it or in the store's "
-                                 f"directory")
+        raise AdapterFormatError(
+            f"{source.path}: adapter '{source.name}' references a shared bank (sha256 "
+            f"{source.bank_sha256}) that is not in the adapter directory: put the bank file "
+            f"written by vblora.save_bank (bank.safetensors) beside it or in the store's "
+            f"directory"
+        )
     return read_adapter(source.path, bank_path=candidates[0])[0]
 
 
@@ -117,8 +119,9 @@ def check_fits(snap: AdapterSnapshot, model: nn.Module, bases: dict[str, nn.Modu
     if snap.architecture and snap.architecture != arch:
         problems.append(f"it was saved from {snap.architecture}, the served base model is {arch}")
     have = {name: described(base) for name, base in bases.items()}
-    problems += [f"module {name} is missing from the base model or cannot be adapted" for name, d in have.items()
-                 if d is None]
+    problems += [
+        f"module {name} is missing from the base model or cannot be adapted" for name, d in have.items() if d is None
+    ]
     problems += shape_problems(snap, {name: d for name, d in have.items() if d is not None})
     if not problems and snap.weight_sample:
         problems += weight_problems({n: b for n, b in bases.items() if b is not None}, snap)
@@ -126,8 +129,9 @@ def check_fits(snap: AdapterSnapshot, model: nn.Module, bases: dict[str, nn.Modu
         raise AdapterFormatError(f"{where} does not fit the served base model: " + "; ".join(problems[:MAX_MESSAGE]))
 
 
-def verified(source: Source, model: nn.Module, modules: dict[str, nn.Module],
-             banks: dict | None = None) -> tuple[AdapterSnapshot, dict[str, dict]]:
+def verified(
+    source: Source, model: nn.Module, modules: dict[str, nn.Module], banks: dict | None = None
+) -> tuple[AdapterSnapshot, dict[str, dict]]:
     """`(snapshot, head states)` of `source`, read and verified: the file's own checks, the fit to `model` (kind and
     shape of each adapted module, the base weight sample), its heads being real heads of `model` whose states fit.
     `modules`: `model`'s modules by name as the base model has them (no serving wrappers); `banks`: {sha256: bank
@@ -160,8 +164,9 @@ def nested(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
-def head_targets(snap: AdapterSnapshot, modules: dict[str, nn.Module],
-                 source: Source) -> dict[str, tuple[str, nn.Module]]:
+def head_targets(
+    snap: AdapterSnapshot, modules: dict[str, nn.Module], source: Source
+) -> dict[str, tuple[str, nn.Module]]:
     """The adapter's head name -> (the model's module name, that module) for each `modules_to_save` entry.
     AdapterFormatError unless each is a real head: a named module of the model (not the model itself) with a forward
     of its own (not a ModuleList / ModuleDict), neither holding nor inside one of the adapter's adapted modules or
@@ -171,16 +176,18 @@ def head_targets(snap: AdapterSnapshot, modules: dict[str, nn.Module],
     for head in snap.extras:
         name = head_name(head, modules)
         if name is None:
-            problems.append(f"modules_to_save entry {head or '(empty name)'} matches no module of the base model"
-                            + (" (the model itself cannot be one)" if not head else ""))
+            problems.append(
+                f"modules_to_save entry {head or '(empty name)'} matches no module of the base model"
+                + (" (the model itself cannot be one)" if not head else "")
+            )
             continue
         module = modules[name]
         if type(module).forward is nn.Module.forward:
-            problems.append(f"modules_to_save entry {head}: {type(module).__name__} {name} is a container, not a "
-                            f"head")
+            problems.append(f"modules_to_save entry {head}: {type(module).__name__} {name} is a container, not a head")
         elif any(nested(name, a) for a in adapted):
-            problems.append(f"modules_to_save entry {head}: module {name} holds or is an adapted module, so it is "
-                            f"no head")
+            problems.append(
+                f"modules_to_save entry {head}: module {name} holds or is an adapted module, so it is no head"
+            )
         elif any(nested(name, other) for other, _ in out.values()):
             problems.append(f"modules_to_save entry {head}: module {name} overlaps another head")
         else:
@@ -197,15 +204,17 @@ def head_states(snap: AdapterSnapshot, heads: dict[str, tuple[str, nn.Module]], 
     out = {}
     for name, state in snap.extras.items():
         if name not in heads:
-            raise AdapterFormatError(f"adapter '{source.name}': modules_to_save entry {name} matches no module of "
-                                     f"the base model")
+            raise AdapterFormatError(
+                f"adapter '{source.name}': modules_to_save entry {name} matches no module of the base model"
+            )
         model_name, head = heads[name]
         own = head.state_dict()
         got, want = ({k: tuple(v.shape) for k, v in d.items()} for d in (state, own))
         if got != want:  # other parameter names or shapes
             raise AdapterFormatError(
                 f"adapter '{source.name}': its {name} head {got} does not fit the base model's {want} (another "
-                f"num_labels? build the base model with the adapter's num_labels)")
+                f"num_labels? build the base model with the adapter's num_labels)"
+            )
         out[model_name] = {k: v.to(device=own[k].device, dtype=own[k].dtype) for k, v in state.items()}
     return out
 
@@ -215,8 +224,9 @@ def layout_key(layout: Layout) -> tuple:
     return tuple(tuple(e.to_row()) for e in layout.entries), layout.rank, layout.vector_length
 
 
-def load(source: Source, snap: AdapterSnapshot, intern_bank, heads: dict[str, dict],
-         intern_layout=lambda layout: layout) -> LoadedAdapter:
+def load(
+    source: Source, snap: AdapterSnapshot, intern_bank, heads: dict[str, dict], intern_layout=lambda layout: layout
+) -> LoadedAdapter:
     """The resident form of a verified snapshot. `intern_bank(sha256, bank) -> bank` returns the one tensor the
     store holds for that content; `intern_layout(layout) -> layout` the one equal layout it holds (a layout of a
     few hundred modules is ~100 KB of Python objects: as much as an adapter's tensors)."""
@@ -227,8 +237,9 @@ def load(source: Source, snap: AdapterSnapshot, intern_bank, heads: dict[str, di
     partial = snap.weights[:, :-1].contiguous().float()  # (N, k - 1)
     exact = torch.equal(complete_weights(partial).clamp_(min=0), snap.weights.float())
     weights = partial if exact else snap.weights.float().contiguous()
-    return LoadedAdapter(source, cfg, intern_layout(snap.layout), intern_bank(digest, bank), digest, indices, weights,
-                         exact, heads)
+    return LoadedAdapter(
+        source, cfg, intern_layout(snap.layout), intern_bank(digest, bank), digest, indices, weights, exact, heads
+    )
 
 
 def compacted(adapter: LoadedAdapter) -> LoadedAdapter:

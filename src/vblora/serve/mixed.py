@@ -46,12 +46,12 @@ class Router:
         # A copied or pickled served model gets a router of its own, with no plan: it computes the base model.
         return Router, ()
 
-    def current(self) -> "Plan | None":
+    def current(self) -> Plan | None:
         stack = getattr(self.local, "stack", None)
         return stack[-1] if stack else None
 
     @contextlib.contextmanager
-    def use(self, plan: "Plan"):
+    def use(self, plan: Plan):
         stack = self.local.__dict__.setdefault("stack", [])
         stack.append(plan)
         try:
@@ -107,8 +107,14 @@ class Plan:
     gives each row its request's adapter.
     """
 
-    def __init__(self, units: list, factors: dict, axis: str = ROWS, device: torch.device | None = None,
-                 strategy: str | None = None) -> None:
+    def __init__(
+        self,
+        units: list,
+        factors: dict,
+        axis: str = ROWS,
+        device: torch.device | None = None,
+        strategy: str | None = None,
+    ) -> None:
         if axis not in (ROWS, TOKENS):
             raise ValueError(f"axis={axis!r}")
         self.units, self.factors, self.axis, self.strategy = list(units), factors, axis, strategy
@@ -121,16 +127,20 @@ class Plan:
         if self.axis == ROWS:
             return x.shape[0]
         if x.dim() < 2 or x.shape[0] != 1:
-            raise VBLoRAError(f"store.tokens(...) expects packed inputs of batch size 1, shaped (1, T, ...); got "
-                              f"{tuple(x.shape)} (use store.rows(...) for one adapter per row)")
+            raise VBLoRAError(
+                f"store.tokens(...) expects packed inputs of batch size 1, shaped (1, T, ...); got "
+                f"{tuple(x.shape)} (use store.rows(...) for one adapter per row)"
+            )
         return x.shape[1]
 
     def repeat(self, n: int) -> int:
         u = len(self.units)
         if u == 0 or n % u:
             what = "rows" if self.axis == ROWS else "tokens"
-            raise VBLoRAError(f"the batch has {n} {what} but store.{self.axis}(...) was given {u} adapter entries; "
-                              f"give one entry (a handle or None) per {what[:-1]}")
+            raise VBLoRAError(
+                f"the batch has {n} {what} but store.{self.axis}(...) was given {u} adapter entries; "
+                f"give one entry (a handle or None) per {what[:-1]}"
+            )
         return n // u
 
     def unit_lists(self, n: int, pick) -> list[tuple[object, list[int]]]:
@@ -167,8 +177,9 @@ class Plan:
             mode = self.strategy or (GATHER if len(units) <= GATHER_MAX_UNITS * len(items) else LOOP)
             if mode == GATHER and not embedding:
                 owner = {u: (A, B) for A, B, us in items for u in us}
-                groups.append(Group(GATHER, self.index(units, n), [owner[u][0] for u in units],
-                                    [owner[u][1] for u in units]))
+                groups.append(
+                    Group(GATHER, self.index(units, n), [owner[u][0] for u in units], [owner[u][1] for u in units])
+                )
             else:
                 parts = [(torch.tensor(us, dtype=torch.long, device=self.device), A, B) for A, B, us in items]
                 groups.append(Group(LOOP, None, parts=parts))
@@ -177,8 +188,10 @@ class Plan:
     def heads(self, name: str, n: int) -> list[tuple[torch.Tensor, dict]]:
         """[(unit indices, head state)] of the adapters carrying head `name`."""
         if (name, n) not in self.head_groups:
-            self.head_groups[name, n] = [(torch.tensor(us, dtype=torch.long, device=self.device), state)
-                                         for state, us in self.unit_lists(n, lambda a: a.heads.get(name))]
+            self.head_groups[name, n] = [
+                (torch.tensor(us, dtype=torch.long, device=self.device), state)
+                for state, us in self.unit_lists(n, lambda a: a.heads.get(name))
+            ]
         return self.head_groups[name, n]
 
 
@@ -240,8 +253,10 @@ class MixedHead(Wrapper):
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor):  # units cannot be told apart: fail the batch using this head only
             if any(a is not None and self.name in a.heads for a in plan.units):
-                raise VBLoRAError(f"head {self.name} was called without a tensor input; its trained copies cannot be "
-                                  f"applied per {plan.axis[:-1]}")
+                raise VBLoRAError(
+                    f"head {self.name} was called without a tensor input; its trained copies cannot be "
+                    f"applied per {plan.axis[:-1]}"
+                )
             return out
         n = plan.unit_count(x)
         args = args[1:]

@@ -94,7 +94,7 @@ def inside(path: Path, root: Path) -> bool:
     thousands of plain files: a path written below `root` without '..' and with no symlink below `root` is in it."""
     p, r = os.fspath(path), os.fspath(root).rstrip(os.sep) or os.sep
     if p.startswith(r + os.sep) or (r == os.sep and p.startswith(os.sep)):
-        parts = p[len(r):].strip(os.sep).split(os.sep)
+        parts = p[len(r) :].strip(os.sep).split(os.sep)
         if ".." not in parts:
             step = r
             for part in parts:
@@ -112,9 +112,11 @@ def inside(path: Path, root: Path) -> bool:
 def confine(path: Path, root: Path | None) -> Path:
     """`path`, or PathNotAllowedError if it leaves `root` (no root: anywhere)."""
     if root is not None and not inside(path, root):
-        raise PathNotAllowedError(f"adapter path {path} is outside the adapter directory {root}: put the adapter "
-                                  f"in that directory (the operator may allow other paths: "
-                                  f"AdapterStore(..., allow_outside_paths=True))")
+        raise PathNotAllowedError(
+            f"adapter path {path} is outside the adapter directory {root}: put the adapter "
+            f"in that directory (the operator may allow other paths: "
+            f"AdapterStore(..., allow_outside_paths=True))"
+        )
     return path
 
 
@@ -146,18 +148,27 @@ def describe_native(name: str, file: Path, root: Path | None = None) -> Source:
             raise ValueError("a module name is empty (the model itself is no adapted module or head)")
         config, bank, base = dict(meta["config"]), dict(meta["bank"]), dict(meta.get("base") or {})
         labels = meta.get("labels")
-        summary = {"format": NATIVE, "task_type": base.get("task_type"), "base_model": base.get("name_or_path"),
-                   "architecture": base.get("architecture"), "rank": int(config["rank"]),
-                   "num_vectors": int(config["num_vectors"]), "vector_length": int(config["vector_length"]),
-                   "modules": len(modules), "heads": heads, "precision": meta.get("precision"),
-                   "num_labels": len(labels) if isinstance(labels, dict) else None,
-                   "labels": {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else None}
+        summary = {
+            "format": NATIVE,
+            "task_type": base.get("task_type"),
+            "base_model": base.get("name_or_path"),
+            "architecture": base.get("architecture"),
+            "rank": int(config["rank"]),
+            "num_vectors": int(config["num_vectors"]),
+            "vector_length": int(config["vector_length"]),
+            "modules": len(modules),
+            "heads": heads,
+            "precision": meta.get("precision"),
+            "num_labels": len(labels) if isinstance(labels, dict) else None,
+            "labels": {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else None,
+        }
         shared = bank.get("sha256") if bank.get("mode") == "reference" else None
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise AdapterFormatError(f"{file}: malformed header ({type(e).__name__}: {str(e)[:120]})") from None
     stamp = stamp_of(file)
-    return Source(name, file, NATIVE, shared_names(modules), shared_names(heads), stamp[0], stamp, shared, summary,
-                  root=root)
+    return Source(
+        name, file, NATIVE, shared_names(modules), shared_names(heads), stamp[0], stamp, shared, summary, root=root
+    )
 
 
 def describe_peft(name: str, d: Path, root: Path | None = None) -> Source:
@@ -170,13 +181,15 @@ def describe_peft(name: str, d: Path, root: Path | None = None) -> Source:
         raise AdapterFormatError(f"{config}: not a JSON file") from None
     if not isinstance(conf, dict) or conf.get("peft_type") != "VBLORA":
         peft_type = conf.get("peft_type") if isinstance(conf, dict) else None
-        raise AdapterFormatError(f"{d}: peft_type {short(peft_type)} is not a VB-LoRA adapter (expected 'VBLORA'); export "
-                                 f"VB-LoRA adapters with vblora.export_peft")
+        raise AdapterFormatError(
+            f"{d}: peft_type {short(peft_type)} is not a VB-LoRA adapter (expected 'VBLORA'); export "
+            f"VB-LoRA adapters with vblora.export_peft"
+        )
     if not weights.is_file():
         raise AdapterFormatError(f"{d}: missing {WEIGHTS_FILE}")
     suffix = LOGITS_A + (TOPK_INDICES if conf.get("save_only_topk_weights") else "")
     keys = [k for k in read_json_header(confine(weights, root)) if k != "__metadata__"]
-    modules = [k[len(PREFIX):-len(suffix)] for k in keys if k.startswith(PREFIX) and k.endswith(suffix)]
+    modules = [k[len(PREFIX) : -len(suffix)] for k in keys if k.startswith(PREFIX) and k.endswith(suffix)]
     if not modules:
         raise AdapterFormatError(f"{d}: no '*{suffix}' tensors in {WEIGHTS_FILE}")
     saved = conf.get("modules_to_save") or ()
@@ -184,13 +197,31 @@ def describe_peft(name: str, d: Path, root: Path | None = None) -> Source:
         raise AdapterFormatError(f"{config}: modules_to_save must be a list of module names")
     heads = [h for h in saved if any(k.startswith(f"{PREFIX}{h}.") for k in keys)]
     size = weights.stat().st_size
-    summary = {"format": PEFT, "task_type": conf.get("task_type"), "base_model": conf.get("base_model_name_or_path"),
-               "rank": conf.get("r"), "num_vectors": conf.get("num_vectors"),
-               "vector_length": conf.get("vector_length"), "modules": len(modules), "heads": heads,
-               "num_labels": None, "labels": None}
+    summary = {
+        "format": PEFT,
+        "task_type": conf.get("task_type"),
+        "base_model": conf.get("base_model_name_or_path"),
+        "rank": conf.get("r"),
+        "num_vectors": conf.get("num_vectors"),
+        "vector_length": conf.get("vector_length"),
+        "modules": len(modules),
+        "heads": heads,
+        "num_labels": None,
+        "labels": None,
+    }
     file_bytes = size + config.stat().st_size
-    return Source(name, d, PEFT, shared_names(modules), shared_names(heads), file_bytes, stamp_of(weights, config),
-                  None, summary, root=root)
+    return Source(
+        name,
+        d,
+        PEFT,
+        shared_names(modules),
+        shared_names(heads),
+        file_bytes,
+        stamp_of(weights, config),
+        None,
+        summary,
+        root=root,
+    )
 
 
 def adapter_path(path: Path) -> tuple[str, Path] | None:
@@ -213,16 +244,25 @@ def describe(name: str, path: str | os.PathLike, root: str | os.PathLike | None 
     confine(path, root)
     found = adapter_path(path)
     if found is None:
-        raise FileNotFoundError(f"no adapter at {path}: give a native .safetensors file, a directory holding "
-                                f"{ADAPTER_FILE}, or an HF PEFT VB-LoRA directory ({CONFIG_FILE})")
+        raise FileNotFoundError(
+            f"no adapter at {path}: give a native .safetensors file, a directory holding "
+            f"{ADAPTER_FILE}, or an HF PEFT VB-LoRA directory ({CONFIG_FILE})"
+        )
     adapter_format, target = found
     return describe_native(name, target, root) if adapter_format == NATIVE else describe_peft(name, target, root)
 
 
 def valid_name(name: str) -> bool:
     """A name that can only mean one entry of a directory: one path component, not hidden, no separators."""
-    return (isinstance(name, str) and bool(name) and not name.startswith(".") and "/" not in name
-            and "\\" not in name and "\0" not in name and name == name.strip())
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and name == name.strip()
+    )
 
 
 def find(directory: str | os.PathLike, name: str) -> Source:
@@ -264,8 +304,14 @@ def broken(name: str, path: Path, error: Exception, root: Path | None = None) ->
         stamp = stamp_of(path)
     except OSError:
         stamp = (0, 0)
-    return Source(name, path, NATIVE, stamp=stamp, root=root, error=f"{type(error).__name__}: {error}" if not
-                  isinstance(error, AdapterFormatError) else str(error))
+    return Source(
+        name,
+        path,
+        NATIVE,
+        stamp=stamp,
+        root=root,
+        error=f"{type(error).__name__}: {error}" if not isinstance(error, AdapterFormatError) else str(error),
+    )
 
 
 def bank_file_sha256(file: Path) -> str | None:
@@ -296,7 +342,7 @@ def discover(directory: str | os.PathLike) -> tuple[dict[str, Source], dict[str,
                 continue  # a bank file is no adapter
         try:
             sources[name] = describe(name, entry, d)
-        except Exception as e:  # noqa: BLE001  (any defect of one file is that file's problem, listed with it)
+        except Exception as e:  # any defect of one file is that file's problem, listed with it
             sources[name] = broken(name, target, e, d)
     return sources, banks
 

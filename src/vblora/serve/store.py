@@ -70,7 +70,7 @@ class Entry:
     (stamp, error type, message) of the last refused load, raised again without reading while the file is unchanged
     (not the exception itself: its traceback would keep the frames of the read, and the tensors they hold, alive)."""
 
-    __slots__ = ("source", "loaded", "lock", "from_directory", "refused")
+    __slots__ = ("from_directory", "loaded", "lock", "refused", "source")
 
     def __init__(self, source: Source, from_directory: bool, loaded: LoadedAdapter | None = None) -> None:
         self.source, self.loaded, self.lock, self.from_directory = source, loaded, threading.Lock(), from_directory
@@ -78,16 +78,24 @@ class Entry:
 
 
 class AdapterStore:
-    def __init__(self, model: nn.Module, directory: str | os.PathLike | None = None, *,
-                 cache_bytes: int = 64 << 20, allow_outside_paths: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        directory: str | os.PathLike | None = None,
+        *,
+        cache_bytes: int = 64 << 20,
+        allow_outside_paths: bool | None = None,
+    ) -> None:
         """`directory`: adapters registered by name (see `vblora.serve.sources`). `allow_outside_paths`: whether
         `add` may read paths outside it; None (default): not if there is a directory, any path if there is none
         (from Python, the caller is the operator); a server passes its operator's choice: False with no directory
         refuses every path."""
         self.model = unwrap(model)
         if hasattr(self.model, BANK_ATTR):
-            raise TargetError(f"{type(self.model).__name__} already carries a VB-LoRA adapter; give the store the "
-                              f"plain base model (vblora.unload(model, merge=False) removes it)")
+            raise TargetError(
+                f"{type(self.model).__name__} already carries a VB-LoRA adapter; give the store the "
+                f"plain base model (vblora.unload(model, merge=False) removes it)"
+            )
         param = next((p for p in self.model.parameters() if p.is_floating_point()), None)
         self.dtype = param.dtype if param is not None else torch.float32
         self.device = param.device if param is not None else torch.device("cpu")
@@ -117,8 +125,13 @@ class AdapterStore:
         with the reason (acquiring them raises it)."""
         with self.lock:
             out = {n: e.source.error for n, e in self.entries.items() if e.source.error is not None}
-            out.update({n: e.refused[2] for n, e in self.entries.items()
-                        if e.refused is not None and e.loaded is None and n not in out})
+            out.update(
+                {
+                    n: e.refused[2]
+                    for n, e in self.entries.items()
+                    if e.refused is not None and e.loaded is None and n not in out
+                }
+            )
             return out
 
     def scan(self) -> tuple[list[str], list[str]]:
@@ -134,8 +147,11 @@ class AdapterStore:
                 if not entry.from_directory:
                     continue
                 new = sources.get(name)
-                if new is None or (new.path, new.stamp, new.error) != (entry.source.path, entry.source.stamp,
-                                                                       entry.source.error):
+                if new is None or (new.path, new.stamp, new.error) != (
+                    entry.source.path,
+                    entry.source.stamp,
+                    entry.source.error,
+                ):
                     self.unregister(name)
                     removed.append(name)
             for name, source in sources.items():
@@ -152,8 +168,10 @@ class AdapterStore:
         if not isinstance(name, str) or not name:
             raise VBLoRAError(f"adapter name {name!r}: give a non-empty string")
         if not self.outside and self.root is None:
-            raise PathNotAllowedError(f"cannot add adapter '{name}' by path: this store has no adapter directory and "
-                                      f"loads no other paths (give it a directory, or allow_outside_paths=True)")
+            raise PathNotAllowedError(
+                f"cannot add adapter '{name}' by path: this store has no adapter directory and "
+                f"loads no other paths (give it a directory, or allow_outside_paths=True)"
+            )
         source = describe(name, path, self.root)
         entry = Entry(source, from_directory=False, loaded=self.load(source))
         with self.lock:
@@ -188,13 +206,22 @@ class AdapterStore:
         """Wrap the modules a verified adapter adapts with mixed layers and its heads with mixed heads (those not
         wrapped yet), all or none. Called under the lock. AdapterFormatError (nothing wrapped) if the adapter's
         modules and heads overlap what other adapters wrapped the other way (a head holding an adapted module)."""
-        clash = [f"module {a} is inside head {w} of another adapter" for a in adapted for w, m in self.wrappers.items()
-                 if isinstance(m, MixedHead) and nested(a, w)]
-        clash += [f"head {h} overlaps {type(m).__name__} {w} of another adapter" for h in heads
-                  for w, m in self.wrappers.items() if nested(h, w) and not (h == w and isinstance(m, MixedHead))]
+        clash = [
+            f"module {a} is inside head {w} of another adapter"
+            for a in adapted
+            for w, m in self.wrappers.items()
+            if isinstance(m, MixedHead) and nested(a, w)
+        ]
+        clash += [
+            f"head {h} overlaps {type(m).__name__} {w} of another adapter"
+            for h in heads
+            for w, m in self.wrappers.items()
+            if nested(h, w) and not (h == w and isinstance(m, MixedHead))
+        ]
         if clash:
-            raise AdapterFormatError(f"adapter '{source.name}' cannot be served beside the adapters loaded: "
-                                     + "; ".join(clash[:4]))
+            raise AdapterFormatError(
+                f"adapter '{source.name}' cannot be served beside the adapters loaded: " + "; ".join(clash[:4])
+            )
         done = []
         try:
             for wrapper_class, names in ((MixedLayer, adapted), (MixedHead, heads)):
@@ -241,7 +268,7 @@ class AdapterStore:
             return old
         try:
             new = describe(old.name, old.path, old.root)
-        except Exception as e:  # noqa: BLE001  (the file's problem, raised by the load below)
+        except Exception as e:  # the file's problem, raised by the load below
             new = broken(old.name, old.path, e, old.root)
         with self.lock:
             entry.source = new
@@ -273,10 +300,16 @@ class AdapterStore:
 
     def info(self, adapter: LoadedAdapter) -> dict:
         s = adapter.source
-        return {**s.summary, "name": s.name, "path": str(s.path), "bytes_on_disk": s.file_bytes,
-                "bank_sha256": adapter.bank_sha256, "resident_bytes": adapter.resident_bytes,
-                "num_labels": s.summary.get("num_labels") or next(
-                    (int(st["weight"].shape[0]) for st in adapter.heads.values() if "weight" in st), None)}
+        return {
+            **s.summary,
+            "name": s.name,
+            "path": str(s.path),
+            "bytes_on_disk": s.file_bytes,
+            "bank_sha256": adapter.bank_sha256,
+            "resident_bytes": adapter.resident_bytes,
+            "num_labels": s.summary.get("num_labels")
+            or next((int(st["weight"].shape[0]) for st in adapter.heads.values() if "weight" in st), None),
+        }
 
     # -- composition ----------------------------------------------------------------------------------------------
     def factors(self, adapter: LoadedAdapter) -> dict:
@@ -299,13 +332,19 @@ class AdapterStore:
             if isinstance(e, str):
                 e = self.acquire(e)
             if e is not None and not isinstance(e, AdapterHandle):
-                raise VBLoRAError(f"store.{axis}(...) takes AdapterHandles (store.acquire(name)), names or None; got "
-                                  f"{type(e).__name__}")
+                raise VBLoRAError(
+                    f"store.{axis}(...) takes AdapterHandles (store.acquire(name)), names or None; got "
+                    f"{type(e).__name__}"
+                )
             units.append(e.adapter if e is not None else None)
         distinct = list({id(a): a for a in units if a is not None}.values())
         last = self.last_plan
-        if (last is not None and (last.axis, last.strategy) == (axis, strategy) and len(last.units) == len(units)
-                and all(a is b for a, b in zip(last.units, units))):
+        if (
+            last is not None
+            and (last.axis, last.strategy) == (axis, strategy)
+            and len(last.units) == len(units)
+            and all(a is b for a, b in zip(last.units, units, strict=True))
+        ):
             with self.lock:  # recency and hit counts as if composed afresh; evicted ones come back
                 for adapter in distinct:
                     if self.cache.get(adapter) is None and not adapter.removed:
@@ -336,9 +375,16 @@ class AdapterStore:
         with self.lock:
             loaded = [e.loaded for e in self.entries.values() if e.loaded is not None]
             banks = list(self.banks.values())
-            return {"registered": len(self.entries), "loaded": len(loaded), "distinct_banks": len(banks),
-                    "bank_bytes": sum(b.numel() * b.element_size() for b in banks),
-                    "loaded_bytes": sum(a.resident_bytes for a in loaded),
-                    "cache_entries": len(self.cache), "cache_bytes": self.cache.bytes,
-                    "cache_cap_bytes": self.cache.cap, "hits": self.cache.hits, "misses": self.cache.misses,
-                    "evictions": self.cache.evictions}
+            return {
+                "registered": len(self.entries),
+                "loaded": len(loaded),
+                "distinct_banks": len(banks),
+                "bank_bytes": sum(b.numel() * b.element_size() for b in banks),
+                "loaded_bytes": sum(a.resident_bytes for a in loaded),
+                "cache_entries": len(self.cache),
+                "cache_bytes": self.cache.bytes,
+                "cache_cap_bytes": self.cache.cap,
+                "hits": self.cache.hits,
+                "misses": self.cache.misses,
+                "evictions": self.cache.evictions,
+            }

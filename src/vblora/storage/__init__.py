@@ -17,6 +17,20 @@ from vblora.storage.native import adapter_file, load_adapter, read_adapter, read
 from vblora.storage.peft_vblora import export_peft, import_peft
 from vblora.storage.snapshot import AdapterSnapshot, take_snapshot
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter", "adapter_file", "save_bank", "read_bank", "export_peft",
-           "import_peft", "export_lora", "merge_and_save", "merged_state_dict", "save_checkpoint", "load_checkpoint",
-           "AdapterSnapshot", "take_snapshot"]
+__all__ = [
+    "AdapterSnapshot",
+    "adapter_file",
+    "export_lora",
+    "export_peft",
+    "import_peft",
+    "load_adapter",
+    "load_checkpoint",
+    "merge_and_save",
+    "merged_state_dict",
+    "read_adapter",
+    "read_bank",
+    "save_adapter",
+    "save_bank",
+    "save_checkpoint",
+    "take_snapshot",
+]

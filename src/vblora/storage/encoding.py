@@ -38,7 +38,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     need = math.ceil(count * bits / 8)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
         raise ValueError(f"packed indices must be ({need},) uint8, got {tuple(packed.shape)} {packed.dtype}")
-    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)[:count * bits]
+    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)[: count * bits]
     return (stream.view(count, bits) << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
 
 

@@ -40,7 +40,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             view = memoryview(data)
             for start in range(0, len(view), CHUNK):
-                f.write(view[start:start + CHUNK])
+                f.write(view[start : start + CHUNK])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,7 +64,7 @@ def remove_stale(directory: Path, prefix: str) -> None:
     for p in directory.iterdir():
         if not (p.name.startswith(prefix) and p.name.endswith(TMP)):
             continue
-        pid = p.name[len(prefix):].split(".", 1)[0]
+        pid = p.name[len(prefix) :].split(".", 1)[0]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -91,8 +91,10 @@ def replace_dir(out: str | os.PathLike, write, replaceable) -> Path:
         if previous is not None:
             os.replace(previous, out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replaceable(out))):
-        raise VBLoRAError(f"{out} exists and holds other files than a previous export of this kind; export into a "
-                          f"new or empty directory (the export replaces its directory as a whole)")
+        raise VBLoRAError(
+            f"{out} exists and holds other files than a previous export of this kind; export into a "
+            f"new or empty directory (the export replaces its directory as a whole)"
+        )
     remove_stale(out.parent, f".{out.name}.")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=TMP, dir=out.parent))
     try:
@@ -130,7 +132,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name]
-        h.update(f"{name}\0{str(t.dtype)}\0{list(t.shape)}\0".encode())
+        h.update(f"{name}\0{t.dtype!s}\0{list(t.shape)}\0".encode())
         h.update(tensor_bytes(t))
     return h.hexdigest()
 
@@ -164,8 +166,9 @@ def read_header(stream: BinaryIO, path: Path, size: int) -> dict:
     # Messages name no value read from the file (the length word, undecodable bytes): the file may be one the caller
     # could not read otherwise (a path given to a server), and its first bytes would be echoed back to them.
     if n > min(MAX_HEADER_BYTES, size - 8):
-        raise AdapterFormatError(f"{path}: truncated or not a safetensors file (header length out of range; the file "
-                                 f"has {size} bytes)")
+        raise AdapterFormatError(
+            f"{path}: truncated or not a safetensors file (header length out of range; the file has {size} bytes)"
+        )
     try:
         header = json.loads(stream.read(n).decode("utf-8"))
     except UnicodeDecodeError:

@@ -40,8 +40,16 @@ def export_lora(model_or_path, out_dir: str | os.PathLike) -> Path:
     for m in snap.modules:
         A, B = layout.factors(sub, m)  # (r, in), (out, r)
         keys = ("lora_embedding_A", "lora_embedding_B") if m.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
-        tensors.update({f"{PREFIX}{m.name}.{key}": t.contiguous() for key, t in zip(keys, (A, B))})
+        tensors.update({f"{PREFIX}{m.name}.{key}": t.contiguous() for key, t in zip(keys, (A, B), strict=True)})
     r = snap.config.rank
-    config = {"peft_type": "LORA", "lora_alpha": r, "lora_dropout": snap.config.dropout, "use_rslora": False,
-              "use_dora": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+    config = {
+        "peft_type": "LORA",
+        "lora_alpha": r,
+        "lora_dropout": snap.config.dropout,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
     return write_peft_dir(out_dir, snap, config, tensors)

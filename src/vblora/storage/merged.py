@@ -30,16 +30,25 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     model = unwrap(model)
     layers, copies = adapted_layers(model), trained_copies(model)
     renames = [(f"{n}.base.", f"{n}.") for n in layers] + [(f"{n}.trained.", f"{n}.") for n in copies]
-    drops = (f"{BANK_ATTR}.",) + tuple(f"{n}.original." for n in copies)
+    drops = (f"{BANK_ATTR}.", *tuple(f"{n}.original." for n in copies))
 
     def rename(key: str) -> str:
-        return next((new + key[len(old):] for old, new in renames if key.startswith(old)), key)
+        return next((new + key[len(old) :] for old, new in renames if key.startswith(old)), key)
 
     out = {rename(k): t for k, t in model.state_dict(keep_vars=False).items() if not k.startswith(drops)}
-    quantized = {rename(f"{n}."): m for n, m in model.named_modules()  # "x.q_proj." -> its quantized Linear
-                 if isinstance(m, nn.Linear) and is_quantized(m)}
-    plain = dtype or next((p.dtype for n, p in model.named_parameters() if p.is_floating_point()
-                           and not is_quantized_param(p) and not n.startswith(BANK_ATTR)), torch.float32)
+    quantized = {
+        rename(f"{n}."): m
+        for n, m in model.named_modules()  # "x.q_proj." -> its quantized Linear
+        if isinstance(m, nn.Linear) and is_quantized(m)
+    }
+    plain = dtype or next(
+        (
+            p.dtype
+            for n, p in model.named_parameters()
+            if p.is_floating_point() and not is_quantized_param(p) and not n.startswith(BANK_ATTR)
+        ),
+        torch.float32,
+    )
     for prefix, m in quantized.items():  # packed codes, absmax, quant map, SCB, ... -> one float weight
         for key in [k for k in out if k.startswith(prefix) and k != prefix + "bias"]:
             del out[key]
@@ -61,8 +70,9 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     return out
 
 
-def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                   **save_kwargs) -> Path:
+def merge_and_save(
+    model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, **save_kwargs
+) -> Path:
     """Save the merged full model (W + B A in every adapted module), loadable by the base model's own class with no
     vblora installed.
 
@@ -101,7 +111,8 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch
         config = getattr(base, "config", None)
         adapted = {layer.base.weight.data_ptr(): f"{n}.base.weight" for n, layer in adapted_layers(base).items()}
         tie = getattr(config, "tie_word_embeddings", False) and any(  # an adapted weight has another use too
-            t.data_ptr() in adapted and key != adapted[t.data_ptr()] for key, t in base.state_dict().items())
+            t.data_ptr() in adapted and key != adapted[t.data_ptr()] for key, t in base.state_dict().items()
+        )
         # transformers saves a quantized model's own state dict, ignoring ours, while it has an hf_quantizer
         quantizer = base.__dict__.get("hf_quantizer")
         if tie:
@@ -123,4 +134,6 @@ def merge_and_save(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch
                 saved["dtype"] = str(dtype).removeprefix("torch.")
             path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
-    return replace_dir(out_dir, write, replaceable=lambda d: any(d.glob("*.safetensors")) or (d / "config.json").exists())
+    return replace_dir(
+        out_dir, write, replaceable=lambda d: any(d.glob("*.safetensors")) or (d / "config.json").exists()
+    )

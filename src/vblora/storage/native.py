@@ -24,10 +24,25 @@ from vblora.config import VBLoRAConfig
 from vblora.errors import AdapterFormatError, VBLoRAError
 from vblora.inject import get_bank
 from vblora.layout import KINDS, MODULE_FIELDS, Layout, ModuleEntry, index_dtype
-from vblora.storage.encoding import (complete_weights, dequantize_bank, dequantize_weights, index_bits,
-                                     narrow_indices, pack_bits, quantize_bank, quantize_weights, unpack_bits)
-from vblora.storage.files import (canonical_json, json_sha256, parse_json_metadata, read_safetensors,
-                                  tensors_sha256, write_safetensors)
+from vblora.storage.encoding import (
+    complete_weights,
+    dequantize_bank,
+    dequantize_weights,
+    index_bits,
+    narrow_indices,
+    pack_bits,
+    quantize_bank,
+    quantize_weights,
+    unpack_bits,
+)
+from vblora.storage.files import (
+    canonical_json,
+    json_sha256,
+    parse_json_metadata,
+    read_safetensors,
+    tensors_sha256,
+    write_safetensors,
+)
 from vblora.storage.snapshot import AdapterSnapshot, build_model, take_snapshot
 from vblora.version import __version__
 
@@ -48,8 +63,10 @@ def adapter_file(path: str | os.PathLike, name: str = ADAPTER_FILE) -> Path:
     if path.suffix == ".safetensors":
         return path
     if not (path / name).exists() and (path / "adapter_config.json").is_file():
-        raise AdapterFormatError(f"{path} is an HF PEFT adapter directory, not a vblora adapter: load it with "
-                                 f"vblora.import_peft(base_model, '{path}') (command line: vblora import-peft)")
+        raise AdapterFormatError(
+            f"{path} is an HF PEFT adapter directory, not a vblora adapter: load it with "
+            f"vblora.import_peft(base_model, '{path}') (command line: vblora import-peft)"
+        )
     return path / name
 
 
@@ -60,8 +77,10 @@ def bank_sha256(bank: torch.Tensor) -> str:
 
 # -- save -----------------------------------------------------------------------------------------------------------
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, precision: str = "fp32", pack_indices: bool = False,
-                 bank: str = "embed") -> Path:
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, precision: str = "fp32", pack_indices: bool = False, bank: str = "embed"
+) -> Path:
     """Write the adapter of `model` to `path/adapter.safetensors` atomically (an earlier file is replaced only once
     the new one is complete).
 
@@ -94,8 +113,9 @@ def write_adapter(file: Path, tensors: dict[str, torch.Tensor], header: dict) ->
     return write_safetensors(file, tensors, {"format": "pt", "vblora": canonical_json(header)})
 
 
-def encode(snap: AdapterSnapshot, precision: str = "fp32", pack_indices: bool = False,
-           bank_mode: str = "embed") -> tuple[dict[str, torch.Tensor], dict]:
+def encode(
+    snap: AdapterSnapshot, precision: str = "fp32", pack_indices: bool = False, bank_mode: str = "embed"
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Snapshot -> (tensors, JSON header) of the adapter file."""
     h, b = snap.bank.shape
     n, k = snap.indices.shape
@@ -107,7 +127,7 @@ def encode(snap: AdapterSnapshot, precision: str = "fp32", pack_indices: bool = 
             tensors["bank"], tensors["bank_scale"] = quantize_bank(snap.bank)
         else:
             tensors["bank"] = snap.bank.to(FLOATS[precision])
-    partial = snap.weights[:, :k - 1].float()  # (N, k-1)
+    partial = snap.weights[:, : k - 1].float()  # (N, k-1)
     tensors["weights"] = quantize_weights(partial) if int8 else partial.to(FLOATS[precision])
     bits = index_bits(h)
     tensors["indices"] = pack_bits(snap.indices, bits) if pack_indices else narrow_indices(snap.indices, h)
@@ -120,8 +140,11 @@ def encode(snap: AdapterSnapshot, precision: str = "fp32", pack_indices: bool = 
         "library_version": __version__,
         "config": snap.config.to_dict(),
         "precision": precision,
-        "bank": {"mode": bank_mode, "shape": [h, b],
-                 "sha256": bank_sha256(snap.bank) if bank_mode == "reference" else None},
+        "bank": {
+            "mode": bank_mode,
+            "shape": [h, b],
+            "sha256": bank_sha256(snap.bank) if bank_mode == "reference" else None,
+        },
         "indices": {"shape": [n, k], "packed": bool(pack_indices), "bits": bits},
         "module_fields": list(MODULE_FIELDS),
         "modules": [m.to_row() for m in snap.modules],
@@ -136,8 +159,16 @@ def encode(snap: AdapterSnapshot, precision: str = "fp32", pack_indices: bool = 
 
 # -- load -----------------------------------------------------------------------------------------------------------
 
-def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, bank_path: str | os.PathLike | None = None,
-                 strict: bool = True, trainable: bool = False, verify_weights: bool = True) -> nn.Module:
+
+def load_adapter(
+    base_model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    bank_path: str | os.PathLike | None = None,
+    strict: bool = True,
+    trainable: bool = False,
+    verify_weights: bool = True,
+) -> nn.Module:
     """Wrap `base_model` in place with the adapter at `path` (inference form: indices and weights, no `(N, h)`
     logits) and return it.
 
@@ -161,8 +192,9 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, bank_path: s
         FileNotFoundError: nothing at `path`.
     """
     snap, info = read_adapter(path, bank_path=bank_path)
-    return build_model(base_model, snap, str(info["file"]), strict=strict, trainable=trainable,
-                       verify_weights=verify_weights)
+    return build_model(
+        base_model, snap, str(info["file"]), strict=strict, trainable=trainable, verify_weights=verify_weights
+    )
 
 
 def read_adapter(path: str | os.PathLike, bank_path: str | os.PathLike | None = None) -> tuple[AdapterSnapshot, dict]:
@@ -173,8 +205,9 @@ def read_adapter(path: str | os.PathLike, bank_path: str | os.PathLike | None = 
     return decode(file, header, tensors, bank_path), {"file": file, "header": header}
 
 
-def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
-           bank_path: str | os.PathLike | None = None) -> AdapterSnapshot:
+def decode(
+    file: Path, header: dict, tensors: dict[str, torch.Tensor], bank_path: str | os.PathLike | None = None
+) -> AdapterSnapshot:
     """Validate header and tensors against each other and rebuild the snapshot (float32 bank and weights)."""
 
     def fail(msg: str):
@@ -184,8 +217,10 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
         fail(f"not a vblora adapter (format={header.get('format')!r}, expected {FORMAT!r})")
     version = header.get("format_version")
     if version != FORMAT_VERSION:
-        fail(f"unknown format version {version!r} (library {header.get('library_version')!r}); this vblora reads "
-             f"version {FORMAT_VERSION}: upgrade vblora to load it")
+        fail(
+            f"unknown format version {version!r} (library {header.get('library_version')!r}); this vblora reads "
+            f"version {FORMAT_VERSION}: upgrade vblora to load it"
+        )
     try:
         cfg = VBLoRAConfig.from_dict(dict(header["config"]))
         precision = header["precision"]
@@ -237,8 +272,9 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
     bad = (indices >= h).nonzero()
     if len(bad):
         row = int(bad[0, 0])
-        fail(f"index {int(indices[row, bad[0, 1]])} >= num_vectors {h} (sub-vector {row}, module "
-             f"{layout.owner_of(row)})")
+        fail(
+            f"index {int(indices[row, bad[0, 1]])} >= num_vectors {h} (sub-vector {row}, module {layout.owner_of(row)})"
+        )
     partial = dequantize_weights(tensors["weights"]) if int8 else tensors["weights"].float()
     if not torch.isfinite(partial).all():
         fail("mixing weights hold NaN/inf")
@@ -253,8 +289,10 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
         if not torch.isfinite(bank).all():
             fail("bank holds NaN/inf values")
         if bank.abs().max() > MAX_BANK_VALUE:
-            fail(f"bank values reach {float(bank.abs().max()):.3g}: not a trained bank (|value| <= {MAX_BANK_VALUE:g});"
-                 f" the file was made by a diverged run or edited")
+            fail(
+                f"bank values reach {float(bank.abs().max()):.3g}: not a trained bank (|value| <= {MAX_BANK_VALUE:g});"
+                f" the file was made by a diverged run or edited"
+            )
     for key, t in tensors.items():
         if key.startswith(EXTRA_PREFIX) and t.is_floating_point() and not torch.isfinite(t).all():
             fail(f"tensor '{key}' holds NaN/inf values")
@@ -266,13 +304,24 @@ def decode(file: Path, header: dict, tensors: dict[str, torch.Tensor],
         fail("header fields were edited (header sha256 mismatch)")
 
     extras = {name: {key: tensors[f"{EXTRA_PREFIX}{name}.{key}"] for key in keys} for name, keys in extra_keys.items()}
-    return AdapterSnapshot(config=cfg, bank=bank, indices=indices, weights=complete_weights(partial).clamp_(min=0),
-                           modules=modules, extras=extras, architecture=str(fingerprint.get("architecture", "")),
-                           model_type=fingerprint.get("model_type"), name_or_path=fingerprint.get("name_or_path"),
-                           task_type=fingerprint.get("task_type"), id2label=labels, weight_sample=sample)
+    return AdapterSnapshot(
+        config=cfg,
+        bank=bank,
+        indices=indices,
+        weights=complete_weights(partial).clamp_(min=0),
+        modules=modules,
+        extras=extras,
+        architecture=str(fingerprint.get("architecture", "")),
+        model_type=fingerprint.get("model_type"),
+        name_or_path=fingerprint.get("name_or_path"),
+        task_type=fingerprint.get("task_type"),
+        id2label=labels,
+        weight_sample=sample,
+    )
 
 
 # -- shared bank ----------------------------------------------------------------------------------------------------
+
 
 def save_bank(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's bank alone, float32, with its content sha256, for adapters saved with `bank="reference"`.
@@ -288,8 +337,12 @@ def save_bank(model: nn.Module, path: str | os.PathLike) -> Path:
         TargetError: the model has no adapter.
     """
     bank = get_bank(model).bank.detach().float().cpu()
-    meta = {"format": BANK_FORMAT, "format_version": FORMAT_VERSION, "shape": list(bank.shape),
-            "sha256": bank_sha256(bank)}
+    meta = {
+        "format": BANK_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "shape": list(bank.shape),
+        "sha256": bank_sha256(bank),
+    }
     return write_adapter(adapter_file(path, BANK_FILE), {"bank": bank}, meta)
 
 
@@ -311,14 +364,15 @@ def read_bank(path: str | os.PathLike) -> tuple[torch.Tensor, str]:
 
 def _resolve_bank(file: Path, want: str | None, bank_path: str | os.PathLike | None) -> torch.Tensor:
     if bank_path is None:
-        raise AdapterFormatError(f"{file}: this adapter references a shared bank (sha256 {want}) instead of storing "
-                                 f"it; pass bank_path= (--bank on the command line) the bank file written by "
-                                 f"vblora.save_bank")
+        raise AdapterFormatError(
+            f"{file}: this adapter references a shared bank (sha256 {want}) instead of storing "
+            f"it; pass bank_path= (--bank on the command line) the bank file written by "
+            f"vblora.save_bank"
+        )
     bank, digest = read_bank(bank_path)
     if digest != want:
-        raise AdapterFormatError(f"{file}: shared bank mismatch: the adapter needs bank sha256 {want}, but "
-                                 f"{adapter_file(bank_path, BANK_FILE)} holds {digest}")
+        raise AdapterFormatError(
+            f"{file}: shared bank mismatch: the adapter needs bank sha256 {want}, but "
+            f"{adapter_file(bank_path, BANK_FILE)} holds {digest}"
+        )
     return bank
-
-
-

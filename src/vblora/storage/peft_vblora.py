@@ -33,8 +33,7 @@ TOPK_INDICES, TOPK_WEIGHTS = "_topk_indices", "_topk_weights"
 # PeftModelForSequenceClassification / ForTokenClassification / ForQuestionAnswering). Loading a file of that
 # task type, PEFT wraps every module whose name ends with one of these and reads its weights from the file (a
 # KeyError when they are absent), and never adapts a module inside one.
-PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
-              "QUESTION_ANS": ("qa_outputs",)}
+PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 
 
 def snapshot_of(model_or_path, *, with_logits: bool = False) -> AdapterSnapshot:
@@ -65,10 +64,13 @@ def untrained_heads(model: nn.Module, snap: AdapterSnapshot) -> dict[str, dict[s
     base weights, which PEFT reads from the file like a trained head's."""
     model = unwrap(model)
     trained = tuple(snap.extras)
-    return {name: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-            for name, module in model.named_modules()
-            if name and is_peft_head(name, snap.task_type)
-            and not any(name == t or name.startswith(t + ".") for t in trained)}
+    return {
+        name: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        for name, module in model.named_modules()
+        if name
+        and is_peft_head(name, snap.task_type)
+        and not any(name == t or name.startswith(t + ".") for t in trained)
+    }
 
 
 def peft_task_type(snap: AdapterSnapshot, from_model: bool) -> str | None:
@@ -86,7 +88,7 @@ def peft_task_type(snap: AdapterSnapshot, from_model: bool) -> str | None:
 
 
 def parent_library(architecture: str) -> str | None:
-    """"transformers" when `architecture` is one of its model classes (so PEFT's AutoPeftModel can build the base
+    """ "transformers" when `architecture` is one of its model classes (so PEFT's AutoPeftModel can build the base
     of a file without a task type), else None."""
     if not architecture:
         return None
@@ -97,8 +99,13 @@ def parent_library(architecture: str) -> str | None:
     return "transformers" if isinstance(getattr(transformers, architecture, None), type) else None
 
 
-def write_peft_dir(out_dir: str | os.PathLike, snap: AdapterSnapshot, config: dict,
-                   tensors: dict[str, torch.Tensor], heads: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+def write_peft_dir(
+    out_dir: str | os.PathLike,
+    snap: AdapterSnapshot,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    heads: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
     """Write a PEFT adapter directory as a whole (an earlier export there is replaced only once this one is
     complete; a directory holding anything else is refused): `tensors` plus the snapshot's trained heads and the
     untrained `heads` PEFT's task class needs, and `config` plus the adapter_config.json fields that every PEFT
@@ -106,14 +113,23 @@ def write_peft_dir(out_dir: str | os.PathLike, snap: AdapterSnapshot, config: di
     task = peft_task_type(snap, from_model=heads is not None)
     saved = snap.extras | ((heads or {}) if task in PEFT_HEADS else {})
     tensors = tensors | {f"{PREFIX}{name}.{key}": t for name, state in saved.items() for key, t in state.items()}
-    config = {"task_type": task, "base_model_name_or_path": snap.name_or_path, "revision": None,
-              "inference_mode": True,
-              "r": snap.config.rank, "target_modules": [m.name for m in snap.modules], "exclude_modules": None,
-              "fan_in_fan_out": any(m.kind == "conv1d" for m in snap.modules), "bias": "none",
-              "modules_to_save": sorted(saved) or None, "layers_to_transform": None, "layers_pattern": None,
-              "auto_mapping": {"base_model_class": snap.architecture,
-                               "parent_library": parent_library(snap.architecture)}
-              if snap.architecture else None} | config
+    config = {
+        "task_type": task,
+        "base_model_name_or_path": snap.name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": snap.config.rank,
+        "target_modules": [m.name for m in snap.modules],
+        "exclude_modules": None,
+        "fan_in_fan_out": any(m.kind == "conv1d" for m in snap.modules),
+        "bias": "none",
+        "modules_to_save": sorted(saved) or None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "auto_mapping": {"base_model_class": snap.architecture, "parent_library": parent_library(snap.architecture)}
+        if snap.architecture
+        else None,
+    } | config
 
     def write(d: Path) -> None:
         write_safetensors(d / WEIGHTS_FILE, tensors, {"format": "pt"})
@@ -131,6 +147,7 @@ def peft_parts(layout: Layout, b: int):
 
 
 # -- export ---------------------------------------------------------------------------------------------------------
+
 
 def export_peft(model_or_path, out_dir: str | os.PathLike, *, save_only_topk_weights: bool = False) -> Path:
     """Write an adapted model (or an adapter file) as an HF PEFT VB-LoRA adapter directory.
@@ -169,12 +186,16 @@ def export_peft(model_or_path, out_dir: str | os.PathLike, *, save_only_topk_wei
     k = cfg.stored_topk
     for m in snap.modules:
         if m.kind == "embedding":
-            raise AdapterFormatError(f"PEFT's VB-LoRA cannot represent module {m.name}: Embedding targets are not "
-                                     f"supported there; use vblora.export_lora for a plain LoRA adapter")
+            raise AdapterFormatError(
+                f"PEFT's VB-LoRA cannot represent module {m.name}: Embedding targets are not "
+                f"supported there; use vblora.export_lora for a plain LoRA adapter"
+            )
         if m.in_features % b or m.out_features % b:
-            raise AdapterFormatError(f"PEFT's VB-LoRA cannot represent module {m.name}: vector_length {b} does not "
-                                     f"divide its dimensions in={m.in_features}, out={m.out_features} (train with "
-                                     f"a vector_length that divides them, or use vblora.export_lora)")
+            raise AdapterFormatError(
+                f"PEFT's VB-LoRA cannot represent module {m.name}: vector_length {b} does not "
+                f"divide its dimensions in={m.in_features}, out={m.out_features} (train with "
+                f"a vector_length that divides them, or use vblora.export_lora)"
+            )
     logits = None
     if not save_only_topk_weights:
         logits = snap.logits if snap.logits is not None else logits_from_selection(snap.indices, snap.weights, h)
@@ -187,10 +208,17 @@ def export_peft(model_or_path, out_dir: str | os.PathLike, *, save_only_topk_wei
             tensors[key] = logits[rows].reshape(*shape, h).contiguous()
         else:
             tensors[key + TOPK_INDICES] = snap.indices[rows].reshape(*shape, k).to(index_dtype).contiguous()
-            tensors[key + TOPK_WEIGHTS] = snap.weights[rows, :k - 1].reshape(*shape, k - 1).float().contiguous()
-    peft_config = {"peft_type": "VBLORA", "num_vectors": h, "vector_length": b, "topk": k,
-                   "save_only_topk_weights": bool(save_only_topk_weights), "vblora_dropout": cfg.dropout,
-                   "init_vector_bank_bound": cfg.init_bank_bound, "init_logits_std": cfg.init_logits_std}
+            tensors[key + TOPK_WEIGHTS] = snap.weights[rows, : k - 1].reshape(*shape, k - 1).float().contiguous()
+    peft_config = {
+        "peft_type": "VBLORA",
+        "num_vectors": h,
+        "vector_length": b,
+        "topk": k,
+        "save_only_topk_weights": bool(save_only_topk_weights),
+        "vblora_dropout": cfg.dropout,
+        "init_vector_bank_bound": cfg.init_bank_bound,
+        "init_logits_std": cfg.init_logits_std,
+    }
     return write_peft_dir(out_dir, snap, peft_config, tensors, heads)
 
 
@@ -207,6 +235,7 @@ def logits_from_selection(indices: torch.Tensor, weights: torch.Tensor, num_vect
 
 # -- import ---------------------------------------------------------------------------------------------------------
 
+
 def read_peft_dir(in_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path]:
     """`(adapter_config, tensors, directory)` of a PEFT VB-LoRA adapter; refuses pickle (`adapter_model.bin`)."""
     d = Path(in_dir)
@@ -217,11 +246,16 @@ def read_peft_dir(in_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFormatError(f"{d / CONFIG_FILE}: corrupt JSON ({e})") from None
     if not isinstance(conf, dict) or conf.get("peft_type") != "VBLORA":
-        raise AdapterFormatError(f"{d}: peft_type {conf.get('peft_type') if isinstance(conf, dict) else None!r} "
-                                 f"is not a VB-LoRA adapter (expected 'VBLORA')")
+        raise AdapterFormatError(
+            f"{d}: peft_type {conf.get('peft_type') if isinstance(conf, dict) else None!r} "
+            f"is not a VB-LoRA adapter (expected 'VBLORA')"
+        )
     if not (d / WEIGHTS_FILE).is_file():
-        extra = " (adapter_model.bin is a pickle; re-save it with safe_serialization=True)" \
-            if (d / "adapter_model.bin").exists() else ""
+        extra = (
+            " (adapter_model.bin is a pickle; re-save it with safe_serialization=True)"
+            if (d / "adapter_model.bin").exists()
+            else ""
+        )
         raise AdapterFormatError(f"{d}: missing {WEIGHTS_FILE}{extra}")
     if conf.get("bias", "none") != "none":
         raise AdapterFormatError(f"{d}: bias={conf['bias']!r} is not supported (only 'none')")
@@ -241,23 +275,30 @@ def read_peft(in_dir: str | os.PathLike, module_order: list[str] | None = None) 
         raise AdapterFormatError(f"{d}: missing the vector bank '{BANK_KEY}'")
     h, b = bank.shape
     suffix = LOGITS_A + (TOPK_INDICES if topk_only else "")
-    names = [key[len(PREFIX):-len(suffix)] for key in tensors if key.startswith(PREFIX) and key.endswith(suffix)]
+    names = [key[len(PREFIX) : -len(suffix)] for key in tensors if key.startswith(PREFIX) and key.endswith(suffix)]
     if not names:
-        raise AdapterFormatError(f"{d}: no '*{suffix}' tensors; adapter_config save_only_topk_weights="
-                                 f"{topk_only} does not match the weights file")
+        raise AdapterFormatError(
+            f"{d}: no '*{suffix}' tensors; adapter_config save_only_topk_weights="
+            f"{topk_only} does not match the weights file"
+        )
     position = {name: i for i, name in enumerate(module_order or [])}
     names.sort(key=lambda name: position.get(name, len(position)))
     kind = "conv1d" if conf.get("fan_in_fan_out") else "linear"
     try:
         cfg = VBLoRAConfig(
-            target_modules=tuple(names), rank=int(conf["r"]), num_vectors=h, vector_length=b,
-            topk=int(conf["topk"]), dropout=float(conf.get("vblora_dropout", 0.0)),
+            target_modules=tuple(names),
+            rank=int(conf["r"]),
+            num_vectors=h,
+            vector_length=b,
+            topk=int(conf["topk"]),
+            dropout=float(conf.get("vblora_dropout", 0.0)),
             init_bank_bound=float(conf.get("init_vector_bank_bound", 0.02)),
             init_logits_std=float(conf.get("init_logits_std", 0.1)),
-            modules_to_save=tuple(conf.get("modules_to_save") or ()))
+            modules_to_save=tuple(conf.get("modules_to_save") or ()),
+        )
         specs = []
         for name in names:  # module dims from the tensor shapes: A (r, in/b, .), B (out/b, r, .)
-            a, bb = tensors[PREFIX + name + suffix], tensors[PREFIX + name + LOGITS_B + suffix[len(LOGITS_A):]]
+            a, bb = tensors[PREFIX + name + suffix], tensors[PREFIX + name + LOGITS_B + suffix[len(LOGITS_A) :]]
             specs.append((name, kind, a.shape[1] * b, bb.shape[0] * b))
     except (VBLoRAError, KeyError, TypeError, ValueError, IndexError) as e:
         raise AdapterFormatError(f"{d}: cannot read the adapter: {type(e).__name__}: {e}") from None
@@ -291,20 +332,30 @@ def read_peft(in_dir: str | os.PathLike, module_order: list[str] | None = None) 
     extras: dict[str, dict[str, torch.Tensor]] = {}
     for name in cfg.modules_to_save:  # PEFT lists every head name its task type may have ("classifier", "score")
         prefix = f"{PREFIX}{name}."
-        state = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
+        state = {key[len(prefix) :]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
         if state:
             extras[name] = state
     cfg = cfg.replace(modules_to_save=tuple(extras))
     if tensors:
         raise AdapterFormatError(f"{d}: unexpected tensors {sorted(tensors)[:5]}")
     arch = (conf.get("auto_mapping") or {}).get("base_model_class") or ""
-    return AdapterSnapshot(cfg, bank.float(), indices, weights, list(layout.entries), extras, architecture=arch,
-                           logits=logits, name_or_path=conf.get("base_model_name_or_path"),
-                           task_type=conf.get("task_type"))
+    return AdapterSnapshot(
+        cfg,
+        bank.float(),
+        indices,
+        weights,
+        list(layout.entries),
+        extras,
+        architecture=arch,
+        logits=logits,
+        name_or_path=conf.get("base_model_name_or_path"),
+        task_type=conf.get("task_type"),
+    )
 
 
-def import_peft(base_model: nn.Module, in_dir: str | os.PathLike, *, strict: bool = True,
-                trainable: bool = False) -> nn.Module:
+def import_peft(
+    base_model: nn.Module, in_dir: str | os.PathLike, *, strict: bool = True, trainable: bool = False
+) -> nn.Module:
     """Wrap `base_model` in place with an HF PEFT VB-LoRA adapter directory and return it.
 
     Args:

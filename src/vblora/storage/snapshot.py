@@ -58,9 +58,14 @@ class AdapterSnapshot:
         modules' names and weight shapes (`shapes_sha256`), a strided sample of a few adapted weights (tells two
         checkpoints of one architecture apart), its name."""
         shapes = json.dumps([[m.name, list(m.weight_shape)] for m in self.modules], separators=(",", ":"))
-        return {"architecture": self.architecture, "model_type": self.model_type,
-                SHAPES_SHA256: hashlib.sha256(shapes.encode()).hexdigest(), "name_or_path": self.name_or_path,
-                "task_type": self.task_type, "weight_sample": self.weight_sample}
+        return {
+            "architecture": self.architecture,
+            "model_type": self.model_type,
+            SHAPES_SHA256: hashlib.sha256(shapes.encode()).hexdigest(),
+            "name_or_path": self.name_or_path,
+            "task_type": self.task_type,
+            "weight_sample": self.weight_sample,
+        }
 
 
 # The fingerprint's digest of the adapted modules' names and weight shapes (not of their weights). Files written
@@ -73,9 +78,14 @@ def shapes_sha256(fingerprint: dict) -> str | None:
     return fingerprint.get(SHAPES_SHA256, fingerprint.get(SHAPES_SHA256_BEFORE))
 
 
-TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-              ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-              ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("Model", "FEATURE_EXTRACTION"))
+TASK_TYPES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("Model", "FEATURE_EXTRACTION"),
+)
 SAMPLED_MODULES, SAMPLES_PER_MODULE = 8, 4  # about 600 header bytes
 SAMPLE_RTOL = 1e-2  # a bf16 / fp16 copy of the same checkpoint passes; another checkpoint does not
 
@@ -105,7 +115,7 @@ def weight_sample(model: nn.Module) -> dict[str, list[float]]:
     positions (`sampled`); merged layers are sampled as their unmerged weight; quantized layers are skipped."""
     layers = list(adapted_layers(model).items())
     out = {}
-    for name, layer in layers[::max(1, -(-len(layers) // SAMPLED_MODULES))]:
+    for name, layer in layers[:: max(1, -(-len(layers) // SAMPLED_MODULES))]:
         values = sampled(layer.base, SAMPLES_PER_MODULE, layer.delta_weight if layer.merged else None)
         if values is not None:
             out[name] = [float(f"{float(v):.5g}") for v in values]
@@ -120,30 +130,43 @@ def take_snapshot(model: nn.Module, *, with_logits: bool = False) -> AdapterSnap
     bank = get_bank(model)
     bank.check_finite()
     indices, weights = bank.topk_selection()
-    extras = {name: {k: v.detach().cpu().clone() for k, v in copy.trained.state_dict().items()}
-              for name, copy in trained_copies(model).items()}
+    extras = {
+        name: {k: v.detach().cpu().clone() for k, v in copy.trained.state_dict().items()}
+        for name, copy in trained_copies(model).items()
+    }
     logits = bank.logits.detach().float().cpu().clone() if with_logits and not bank.frozen else None
     config = getattr(model, "config", None)
     task = task_type(model)
     id2label = getattr(config, "id2label", None) if task in ("SEQ_CLS", "TOKEN_CLS") else None
     return AdapterSnapshot(
-        config=bank.config, bank=bank.bank.detach().float().cpu().clone(), indices=indices.cpu().long(),
-        weights=weights.cpu().float(), modules=list(bank.layout.entries), extras=extras,
-        architecture=type(model).__name__, model_type=getattr(config, "model_type", None), logits=logits,
-        name_or_path=getattr(config, "_name_or_path", None) or None, task_type=task,
+        config=bank.config,
+        bank=bank.bank.detach().float().cpu().clone(),
+        indices=indices.cpu().long(),
+        weights=weights.cpu().float(),
+        modules=list(bank.layout.entries),
+        extras=extras,
+        architecture=type(model).__name__,
+        model_type=getattr(config, "model_type", None),
+        logits=logits,
+        name_or_path=getattr(config, "_name_or_path", None) or None,
+        task_type=task,
         id2label={str(k): str(v) for k, v in id2label.items()} if id2label else None,
-        weight_sample=weight_sample(model))
+        weight_sample=weight_sample(model),
+    )
 
 
 def refuse_adapted(base: nn.Module) -> None:
     """An adapter loads onto a plain base model only (TargetError, as `add_vblora` raises, before any comparison)."""
     if hasattr(unwrap(base), BANK_ATTR):
-        raise TargetError(f"{type(unwrap(base)).__name__} already has a VB-LoRA adapter (model.{BANK_ATTR}); load "
-                          f"onto a fresh base model, or remove it first with vblora.unload(model)")
+        raise TargetError(
+            f"{type(unwrap(base)).__name__} already has a VB-LoRA adapter (model.{BANK_ATTR}); load "
+            f"onto a fresh base model, or remove it first with vblora.unload(model)"
+        )
 
 
-def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool = True,
-               verify_weights: bool = True) -> None:
+def check_base(
+    base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool = True, verify_weights: bool = True
+) -> None:
     """Raise AdapterFormatError saying what differs if `base` is not the model the adapter was saved from: other
     architecture (unless not strict), other modules or shapes, other weights (unless not verify_weights)."""
     refuse_adapted(base)
@@ -151,8 +174,10 @@ def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool
     problems = []
     arch = type(base).__name__
     if strict and snap.architecture and arch != snap.architecture:
-        problems.append(f"architecture: adapter was saved from {snap.architecture}, base model is {arch} "
-                        f"(pass strict=False to load across architectures with the same module names)")
+        problems.append(
+            f"architecture: adapter was saved from {snap.architecture}, base model is {arch} "
+            f"(pass strict=False to load across architectures with the same module names)"
+        )
     try:
         found = find_targets(base, snap.config)
     except TargetError:
@@ -164,8 +189,9 @@ def check_base(base: nn.Module, snap: AdapterSnapshot, source: str, strict: bool
     if missing:
         problems.append(f"{len(missing)} adapted module(s) missing from the base model, e.g. {missing[:3]}")
     if extra:
-        problems.append(f"{len(extra)} base module(s) match the adapter's targets but were not adapted, "
-                        f"e.g. {extra[:3]}")
+        problems.append(
+            f"{len(extra)} base module(s) match the adapter's targets but were not adapted, e.g. {extra[:3]}"
+        )
     problems += shape_problems(snap, have)
     if not missing and not extra and list(have) != names:
         problems.append("adapted modules appear in a different order in the base model")
@@ -186,8 +212,11 @@ def described(module: nn.Module | None) -> str | None:
 def shape_problems(snap: AdapterSnapshot, have: dict[str, str]) -> list[str]:
     """One line per adapted module whose base layer (`have`: module name -> `described`) differs in kind or shape."""
     want = {m.name: f"{m.kind} {m.in_features}->{m.out_features}" for m in snap.modules}
-    return [f"module {name}: adapter has {w}, base model has {have[name]}" for name, w in want.items()
-            if name in have and have[name] != w]
+    return [
+        f"module {name}: adapter has {w}, base model has {have[name]}"
+        for name, w in want.items()
+        if name in have and have[name] != w
+    ]
 
 
 @torch.no_grad()
@@ -200,25 +229,36 @@ def weight_problems(modules: dict[str, nn.Module], snap: AdapterSnapshot) -> lis
             bad.append(name)
     if not bad:
         return []
-    return [f"the base model's weights differ from those the adapter was trained on ({len(bad)} of "
-            f"{len(snap.weight_sample)} sampled modules, e.g. {bad[0]}; trained on "
-            f"{snap.name_or_path or 'an unnamed model'}): load the right checkpoint, or pass verify_weights=False "
-            f"(--ignore-base-weights) to load it anyway"]
+    return [
+        f"the base model's weights differ from those the adapter was trained on ({len(bad)} of "
+        f"{len(snap.weight_sample)} sampled modules, e.g. {bad[0]}; trained on "
+        f"{snap.name_or_path or 'an unnamed model'}): load the right checkpoint, or pass verify_weights=False "
+        f"(--ignore-base-weights) to load it anyway"
+    ]
 
 
 @torch.no_grad()
-def build_model(base: nn.Module, snap: AdapterSnapshot, source: str = "adapter", *, strict: bool = True,
-                trainable: bool = False, verify_weights: bool = True) -> nn.Module:
+def build_model(
+    base: nn.Module,
+    snap: AdapterSnapshot,
+    source: str = "adapter",
+    *,
+    strict: bool = True,
+    trainable: bool = False,
+    verify_weights: bool = True,
+) -> nn.Module:
     """Wrap `base` in place with `snap` and return it: training form if the snapshot carries logits, else the
     inference form (buffers `indices (N, k)` and `weights (N, k)`, no `(N, h)` logits). With `trainable=False` the
     adapter is frozen and the model put in eval mode."""
     check_base(base, snap, source, strict, verify_weights)
     labels = getattr(getattr(unwrap(base), "config", None), "num_labels", None)
     if snap.id2label and labels is not None and labels != len(snap.id2label):
-        raise AdapterFormatError(f"{source}: the adapter's classifier has {len(snap.id2label)} labels "
-                                 f"({', '.join(list(snap.id2label.values())[:5])}), the base model {labels}: build the "
-                                 f"base with num_labels={len(snap.id2label)} (e.g. AutoModelForSequenceClassification"
-                                 f".from_pretrained(path, num_labels={len(snap.id2label)}))")
+        raise AdapterFormatError(
+            f"{source}: the adapter's classifier has {len(snap.id2label)} labels "
+            f"({', '.join(list(snap.id2label.values())[:5])}), the base model {labels}: build the "
+            f"base with num_labels={len(snap.id2label)} (e.g. AutoModelForSequenceClassification"
+            f".from_pretrained(path, num_labels={len(snap.id2label)}))"
+        )
     try:
         model = add_vblora(base, snap.config, with_logits=snap.logits is not None)
     except VBLoRAError as e:
@@ -234,8 +274,9 @@ def build_model(base: nn.Module, snap: AdapterSnapshot, source: str = "adapter",
         bank.weights.copy_(snap.weights.to(bank.weights.dtype))
     copies = trained_copies(model)
     if set(copies) != set(snap.extras):
-        raise AdapterFormatError(f"{source}: modules_to_save {sorted(snap.extras)} do not match the base model's "
-                                 f"{sorted(copies)}")
+        raise AdapterFormatError(
+            f"{source}: modules_to_save {sorted(snap.extras)} do not match the base model's {sorted(copies)}"
+        )
     for name, state in snap.extras.items():
         try:
             copies[name].trained.load_state_dict(state, strict=True)

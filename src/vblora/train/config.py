@@ -50,16 +50,20 @@ DEFAULT_VBLORA = VBLoRAConfig(target_modules="all-linear", rank=4, num_vectors=9
 @dataclass
 class RunConfig:
     # --- what to train ---
-    recipe: str | None = opt(None, "shipped recipe name or a .yaml path; its settings replace these defaults "
-                                   "(--list-recipes)")
+    recipe: str | None = opt(
+        None, "shipped recipe name or a .yaml path; its settings replace these defaults (--list-recipes)"
+    )
     model: str = opt("minilm", "local model directory, or the offline aliases minilm / smollm2 (no hub access)")
     gguf_file: str | None = opt(None, "GGUF weights file inside --model (dequantised to fp32 on load)")
-    task: str = opt("classification", "classification | regression (also inferred from float labels) | causal-lm "
-                                      "| gsm8k")
+    task: str = opt(
+        "classification", "classification | regression (also inferred from float labels) | causal-lm | gsm8k"
+    )
     method: str = opt("vblora", "vblora | lora | vera | tied-lora | full")
     # --- data: the built-in VADER split, or the user's files ---
-    dataset: str | None = opt("vader-movie", "built-in data: vader-movie | vader-movie-instruct | none (the files "
-                                             "below; giving --train-file implies none)")
+    dataset: str | None = opt(
+        "vader-movie",
+        "built-in data: vader-movie | vader-movie-instruct | none (the files below; giving --train-file implies none)",
+    )
     train_file: str | None = opt(None, "training data (CSV, TSV incl. GLUE layouts, JSONL; Alpaca JSON for LM)")
     validation_file: str | None = opt(None, "validation data (the best epoch is chosen on it)")
     test_file: str | None = opt(None, "test data (reported at the best validation epoch)")
@@ -75,12 +79,18 @@ class RunConfig:
     group_by_length: bool = opt(True, "batches of similar length (about half the padding; train/sampling.py)")
     # --- adapter: VB-LoRA's knobs are the VBLoRAConfig fields, one flag each ---
     vblora: VBLoRAConfig = opt(DEFAULT_VBLORA, "the VB-LoRA settings (flags and keys: its field names)")
-    bank: str | None = opt(None, "start VB-LoRA from a trained bank: bank.safetensors (vblora.save_bank), "
-                                 "bank.pt, an adapter, or a run dir")
-    freeze_bank: bool = opt(False, "with --bank: train only the logits (and head); the adapter stores the bank's "
-                                   "hash, the bank sits beside it once")
-    record_selection_every: int | None = opt(None, "record each sub-vector's top-k selection every N steps "
-                                                   "(for vblora plot)")
+    bank: str | None = opt(
+        None,
+        "start VB-LoRA from a trained bank: bank.safetensors (vblora.save_bank), bank.pt, an adapter, or a run dir",
+    )
+    freeze_bank: bool = opt(
+        False,
+        "with --bank: train only the logits (and head); the adapter stores the bank's "
+        "hash, the bank sits beside it once",
+    )
+    record_selection_every: int | None = opt(
+        None, "record each sub-vector's top-k selection every N steps (for vblora plot)"
+    )
     lora_alpha: float = opt(8.0, "LoRA alpha")
     vera_rank: int = opt(256, "VeRA rank")
     tied_rank: int = opt(8, "Tied-LoRA rank")
@@ -102,34 +112,52 @@ class RunConfig:
     label_smoothing: float = opt(0.0, "label smoothing of the training loss (E2E, Table 8: 0.1)")
     seed: int = opt(0, "seed of initialisation (the bank and logits too) and data order")
     # --- evaluation ---
-    extra_eval_topk: list[int] = opt([], "also score the best state with these top-k softmax rules (Table 5's "
-                                         "Gumbel rows); results under eval_topk")
+    extra_eval_topk: list[int] = opt(
+        [], "also score the best state with these top-k softmax rules (Table 5's Gumbel rows); results under eval_topk"
+    )
     num_samples: int = opt(8, "greedy generations written to samples.jsonl (LM tasks)")
     max_new_tokens: int = opt(32, "generated tokens per answer (LM tasks)")
-    generate_eval: int | None = opt(None, "score greedy answers on the first N test examples (LM tasks; none: all "
-                                          "for GSM8K / sentiment answers)")
+    generate_eval: int | None = opt(
+        None, "score greedy answers on the first N test examples (LM tasks; none: all for GSM8K / sentiment answers)"
+    )
     # --- machinery ---
     output: str = opt("runs/minilm-vader", "run directory: results.json, adapter/, checkpoints/")
     device: str = opt("auto", "auto | cpu | cuda")
     bf16: bool = opt(False, "bfloat16 autocast")
     fp16: bool = opt(False, "float16 autocast (CUDA only)")
-    fsdp: bool = opt(False, "shard the frozen base over the processes with torch FSDP2 (launch with torchrun "
-                            "--nproc-per-node N); the bank, logits and trained head stay whole (train/sharding.py)")
+    fsdp: bool = opt(
+        False,
+        "shard the frozen base over the processes with torch FSDP2 (launch with torchrun "
+        "--nproc-per-node N); the bank, logits and trained head stay whole (train/sharding.py)",
+    )
     # --- QLoRA: a quantized base (bitsandbytes, `pip install 'vblora[qlora]'`; docs/quantized.md) ---
-    quantize: str | None = opt(None, "load the base quantized: 4bit | 8bit (none: full precision); the adapter and "
-                                     "the trained head stay in full precision; adds gradient checkpointing and "
-                                     "paged AdamW (CUDA)")
+    quantize: str | None = opt(
+        None,
+        "load the base quantized: 4bit | 8bit (none: full precision); the adapter and "
+        "the trained head stay in full precision; adds gradient checkpointing and "
+        "paged AdamW (CUDA)",
+    )
     quant_type: str = opt("nf4", "with --quantize 4bit: nf4 | fp4")
     double_quant: bool = opt(True, "with --quantize 4bit: double quantization (quantize the scales too)")
-    compute_dtype: str = opt("bfloat16", "with --quantize: compute dtype of the quantized layers and dtype of the "
-                                         "base's other weights: bfloat16 | float16 | float32")
+    compute_dtype: str = opt(
+        "bfloat16",
+        "with --quantize: compute dtype of the quantized layers and dtype of the "
+        "base's other weights: bfloat16 | float16 | float32",
+    )
     save_steps: int | None = opt(None, "also checkpoint every N optimizer steps")
-    resume: bool = opt(False, "continue from the newest complete checkpoint in --output (refused if it was saved with "
-                              "other settings or lacks optimizer / scheduler / RNG state)")
-    resume_partial: bool = opt(False, "with --resume: continue even from such a checkpoint (warns; the run will not "
-                                      "match an uninterrupted one)")
-    overwrite: bool = opt(False, "discard earlier checkpoints in --output (its adapter/ and results.json stay until "
-                                 "this run replaces them)")
+    resume: bool = opt(
+        False,
+        "continue from the newest complete checkpoint in --output (refused if it was saved with "
+        "other settings or lacks optimizer / scheduler / RNG state)",
+    )
+    resume_partial: bool = opt(
+        False,
+        "with --resume: continue even from such a checkpoint (warns; the run will not match an uninterrupted one)",
+    )
+    overwrite: bool = opt(
+        False,
+        "discard earlier checkpoints in --output (its adapter/ and results.json stay until this run replaces them)",
+    )
     logging_steps: int = opt(50, "log the training loss every N steps (0: never)")
     extra: dict = opt({}, "free-form settings of experiments (recipe key only, e.g. extra.e2e)")
 
@@ -173,12 +201,18 @@ def settings_class(skip: frozenset = frozenset(), cli: bool = False, shown: str 
     "not given" and whose help texts name the defaults of the recipe `shown` (None: RunConfig's)."""
     hints = {**typing.get_type_hints(VBLoRAConfig), **typing.get_type_hints(RunConfig)}
     fields = {k: f for k, f in setting_fields().items() if k not in NOT_FLAGS and k not in skip}
-    return flag_dataclass("Settings", fields, {k: LIST_FIELDS.get(k, hints[k]) for k in fields},
-                          RunConfig().to_dict(), recipe_defaults(shown) if cli else None)
+    return flag_dataclass(
+        "Settings",
+        fields,
+        {k: LIST_FIELDS.get(k, hints[k]) for k in fields},
+        RunConfig().to_dict(),
+        recipe_defaults(shown) if cli else None,
+    )
 
 
-def flag_dataclass(name: str, fields: dict[str, dataclasses.Field], hints: dict, defaults: dict,
-                   shown: dict | None = None) -> type:
+def flag_dataclass(
+    name: str, fields: dict[str, dataclasses.Field], hints: dict, defaults: dict, shown: dict | None = None
+) -> type:
     """A dataclass of `fields` (annotations `hints`, values `defaults`) for HfArgumentParser. With `shown`: for the
     command line, every default is argparse.SUPPRESS (a flag not given is absent, so the recipe's value stands) and
     each help text ends in '(default: X)', X being shown[name] as one would type it."""
@@ -187,8 +221,11 @@ def flag_dataclass(name: str, fields: dict[str, dataclasses.Field], hints: dict,
         value = argparse.SUPPRESS if shown is not None else defaults[key]
         # HfArgumentParser takes a list field's default from its factory only
         listy = typing.get_origin(hints[key]) is list or isinstance(value, (list, tuple))
-        spec = field(default_factory=lambda v=value: list(v) if isinstance(v, (list, tuple)) else v) if listy \
+        spec = (
+            field(default_factory=lambda v=value: list(v) if isinstance(v, (list, tuple)) else v)
+            if listy
             else field(default=value)
+        )
         text = f.metadata["help"] + (f" (default: {show(shown[key])})" if shown is not None else "")
         spec.metadata = types.MappingProxyType({"help": text.replace("%", "%%")})
         out.append((key, hints[key], spec))
@@ -233,8 +270,14 @@ def dataclass_parser(dtypes, **kwargs):
     for dtype in parser.dataclass_types:
         for f in dataclasses.fields(dtype):
             if f.type is bool and f.default is not True:
-                parser.add_argument(f"--no-{f.name.replace('_', '-')}", f"--no_{f.name}", action="store_false",
-                                    dest=f.name, default=f.default, help=argparse.SUPPRESS)
+                parser.add_argument(
+                    f"--no-{f.name.replace('_', '-')}",
+                    f"--no_{f.name}",
+                    action="store_false",
+                    dest=f.name,
+                    default=f.default,
+                    help=argparse.SUPPRESS,
+                )
     return parser
 
 
@@ -244,8 +287,12 @@ def _normalized(name: str, value):
     word = value[0] if isinstance(value, list) and len(value) == 1 else value
     if isinstance(word, str) and word.lower() in ("none", "null") and (name in _OPTIONAL or name in _LISTS):
         return None if name in _OPTIONAL else []
-    if name == "target_modules" and isinstance(value, list) and len(value) == 1 and (
-            value[0] == "all-linear" or _REGEX.search(value[0])):
+    if (
+        name == "target_modules"
+        and isinstance(value, list)
+        and len(value) == 1
+        and (value[0] == "all-linear" or _REGEX.search(value[0]))
+    ):
         return value[0]
     if name in LIST_FIELDS and isinstance(value, str) and name != "target_modules":
         return [value]  # modules_to_save: classifier
@@ -303,8 +350,12 @@ def build_config(recipe: str | None = None, overrides: dict | None = None) -> Ru
     unknown = sorted(set(values) - set(known))
     if unknown:
         near = sorted({m for u in unknown for m in difflib.get_close_matches(u, known, n=3)})
-        raise SetupError(f"unknown setting(s) {unknown}" + (f" in recipe {name}" if name else "") +
-                         (f"; did you mean {', '.join(near)}?" if near else "") + f" Known: {', '.join(known)}")
+        raise SetupError(
+            f"unknown setting(s) {unknown}"
+            + (f" in recipe {name}" if name else "")
+            + (f"; did you mean {', '.join(near)}?" if near else "")
+            + f" Known: {', '.join(known)}"
+        )
     if values.get("train_file") and "dataset" not in given:
         values["dataset"] = None  # the user's files replace the built-in data
     values = {k: _normalized(k, v) for k, v in values.items()}
@@ -314,8 +365,13 @@ def build_config(recipe: str | None = None, overrides: dict | None = None) -> Ru
     vb = {k: _normalized(k, flat.pop(k)) for k in list(flat) if k not in _RUN_FIELDS}
     cfg = RunConfig(**flat, recipe=name, **({} if extra is None else {"extra": extra}))
     cfg.vblora = DEFAULT_VBLORA.replace(**vb, seed=cfg.seed)
-    for key, allowed in (("method", METHODS), ("task", TASKS), ("device", DEVICES), ("quant_type", QUANT_TYPES),
-                         ("compute_dtype", COMPUTE_DTYPES)):
+    for key, allowed in (
+        ("method", METHODS),
+        ("task", TASKS),
+        ("device", DEVICES),
+        ("quant_type", QUANT_TYPES),
+        ("compute_dtype", COMPUTE_DTYPES),
+    ):
         if getattr(cfg, key) not in allowed:
             raise SetupError(f"unknown {key} '{getattr(cfg, key)}' (one of {', '.join(allowed)})")
     _check_combinations(cfg)
@@ -334,20 +390,31 @@ def _check_combinations(cfg: RunConfig) -> None:
     if cfg.quantize is not None and cfg.quantize not in QUANTIZE:
         raise SetupError(f"unknown quantize '{cfg.quantize}' (one of {', '.join(QUANTIZE)}, or none)")
     if cfg.quantize and cfg.method == "full":
-        raise SetupError("--quantize with --method full: a quantized base cannot be fine-tuned in full; use an "
-                         "adapter method (vblora, lora, ...)")
+        raise SetupError(
+            "--quantize with --method full: a quantized base cannot be fine-tuned in full; use an "
+            "adapter method (vblora, lora, ...)"
+        )
     if cfg.quantize and cfg.gguf_file:
-        raise SetupError("--quantize with --gguf-file: load a transformers checkpoint (config.json + weights) to "
-                         "quantize it with bitsandbytes")
+        raise SetupError(
+            "--quantize with --gguf-file: load a transformers checkpoint (config.json + weights) to "
+            "quantize it with bitsandbytes"
+        )
     if cfg.fsdp and cfg.method == "full":
-        raise SetupError("--fsdp with --method full: --fsdp keeps what trains whole and shards the frozen base, and "
-                         "full fine-tuning freezes nothing; use an adapter method (vblora, lora, ...)")
+        raise SetupError(
+            "--fsdp with --method full: --fsdp keeps what trains whole and shards the frozen base, and "
+            "full fine-tuning freezes nothing; use an adapter method (vblora, lora, ...)"
+        )
     if cfg.fsdp and cfg.quantize == "8bit":
-        raise SetupError("--fsdp with --quantize 8bit: FSDP shards floating-point tensors only and an 8-bit base "
-                         "keeps int8 weights; use --quantize 4bit (stored in the compute dtype under --fsdp)")
+        raise SetupError(
+            "--fsdp with --quantize 8bit: FSDP shards floating-point tensors only and an 8-bit base "
+            "keeps int8 weights; use --quantize 4bit (stored in the compute dtype under --fsdp)"
+        )
 
 
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"vblora"}
 _LISTS = {"extra_eval_topk", *LIST_FIELDS}
-_OPTIONAL = {name for name, tp in {**typing.get_type_hints(VBLoRAConfig), **typing.get_type_hints(RunConfig)}.items()
-             if type(None) in typing.get_args(tp)}
+_OPTIONAL = {
+    name
+    for name, tp in {**typing.get_type_hints(VBLoRAConfig), **typing.get_type_hints(RunConfig)}.items()
+    if type(None) in typing.get_args(tp)
+}

@@ -31,8 +31,12 @@ from vblora.train.errors import DataError
 # GLUE TSV layouts (as distributed by the GLUE benchmark): (text, text pair, label, header names if headerless).
 GLUE_LAYOUTS: dict[str, dict] = {
     "sst2": {"text": "sentence", "pair": None, "label": "label"},
-    "cola": {"text": "sentence", "pair": None, "label": "label",
-             "names": ["source", "label", "original_label", "sentence"]},  # CoLA train/dev have no header
+    "cola": {
+        "text": "sentence",
+        "pair": None,
+        "label": "label",
+        "names": ["source", "label", "original_label", "sentence"],
+    },  # CoLA train/dev have no header
     "mrpc": {"text": "#1 String", "pair": "#2 String", "label": "Quality"},
     "qnli": {"text": "question", "pair": "sentence", "label": "label"},
     "rte": {"text": "sentence1", "pair": "sentence2", "label": "label"},
@@ -52,8 +56,15 @@ class Table:
     columns: list[str]
 
 
-SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".tsv": "tsv", ".tab": "tsv", ".csv": "csv",
-                  ".txt": "csv"}
+SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".csv": "csv",
+    ".txt": "csv",
+}
 
 
 def read_table(path: str | Path, fmt: str | None = None, names: list[str] | None = None) -> Table:
@@ -65,8 +76,10 @@ def read_table(path: str | Path, fmt: str | None = None, names: list[str] | None
         raise DataError(f"{path}: is a directory, expected a data file")
     fmt = fmt or SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(f"{path}: unknown data format '{path.suffix.lower()}' (use .csv, .tsv, .jsonl or .json, or "
-                        f"pass --data-format)")
+        raise DataError(
+            f"{path}: unknown data format '{path.suffix.lower()}' (use .csv, .tsv, .jsonl or .json, or "
+            f"pass --data-format)"
+        )
     try:
         text = path.read_text(encoding="utf-8").removeprefix("\ufeff")  # a BOM (Excel) is not part of the header
     except UnicodeDecodeError as e:
@@ -109,11 +122,16 @@ def _read_delimited(path: Path, text: str, delim: str, names: list[str] | None) 
                     raise DataError(f"{path}:{start}: duplicate column names in header {header}")
                 continue
             if len(rec) != len(header):
-                span = (f" in the record on lines {start}-{end} (a quoted field spans lines: check for a stray or "
-                        f"unclosed quote)" if end > start else "")
-                raise DataError(f"{path}:{start}: expected {len(header)} columns ({', '.join(header)}), "
-                                f"found {len(rec)}{span}")
-            rows.append(dict(zip(header, rec)))
+                span = (
+                    f" in the record on lines {start}-{end} (a quoted field spans lines: check for a stray or "
+                    f"unclosed quote)"
+                    if end > start
+                    else ""
+                )
+                raise DataError(
+                    f"{path}:{start}: expected {len(header)} columns ({', '.join(header)}), found {len(rec)}{span}"
+                )
+            rows.append(dict(zip(header, rec, strict=True)))
             lines.append(start)
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: malformed {file_type}: {e}") from None
@@ -123,21 +141,25 @@ def _read_delimited(path: Path, text: str, delim: str, names: list[str] | None) 
 def _check_quotes(path: Path, physical: list[str], start: int, end: int, rec: list[str]) -> None:
     """A record read leniently over lines start..end must also read strictly (the check that catches quotes gone
     wrong: the lenient reader takes an unclosed quote's field to the end of the file, or to the next stray quote)."""
-    strict = csv.reader(physical[start - 1:end], strict=True)
+    strict = csv.reader(physical[start - 1 : end], strict=True)
     try:
         for _ in strict:
             pass
     except csv.Error as e:
         if "unexpected end of data" in str(e):  # ends inside a quoted field: the last one, holding all the newlines
             opened = max(start, end - rec[-1].count("\n") + physical[-1].endswith("\n"))
-            raise DataError(f"unclosed quote starting at {path}:{opened}: the quoted field runs to the end of the "
-                            f"file; close it (a quote that is part of the text is written \"\" inside a quoted "
-                            f"field)") from None
+            raise DataError(
+                f"unclosed quote starting at {path}:{opened}: the quoted field runs to the end of the "
+                f'file; close it (a quote that is part of the text is written "" inside a quoted '
+                f"field)"
+            ) from None
         if end == start:
             return  # one line: the lenient reading ("a" ,1 -> 'a ') is kept
-        raise DataError(f"{path}:{start}: malformed CSV: a quoted field runs over lines {start}-{end} and has text "
-                        f"after its closing quote on line {start - 1 + strict.line_num} ({e}); check for a stray or "
-                        f"unclosed quote") from None
+        raise DataError(
+            f"{path}:{start}: malformed CSV: a quoted field runs over lines {start}-{end} and has text "
+            f"after its closing quote on line {start - 1 + strict.line_num} ({e}); check for a stray or "
+            f"unclosed quote"
+        ) from None
 
 
 def _read_jsonl(path: Path, text: str) -> Table:
@@ -177,10 +199,13 @@ def column(table: Table, name: str, i: int, *, required: bool = True) -> str | N
     if name not in row:
         if i == 0 or required:
             if name not in table.columns:
-                raise DataError(f"{table.path}:{table.lines[i]}: no column '{name}' (columns: "
-                                f"{', '.join(table.columns)})")
-            raise DataError(f"{table.path}:{table.lines[i]}: no column '{name}' in this record (it has: "
-                            f"{', '.join(map(str, row)) or 'nothing'}); add it or remove the record")
+                raise DataError(
+                    f"{table.path}:{table.lines[i]}: no column '{name}' (columns: {', '.join(table.columns)})"
+                )
+            raise DataError(
+                f"{table.path}:{table.lines[i]}: no column '{name}' in this record (it has: "
+                f"{', '.join(map(str, row)) or 'nothing'}); add it or remove the record"
+            )
         return None
     value = row[name]
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -200,8 +225,13 @@ def _require_columns(table: Table, wanted: dict[str, str | None]) -> None:
     what = " or ".join(f"'{n}'" for n in missing.values())
     if len(missing) == 1:
         flag = next(iter(missing))
-        hint = (f"pass {flag} {free[0]}" if len(free) == 1 else f"pass {flag} with one of: {', '.join(free)}"
-                if free else f"add the column or pass {flag}")
+        hint = (
+            f"pass {flag} {free[0]}"
+            if len(free) == 1
+            else f"pass {flag} with one of: {', '.join(free)}"
+            if free
+            else f"add the column or pass {flag}"
+        )
     else:
         hint = "pass " + " and ".join(missing)
     raise DataError(f"no column {what} in {table.path}; columns: {', '.join(cols) or 'none'}; {hint}")
@@ -262,7 +292,7 @@ def infer_labels(values: list[str], where: list[str] | None = None) -> LabelSpac
     """Label set from the training labels (the rule is in the module docstring); `where[i]` locates values[i].
     (`--task regression` skips this: tasks.py starts from a regression LabelSpace.)"""
     where = where or [f"label {i + 1}" for i in range(len(values))]
-    for v, w in zip(values, where):
+    for v, w in zip(values, where, strict=True):
         if not str(v).strip():
             raise DataError(f"{w}: label is empty; fill it in or remove the row")
     types = [_value_type(v) for v in values]
@@ -272,10 +302,14 @@ def infer_labels(values: list[str], where: list[str] | None = None) -> LabelSpac
         example = values[types.index("number" if numeric else "name")]
         bad = next(i for i, k in enumerate(types) if (k != "number") == numeric)
         if numeric:
-            raise DataError(f"{where[bad]}: label '{values[bad]}' is not a finite number, while the column's other "
-                            f"labels are numbers (e.g. '{example}'); {_RULE}: {_FIX}")
-        raise DataError(f"{where[bad]}: label '{values[bad]}' is a number, while the column's other labels are "
-                        f"class names (e.g. '{example}'); {_RULE}: {_FIX}")
+            raise DataError(
+                f"{where[bad]}: label '{values[bad]}' is not a finite number, while the column's other "
+                f"labels are numbers (e.g. '{example}'); {_RULE}: {_FIX}"
+            )
+        raise DataError(
+            f"{where[bad]}: label '{values[bad]}' is a number, while the column's other labels are "
+            f"class names (e.g. '{example}'); {_RULE}: {_FIX}"
+        )
     nums = [_as_number(v) for v in values]
     if n_num == len(types) and any(n != int(n) for n in nums):
         return LabelSpace([], regression=True)
@@ -297,8 +331,9 @@ class Examples:
     labels: list  # int class ids or float targets
 
 
-def load_split(table: Table, text_col: str, pair_col: str | None, label_col: str,
-               labels: LabelSpace | None) -> tuple[Examples, LabelSpace]:
+def load_split(
+    table: Table, text_col: str, pair_col: str | None, label_col: str, labels: LabelSpace | None
+) -> tuple[Examples, LabelSpace]:
     """Extract text/pair/label columns; infers the label space when `labels` is None (training split)."""
     _require_columns(table, {"--text-column": text_col, "--text-pair-column": pair_col, "--label-column": label_col})
     texts = [column(table, text_col, i) for i in range(len(table.rows))]
@@ -307,5 +342,5 @@ def load_split(table: Table, text_col: str, pair_col: str | None, label_col: str
     where = [f"{table.path}:{line}: column '{label_col}'" for line in table.lines]
     if labels is None:
         labels = infer_labels(raw, where=where)
-    ids = [labels.encode(r, w) for r, w in zip(raw, where)]
+    ids = [labels.encode(r, w) for r, w in zip(raw, where, strict=True)]
     return Examples(texts, pairs, ids), labels

@@ -29,7 +29,7 @@ HfArgumentParser imports transformers, 1.5 s that `vblora inspect` or `vblora --
 def run_flags(command: str, recipe: str | None = None, skip: tuple = (), more=tuple) -> list[argparse.ArgumentParser]:
     """`parents=` for `command`'s parser: every RunConfig / VBLoRAConfig setting as a flag (less `skip`), with the
     flag dataclasses `more()` beside them; the help shows `recipe`'s values as the defaults (None: RunConfig's)."""
-    if BUILD_ONLY is not None and BUILD_ONLY != command:
+    if BUILD_ONLY is not None and command != BUILD_ONLY:
         return []
     return [flags_parent(settings_class(frozenset(skip), True, recipe), *more())]
 
@@ -53,8 +53,10 @@ def assignments(items: list[str], scopes: tuple[str, ...] = ()) -> tuple[dict, d
         if not sep or not key.strip():
             raise SetupError(f"--set expects KEY=VALUE{' or SCOPE:KEY=VALUE' if scopes else ''}, got {item!r}")
         if colon and scope not in scopes:
-            raise SetupError(f"--set {item!r}: '{scope}:' names no " + (f"method of this run (one of {', '.join(scopes)})"
-                             if scopes else "scope here; give KEY=VALUE"))
+            raise SetupError(
+                f"--set {item!r}: '{scope}:' names no "
+                + (f"method of this run (one of {', '.join(scopes)})" if scopes else "scope here; give KEY=VALUE")
+            )
         (scoped.setdefault(scope, {}) if colon else common)[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return common, scoped
 
@@ -64,23 +66,38 @@ class OldSpelling(argparse.Action):
     """A deprecated spelling of a flag: stores into the same setting and says the current name on stderr."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: warning: {option_string} is deprecated; use --{self.dest.replace('_', '-')}",
-              file=sys.stderr)
+        print(
+            f"{parser.prog}: warning: {option_string} is deprecated; use --{self.dest.replace('_', '-')}",
+            file=sys.stderr,
+        )
         setattr(namespace, self.dest, values)
 
 
 def add_output_flag(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
     """`--output DIR` (and `--out`, its old spelling in ablate and plot)."""
-    p.add_argument("--output", default=default, help=f"{what} (default: {default or 'none'}; --out is the deprecated "
-                                                     f"spelling)")
+    p.add_argument(
+        "--output", default=default, help=f"{what} (default: {default or 'none'}; --out is the deprecated spelling)"
+    )
     p.add_argument("--out", dest="output", action=OldSpelling, help=argparse.SUPPRESS)
 
 
 def add_study_flags(p: argparse.ArgumentParser, example: str, scoped_by: str | None = None) -> None:
     """`--seeds 0 1 2` (seed numbers, in every command) and `--set KEY=VALUE ...` (repeatable; `SCOPE:KEY=VALUE` too
     where the command has scopes, e.g. compare's methods)."""
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
-                   help="seed numbers, one run each (default: 0 1 2; --seeds 5 is the one seed 5)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        metavar="SEED",
+        help="seed numbers, one run each (default: 0 1 2; --seeds 5 is the one seed 5)",
+    )
     form = f"KEY=VALUE or {scoped_by}:KEY=VALUE" if scoped_by else "KEY=VALUE"
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help=f"any other `vblora train` setting as {form} (YAML values; repeatable), e.g. {example}")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"any other `vblora train` setting as {form} (YAML values; repeatable), e.g. {example}",
+    )

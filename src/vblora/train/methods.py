@@ -10,9 +10,9 @@ core's matching rules, so "all-linear" means the same six modules per layer for 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from peft import LoraConfig, VeraConfig, get_peft_model
@@ -23,8 +23,8 @@ import vblora
 from vblora.inject import find_targets
 from vblora.storage import adapter_file, read_adapter, read_bank
 from vblora.train.checkpoints import first_line
-from vblora.train.errors import SetupError
 from vblora.train.config import RunConfig
+from vblora.train.errors import SetupError
 from vblora.train.tied_lora import add_tied_lora
 
 HEAD_NAMES = ("pre_classifier", "classifier", "score")  # sequence-classification heads of HF models
@@ -61,8 +61,10 @@ def resolve_targets(model: nn.Module, cfg: RunConfig) -> list[str]:
     if isinstance(spec, (list, tuple)):  # every name asked for must exist somewhere
         for t in spec:
             if not any(n == t or n.endswith("." + t) for n in names):
-                raise SetupError(f"target module '{t}' is not in {type(model).__name__} "
-                                 f"(adaptable modules end in e.g. {sorted({n.rsplit('.', 1)[-1] for n in names})})")
+                raise SetupError(
+                    f"target module '{t}' is not in {type(model).__name__} "
+                    f"(adaptable modules end in e.g. {sorted({n.rsplit('.', 1)[-1] for n in names})})"
+                )
     return names
 
 
@@ -94,8 +96,9 @@ def _vblora(model, cfg, heads) -> Adapted:
     vcfg = cfg.vblora.replace(modules_to_save=tuple(heads))
     model = vblora.add_vblora(model, vcfg)
     bank_source = _start_bank(model, cfg)
-    groups = vblora.parameter_groups(model, lr_bank=cfg.lr_bank, lr_logits=cfg.lr_logits, lr_other=cfg.lr_head,
-                                     weight_decay=cfg.weight_decay)
+    groups = vblora.parameter_groups(
+        model, lr_bank=cfg.lr_bank, lr_logits=cfg.lr_logits, lr_other=cfg.lr_head, weight_decay=cfg.weight_decay
+    )
     counts = vblora.count_parameters(model)
 
     def save(d: Path) -> None:
@@ -105,17 +108,30 @@ def _vblora(model, cfg, heads) -> Adapted:
         else:
             vblora.save_adapter(model, str(d))
 
-    return Adapted(model, "vblora", groups, counts["trainable"], float(counts["stored"]), save,
-                   details={k: v for k, v in counts.items() if isinstance(v, (int, float))}
-                   | {"config": vcfg.to_dict(), "bank_source": bank_source, "freeze_bank": cfg.freeze_bank})
+    return Adapted(
+        model,
+        "vblora",
+        groups,
+        counts["trainable"],
+        float(counts["stored"]),
+        save,
+        details={k: v for k, v in counts.items() if isinstance(v, (int, float))}
+        | {"config": vcfg.to_dict(), "bank_source": bank_source, "freeze_bank": cfg.freeze_bank},
+    )
 
 
 def read_bank_tensor(path: str | Path) -> tuple[torch.Tensor, Path]:
     """A trained `(h, b)` bank and the file it came from: a bank file (`vblora.save_bank`, or a tensor saved with
     torch.save as bank.pt), an adapter file or directory with the bank inside, or a run directory (its adapter/)."""
     p = Path(path)
-    candidates = [p, p / "bank.safetensors", p / "adapter" / "bank.safetensors", adapter_file(p),
-                  p / "adapter" / "adapter.safetensors", p / "bank.pt"]
+    candidates = [
+        p,
+        p / "bank.safetensors",
+        p / "adapter" / "bank.safetensors",
+        adapter_file(p),
+        p / "adapter" / "adapter.safetensors",
+        p / "bank.pt",
+    ]
     file = next((c for c in candidates if c.is_file()), None)
     if file is None:
         raise SetupError(f"--bank {path}: no bank.safetensors, adapter.safetensors or bank.pt there")
@@ -141,8 +157,10 @@ def _start_bank(model, cfg) -> str | None:
     tensor, file = read_bank_tensor(cfg.bank)
     bank = vblora.get_bank(model)
     if tuple(tensor.shape) != tuple(bank.bank.shape):
-        raise SetupError(f"--bank {file}: bank shape {tuple(tensor.shape)} does not match --num-vectors "
-                         f"{bank.bank.shape[0]} x --vector-length {bank.bank.shape[1]}; set them to the bank's")
+        raise SetupError(
+            f"--bank {file}: bank shape {tuple(tensor.shape)} does not match --num-vectors "
+            f"{bank.bank.shape[0]} x --vector-length {bank.bank.shape[1]}; set them to the bank's"
+        )
     with torch.no_grad():
         bank.bank.copy_(tensor.to(bank.bank.dtype))
     if cfg.freeze_bank:
@@ -159,22 +177,42 @@ def _peft(model, cfg, peft_cfg, details: dict) -> Adapted:
 
 def _lora(model, cfg, targets, heads) -> Adapted:
     rank = cfg.vblora.rank  # the shared adapter knobs (rank, dropout, targets, heads) live in cfg.vblora
-    return _peft(model, cfg, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.vblora.dropout,
-                                        target_modules=targets, modules_to_save=heads or None),
-                 {"rank": rank, "alpha": cfg.lora_alpha})
+    return _peft(
+        model,
+        cfg,
+        LoraConfig(
+            r=rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.vblora.dropout,
+            target_modules=targets,
+            modules_to_save=heads or None,
+        ),
+        {"rank": rank, "alpha": cfg.lora_alpha},
+    )
 
 
 def _vera(model, cfg, targets, heads) -> Adapted:
     # save_projection=False: the frozen random projections are regenerated from the seed, so VeRA stores only
     # its scaling vectors (and the head), which is what the VeRA and VB-LoRA papers count.
-    return _peft(model, cfg, VeraConfig(r=cfg.vera_rank, target_modules=targets, vera_dropout=cfg.vblora.dropout,
-                                        modules_to_save=heads or None, projection_prng_key=cfg.seed,
-                                        save_projection=False), {"rank": cfg.vera_rank})
+    return _peft(
+        model,
+        cfg,
+        VeraConfig(
+            r=cfg.vera_rank,
+            target_modules=targets,
+            vera_dropout=cfg.vblora.dropout,
+            modules_to_save=heads or None,
+            projection_prng_key=cfg.seed,
+            save_projection=False,
+        ),
+        {"rank": cfg.vera_rank},
+    )
 
 
 def _tied(model, cfg, targets, heads) -> Adapted:
-    model = add_tied_lora(model, targets, rank=cfg.tied_rank, dropout=cfg.vblora.dropout, modules_to_save=heads,
-                          seed=cfg.seed)
+    model = add_tied_lora(
+        model, targets, rank=cfg.tied_rank, dropout=cfg.vblora.dropout, modules_to_save=heads, seed=cfg.seed
+    )
     head = [p for h in heads for p in model.get_submodule(h).parameters()]
     head_ids = {id(p) for p in head}
     adapter = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
@@ -183,8 +221,11 @@ def _tied(model, cfg, targets, heads) -> Adapted:
         d.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}
         save_file(sd, str(d / "tied_lora.safetensors"))
-        (d / "adapter_config.json").write_text(json.dumps({"method": "tied-lora", "rank": cfg.tied_rank,
-                                                           "targets": targets, "modules_to_save": heads}, indent=2))
+        (d / "adapter_config.json").write_text(
+            json.dumps(
+                {"method": "tied-lora", "rank": cfg.tied_rank, "targets": targets, "modules_to_save": heads}, indent=2
+            )
+        )
 
     return _adapted(model, cfg, adapter, head, save, {"rank": cfg.tied_rank})
 

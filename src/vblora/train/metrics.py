@@ -64,8 +64,10 @@ def final_number(text: str) -> str | None:
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """Fraction of predictions whose final number equals the reference's."""
-    hits = sum(final_number(p) is not None and final_number(p) == final_number(r)
-               for p, r in zip(predictions, references))
+    hits = sum(
+        final_number(p) is not None and final_number(p) == final_number(r)
+        for p, r in zip(predictions, references, strict=True)
+    )
     return hits / len(references) if references else 0.0
 
 

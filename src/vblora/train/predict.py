@@ -43,8 +43,10 @@ def load_predictor(source: str | Path, model: str | None = None, gguf_file: str 
     run = read_run(source / "results.json") if (source / "results.json").is_file() else {}
     adapter = source / "adapter" if run else source
     if run and run.get("method", "vblora") != "vblora":
-        raise SetupError(f"{source}: a {run['method']} run; `vblora predict` reads VB-LoRA adapters (load "
-                         f"{adapter} with peft for the baselines)")
+        raise SetupError(
+            f"{source}: a {run['method']} run; `vblora predict` reads VB-LoRA adapters (load "
+            f"{adapter} with peft for the baselines)"
+        )
     snap, _ = read_adapter(adapter)
     cfg = run.get("config", {})
     name = model or run.get("model") or snap.name_or_path
@@ -54,8 +56,10 @@ def load_predictor(source: str | Path, model: str | None = None, gguf_file: str 
     if snap.task_type == "CAUSAL_LM":
         task = "causal-lm"
     elif snap.task_type != "SEQ_CLS":
-        raise SetupError(f"{adapter}: a {snap.task_type or 'bare'} model adapter; predict handles sequence "
-                         f"classification, regression and causal LMs")
+        raise SetupError(
+            f"{adapter}: a {snap.task_type or 'bare'} model adapter; predict handles sequence "
+            f"classification, regression and causal LMs"
+        )
     else:
         task = "regression" if run.get("task") == "regression" or len(snap.id2label or {}) == 1 else "classification"
     names = list((snap.id2label or {}).values())
@@ -69,8 +73,14 @@ def load_predictor(source: str | Path, model: str | None = None, gguf_file: str 
         hf_logging.enable_progress_bar()
     tok = models.load_tokenizer(path, gguf)
     models.set_pad_token(base, tok)
-    return Predictor(load_adapter(base, adapter), tok, task, cfg.get("text_column") or "text",
-                     cfg.get("text_pair_column"), int(cfg.get("max_length") or 256))
+    return Predictor(
+        load_adapter(base, adapter),
+        tok,
+        task,
+        cfg.get("text_column") or "text",
+        cfg.get("text_pair_column"),
+        int(cfg.get("max_length") or 256),
+    )
 
 
 def read_run(path: Path) -> dict:
@@ -78,11 +88,15 @@ def read_run(path: Path) -> dict:
     try:
         run = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SetupError(f"{path} cannot be read ({e}); restore it, or pass the adapter directory "
-                         f"{path.parent / 'adapter'} (with --model if it records no base)") from None
+        raise SetupError(
+            f"{path} cannot be read ({e}); restore it, or pass the adapter directory "
+            f"{path.parent / 'adapter'} (with --model if it records no base)"
+        ) from None
     if not isinstance(run, dict):
-        raise SetupError(f"{path} holds a JSON {type(run).__name__}, not a run's results; restore it, or pass the "
-                         f"adapter directory {path.parent / 'adapter'}")
+        raise SetupError(
+            f"{path} holds a JSON {type(run).__name__}, not a run's results; restore it, or pass the "
+            f"adapter directory {path.parent / 'adapter'}"
+        )
     return run
 
 
@@ -102,15 +116,18 @@ def read_lines(stream, where: str, limit: int = MAX_LINE_BYTES) -> list[str]:
         raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
         line = raw.rstrip(b"\r\n")
         if len(line) > limit:
-            raise DataError(f"{where}:{n}: line longer than {limit:,} bytes; give one text per line (split or "
-                            f"shorten it)")
+            raise DataError(
+                f"{where}:{n}: line longer than {limit:,} bytes; give one text per line (split or shorten it)"
+            )
         if b"\0" in line:
             raise DataError(f"{where}:{n}: binary data (a NUL byte); predict reads text, one example per line")
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{where}:{n}: not UTF-8 text (byte {e.start + 1}: {e.reason}); predict reads text, "
-                            f"one example per line") from None
+            raise DataError(
+                f"{where}:{n}: not UTF-8 text (byte {e.start + 1}: {e.reason}); predict reads text, "
+                f"one example per line"
+            ) from None
         if text.strip():
             out.append(text)
 
@@ -123,8 +140,10 @@ def read_inputs(p: Predictor, file: str | None, stdin) -> list[tuple[str, str | 
     path = Path(file)
     fmt = INPUT_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(f"{path}: unknown input format '{path.suffix}' (predict reads "
-                        f"{', '.join(sorted(INPUT_FORMATS))}; .txt is one text per line)")
+        raise DataError(
+            f"{path}: unknown input format '{path.suffix}' (predict reads "
+            f"{', '.join(sorted(INPUT_FORMATS))}; .txt is one text per line)"
+        )
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected an input file")
     with open(path, "rb") as f:  # also the bound on the line-oriented tables, before they are read whole
@@ -132,8 +151,13 @@ def read_inputs(p: Predictor, file: str | None, stdin) -> list[tuple[str, str | 
     if fmt == "lines":
         return [(line, None) for line in lines]
     table = user_data.read_table(path, fmt)
-    return [(user_data.column(table, p.text_column, i), user_data.column(table, p.text_pair_column, i) if p.text_pair_column
-             else None) for i in range(len(table.rows))]
+    return [
+        (
+            user_data.column(table, p.text_column, i),
+            user_data.column(table, p.text_pair_column, i) if p.text_pair_column else None,
+        )
+        for i in range(len(table.rows))
+    ]
 
 
 def check_sizes(batch_size: int, max_new_tokens: int) -> None:
@@ -144,27 +168,38 @@ def check_sizes(batch_size: int, max_new_tokens: int) -> None:
 
 
 @torch.no_grad()
-def predict(p: Predictor, examples: list[tuple[str, str | None]], batch_size: int = 32,
-            max_new_tokens: int = 32) -> list[dict]:
+def predict(
+    p: Predictor, examples: list[tuple[str, str | None]], batch_size: int = 32, max_new_tokens: int = 32
+) -> list[dict]:
     """One dict per example: `label` and `score` (classification), `value` (regression) or `generation`."""
     check_sizes(batch_size, max_new_tokens)
     out = []
     for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
+        batch = examples[start : start + batch_size]
         texts, pairs = [t for t, _ in batch], [q for _, q in batch]
         if p.task == "causal-lm":
             prompts = [prompt_text(p.tokenizer, t, q or "") for t, q in batch]  # the training template
-            out += [{"text": t, "generation": g} for t, g in zip(texts, generate(p.model, p.tokenizer, prompts,
-                                                                                max_new_tokens))]
+            out += [
+                {"text": t, "generation": g}
+                for t, g in zip(texts, generate(p.model, p.tokenizer, prompts, max_new_tokens), strict=True)
+            ]
             continue
-        enc = p.tokenizer(texts, pairs if any(q is not None for q in pairs) else None, truncation=True,
-                          max_length=p.max_length, padding=True, return_tensors="pt")
+        enc = p.tokenizer(
+            texts,
+            pairs if any(q is not None for q in pairs) else None,
+            truncation=True,
+            max_length=p.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         logits = p.model(**enc).logits.float()  # (B, labels)
         if p.task == "regression":
-            out += [{"text": t, "value": float(v)} for t, v in zip(texts, logits[:, 0])]
+            out += [{"text": t, "value": float(v)} for t, v in zip(texts, logits[:, 0], strict=True)]
             continue
         probs = logits.softmax(-1)
         best = probs.argmax(-1)
-        out += [{"text": t, "label": p.model.config.id2label[int(i)], "score": round(float(probs[r, i]), 6)}
-                for r, (t, i) in enumerate(zip(texts, best))]
+        out += [
+            {"text": t, "label": p.model.config.id2label[int(i)], "score": round(float(probs[r, i]), 6)}
+            for r, (t, i) in enumerate(zip(texts, best, strict=True))
+        ]
     return out

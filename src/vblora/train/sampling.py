@@ -38,9 +38,9 @@ class LengthGroupedEpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         idx = get_length_grouped_indices(self.lengths, self.global_batch, generator=g)
         n_full = len(idx) // self.global_batch
-        batches = [idx[i * self.global_batch:(i + 1) * self.global_batch] for i in range(n_full)]
+        batches = [idx[i * self.global_batch : (i + 1) * self.global_batch] for i in range(n_full)]
         order = torch.randperm(n_full, generator=g).tolist()
-        return iter([i for b in order for i in batches[b]] + idx[n_full * self.global_batch:])
+        return iter([i for b in order for i in batches[b]] + idx[n_full * self.global_batch :])
 
 
 def item_lengths(dataset) -> list[int]:

@@ -42,7 +42,7 @@ def name_in_layer(name: str) -> str:
     """The part of a qualified name after its layer index: `encoder.layer.3.attention.self.query` ->
     `attention.self.query` (the whole name if it has no layer index)."""
     m = _LAYER.search(name)
-    return name[m.end():] if m and m.end() < len(name) else name
+    return name[m.end() :] if m and m.end() < len(name) else name
 
 
 def subvector_table(bank) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -77,8 +77,11 @@ def record_selection(model, step: int, k: int | None = None) -> dict:
         k = cfg.topk if cfg.selection == "all" else cfg.stored_topk
     idx, w = bank.topk_selection(k)  # a frozen selection is what it is: k is ignored there
     np_dtype = {torch.uint8: np.uint8, torch.uint16: np.uint16}.get(index_dtype(cfg.num_vectors), np.int32)
-    return {"step": int(step), "indices": idx.cpu().numpy().astype(np_dtype),
-            "weights": w.float().cpu().numpy().astype(np.float16)}
+    return {
+        "step": int(step),
+        "indices": idx.cpu().numpy().astype(np_dtype),
+        "weights": w.float().cpu().numpy().astype(np.float16),
+    }
 
 
 class SelectionRecorder:
@@ -107,10 +110,16 @@ class SelectionRecorder:
         if self._meta is None:
             modules, self._arrays = subvector_table(bank)
             cfg = bank.config
-            self._meta = {"format": FORMAT, "num_vectors": int(bank.bank.shape[0]),
-                          "vector_length": int(bank.bank.shape[1]), "num_subvectors": bank.num_subvectors,
-                          "selection": cfg.selection, "train_topk": cfg.topk, "every": self.every,
-                          "modules": modules}
+            self._meta = {
+                "format": FORMAT,
+                "num_vectors": int(bank.bank.shape[0]),
+                "vector_length": int(bank.bank.shape[1]),
+                "num_subvectors": bank.num_subvectors,
+                "selection": cfg.selection,
+                "train_topk": cfg.topk,
+                "every": self.every,
+                "modules": modules,
+            }
             self._bank_first = bank.bank.detach().float().cpu().numpy().copy()
         self.snapshots.append(record_selection(model, step, self.k))
         self._bank_last = bank.bank.detach().float().cpu().numpy().copy()
@@ -119,14 +128,24 @@ class SelectionRecorder:
 
     def save(self) -> Path:
         steps = np.array([s["step"] for s in self.snapshots], np.int64)
-        arrays = dict(self._arrays, steps=steps, bank_first=self._bank_first, bank_last=self._bank_last,
-                      indices=np.stack([s["indices"] for s in self.snapshots]),
-                      weights=np.stack([s["weights"] for s in self.snapshots]))
+        arrays = dict(
+            self._arrays,
+            steps=steps,
+            bank_first=self._bank_first,
+            bank_last=self._bank_last,
+            indices=np.stack([s["indices"] for s in self.snapshots]),
+            weights=np.stack([s["weights"] for s in self.snapshots]),
+        )
         npz = io.BytesIO()
         np.savez_compressed(npz, **arrays)
         atomic_write(self.run_dir / NPZ, npz.getvalue())
-        meta = dict(self._meta, topk=int(arrays["indices"].shape[-1]), records=len(steps),
-                    steps=steps.tolist(), index_dtype=str(arrays["indices"].dtype))
+        meta = dict(
+            self._meta,
+            topk=int(arrays["indices"].shape[-1]),
+            records=len(steps),
+            steps=steps.tolist(),
+            index_dtype=str(arrays["indices"].dtype),
+        )
         atomic_write(self.run_dir / JSON, json.dumps(meta, indent=1).encode())
         return self.run_dir / NPZ
 
@@ -212,8 +231,10 @@ def load_selection(run_dir: str | Path) -> Selection:
     run_dir = Path(run_dir)
     npz, meta_path = run_dir / NPZ, run_dir / JSON
     if not npz.exists() or not meta_path.exists():
-        raise FileNotFoundError(f"{run_dir}: no {NPZ}/{JSON}; train with selection recording on "
-                                f"(SelectionCallback, or vblora train's record-selection option)")
+        raise FileNotFoundError(
+            f"{run_dir}: no {NPZ}/{JSON}; train with selection recording on "
+            f"(SelectionCallback, or vblora train's record-selection option)"
+        )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise DataError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")

@@ -8,18 +8,20 @@ separately and concatenated, and `labels` is -100 on the prompt so the loss cove
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from vblora.train import data as user_data
 from vblora.train import vader
-from vblora.train.errors import DataError
 from vblora.train.config import RunConfig
+from vblora.train.errors import DataError
 
-ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
-                 "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
 SENTIMENT_INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
 
 
@@ -27,9 +29,9 @@ SENTIMENT_INSTRUCTION = "Is the sentiment of this movie review positive or negat
 class TaskData:
     """Tokenized splits: each a list of example dicts (a list is all a Trainer and a DataLoader need of a dataset)."""
 
-    task: str                       # classification|regression|causal-lm|gsm8k (regression inferred from labels)
+    task: str  # classification|regression|causal-lm|gsm8k (regression inferred from labels)
     train: list[dict]
-    validation: list[dict] | None   # None: no best-epoch selection, the final state is scored
+    validation: list[dict] | None  # None: no best-epoch selection, the final state is scored
     test: list[dict]
     labels: user_data.LabelSpace | None = None
     raw: dict = field(default_factory=dict)  # split -> list of raw records (LM: prompts/answers for generation)
@@ -84,16 +86,26 @@ def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> T
         table = user_data.read_table(path, cfg.data_format, names)
         ex, labels = user_data.load_split(table, text_col, pair_col, label_col, labels)
         cap = _split_cap(cfg, split)  # None: all
-        enc = tokenizer(ex.texts[:cap], ex.pairs[:cap] if ex.pairs else None, truncation=True,
-                        max_length=cfg.max_length)
-        items = [{**{k: enc[k][i] for k in enc.keys()}, "labels": float(y) if labels.regression else int(y)}
-                 for i, y in enumerate(ex.labels[:cap])]
+        enc = tokenizer(
+            ex.texts[:cap], ex.pairs[:cap] if ex.pairs else None, truncation=True, max_length=cfg.max_length
+        )
+        items = [
+            {**{k: enc[k][i] for k in enc}, "labels": float(y) if labels.regression else int(y)}
+            for i, y in enumerate(ex.labels[:cap])
+        ]
         splits[split], raw[split] = items, {"n": len(items), "file": path}
     if cfg.dataset == vader.DATASET and labels.names == ["0", "1"]:  # the class ids of the built-in data, named
         labels = user_data.LabelSpace(list(vader.LABEL_NAMES))
     task = "regression" if labels.regression else "classification"
-    return TaskData(task, splits["train"], splits["validation"], splits.get("test", splits["validation"]),
-                    labels, raw, {"files": files, "label_names": labels.names})
+    return TaskData(
+        task,
+        splits["train"],
+        splits["validation"],
+        splits.get("test", splits["validation"]),
+        labels,
+        raw,
+        {"files": files, "label_names": labels.names},
+    )
 
 
 # ---- causal LM (Alpaca instruction tuning, GSM8K, instruction-style sentiment) ----------------------------------
@@ -106,16 +118,21 @@ def _lm_records(cfg: RunConfig, path: str) -> list[dict]:
     for i in range(len(table.rows)):
         if cfg.dataset == "vader-movie-instruct":
             text, label = user_data.column(table, "text", i), user_data.column(table, "label", i)
-            out.append({"instruction": SENTIMENT_INSTRUCTION, "input": text,
-                        "output": vader.LABEL_NAMES[int(label)]})
+            out.append({"instruction": SENTIMENT_INSTRUCTION, "input": text, "output": vader.LABEL_NAMES[int(label)]})
         elif cfg.task == "gsm8k":  # GSM8K {question, answer}; MetaMathQA {query, response} likewise
             q = "question" if "question" in table.rows[i] or "query" not in table.rows[i] else "query"
             a = "answer" if "answer" in table.rows[i] or "response" not in table.rows[i] else "response"
-            out.append({"instruction": user_data.column(table, q, i), "input": "", "output": user_data.column(table, a, i)})
+            out.append(
+                {"instruction": user_data.column(table, q, i), "input": "", "output": user_data.column(table, a, i)}
+            )
         else:
-            out.append({"instruction": user_data.column(table, "instruction", i),
-                        "input": user_data.column(table, "input", i, required=False) or "",
-                        "output": user_data.column(table, "output", i)})
+            out.append(
+                {
+                    "instruction": user_data.column(table, "instruction", i),
+                    "input": user_data.column(table, "input", i, required=False) or "",
+                    "output": user_data.column(table, "output", i),
+                }
+            )
     return out
 
 
@@ -139,18 +156,22 @@ def response_text(tokenizer, instruction: str, inp: str, output: str) -> str:
         full = tokenizer.apply_chat_template(msgs, tokenize=False)
         prompt = prompt_text(tokenizer, instruction, inp)
         if full.startswith(prompt):
-            return full[len(prompt):]
+            return full[len(prompt) :]
     return output + (tokenizer.eos_token or "")
 
 
 def encode_lm(tokenizer, rec: dict, max_length: int) -> dict | None:
     """input_ids = prompt ++ response, labels = -100 on the prompt; None when the response is truncated away."""
     p = tokenizer(prompt_text(tokenizer, rec["instruction"], rec["input"]), add_special_tokens=False)["input_ids"]
-    r = tokenizer(response_text(tokenizer, rec["instruction"], rec["input"], rec["output"]),
-                  add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) and (
-            not p or p[0] != tokenizer.bos_token_id):
-        p = [tokenizer.bos_token_id] + p
+    r = tokenizer(response_text(tokenizer, rec["instruction"], rec["input"], rec["output"]), add_special_tokens=False)[
+        "input_ids"
+    ]
+    if (
+        tokenizer.bos_token_id is not None
+        and getattr(tokenizer, "add_bos_token", False)
+        and (not p or p[0] != tokenizer.bos_token_id)
+    ):
+        p = [tokenizer.bos_token_id, *p]
     ids = (p + r)[:max_length]
     labels = ([-100] * len(p) + r)[:max_length]
     if all(x == -100 for x in labels):
@@ -161,7 +182,7 @@ def encode_lm(tokenizer, rec: dict, max_length: int) -> dict | None:
 def _build_lm(cfg: RunConfig, tokenizer, files: dict[str, str]) -> TaskData:
     splits, raw, dropped = {}, {}, 0
     for split, path in files.items():  # train, validation[, test]
-        recs = _lm_records(cfg, path)[:_split_cap(cfg, split)]
+        recs = _lm_records(cfg, path)[: _split_cap(cfg, split)]
         encoded = [encode_lm(tokenizer, rec, cfg.max_length) for rec in recs]
         items = [e for e in encoded if e is not None]
         dropped += len(encoded) - len(items)
@@ -169,8 +190,15 @@ def _build_lm(cfg: RunConfig, tokenizer, files: dict[str, str]) -> TaskData:
             raise DataError(f"{path}: every example's response is cut off by --max-length {cfg.max_length}")
         splits[split], raw[split] = items, recs
     task = "gsm8k" if cfg.task == "gsm8k" else "causal-lm"
-    return TaskData(task, splits["train"], splits["validation"], splits.get("test", splits["validation"]), None,
-                    raw, {"files": files, "dropped_truncated": dropped})
+    return TaskData(
+        task,
+        splits["train"],
+        splits["validation"],
+        splits.get("test", splits["validation"]),
+        None,
+        raw,
+        {"files": files, "dropped_truncated": dropped},
+    )
 
 
 class LMCollator:

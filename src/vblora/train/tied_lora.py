@@ -56,18 +56,24 @@ class TiedLoRALinear(nn.Module):
         self.base = base
         object.__setattr__(self, "_shared", shared)  # plain attribute: keeps A/B out of this module's state_dict
         self.key = key
-        self.u = nn.Parameter(torch.ones(rank))                  # (r,)
-        self.v = nn.Parameter(torch.ones(base.out_features))     # (out,)
+        self.u = nn.Parameter(torch.ones(rank))  # (r,)
+        self.v = nn.Parameter(torch.ones(base.out_features))  # (out,)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self._shared.A[self.key], self._shared.B[self.key]  # (r, in), (out, r)
-        z = (self.dropout(x).to(A.dtype) @ A.T) * self.u            # (..., r)
+        z = (self.dropout(x).to(A.dtype) @ A.T) * self.u  # (..., r)
         return self.base(x) + ((z @ B.T) * self.v).to(x.dtype)  # (..., out)
 
 
-def add_tied_lora(model: nn.Module, target_names: list[str], rank: int = 8, dropout: float = 0.0,
-                  modules_to_save: list[str] = (), seed: int = 0) -> nn.Module:
+def add_tied_lora(
+    model: nn.Module,
+    target_names: list[str],
+    rank: int = 8,
+    dropout: float = 0.0,
+    modules_to_save: list[str] = (),
+    seed: int = 0,
+) -> nn.Module:
     """Wrap `target_names` (qualified nn.Linear names) in place; freeze everything else but the heads."""
     g = torch.Generator().manual_seed(seed)
     shared = TiedShared()

