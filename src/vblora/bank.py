@@ -144,6 +144,13 @@ class VectorBank(nn.Module):
             (zero indices and uniform weights, to be filled by a loader).
     """
 
+    config: VBLoRAConfig
+    layout: Layout
+    bank: nn.Parameter  # (h, b)
+    logits: nn.Parameter | None  # (N, h), training form only
+    indices: torch.Tensor  # (N, k) int64, frozen form only
+    weights: torch.Tensor  # (N, k), frozen form only
+
     def __init__(self, config: VBLoRAConfig, layout: Layout, *, with_logits: bool = True) -> None:
         super().__init__()
         self.config, self.layout = config, layout
@@ -178,12 +185,13 @@ class VectorBank(nn.Module):
         stored rule (frozen selection, else top-`eval_topk` softmax; full softmax for select-all) if `stored` or in
         eval mode. Every rule works row by row, so a range of rows equals those rows of the full composition."""
         rows = slice(start, stop)
+        logits = self.logits
         with _no_autocast(self.bank.device.type):  # fp32 master composition, even under autocast
-            if self.frozen:
+            if logits is None:  # frozen
                 return compose_selected(self.indices[rows], self.weights[rows], self.bank)
             if self.training and not stored:
-                return compose_training(self.logits[rows], self.bank, self.config)
-            return compose_eval(self.logits[rows], self.bank, self.config)
+                return compose_training(logits[rows], self.bank, self.config)
+            return compose_eval(logits[rows], self.bank, self.config)
 
     @torch.no_grad()
     def stored_subvectors(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -247,10 +255,11 @@ class VectorBank(nn.Module):
             if True in step.fp32:  # one draw per forward, also for a no-grad region inside it
                 fp32 = step.fp32[True] if grad else step.fp32[True].detach()
             else:
-                fp32 = step.fp32.get(grad)
-                if fp32 is None:
+                cached = step.fp32.get(grad)
+                if cached is None:
                     with torch.set_grad_enabled(grad):
-                        fp32 = step.fp32[grad] = self.compose_rows()
+                        cached = step.fp32[grad] = self.compose_rows()
+                fp32 = cached
             step.pieces[key] = self.layout.split(fp32.to(dtype))
         return step.pieces[key]
 
@@ -262,13 +271,13 @@ class VectorBank(nn.Module):
         return self._inference[1]
 
     def _trainable(self) -> bool:
-        return self.bank.requires_grad or (not self.frozen and self.logits.requires_grad)
+        return self.bank.requires_grad or (self.logits is not None and self.logits.requires_grad)
 
     def _versions(self) -> tuple:
         # In-place updates (optimizer steps, copy_, load_state_dict) bump a tensor's version counter, and `.to()` /
         # `.data =` give it new storage: either way a cached composition is never used after a change. (`_version`
         # is the only cheap signal of an in-place update that torch offers.)
-        sources = [self.bank] + ([self.indices, self.weights] if self.frozen else [self.logits])
+        sources = [self.bank] + ([self.indices, self.weights] if self.logits is None else [self.logits])
         return tuple((t.data_ptr(), t._version) for t in sources)
 
     def attach(self, root: nn.Module) -> None:
@@ -313,7 +322,7 @@ class VectorBank(nn.Module):
         Returns:
             `(indices (N, k) int64, weights (N, k) float32)`, each row of weights summing to 1.
         """
-        if self.frozen:
+        if self.logits is None:  # frozen
             return self.indices.clone(), self.weights.float().clone()
         k = k or self.config.stored_topk
         top, idx = self.logits.float().topk(k, dim=-1)
@@ -334,7 +343,7 @@ class VectorBank(nn.Module):
                 f"every adapted module, so training diverged: lower the bank learning rate or "
                 f"reload a checkpoint"
             )
-        rows = self.weights if self.frozen else self.logits
+        rows = self.weights if self.logits is None else self.logits
         bad_rows = (~torch.isfinite(rows)).any(dim=1).nonzero()
         if len(bad_rows):
             row = int(bad_rows[0])

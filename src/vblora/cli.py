@@ -38,9 +38,10 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **{"exit_on_error": False, **kwargs})
+        self.commands: set[str] = set()  # the subcommand names (build_parser fills them in)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> Parser:
     """Every command's parser; with `command`, the others' run-setting flags are left out (see flags.BUILD_ONLY)."""
     flags.BUILD_ONLY = command
     parser = Parser(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from vblora.bank import VectorBank
 from vblora.config import VBLoRAConfig
 from vblora.errors import TargetError
 from vblora.layers import TrainedCopy, VBLoRALayer, layer_class
-from vblora.layout import Layout, parameter_count, stored_count
+from vblora.layout import Layout, parameter_count, stored_count, weight_of
 
 BANK_ATTR = "vblora_bank"
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -35,7 +36,7 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _matches(name: str, target: str | tuple[str, ...]) -> bool:
+def _matches(name: str, target: str | Sequence[str]) -> bool:
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
     return any(name == t or name.endswith("." + t) for t in target)
@@ -114,7 +115,9 @@ def add_vblora(model: nn.Module, config: VBLoRAConfig, *, with_logits: bool = Tr
 
     model.requires_grad_(False)
     for i, (name, module) in enumerate(targets):
-        model.set_submodule(name, layer_class(module)(module, bank, i, config.dropout))
+        cls = layer_class(module)
+        assert cls is not None  # find_targets returns adaptable layers only
+        model.set_submodule(name, cls(module, bank, i, config.dropout))
     for name in _modules_to_save(model, config):
         model.set_submodule(name, TrainedCopy(model.get_submodule(name)))
     model.add_module(BANK_ATTR, bank)
@@ -198,7 +201,9 @@ def parameter_groups(
     bank = get_bank(model)
     bank.check_finite()
     special = {id(bank.bank)} | ({id(bank.logits)} if not bank.frozen else set())
-    groups = [{"name": "vblora_bank", "params": [bank.bank], "lr": lr_bank, "weight_decay": weight_decay}]
+    groups: list[dict[str, Any]] = [
+        {"name": "vblora_bank", "params": [bank.bank], "lr": lr_bank, "weight_decay": weight_decay}
+    ]
     if not bank.frozen:
         groups.append({"name": "vblora_logits", "params": [bank.logits], "lr": lr_logits, "weight_decay": weight_decay})
     other = [p for p in unwrap(model).parameters() if p.requires_grad and id(p) not in special]
@@ -296,19 +301,20 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         The same `model`, behaving as its base until the `with` block ends.
     """
     layers, copies = adapted_layers(model).values(), trained_copies(model).values()
-    was_merged = [(layer, layer.base.weight.detach().clone()) for layer in layers if layer.merged]
+    was_merged = [(layer, weight_of(layer.base).detach().clone()) for layer in layers if layer.merged]
     for layer, _ in was_merged:
         layer.unmerge()
-    for m in [*layers, *copies]:
+    switched: list[VBLoRALayer | TrainedCopy] = [*layers, *copies]
+    for m in switched:
         m.disabled = True
     try:
         yield model
     finally:
-        for m in [*layers, *copies]:
+        for m in switched:
             m.disabled = False
         with torch.no_grad():
             for layer, weight in was_merged:
-                layer.base.weight.copy_(weight)
+                weight_of(layer.base).copy_(weight)
                 layer.merged = True
 
 

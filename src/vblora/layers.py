@@ -14,7 +14,7 @@ from torch import nn
 
 from vblora.bank import VectorBank
 from vblora.errors import QuantizedBaseError
-from vblora.layout import ModuleEntry, is_quantized, kind_of
+from vblora.layout import ModuleEntry, is_quantized, kind_of, weight_of
 
 
 class VBLoRALayer(nn.Module):
@@ -24,6 +24,9 @@ class VBLoRALayer(nn.Module):
     effect. Merge, unmerge and `delta_weight` use the stored rule (top-`eval_topk` softmax, or the frozen selection)
     in every mode, so a merge and its unmerge always cancel, even while training with a random selection rule.
     """
+
+    base: nn.Module
+    _bank: VectorBank  # set with object.__setattr__: not a submodule
 
     def __init__(self, base: nn.Module, bank: VectorBank, index: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -88,14 +91,14 @@ class VBLoRALayer(nn.Module):
     def merge(self) -> None:
         self.refuse_merge()
         if not self.merged:
-            w = self.base.weight
+            w = weight_of(self.base)
             w += self.delta_weight().to(device=w.device, dtype=w.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            w = self.base.weight
+            w = weight_of(self.base)
             w -= self.delta_weight().to(device=w.device, dtype=w.dtype)
             self.merged = False
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -65,6 +66,11 @@ def parameter_count(p: torch.Tensor) -> int:
     return p.numel() * 2 * p.element_size() if type(p).__name__ == PARAMS_4BIT else p.numel()
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight tensor of an adaptable layer (Linear, Conv1D, Embedding and their quantized forms have one)."""
+    return cast(torch.Tensor, module.weight)
+
+
 def require_bitsandbytes():
     """The bitsandbytes module, or an ImportError naming the extra that installs it."""
     try:
@@ -79,7 +85,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight W as a float tensor in its own layout: dequantized `(out, in)` float32 for a quantized
     layer (a new tensor, this one module only: for merged exports and references, never in a forward), else the
     weight itself."""
-    w = module.weight
+    w: Any = weight_of(module)  # Params4bit / Int8Params carry quant_state / SCB beside the tensor
     if not is_quantized(module):
         return w
     if type(w).__name__ == PARAMS_4BIT:
@@ -105,7 +111,8 @@ def module_dims(module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
-    return module.weight.shape[0], module.weight.shape[1]  # Conv1D: weight (in, out)
+    w = weight_of(module)
+    return w.shape[0], w.shape[1]  # Conv1D: weight (in, out)
 
 
 # -- one module's rows ------------------------------------------------------------------------------------------------
@@ -181,7 +188,12 @@ class Layout:
     @classmethod
     def build(cls, modules: list[tuple[str, nn.Module]], rank: int, vector_length: int) -> Layout:
         """The contiguous layout of `(qualified name, base module)` pairs in model order."""
-        specs = [(name, kind_of(m).name, *module_dims(m)) for name, m in modules]
+        specs = []
+        for name, m in modules:
+            kind = kind_of(m)
+            if kind is None:
+                raise TypeError(f"{name}: {type(m).__name__} is not an adaptable layer")
+            specs.append((name, kind.name, *module_dims(m)))
         return cls.from_specs(specs, rank, vector_length)
 
     @classmethod

@@ -7,6 +7,7 @@ bank row; Figures 6 and 7 sort them by the norm of the final bank, as the paper 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -287,7 +288,7 @@ def plot_churn(sel: Selection, path) -> Path:
     return _save(fig, path)
 
 
-FIGURES = {
+FIGURES: dict[str, Callable[..., Path]] = {
     "fig3_footprint": plot_footprint,
     "fig4_initial_vs_final": plot_initial_vs_final,
     "fig5_footprint_periods": plot_footprint_periods,

@@ -3,6 +3,8 @@ plain-LoRA directory, or (with `--base`) the merged full model."""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def load_adapter_base(base: str | None, snap):
     """A transformers model from a local directory (`base`, else the one the adapter records), of the class the
@@ -16,7 +18,7 @@ def load_adapter_base(base: str | None, snap):
 
     cls = getattr(transformers, snap.architecture, None) if snap.architecture else None
     cls = cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
-    kwargs = (
+    kwargs: dict[str, Any] = (
         {"num_labels": len(snap.id2label), "id2label": {int(k): v for k, v in snap.id2label.items()}}
         if snap.id2label
         else {}

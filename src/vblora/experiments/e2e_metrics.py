@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import threading
 from collections import Counter
-from typing import ClassVar
+from typing import IO, ClassVar
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 PAPER_SCALE = {"BLEU": 100.0, "NIST": 1.0, "METEOR": 100.0, "ROUGE_L": 100.0, "CIDEr": 1.0}
@@ -256,6 +256,9 @@ class MeteorServer:
             text=True,
             encoding="utf-8",
         )
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both piped above
+        self.stdin: IO[str] = self.proc.stdin
+        self.stdout: IO[str] = self.proc.stdout
         self.lock = threading.Lock()
         atexit.register(self.close)
 
@@ -269,9 +272,9 @@ class MeteorServer:
             return server
 
     def _ask(self, line: str) -> str:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
+        self.stdin.write(line + "\n")
+        self.stdin.flush()
+        answer = self.stdout.readline()
         if not answer:
             raise RuntimeError("the METEOR process ended (Java out of memory, or a broken jar?)")
         return answer.strip()
@@ -288,12 +291,12 @@ class MeteorServer:
             ]
             self._ask(" ||| ".join(["EVAL", *stats]))  # first answer line: the first input's score
             for _ in range(len(hyps) - 1):
-                self.proc.stdout.readline()
-            return float(self.proc.stdout.readline().strip())  # last line: the corpus score
+                self.stdout.readline()
+            return float(self.stdout.readline().strip())  # last line: the corpus score
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            self.stdin.close()
             self.proc.kill()
             self.proc.wait()
 

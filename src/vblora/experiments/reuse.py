@@ -29,7 +29,7 @@ def result_settings(config: dict) -> dict:
     return {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in skip}
 
 
-def finished(run_dir: Path, cfg, log=print) -> dict | None:
+def finished(run_dir: str | Path, cfg, log=print) -> dict | None:
     """The results of the run in `run_dir` if it finished with the settings of `cfg` (a RunConfig), else None.
 
     A results.json written with other settings (a changed recipe or flag) or one that cannot be read is not reused:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from vblora.experiments.ablate import Budget, spread
 from vblora.experiments.reuse import finished
@@ -29,7 +30,7 @@ def shared_bank_study(
 ) -> list[dict]:
     out = Path(out)
     h, b = read_bank_tensor(bank_path)[0].shape
-    arms = [
+    arms: list[tuple[str, str, dict[str, Any]]] = [
         ("fresh", "fresh bank (trained on task 2)", {"bank": None, "freeze_bank": False}),
         ("frozen", "shared task-1 bank, frozen", {"bank": str(bank_path), "freeze_bank": True}),
     ]

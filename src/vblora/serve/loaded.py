@@ -110,7 +110,7 @@ def read_snapshot(source: Source, banks: dict, module_order: list[str]) -> Adapt
     return read_adapter(source.path, bank_path=candidates[0])[0]
 
 
-def check_fits(snap: AdapterSnapshot, model: nn.Module, bases: dict[str, nn.Module], source: Source) -> None:
+def check_fits(snap: AdapterSnapshot, model: nn.Module, bases: dict[str, nn.Module | None], source: Source) -> None:
     """AdapterFormatError naming what differs if the adapter was not made for this base model. `bases`: the base
     layer at each of the adapter's module names (unwrapped), None where the model has no such module."""
     where = f"adapter '{source.name}' ({source.path})"
@@ -171,7 +171,8 @@ def head_targets(
     AdapterFormatError unless each is a real head: a named module of the model (not the model itself) with a forward
     of its own (not a ModuleList / ModuleDict), neither holding nor inside one of the adapter's adapted modules or
     another of its heads."""
-    out, problems = {}, []
+    out: dict[str, tuple[str, nn.Module]] = {}
+    problems: list[str] = []
     adapted = [m.name for m in snap.modules]
     for head in snap.extras:
         name = head_name(head, modules)

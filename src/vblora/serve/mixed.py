@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,16 +82,16 @@ def update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, embedding: bool) -
 def apply_group(g: Group, x: torch.Tensor, out: torch.Tensor, embedding: bool) -> None:
     """Add the group's updates into `out (units, L, out)` in place; `x (units, L, in)` (or ids `(units, L)`)."""
     if g.mode == LOOP:
-        for index, A, B in g.parts:
+        for index, A, B in g.parts or ():
             out.index_add_(0, index, update(x.index_select(0, index), A, B, embedding).to(out.dtype))
         return
     xs = x if g.index is None else x.index_select(0, g.index)
     if g.mode == SINGLE:
-        d = update(xs, g.A, g.B, embedding)
+        d = update(xs, cast(torch.Tensor, g.A), cast(torch.Tensor, g.B), embedding)
     else:  # GATHER: (n, L, in) @ (n, in, r) -> (n, L, r) @ (n, r, out) -> (n, L, out)
         # Stacked here, per forward: kept per plan, the stacks would be a second copy of the batch's compositions
         # (measured: 39 MB for 8 SmolLM2 adapters), outside the cache's cap; the copy costs a few ms per step.
-        A, B = torch.stack(g.A), torch.stack(g.B)  # (n, r, in), (n, out, r)
+        A, B = torch.stack(cast(list, g.A)), torch.stack(cast(list, g.B))  # (n, r, in), (n, out, r)
         d = torch.bmm(torch.bmm(xs.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2))
     if g.index is None:
         out.add_(d.to(out.dtype))
@@ -143,11 +144,11 @@ class Plan:
             )
         return n // u
 
-    def unit_lists(self, n: int, pick) -> list[tuple[object, list[int]]]:
+    def unit_lists(self, n: int, pick) -> list[tuple[Any, list[int]]]:
         """[(value, unit indices in the batch)] grouped by `pick(adapter)` (None values skipped), in first-seen
         order; unit u of the plan covers batch units u*m .. u*m+m-1."""
         m = self.repeat(n)
-        groups: dict[int, tuple[object, list[int]]] = {}
+        groups: dict[int, tuple[Any, list[int]]] = {}
         for u, adapter in enumerate(self.units):
             value = pick(adapter) if adapter is not None else None
             if value is not None:

@@ -173,12 +173,13 @@ class AdapterStore:
                 f"loads no other paths (give it a directory, or allow_outside_paths=True)"
             )
         source = describe(name, path, self.root)
-        entry = Entry(source, from_directory=False, loaded=self.load(source))
+        loaded = self.load(source)
+        entry = Entry(source, from_directory=False, loaded=loaded)
         with self.lock:
             if name in self.entries:
                 self.unregister(name)
             self.entries[name] = entry
-        return AdapterHandle(entry.loaded, self.info(entry.loaded))
+        return AdapterHandle(loaded, self.info(loaded))
 
     def remove(self, name: str) -> None:
         """Unregister `name`; handles already acquired keep working. UnknownAdapterError if not registered."""

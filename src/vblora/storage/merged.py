@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from vblora.inject import BANK_ATTR, adapted_layers, trained_copies, unwrap
-from vblora.layout import dense_weight, is_quantized, is_quantized_param
+from vblora.layout import dense_weight, is_quantized, is_quantized_param, weight_of
 from vblora.storage.files import replace_dir, write_safetensors
 
 
@@ -58,7 +59,8 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     for name, layer in layers.items():
         if layer.quantized:
             continue
-        w, dw = layer.base.weight, layer.delta_weight().to(layer.base.weight.device)  # dW composed once per layer
+        w = weight_of(layer.base)
+        dw = layer.delta_weight().to(w.device)  # dW composed once per layer
         merged = w.float() if layer.merged else w.float() + dw
         unmerged = w.float() - dw if layer.merged else w.float()
         for key, t in out.items():  # tied copies of the same tensor keep the base value
@@ -105,27 +107,32 @@ def merge_and_save(
         seen.add(ptr)
 
     def write(d: Path) -> None:
-        if not hasattr(base, "save_pretrained"):
+        save_pretrained = getattr(base, "save_pretrained", None)  # a transformers model's
+        if save_pretrained is None:
             write_safetensors(d / "model.safetensors", clean, {"format": "pt"})
             return
-        config = getattr(base, "config", None)
-        adapted = {layer.base.weight.data_ptr(): f"{n}.base.weight" for n, layer in adapted_layers(base).items()}
-        tie = getattr(config, "tie_word_embeddings", False) and any(  # an adapted weight has another use too
-            t.data_ptr() in adapted and key != adapted[t.data_ptr()] for key, t in base.state_dict().items()
+        config: Any = getattr(base, "config", None)
+        adapted = {weight_of(layer.base).data_ptr(): f"{n}.base.weight" for n, layer in adapted_layers(base).items()}
+        tie = (
+            config is not None
+            and getattr(config, "tie_word_embeddings", False)
+            and any(  # an adapted weight has another use too
+                t.data_ptr() in adapted and key != adapted[t.data_ptr()] for key, t in base.state_dict().items()
+            )
         )
         # transformers saves a quantized model's own state dict, ignoring ours, while it has an hf_quantizer
         quantizer = base.__dict__.get("hf_quantizer")
         if tie:
             config.tie_word_embeddings = False
         if quantizer is not None:
-            base.hf_quantizer = None
+            base.__dict__["hf_quantizer"] = None
         try:
-            base.save_pretrained(d, state_dict=clean, **save_kwargs)
+            save_pretrained(d, state_dict=clean, **save_kwargs)
         finally:
             if tie:
                 config.tie_word_embeddings = True
             if quantizer is not None:
-                base.hf_quantizer = quantizer
+                base.__dict__["hf_quantizer"] = quantizer
         path = d / "config.json"
         saved = json.loads(path.read_text()) if path.exists() else None
         if saved is not None and ("quantization_config" in saved or dtype is not None):

@@ -251,7 +251,7 @@ def decode(
     # -- keys, dtypes, shapes: the (dtype, shape) of every tensor the header implies, in the order they are checked
     reference, int8 = bank_meta["mode"] == "reference", precision == "int8"
     float_dtype = FLOATS.get(precision)
-    spec = {}
+    spec: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {}  # float_dtype is None only for int8 (unused)
     if not reference:
         spec["bank"] = (torch.int8 if int8 else float_dtype, (h, b))
         if int8:
@@ -354,7 +354,7 @@ def read_bank(path: str | os.PathLike) -> tuple[torch.Tensor, str]:
     if meta.get("format") != BANK_FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise AdapterFormatError(f"{file}: not a vblora bank file of format version {FORMAT_VERSION}")
     bank = tensors.get("bank")
-    if set(tensors) != {"bank"} or bank.dtype != torch.float32 or bank.dim() != 2:
+    if bank is None or set(tensors) != {"bank"} or bank.dtype != torch.float32 or bank.dim() != 2:
         raise AdapterFormatError(f"{file}: a bank file holds exactly one float32 (h, b) tensor 'bank'")
     digest = bank_sha256(bank)
     if digest != meta.get("sha256"):

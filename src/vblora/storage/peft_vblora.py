@@ -316,7 +316,7 @@ def read_peft(in_dir: str | os.PathLike, module_order: list[str] | None = None) 
     logits = None if topk_only else torch.empty(n, h)
     for name, part, rows, shape in peft_parts(layout, b):
         key = PREFIX + name + part
-        if topk_only:
+        if logits is None:  # top-k only
             idx = take(key + TOPK_INDICES, (*shape, k)).long().reshape(-1, k)
             w = take(key + TOPK_WEIGHTS, (*shape, k - 1)).float().reshape(-1, k - 1)
             if (idx < 0).any() or (idx >= h).any() or not torch.isfinite(w).all():

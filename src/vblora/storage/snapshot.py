@@ -95,14 +95,14 @@ def task_type(model: nn.Module) -> str | None:
     return next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
 
 
-def sampled(module: nn.Module, n: int, merged_delta=None) -> torch.Tensor | None:
+def sampled(module: nn.Module | None, n: int, merged_delta=None) -> torch.Tensor | None:
     """`(n,)` float32 values of the module's dense weight at the middles of n equal stretches (where the fingerprint
     samples it), minus `merged_delta()` there when given; None for a quantized or missing or too small weight
     (`is_quantized`: a quantized value differs from its checkpoint's by far more than SAMPLE_RTOL, so a sample taken
     on either side would refuse an adapter trained on a 4-bit base and loaded on its full-precision checkpoint, the
     usual QLoRA round trip)."""
     w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or is_quantized(module) or w.numel() < n:
+    if module is None or not isinstance(w, torch.Tensor) or is_quantized(module) or w.numel() < n:
         return None
     positions = [(2 * i + 1) * w.numel() // (2 * n) for i in range(n)]
     values = w.detach().reshape(-1)[positions].float().cpu()
@@ -134,7 +134,7 @@ def take_snapshot(model: nn.Module, *, with_logits: bool = False) -> AdapterSnap
         name: {k: v.detach().cpu().clone() for k, v in copy.trained.state_dict().items()}
         for name, copy in trained_copies(model).items()
     }
-    logits = bank.logits.detach().float().cpu().clone() if with_logits and not bank.frozen else None
+    logits = bank.logits.detach().float().cpu().clone() if with_logits and bank.logits is not None else None
     config = getattr(model, "config", None)
     task = task_type(model)
     id2label = getattr(config, "id2label", None) if task in ("SEQ_CLS", "TOKEN_CLS") else None
@@ -206,10 +206,10 @@ def described(module: nn.Module | None) -> str | None:
     """An adaptable module as an adapter's module table states it, e.g. "linear 64->128"; None if it is absent or
     cannot be adapted."""
     kind = kind_of(module) if module is not None else None
-    return None if kind is None else "{} {}->{}".format(kind.name, *module_dims(module))
+    return None if module is None or kind is None else "{} {}->{}".format(kind.name, *module_dims(module))
 
 
-def shape_problems(snap: AdapterSnapshot, have: dict[str, str]) -> list[str]:
+def shape_problems(snap: AdapterSnapshot, have: dict[str, str | None]) -> list[str]:
     """One line per adapted module whose base layer (`have`: module name -> `described`) differs in kind or shape."""
     want = {m.name: f"{m.kind} {m.in_features}->{m.out_features}" for m in snap.modules}
     return [
@@ -267,7 +267,7 @@ def build_model(
     if list(bank.layout.entries) != list(snap.modules):
         raise AdapterFormatError(f"{source}: module offsets in the adapter do not match the layout of the base model")
     bank.bank.copy_(snap.bank.to(bank.bank.dtype))
-    if snap.logits is not None:
+    if snap.logits is not None and bank.logits is not None:  # add_vblora made logits for a snapshot with logits
         bank.logits.copy_(snap.logits.to(bank.logits.dtype))
     else:
         bank.indices.copy_(snap.indices)
@@ -282,9 +282,10 @@ def build_model(
             copies[name].trained.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise AdapterFormatError(f"{source}: modules_to_save entry {name}: {e}") from None
-    if snap.id2label and getattr(model, "config", None) is not None:  # predictions then carry the label names
-        model.config.id2label = {int(k): v for k, v in snap.id2label.items()}
-        model.config.label2id = {v: int(k) for k, v in snap.id2label.items()}
+    model_config = getattr(model, "config", None)
+    if snap.id2label and model_config is not None:  # predictions then carry the label names
+        model_config.id2label = {int(k): v for k, v in snap.id2label.items()}
+        model_config.label2id = {v: int(k) for k, v in snap.id2label.items()}
     if not trainable:
         bank.requires_grad_(False)
         for c in copies.values():

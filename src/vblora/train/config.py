@@ -22,7 +22,6 @@ import dataclasses
 import difflib
 import functools
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -221,15 +220,20 @@ def flag_dataclass(
         value = argparse.SUPPRESS if shown is not None else defaults[key]
         # HfArgumentParser takes a list field's default from its factory only
         listy = typing.get_origin(hints[key]) is list or isinstance(value, (list, tuple))
-        spec = (
-            field(default_factory=lambda v=value: list(v) if isinstance(v, (list, tuple)) else v)
-            if listy
-            else field(default=value)
-        )
         text = f.metadata["help"] + (f" (default: {show(shown[key])})" if shown is not None else "")
-        spec.metadata = types.MappingProxyType({"help": text.replace("%", "%%")})
+        metadata = {"help": text.replace("%", "%%")}
+        spec = (
+            field(default_factory=functools.partial(_copied, value), metadata=metadata)
+            if listy
+            else field(default=value, metadata=metadata)
+        )
         out.append((key, hints[key], spec))
     return dataclasses.make_dataclass(name, out)
+
+
+def _copied(value):
+    """A fresh list for a list or tuple default (each parsed namespace gets its own), else the value."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def show(value) -> str:

@@ -25,6 +25,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 from vblora.train.errors import DataError
 
@@ -101,7 +102,8 @@ def read_table(path: str | Path, fmt: str | None = None, names: list[str] | None
 def _read_delimited(path: Path, text: str, delim: str, names: list[str] | None) -> Table:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     file_type = "TSV" if delim == "\t" else "CSV"
-    quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs: unbalanced quotes in sentences
+    # GLUE TSVs: unbalanced quotes in sentences
+    quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
     # Lines split on "\n" only (str.splitlines would also split on \u2028, \x0c, ...) and keep it, so a newline in a
     # quoted field survives and reader.line_num counts physical lines.
     physical = io.StringIO(text).readlines()
@@ -193,6 +195,10 @@ def _read_json_list(path: Path, text: str) -> Table:
     return Table(path, obj, lines, sorted({k for r in obj for k in r}))
 
 
+@overload
+def column(table: Table, name: str, i: int, *, required: Literal[True] = True) -> str: ...
+@overload
+def column(table: Table, name: str, i: int, *, required: bool) -> str | None: ...
 def column(table: Table, name: str, i: int, *, required: bool = True) -> str | None:
     """Value of column `name` in row i as a string; names file, line and column when it is missing or empty."""
     row = table.rows[i]
@@ -310,10 +316,11 @@ def infer_labels(values: list[str], where: list[str] | None = None) -> LabelSpac
             f"{where[bad]}: label '{values[bad]}' is a number, while the column's other labels are "
             f"class names (e.g. '{example}'); {_RULE}: {_FIX}"
         )
-    nums = [_as_number(v) for v in values]
-    if n_num == len(types) and any(n != int(n) for n in nums):
+    nums = [n for n in map(_as_number, values) if n is not None]
+    all_numbers = len(nums) == len(values)
+    if all_numbers and any(n != int(n) for n in nums):
         return LabelSpace([], regression=True)
-    if all(n is not None and n == int(n) for n in nums):
+    if all_numbers and all(n == int(n) for n in nums):
         names = [str(x) for x in sorted({int(n) for n in nums})]  # numeric order: "2" before "10"
     else:
         names = sorted({v.strip() for v in values})

@@ -9,7 +9,9 @@ Flags default to "not given" (absent from the namespace), so a recipe's value st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from typing import Any
 
 from vblora.train.config import dataclass_parser, settings_class
 from vblora.train.errors import SetupError
@@ -36,7 +38,7 @@ def run_flags(command: str, recipe: str | None = None, skip: tuple = (), more=tu
 
 def given(args: argparse.Namespace, fields=None) -> dict:
     """The settings given on the command line (typed by the parser; `build_config` layers them over a recipe)."""
-    names = fields if fields is not None else settings_class().__dataclass_fields__  # every flag
+    names = fields if fields is not None else [f.name for f in dataclasses.fields(settings_class())]  # every flag
     return {k: getattr(args, k) for k in names if hasattr(args, k)}
 
 
@@ -46,7 +48,8 @@ def assignments(items: list[str], scopes: tuple[str, ...] = ()) -> tuple[dict, d
     -> ({key: value}, {scope: {key: value}})."""
     import yaml
 
-    common, scoped = {}, {}
+    common: dict[str, Any] = {}
+    scoped: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, value = item.partition("=")
         scope, colon, key = key.rpartition(":")

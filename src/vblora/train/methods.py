@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, VeraConfig, get_peft_model
@@ -82,7 +83,8 @@ def apply_method(model: nn.Module, cfg: RunConfig) -> Adapted:
     heads = head_modules(model, cfg)
     if cfg.method == "full":
         model.requires_grad_(True)
-        return _adapted(model, cfg, list(model.parameters()), [], lambda d: model.save_pretrained(str(d)))
+        hf_model: Any = model  # a transformers model: it saves itself
+        return _adapted(model, cfg, list(model.parameters()), [], lambda d: hf_model.save_pretrained(str(d)))
     targets = resolve_targets(model, cfg)
     if cfg.method == "vblora":  # its config's target rule matches exactly `targets`
         out = _vblora(model, cfg, heads)

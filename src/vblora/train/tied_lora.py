@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -51,6 +52,8 @@ class TiedShared(nn.Module):
 class TiedLoRALinear(nn.Module):
     """Holds the frozen base Linear; A/B come from the shared root module (not registered here)."""
 
+    _shared: TiedShared  # set with object.__setattr__: not a submodule
+
     def __init__(self, base: nn.Linear, shared: TiedShared, key: str, rank: int, dropout: float):
         super().__init__()
         self.base = base
@@ -71,7 +74,7 @@ def add_tied_lora(
     target_names: list[str],
     rank: int = 8,
     dropout: float = 0.0,
-    modules_to_save: list[str] = (),
+    modules_to_save: Sequence[str] = (),
     seed: int = 0,
 ) -> nn.Module:
     """Wrap `target_names` (qualified nn.Linear names) in place; freeze everything else but the heads."""

