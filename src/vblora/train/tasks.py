@@ -40,6 +40,12 @@ class TaskData:
     # None: LM tasks score greedy answers (evaluate.generate_answers)
     evaluate: Callable | None = None
 
+    @classmethod
+    def from_splits(cls, task: str, splits: dict, labels, raw: dict, info: dict) -> TaskData:
+        """From {split: examples} with train and validation (None: none); the test split defaults to validation."""
+        test = splits.get("test", splits["validation"])
+        return cls(task, splits["train"], splits["validation"], test, labels, raw, info)
+
     @property
     def kind(self) -> str:
         """The former name of `task`, still read by train/pipeline.py."""
@@ -98,15 +104,7 @@ def _build_classification(cfg: RunConfig, tokenizer, files: dict[str, str]) -> T
     if cfg.dataset == vader.DATASET and labels.names == ["0", "1"]:  # the class ids of the built-in data, named
         labels = user_data.LabelSpace(list(vader.LABEL_NAMES))
     task = "regression" if labels.regression else "classification"
-    return TaskData(
-        task,
-        splits["train"],
-        splits["validation"],
-        splits.get("test", splits["validation"]),
-        labels,
-        raw,
-        {"files": files, "label_names": labels.names},
-    )
+    return TaskData.from_splits(task, splits, labels, raw, {"files": files, "label_names": labels.names})
 
 
 # ---- causal LM (Alpaca instruction tuning, GSM8K, instruction-style sentiment) ----------------------------------
@@ -191,15 +189,7 @@ def _build_lm(cfg: RunConfig, tokenizer, files: dict[str, str]) -> TaskData:
             raise DataError(f"{path}: every example's response is cut off by --max-length {cfg.max_length}")
         splits[split], raw[split] = items, recs
     task = "gsm8k" if cfg.task == "gsm8k" else "causal-lm"
-    return TaskData(
-        task,
-        splits["train"],
-        splits["validation"],
-        splits.get("test", splits["validation"]),
-        None,
-        raw,
-        {"files": files, "dropped_truncated": dropped},
-    )
+    return TaskData.from_splits(task, splits, None, raw, {"files": files, "dropped_truncated": dropped})
 
 
 class LMCollator:
