@@ -46,11 +46,6 @@ class TaskData:
         test = splits.get("test", splits["validation"])
         return cls(task, splits["train"], splits["validation"], test, labels, raw, info)
 
-    @property
-    def kind(self) -> str:
-        """The former name of `task`, still read by train/pipeline.py."""
-        return self.task
-
 
 def _files(cfg: RunConfig) -> dict[str, str]:
     if cfg.dataset in ("vader-movie", "vader-movie-instruct"):
