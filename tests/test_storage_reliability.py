@@ -35,10 +35,12 @@ def test_files_get_the_usual_permissions(tmp_path):
     try:
         f = vblora.save_adapter(model, tmp_path / "a")
         d = vblora.export_lora(model, tmp_path / "lora")
+        merged = vblora.merge_and_save(model, tmp_path / "merged")  # transformers' save_pretrained writes 0600
     finally:
         os.umask(old)
     assert mode(f) == 0o644
-    assert mode(d) == 0o755 and {mode(p) for p in d.iterdir()} == {0o644}
+    for directory in (d, merged):
+        assert mode(directory) == 0o755 and {mode(p) for p in directory.iterdir()} == {0o644}, directory
 
 
 def dead_pid() -> int:

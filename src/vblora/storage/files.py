@@ -100,6 +100,8 @@ def replace_dir(out: str | os.PathLike, write, replaceable) -> Path:
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
         write(tmp)
+        for path in tmp.rglob("*"):  # writers such as transformers' save_pretrained create their files 0600
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
         old = out.parent / f".{out.name}.{os.getpid()}.old{TMP}"  # the previous directory, until the new one is in
         if out.exists():
             os.replace(out, old)
