@@ -45,31 +45,55 @@ def test_site_builds_strict(tmp_path):
     assert (tmp_path / "site" / "api" / "storage" / "index.html").is_file()
 
 
-def test_strict_build_fails_on_a_stale_reference_and_a_stale_argument(tmp_path):
-    """The same plugin settings on a one-page site that names a function that does not exist and documents an
-    argument its function no longer has: both are reported and the build fails."""
-    if reason := docs_tools_missing():
-        pytest.skip(reason)
+def one_page_site(tmp_path: Path, page: str) -> subprocess.CompletedProcess:
+    """Build a site of one page, `page`, with mkdocs.yml's settings (plugins, hooks, validation), in strict mode;
+    `tmp_path/pkg` is on the API reference's path too."""
     import yaml
 
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "renamed.py").write_text(
-        'def scale(x, factor):\n    """Scale x.\n\n    Args:\n        x: a number.\n        times: how many times.\n'
-        '    """\n    return x * factor\n')
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "index.md").write_text("# API\n\n::: renamed.scale\n\n::: vblora.no_such_function\n")
-    config.update(docs_dir="docs", nav=["index.md"], site_name="stale")
+    (tmp_path / "docs" / "index.md").write_text(page)
+    config.update(docs_dir="docs", nav=["index.md"], site_name="one page",
+                  hooks=[str(ROOT / hook) for hook in config.get("hooks", [])])
     config["plugins"] = [p for p in config["plugins"] if p != "search"]
     for p in config["plugins"]:
         if isinstance(p, dict) and "mkdocstrings" in p:
             p["mkdocstrings"]["handlers"]["python"]["paths"] = [str(tmp_path / "pkg"), str(ROOT / "src")]
     (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
-    done = mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    return mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
+
+
+def test_strict_build_fails_on_a_stale_argument_and_a_stale_reference(tmp_path):
+    """A docstring documenting an argument its function no longer has, and a page naming a function that does not
+    exist: both are reported and the build fails."""
+    if reason := docs_tools_missing():
+        pytest.skip(reason)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "renamed.py").write_text(
+        'def scale(x: float, factor: float) -> float:\n    """Scale x.\n\n    Args:\n        x: a number.\n'
+        '        times: how many times.\n    """\n    return x * factor\n')
+    done = one_page_site(tmp_path, "# API\n\n::: renamed.scale\n\n::: vblora.no_such_function\n")
     out = done.stdout + done.stderr
     assert done.returncode != 0, out
+    assert "'times' does not appear in the function signature" in out, out
     assert "vblora.no_such_function" in out, out
-    assert "times" in out and "does not appear in the function signature" in out, out
+
+
+def test_strict_build_publishes_repository_files_and_fails_on_a_missing_one(tmp_path):
+    """A link out of docs/ to an existing file is published with the site (docs/_hooks/repo_links.py); a link to
+    a missing file fails the build."""
+    if reason := docs_tools_missing():
+        pytest.skip(reason)
+    found, missing = tmp_path / "found", tmp_path / "missing"
+    for repo in (found, missing):
+        repo.mkdir()
+        (repo / "data.json").write_text("{}")
+    done = one_page_site(found, "# Links\n\n[data](../data.json)\n")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (found / "site" / "repo" / "data.json").is_file()
+    done = one_page_site(missing, "# Links\n\n[data](../data.json), [gone](../gone.json)\n")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "'../gone.json'" in out and "'../data.json'" not in out, out
 
 
 def public_names() -> list[str]:
