@@ -118,3 +118,13 @@ def test_missing_extra_is_one_line(monkeypatch, capsys):
     assert main(["train", "--quantize", "4bit", "--max-train-samples", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["vblora train: error: quantized base layers need bitsandbytes: pip install 'vblora[qlora]'"]
+
+
+def test_info_lists_every_optional_part(capsys):
+    """`vblora info` names each optional library a command or guide relies on (bitsandbytes was missing)."""
+    from vblora.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for part in ("transformers", "peft", "accelerate", "bitsandbytes", "trl", "vllm", "safetensors"):
+        assert f"  {part} " in out, part

