@@ -255,6 +255,8 @@ def index_dtype(num_vectors: int) -> torch.dtype:
 
 def stored_count(num_vectors: int, vector_length: int, num_subvectors: int, k: int) -> float:
     """The paper's float32-equivalent count of the stored triplet: h*b + N*(k*w + (k-1)), with w the width of one
-    index in float32 units (1/4 for uint8, 1/2 for uint16, 1 beyond). A float, since index widths are fractions."""
+    index in float32 units (1/4 for uint8, 1/2 for uint16, 1 beyond). An int when whole (the usual case: it prints
+    as 14234, not 14234.0), else a float, since index widths are fractions."""
     w = torch.tensor([], dtype=index_dtype(num_vectors)).element_size() / 4
-    return num_vectors * vector_length + num_subvectors * (k * w + (k - 1))
+    count = num_vectors * vector_length + num_subvectors * (k * w + (k - 1))
+    return int(count) if count.is_integer() else count

@@ -353,4 +353,4 @@ def summary_line(r: dict) -> str:
     shown = ", ".join(f"{k} {t[k]:.4f}" for k in dict.fromkeys((key, "perplexity", "exact_match", "answer_accuracy")) if k in t)
     wall = f", wall {r['wall_time_s']:.0f} s" if r.get("wall_time_s") else ""
     return (f"{r['method']}: test {shown} | stored parameters {r['stored_parameters']:,.0f} | "
-            f"adapter bytes {r['adapter_bytes']:,} | best epoch {r['best_epoch']}{wall}")
+            f"adapter bytes {r['adapter_bytes']:,} | best epoch {r['best_epoch']:g}{wall}")
