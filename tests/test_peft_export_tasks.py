@@ -5,7 +5,8 @@ by `PeftModel.from_pretrained` and by the task's `AutoPeftModelFor*` (which buil
 PEFT's task classes for SEQ_CLS / TOKEN_CLS / QUESTION_ANS wrap the head (`classifier`, `score`, `qa_outputs`) and
 read its weights from the file, so an export of a model whose head was not trained must carry the head's weights
 (it raised `KeyError: 'base_model.model.classifier.dense.weight'` in PEFT 0.21.2 before), and an export of an
-adapter file, which lacks them, must not claim the task type.
+adapter file, which lacks them, must not claim the task type. `export_lora` writes through the same code and had the
+same failure.
 """
 
 from __future__ import annotations
@@ -190,3 +191,19 @@ def test_import_reads_an_untrained_head_written_for_peft(tmp_path):
     out = vblora.export_peft(model, tmp_path / "peft")
     back = vblora.import_peft(copy.deepcopy(base), out)
     assert (outputs(back) - outputs(model)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("task,trained_head", [("SEQ_CLS", False), ("SEQ_CLS", True), ("CAUSAL_LM", False)])
+def test_plain_lora_export_loads_in_peft(tmp_path, task, trained_head):
+    """`export_lora` shares the directory writer: a classifier whose head was not trained is written without the task
+    type (it raised the same KeyError in PEFT before), one with a trained head and a causal LM keep theirs."""
+    base = saved_base(task, tmp_path / "base")
+    model = adapt(copy.deepcopy(base), TASKS[task][3] if trained_head else None)
+    out = vblora.export_lora(model, tmp_path / "lora")
+    expected = task if TASKS[task][3] is None or trained_head else None
+    assert written_task(out) == expected
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    assert isinstance(theirs.peft_config["default"], peft.LoraConfig)
+    assert (outputs(theirs) - outputs(model)).abs().max() <= TOL
+    auto = (auto_class(task) if expected else peft.AutoPeftModel).from_pretrained(out).eval()
+    assert (outputs(auto) - outputs(model)).abs().max() <= TOL
