@@ -26,15 +26,24 @@ RAISE_NOTHING = {"adapted_layers", "unmerge", "disable_adapter"}
 
 
 def docs_tools_missing() -> str | None:
-    missing = [m for m in DOCS_PACKAGES if importlib.util.find_spec(m.split(".")[0]) is None
-               or (m.count(".") and importlib.util.find_spec(m) is None)]
+    missing = [
+        m
+        for m in DOCS_PACKAGES
+        if importlib.util.find_spec(m.split(".")[0]) is None or (m.count(".") and importlib.util.find_spec(m) is None)
+    ]
     return f"docs tools not installed ({', '.join(missing)}): pip install -e '.[docs]'" if missing else None
 
 
 def mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice about MkDocs 2, not a warning
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
-                          cwd=config.parent, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
+        cwd=config.parent,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_site_builds_strict(tmp_path):
@@ -53,8 +62,12 @@ def one_page_site(tmp_path: Path, page: str) -> subprocess.CompletedProcess:
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "index.md").write_text(page)
-    config.update(docs_dir="docs", nav=["index.md"], site_name="one page",
-                  hooks=[str(ROOT / hook) for hook in config.get("hooks", [])])
+    config.update(
+        docs_dir="docs",
+        nav=["index.md"],
+        site_name="one page",
+        hooks=[str(ROOT / hook) for hook in config.get("hooks", [])],
+    )
     config["plugins"] = [p for p in config["plugins"] if p != "search"]
     for p in config["plugins"]:
         if isinstance(p, dict) and "mkdocstrings" in p:
@@ -71,7 +84,8 @@ def test_strict_build_fails_on_a_stale_argument_and_a_stale_reference(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "renamed.py").write_text(
         'def scale(x: float, factor: float) -> float:\n    """Scale x.\n\n    Args:\n        x: a number.\n'
-        '        times: how many times.\n    """\n    return x * factor\n')
+        '        times: how many times.\n    """\n    return x * factor\n'
+    )
     done = one_page_site(tmp_path, "# API\n\n::: renamed.scale\n\n::: vblora.no_such_function\n")
     out = done.stdout + done.stderr
     assert done.returncode != 0, out
@@ -103,9 +117,11 @@ def public_names() -> list[str]:
 def test_every_public_name_has_an_api_reference_entry():
     pages = "\n".join(p.read_text() for p in (ROOT / "docs" / "api").glob("*.md"))
     documented = set(re.findall(r"^::: ([\w.]+)", pages, flags=re.M))
-    missing = [name for name in public_names()
-               if f"vblora.{name}" not in documented
-               and f"{getattr(vblora, name).__module__}.{name}" not in documented]
+    missing = [
+        name
+        for name in public_names()
+        if f"vblora.{name}" not in documented and f"{getattr(vblora, name).__module__}.{name}" not in documented
+    ]
     assert not missing, f"public names with no '::: vblora.NAME' in docs/api/*.md: {missing}"
 
 
@@ -127,8 +143,9 @@ def problems_of(name: str) -> list[str]:
         problems += [f"field {f.name} has no help" for f in dataclasses.fields(obj) if not f.metadata.get("help")]
         return problems + ([] if section(doc, "Raises") else ["no Raises: section"])
     signature = inspect.signature(obj)
-    params = [p for p in signature.parameters.values() if p.name != "self"
-              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    params = [
+        p for p in signature.parameters.values() if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     args = section(doc, "Args")
     if params and args is None:
         problems.append("no Args: section")

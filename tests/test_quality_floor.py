@@ -29,8 +29,18 @@ MEASURED = 0.7305
 MEASURED_RUNS = (0.73046875, 0.73046875, 0.73046875)  # test accuracy of each measuring run of this configuration
 MARGIN = 0.04
 FLOOR = MEASURED - MARGIN
-SLICE = dict(max_train_samples=960, max_eval_samples=128, max_test_samples=256, max_length=24, batch_size=8,
-             epochs=1, lr_bank=1e-2, lr_logits=2e-2, lr_head=8e-3, seed=0)
+SLICE = dict(
+    max_train_samples=960,
+    max_eval_samples=128,
+    max_test_samples=256,
+    max_length=24,
+    batch_size=8,
+    epochs=1,
+    lr_bank=1e-2,
+    lr_logits=2e-2,
+    lr_head=8e-3,
+    seed=0,
+)
 
 
 def skip_without_data() -> None:
@@ -52,6 +62,8 @@ def test_vblora_on_a_vader_slice_keeps_its_accuracy(tmp_path):
     results = train(cfg, log=lambda *args: None)
     accuracy = results["metrics"]["test"]["accuracy"]
     assert results["steps"] == 120 and results["data"]["test"] == 256
-    assert accuracy >= FLOOR, (f"test accuracy {accuracy:.4f} on the VADER slice is below the floor {FLOOR:.4f} "
-                               f"(measured {MEASURED} when this test was written, margin {MARGIN}): a change cost "
-                               f"VB-LoRA accuracy")
+    assert accuracy >= FLOOR, (
+        f"test accuracy {accuracy:.4f} on the VADER slice is below the floor {FLOOR:.4f} "
+        f"(measured {MEASURED} when this test was written, margin {MARGIN}): a change cost "
+        f"VB-LoRA accuracy"
+    )
