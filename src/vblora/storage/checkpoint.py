@@ -61,7 +61,24 @@ def adapter_identity(model: nn.Module) -> dict | None:
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
                     scheduler=None, step: int = 0, extra: dict | None = None, rng: bool = True) -> Path:
-    """Write a resumable training checkpoint to `path/checkpoint.pt` (or `path` if it ends in .pt)."""
+    """Write a resumable training checkpoint atomically: the trainable tensors (never the frozen base), the adapter's
+    settings and module table, and, if given, the optimizer's and scheduler's state.
+
+    Args:
+        model: the model being trained (VB-LoRA or any other method; its trainable parameters are saved).
+        path: a directory (the file is `checkpoint.pt` inside it) or a path ending in `.pt`.
+        optimizer: its state is saved too when given.
+        scheduler (torch.optim.lr_scheduler.LRScheduler | None): its state is saved too when given.
+        step: the training step, returned by `load_checkpoint`.
+        extra: any picklable values to keep with the checkpoint, returned by `load_checkpoint`.
+        rng: also save torch's CPU random state (restored by `load_checkpoint`).
+
+    Returns:
+        The path of the written file.
+
+    Raises:
+        OSError: the file cannot be written (an earlier checkpoint at `path` is left intact).
+    """
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -127,8 +144,23 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
                     scheduler=None, restore_rng: bool = True) -> dict:
     """Restore a checkpoint into `model` (built the same way on the same base) and, if given, the optimizer and
-    scheduler. Returns `{"step": ..., "extra": ...}`. Raises AdapterFormatError on a damaged file or a model that
-    does not match, saying what differs; nothing is modified then."""
+    scheduler.
+
+    Args:
+        model: the model to restore, adapted with the same settings on the same base as the saved one.
+        path: the checkpoint directory or `.pt` file (`save_checkpoint`'s output).
+        optimizer: restored from the checkpoint when given (it must hold an optimizer state).
+        scheduler (torch.optim.lr_scheduler.LRScheduler | None): restored from the checkpoint when given.
+        restore_rng: also restore torch's CPU random state, if the checkpoint holds it.
+
+    Returns:
+        `{"step": ..., "extra": ...}` as saved.
+
+    Raises:
+        FileNotFoundError: no checkpoint at `path`.
+        AdapterFormatError: a damaged file, one without the optimizer state asked for, or a model that does not
+            match (method, settings, modules or shapes), saying what differs; nothing is modified then.
+    """
     file, payload = read_checkpoint(path)
     if optimizer is not None and payload["optimizer"] is None:
         raise AdapterFormatError(f"{file}: checkpoint holds no optimizer state")
