@@ -3,7 +3,8 @@
 (a) vLLM + the vblora resolver plugin: adapters requested by name, resolved from native files on first use;
 (b) vLLM + the same adapters exported beforehand to plain LoRA (`vblora.export_lora`), given with --lora-modules
     (a) and (b) run in ONE vLLM server (the same engine, so the engine's settings are equal by construction);
-(c) `vblora serve` (our HF-model server) on the same native files.
+(c) `vblora serve`'s former HF-model server on the same native files (measured at commit bebe2a5, results in
+    bench/results/vllm-serving-cpu.json; skipped since that server was removed for vLLM, docs/serving.md).
 
 Per arm: tokens/s with 8 and with 64 distinct adapters in flight (each request a different adapter, 32 new tokens,
 ignore EOS where the server offers it, tokens counted from the responses), p50 / p99 request latency, after a
