@@ -195,12 +195,12 @@ def test_import_reads_an_untrained_head_written_for_peft(tmp_path):
 
 @pytest.mark.parametrize("task,trained_head", [("SEQ_CLS", False), ("SEQ_CLS", True), ("CAUSAL_LM", False)])
 def test_plain_lora_export_loads_in_peft(tmp_path, task, trained_head):
-    """`export_lora` shares the directory writer: a classifier whose head was not trained is written without the task
-    type (it raised the same KeyError in PEFT before), one with a trained head and a causal LM keep theirs."""
+    """`export_lora` shares the directory writer: from a model, a classifier whose head was not trained keeps its task
+    type and carries the head's base weights, as `export_peft` does (it raised the same KeyError in PEFT before)."""
     base = saved_base(task, tmp_path / "base")
     model = adapt(copy.deepcopy(base), TASKS[task][3] if trained_head else None)
     out = vblora.export_lora(model, tmp_path / "lora")
-    expected = task if TASKS[task][3] is None or trained_head else None
+    expected = task
     assert written_task(out) == expected
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
     assert isinstance(theirs.peft_config["default"], peft.LoraConfig)

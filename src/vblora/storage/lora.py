@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from vblora.storage.peft_vblora import PREFIX, snapshot_of, write_peft_dir
+from vblora.storage.peft_vblora import PREFIX, snapshot_of, untrained_heads, write_peft_dir
 
 
 def export_lora(model_or_path, out_dir: str | os.PathLike) -> Path:
@@ -52,4 +52,6 @@ def export_lora(model_or_path, out_dir: str | os.PathLike) -> Path:
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    return write_peft_dir(out_dir, snap, config, tensors)
+    # from a model, an untrained head's base weights travel too, so PEFT's task class (which wraps the head) loads it
+    heads = untrained_heads(model_or_path, snap) if isinstance(model_or_path, torch.nn.Module) else None
+    return write_peft_dir(out_dir, snap, config, tensors, heads)
