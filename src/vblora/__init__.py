@@ -6,11 +6,10 @@ bank shared by all modules and layers. Public API only; see docs/ and the README
 
 from vblora.bank import VectorBank, compose
 from vblora.config import VBLoRAConfig
-from vblora.errors import (AdapterFormatError, ConfigError, NonFiniteError, QuantizedBaseError, TargetError,
-                           VBLoRAError)
+from vblora.errors import AdapterFormatError, ConfigError, NonFiniteError, QuantizedBaseError, TargetError, VBLoRAError
 from vblora.inject import (
-    add_vblora,
     adapted_layers,
+    add_vblora,
     count_parameters,
     disable_adapter,
     get_bank,
@@ -19,39 +18,48 @@ from vblora.inject import (
     unload,
     unmerge,
 )
-from vblora.storage import (export_lora, export_peft, import_peft, load_adapter, load_checkpoint, merge_and_save,
-                            save_adapter, save_bank, save_checkpoint)
-from vblora.version import __version__
+from vblora.storage import (
+    export_lora,
+    export_peft,
+    import_peft,
+    load_adapter,
+    load_checkpoint,
+    merge_and_save,
+    save_adapter,
+    save_bank,
+    save_checkpoint,
+)
+from vblora.version import __version__ as __version__  # the `as` re-exports it (PEP 484): vblora.__version__
 
 __all__ = [
-    "VBLoRAConfig",
-    "VectorBank",
-    "compose",
-    "add_vblora",
-    "adapted_layers",
-    "get_bank",
-    "parameter_groups",
-    "count_parameters",
-    "merge",
-    "unmerge",
-    "disable_adapter",
-    "unload",
-    "VBLoRAError",
-    "ConfigError",
-    "TargetError",
-    "NonFiniteError",
     "AdapterFormatError",
-    "QuantizedBaseError",
-    "save_adapter",
-    "load_adapter",
-    "save_bank",
-    "export_peft",
-    "import_peft",
-    "export_lora",
-    "merge_and_save",
-    "save_checkpoint",
-    "load_checkpoint",
     "AdapterTrainer",
+    "ConfigError",
+    "NonFiniteError",
+    "QuantizedBaseError",
+    "TargetError",
+    "VBLoRAConfig",
+    "VBLoRAError",
+    "VectorBank",
+    "adapted_layers",
+    "add_vblora",
+    "compose",
+    "count_parameters",
+    "disable_adapter",
+    "export_lora",
+    "export_peft",
+    "get_bank",
+    "import_peft",
+    "load_adapter",
+    "load_checkpoint",
+    "merge",
+    "merge_and_save",
+    "parameter_groups",
+    "save_adapter",
+    "save_bank",
+    "save_checkpoint",
+    "unload",
+    "unmerge",
 ]
 
 

@@ -27,8 +27,6 @@ EXTRAS = {
     "scipy": "train",
     "matplotlib": "plot",
     "pycocoevalcap": "e2e",
-    "fastapi": "serve",
-    "uvicorn": "serve",
 }
 
 

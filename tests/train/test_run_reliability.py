@@ -19,7 +19,6 @@ import torch
 from _train_helpers import make_rows, run_overrides, write_csv
 from transformers import TrainerCallback
 
-from vblora.errors import VBLoRAError
 from vblora.train import methods
 from vblora.train import pipeline as P
 from vblora.train.config import build_config
@@ -157,7 +156,7 @@ def test_checkpoint_without_optimizer_state_is_refused_unless_partial(setup, tmp
     out = _copy(setup, "killed", tmp_path)
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         (out / "checkpoints" / "checkpoint-9" / name).unlink()
-    with pytest.raises(ResumeError, match="checkpoint-9 lacks optimizer.pt, scheduler.pt, rng_state.pth"):
+    with pytest.raises(ResumeError, match=re.escape("checkpoint-9 lacks optimizer.pt, scheduler.pt, rng_state.pth")):
         _resume(setup, out)
     lines = []
     r = _resume(setup, out, log=lines.append, resume_partial=True)
