@@ -25,6 +25,7 @@ import logging
 import os
 
 import torch
+from torch import nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import get_last_checkpoint
@@ -80,6 +81,10 @@ class LossBook:
 class AdapterTrainer(Trainer):
     """A `transformers.Trainer` whose checkpoints hold the trainable state only and resume exactly (module docs)."""
 
+    # the Trainer types it `PreTrainedModel | nn.Module | None`, the `model` argument's type; its __init__ sets it from
+    # `model` or `model_init` and raises when it has neither, so it is a module from then on
+    model: nn.Module
+
     def __init__(self, *args, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         self.loss_book: LossBook | None = None
@@ -96,6 +101,8 @@ class AdapterTrainer(Trainer):
         `checkpoint_extra()`. Called by a user: the native adapter of a VB-LoRA model (else the trainable tensors)
         and the tokenizer. Every process calls it; the main process writes."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if output_dir is None:  # TrainingArguments fills in "trainer_output" when it is not given
+            raise ValueError("AdapterTrainer.save_model: no output_dir, and args.output_dir is None")
         extra = self.checkpoint_extra()  # every process: it may gather across processes
         if not self.args.should_save:
             return
@@ -113,13 +120,15 @@ class AdapterTrainer(Trainer):
         """`Trainer.train`; a checkpoint to resume from is checked and its trainable tensors and loss sums restored
         first (AdapterFormatError naming what differs), then the Trainer restores the rest."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        saved = load_trainable(self.model, resume_from_checkpoint) if resume_from_checkpoint else {}
+        else:  # a directory; False, None or "" start afresh, as the Trainer reads them
+            checkpoint = None if isinstance(resume_from_checkpoint, bool) else resume_from_checkpoint
+        saved = load_trainable(self.model, checkpoint) if checkpoint else {}
         self.loss_book = LossBook(self.args.device, saved.get("losses"))
         with quiet_partial_load():
-            return super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval, **kwargs)
+            return super().train(checkpoint or None, trial, ignore_keys_for_eval, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -137,7 +146,10 @@ class AdapterTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def run_loss(self) -> float:
-        """The whole run's mean training loss per step (also across resumes); a collective."""
+        """The whole run's mean training loss per step (also across resumes); a collective. RuntimeError before
+        `train()`."""
+        if self.loss_book is None:
+            raise RuntimeError("AdapterTrainer.run_loss: no training run yet (call train() first)")
         return self.loss_book.run_loss(self.state.global_step, self.args.parallel_mode)
 
     # ---- a loop of your own: accelerate ---------------------------------------------------------------------------

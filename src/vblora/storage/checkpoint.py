@@ -181,12 +181,14 @@ def restore_trainable(model: nn.Module, file: Path, theirs: dict | None, state: 
     if (mine is None) != (theirs is None):
         raise AdapterFormatError(f"{file}: checkpoint and model differ in method (one has a VB-LoRA bank, the other "
                                  f"not)")
-    if mine is not None and theirs["config"] != mine["config"]:
-        diff = {k: (v, mine["config"].get(k)) for k, v in theirs["config"].items() if mine["config"].get(k) != v}
-        raise AdapterFormatError(f"{file}: checkpoint was saved with other VB-LoRA settings: {diff} "
-                                 f"(checkpoint, model)")
-    if mine is not None and theirs["modules"] != mine["modules"]:
-        raise AdapterFormatError(f"{file}: checkpoint was saved from a model with other adapted modules or shapes")
+    if mine is not None and theirs is not None:  # both or neither (checked above)
+        if theirs["config"] != mine["config"]:
+            diff = {k: (v, mine["config"].get(k)) for k, v in theirs["config"].items() if mine["config"].get(k) != v}
+            raise AdapterFormatError(f"{file}: checkpoint was saved with other VB-LoRA settings: {diff} "
+                                     f"(checkpoint, model)")
+        if theirs["modules"] != mine["modules"]:
+            raise AdapterFormatError(f"{file}: checkpoint was saved from a model with other adapted modules or "
+                                     f"shapes")
     target = trainable_state(model)
     missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
     if missing or unexpected:

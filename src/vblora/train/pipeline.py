@@ -252,7 +252,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     # --fsdp: the adapter header samples a few base weights; every process gathers the base (sharding imported above)
     with sharding.gathered(model) if cfg.fsdp else contextlib.nullcontext():
         adapter_dir = replace_dir(out / "adapter", adapted.save, replaceable=lambda d: True) if is_main else None
-    if is_main:  # an earlier adapter and results.json are replaced only once the new ones are completely written
+    if adapter_dir is not None:  # the main process; an earlier adapter and results.json are replaced only once
+        # the new ones are completely written
         results.update(adapter_bytes=methods.adapter_bytes(adapter_dir), adapter_dir=str(adapter_dir),
                        wall_time_s=round(time.time() - t0, 2))
         # CPU seconds of this process (all threads): on a shared machine wall time says little, this does
@@ -353,4 +354,4 @@ def summary_line(r: dict) -> str:
     shown = ", ".join(f"{k} {t[k]:.4f}" for k in dict.fromkeys((key, "perplexity", "exact_match", "answer_accuracy")) if k in t)
     wall = f", wall {r['wall_time_s']:.0f} s" if r.get("wall_time_s") else ""
     return (f"{r['method']}: test {shown} | stored parameters {r['stored_parameters']:,.0f} | "
-            f"adapter bytes {r['adapter_bytes']:,} | best epoch {r['best_epoch']:g}{wall}")
+            f"adapter bytes {r['adapter_bytes']:,} | best epoch {'-' if r['best_epoch'] is None else format(r['best_epoch'], 'g')}{wall}")

@@ -93,7 +93,8 @@ def shard_model(model: nn.Module, mesh=None, *, average_gradients: bool = True) 
             fully_shard(module, **kwargs)
     fully_shard(root, **kwargs)  # embeddings, final norm, output layer: sharded too; the bank's tensors are ignored
     # FSDP moved what it manages to the mesh's device (this process's GPU under CUDA); whole tensors and buffers follow
-    device = torch.device(mesh.device_type, torch.cuda.current_device() if mesh.device_type == "cuda" else None)
+    cuda = mesh.device_type == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device(mesh.device_type)
     with torch.no_grad():
         for t in [*whole, *root.buffers()]:
             if t.device != device:
