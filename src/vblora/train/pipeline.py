@@ -114,8 +114,10 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     dev = _device_args(cfg, world)
     is_main = rank == 0
     if cfg.fsdp and world < 2:
-        raise SetupError("--fsdp shards the base over several processes: launch with torchrun --nproc-per-node N "
-                         "-m vblora train ... (N >= 2), or drop --fsdp")
+        raise SetupError(
+            "--fsdp shards the base over several processes: launch with torchrun --nproc-per-node N "
+            "-m vblora train ... (N >= 2), or drop --fsdp"
+        )
     out, ckpt, resume = _check_output(cfg)
 
     set_seed(cfg.seed)
@@ -124,11 +126,27 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     data = task(cfg, tok)
     lm = data.task in ("causal-lm", "gsm8k")
     set_seed(cfg.seed)  # the head's random init does not depend on how much data loading consumed
-    quant = models.quantization(cfg.quantize, cfg.quant_type, cfg.double_quant, cfg.compute_dtype,
-                                cfg.vblora.modules_to_save or (), dev["use_cpu"], cfg.fsdp) if cfg.quantize else None
-    model = models.load_model(path, gguf, "causal-lm" if lm else data.task,
-                              data.labels.num_labels if data.labels else 0, data.labels.names if data.labels else None,
-                              quant=quant)
+    quant = (
+        models.quantization(
+            cfg.quantize,
+            cfg.quant_type,
+            cfg.double_quant,
+            cfg.compute_dtype,
+            cfg.vblora.modules_to_save or (),
+            dev["use_cpu"],
+            cfg.fsdp,
+        )
+        if cfg.quantize
+        else None
+    )
+    model = models.load_model(
+        path,
+        gguf,
+        "causal-lm" if lm else data.task,
+        data.labels.num_labels if data.labels else 0,
+        data.labels.names if data.labels else None,
+        quant=quant,
+    )
     models.set_pad_token(model, tok)
     if cfg.quantize:
         models.enable_qlora_checkpointing(model)
@@ -147,27 +165,46 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     # the Trainer writes checkpoint-N under .saving; run_checkpoints.Publisher renames each into checkpoints/ once
     # complete
     args = (_ShardedArguments if cfg.fsdp else TrainingArguments)(
-        output_dir=str(ckpt / run_checkpoints.STAGING), per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(ckpt / run_checkpoints.STAGING),
+        per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.lr_head, weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.lr_head,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,  # a float < 1 is a ratio of the steps
-        max_grad_norm=cfg.max_grad_norm, label_smoothing_factor=cfg.label_smoothing,
-        eval_strategy="epoch" if has_val else "no", save_strategy="steps" if cfg.save_steps else "epoch",
-        save_steps=cfg.save_steps or 500, logging_steps=cfg.logging_steps or 1,
-        logging_strategy="steps" if cfg.logging_steps else "no", seed=cfg.seed, data_seed=cfg.seed,
-        report_to="none", bf16=cfg.bf16, fp16=cfg.fp16, remove_unused_columns=False, dataloader_num_workers=0,
-        ddp_find_unused_parameters=False, prediction_loss_only=lm, save_total_limit=None,  # checkpoints.publish keeps 2
+        max_grad_norm=cfg.max_grad_norm,
+        label_smoothing_factor=cfg.label_smoothing,
+        eval_strategy="epoch" if has_val else "no",
+        save_strategy="steps" if cfg.save_steps else "epoch",
+        save_steps=cfg.save_steps or 500,
+        logging_steps=cfg.logging_steps or 1,
+        logging_strategy="steps" if cfg.logging_steps else "no",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        prediction_loss_only=lm,
+        save_total_limit=None,  # checkpoints.publish keeps 2
         logging_nan_inf_filter=False,  # a non-finite loss stops the run (DivergenceGuard), never averaged away
         # --fsdp: FSDP holds frozen parameters only, so it has no gradient to reduce and nothing to defer between
         # micro-batches (the Trainer averages the whole trainable tensors at the window's end)
         accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}} if cfg.fsdp else None,
         # token-count loss scaling across processes is right for causal-LM losses only; a classifier's mean loss
         # would be multiplied by the world size
-        average_tokens_across_devices=lm, disable_tqdm=not sys.stderr.isatty(),  # bars on a terminal, lines in logs
-        **dev)
+        average_tokens_across_devices=lm,
+        disable_tqdm=not sys.stderr.isatty(),  # bars on a terminal, lines in logs
+        **dev,
+    )
     if cfg.fsdp:  # after TrainingArguments, which started the process group
         from vblora.train import sharding
+
         sharding.shard_model(model, sharding.device_mesh(args.device), average_gradients=False)  # Trainer averages
     # LM: right-padded with -100 labels; else padded to each batch's own longest sequence (dynamic padding)
     collator = tasks.LMCollator(tok.pad_token_id) if lm else DataCollatorWithPadding(tok)
@@ -175,33 +212,50 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     callbacks = [tracker, DivergenceGuard(cfg, model), *(callbacks or [])]
     if cfg.record_selection_every and cfg.method == "vblora" and is_main:
         from vblora.train.selection import SelectionCallback
+
         callbacks.append(SelectionCallback(every=cfg.record_selection_every, run_dir=out))
-    trainer = _Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
-                       data_collator=collator, compute_metrics=None if lm else _compute_metrics(data.task),
-                       callbacks=callbacks, cfg=cfg, param_groups=adapted.param_groups, run=identity, log=log)
+    trainer = _Trainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        data_collator=collator,
+        compute_metrics=None if lm else _compute_metrics(data.task),
+        callbacks=callbacks,
+        cfg=cfg,
+        param_groups=adapted.param_groups,
+        run=identity,
+        log=log,
+    )
     publisher = run_checkpoints.Publisher(ckpt, trainer.accelerator, is_main)
     trainer.add_callback(publisher)
     trainer.add_callback(CatchUpEvaluation(trainer))
     if found:
         run_checkpoints.check_loadable(found[0], rank, world)
-    log(f"vblora train: {cfg.method} on {Path(path).name} ({data.task}), {len(data.train)} train / "
+    log(
+        f"vblora train: {cfg.method} on {Path(path).name} ({data.task}), {len(data.train)} train / "
         f"{len(data.validation or ())} validation / {len(data.test)} test examples, {len(adapted.targets)} adapted "
         f"modules, {adapted.trainable_parameters:,} trainable, {adapted.stored_parameters:,.0f} stored parameters"
-        + (f", {world} processes" if world > 1 else ""))
+        + (f", {world} processes" if world > 1 else "")
+    )
     t_train = time.time()
     try:
         trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
     except AdapterFormatError as e:  # only the trainable tensors' check raises it (AdapterTrainer.train)
         if not found:
             raise
-        raise ResumeError(f"--resume: cannot restore the trainable tensors from {found[0]} "
-                          f"({run_checkpoints.first_line(e)}); --overwrite starts the run again") from None
+        raise ResumeError(
+            f"--resume: cannot restore the trainable tensors from {found[0]} "
+            f"({run_checkpoints.first_line(e)}); --overwrite starts the run again"
+        ) from None
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
         if not publisher.staged(trainer.state.global_step).exists():
             raise
         step = trainer.state.global_step
-        raise SaveError(f"could not write checkpoint-{step} ({run_checkpoints.first_line(e)}; is the disk full?); "
-                        f"the checkpoints before it are intact and --resume continues from them") from e
+        raise SaveError(
+            f"could not write checkpoint-{step} ({run_checkpoints.first_line(e)}; is the disk full?); "
+            f"the checkpoints before it are intact and --resume continues from them"
+        ) from e
     train_loss = trainer.run_loss()  # the whole run's, also after a resume (AdapterTrainer's LossBook)
     train_time = time.time() - t_train
     tracker.active = False
@@ -229,23 +283,44 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     by_k = {}
     for k in cfg.extra_eval_topk:  # paper Table 5: the same trained logits scored with another top-k
         with _eval_topk(trainer.model, k):
-            by_k[str(k)] = {"validation": score("validation"), "test": score("test"),
-                            "stored_parameters": float(vblora.count_parameters(trainer.model)["stored"])}
+            by_k[str(k)] = {
+                "validation": score("validation"),
+                "test": score("test"),
+                "stored_parameters": float(vblora.count_parameters(trainer.model)["stored"]),
+            }
 
     results = {
-        "metrics": {"validation": val, "test": test}, "eval_topk": by_k,
-        "stored_parameters": adapted.stored_parameters, "adapter_bytes": 0,
+        "metrics": {"validation": val, "test": test},
+        "eval_topk": by_k,
+        "stored_parameters": adapted.stored_parameters,
+        "adapter_bytes": 0,
         "trainable_parameters": adapted.trainable_parameters,
-        "method": cfg.method, "task": data.task, "primary_metric": metric, "recipe": cfg.recipe, "seed": cfg.seed,
-        "model": path, "best_epoch": tracker.best_epoch, "per_epoch": per_epoch, "steps": trainer.state.global_step,
+        "method": cfg.method,
+        "task": data.task,
+        "primary_metric": metric,
+        "recipe": cfg.recipe,
+        "seed": cfg.seed,
+        "model": path,
+        "best_epoch": tracker.best_epoch,
+        "per_epoch": per_epoch,
+        "steps": trainer.state.global_step,
         "train_loss": train_loss,
-        "wall_time_s": None, "train_time_s": round(train_time, 2),
+        "wall_time_s": None,
+        "train_time_s": round(train_time, 2),
         "eval_time_s": round(time.time() - t_eval, 2),
-        "world_size": world, "device": "cpu" if dev["use_cpu"] else torch.cuda.get_device_name(0),
-        "adapted_modules": len(adapted.targets), "targets": adapted.targets, "details": adapted.details,
-        "data": {**data.info, "train": len(data.train), "validation": len(data.validation or ()),
-                 "test": len(data.test)},
-        "config": cfg.to_dict(), "versions": versions(),
+        "world_size": world,
+        "device": "cpu" if dev["use_cpu"] else torch.cuda.get_device_name(0),
+        "adapted_modules": len(adapted.targets),
+        "targets": adapted.targets,
+        "details": adapted.details,
+        "data": {
+            **data.info,
+            "train": len(data.train),
+            "validation": len(data.validation or ()),
+            "test": len(data.test),
+        },
+        "config": cfg.to_dict(),
+        "versions": versions(),
     }
     if cfg.dataset and cfg.dataset.startswith("vader"):
         results["data"]["split"] = vader.split_info()
@@ -254,8 +329,11 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
         adapter_dir = replace_dir(out / "adapter", adapted.save, replaceable=lambda d: True) if is_main else None
     if adapter_dir is not None:  # the main process; an earlier adapter and results.json are replaced only once
         # the new ones are completely written
-        results.update(adapter_bytes=methods.adapter_bytes(adapter_dir), adapter_dir=str(adapter_dir),
-                       wall_time_s=round(time.time() - t0, 2))
+        results.update(
+            adapter_bytes=methods.adapter_bytes(adapter_dir),
+            adapter_dir=str(adapter_dir),
+            wall_time_s=round(time.time() - t0, 2),
+        )
         # CPU seconds of this process (all threads): on a shared machine wall time says little, this does
         ru = resource.getrusage(resource.RUSAGE_SELF)
         results.update(cpu_time_s=round(ru.ru_utime + ru.ru_stime, 2), load_average=list(os.getloadavg()))
@@ -284,6 +362,7 @@ def _samples_dir(cfg: RunConfig, out: Path, is_main: bool):
         yield out if is_main else None
         return
     import tempfile
+
     with tempfile.TemporaryDirectory(prefix="vblora-fsdp-") as scratch:
         yield Path(scratch)
 
@@ -307,8 +386,9 @@ def _check_output(cfg: RunConfig) -> tuple[Path, Path, bool]:
     ckpt = out / "checkpoints"
     has = bool(run_checkpoints.checkpoints(ckpt))
     if has and not cfg.resume and not cfg.overwrite:
-        raise SetupError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite "
-                         f"to start again")
+        raise SetupError(
+            f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite to start again"
+        )
     return out, ckpt, has and cfg.resume
 
 
@@ -317,12 +397,19 @@ def _compute_metrics(task: str):
 
     def fn(p):
         return metrics(p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions, p.label_ids)
+
     return fn
 
 
 def versions() -> dict:
-    return {"vblora": vblora.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "vblora": vblora.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def _strip(m: dict) -> dict:
@@ -337,8 +424,14 @@ def _per_epoch(history: list[dict]) -> list[dict]:
         if "loss" in h:
             train_loss = h["loss"]
         if "eval_loss" in h:
-            rows.append({"epoch": h.get("epoch"), "step": h.get("step"), "train_loss": train_loss,
-                         "validation": _strip({k: v for k, v in h.items() if k.startswith("eval_")})})
+            rows.append(
+                {
+                    "epoch": h.get("epoch"),
+                    "step": h.get("step"),
+                    "train_loss": train_loss,
+                    "validation": _strip({k: v for k, v in h.items() if k.startswith("eval_")}),
+                }
+            )
     return rows
 
 
@@ -351,7 +444,12 @@ def _json_default(o):
 def summary_line(r: dict) -> str:
     t = r["metrics"]["test"]
     key = r["primary_metric"] if r["primary_metric"] in t else next(iter(t), None)
-    shown = ", ".join(f"{k} {t[k]:.4f}" for k in dict.fromkeys((key, "perplexity", "exact_match", "answer_accuracy")) if k in t)
+    shown = ", ".join(
+        f"{k} {t[k]:.4f}" for k in dict.fromkeys((key, "perplexity", "exact_match", "answer_accuracy")) if k in t
+    )
     wall = f", wall {r['wall_time_s']:.0f} s" if r.get("wall_time_s") else ""
-    return (f"{r['method']}: test {shown} | stored parameters {r['stored_parameters']:,.0f} | "
-            f"adapter bytes {r['adapter_bytes']:,} | best epoch {'-' if r['best_epoch'] is None else format(r['best_epoch'], 'g')}{wall}")
+    best = "-" if r["best_epoch"] is None else format(r["best_epoch"], "g")
+    return (
+        f"{r['method']}: test {shown} | stored parameters {r['stored_parameters']:,.0f} | "
+        f"adapter bytes {r['adapter_bytes']:,} | best epoch {best}{wall}"
+    )
