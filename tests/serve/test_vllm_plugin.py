@@ -35,9 +35,10 @@ NEW_TOKENS = 12
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
-pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).is_file(),
-                                reason=f"vLLM is not installed at {VLLM_PYTHON} (set VBLORA_VLLM_PYTHON; build it as "
-                                       f"docs/serving.md says)")
+pytestmark = pytest.mark.skipif(
+    not Path(VLLM_PYTHON).is_file(),
+    reason=f"vLLM is not installed at {VLLM_PYTHON} (set VBLORA_VLLM_PYTHON; build it as docs/serving.md says)",
+)
 
 
 def greedy(model, ids: list[int]) -> list[int]:
@@ -46,12 +47,13 @@ def greedy(model, ids: list[int]) -> list[int]:
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
             x = torch.cat([x, model(input_ids=x).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return x[0, len(ids):].tolist()
+    return x[0, len(ids) :].tolist()
 
 
 def adapted(base, seed: int, **cfg):
-    defaults = dict(target_modules="all-linear", rank=4, num_vectors=64, vector_length=64, topk=2,
-                    init_bank_bound=0.3)  # a bank far from zero, so each adapter changes the greedy text
+    defaults = dict(
+        target_modules="all-linear", rank=4, num_vectors=64, vector_length=64, topk=2, init_bank_bound=0.3
+    )  # a bank far from zero, so each adapter changes the greedy text
     return vblora.add_vblora(copy.deepcopy(base), vblora.VBLoRAConfig(**(defaults | cfg), seed=seed))
 
 
@@ -70,33 +72,43 @@ def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm") / "adapters"
     d.mkdir()
     vblora.save_adapter(adapted(base, 1), d / "native.safetensors")
-    vblora.export_peft(adapted(base, 2, target_modules=["q_proj", "v_proj"], rank=8), d / "peftdir",
-                       save_only_topk_weights=True)
+    vblora.export_peft(
+        adapted(base, 2, target_modules=["q_proj", "v_proj"], rank=8), d / "peftdir", save_only_topk_weights=True
+    )
     shared = adapted(base, 3, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     vblora.save_adapter(shared, d / "shared.safetensors", bank="reference")
     vblora.save_bank(shared, d / "bank.safetensors")
     (d / "damaged.safetensors").write_bytes((d / "native.safetensors").read_bytes()[:-1000])  # truncated
-    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     vblora.save_adapter(adapted(tiny, 4, vector_length=32), d / "otherbase.safetensors")
 
     def fresh():
         return load_model(path, None, "causal-lm").eval()
 
     expected = {"base": [greedy(base, p) for p in prompts]}
-    for name, load in (("native", lambda: vblora.load_adapter(fresh(), d / "native.safetensors")),
-                       ("peftdir", lambda: vblora.import_peft(fresh(), d / "peftdir")),
-                       ("shared", lambda: vblora.load_adapter(fresh(), d / "shared.safetensors",
-                                                              bank_path=d / "bank.safetensors"))):
+    for name, load in (
+        ("native", lambda: vblora.load_adapter(fresh(), d / "native.safetensors")),
+        ("peftdir", lambda: vblora.import_peft(fresh(), d / "peftdir")),
+        ("shared", lambda: vblora.load_adapter(fresh(), d / "shared.safetensors", bank_path=d / "bank.safetensors")),
+    ):
         model = load()
         expected[name] = [greedy(model, p) for p in prompts]
         if name == "native":  # the chat route: the tokenizer's chat template, then the same greedy tokens
-            chat = tok(tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
-                       add_special_tokens=False)["input_ids"]
+            chat = tok(
+                tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+            )["input_ids"]
             expected["chat"] = tok.decode(greedy(model, chat), skip_special_tokens=True)
         del model
-    return {"adapters": d, "model": path, "prompts": prompts, "expected": expected,
-            "cache": d.parent / "lora-cache"}
+    return {"adapters": d, "model": path, "prompts": prompts, "expected": expected, "cache": d.parent / "lora-cache"}
 
 
 def free_port() -> int:
@@ -117,10 +129,32 @@ def server(work):
     port = free_port()
     key_file = work["adapters"].parent / "api-key"
     key_file.write_text(API_KEY + "\n")
-    argv = [sys.executable, "-m", "vblora", "serve", "--model", work["model"], "--adapters", str(work["adapters"]),
-            "--vllm-python", VLLM_PYTHON, "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
-            "--served-model-name", "base", "--lora-cache", str(work["cache"]), "--lora-cache-bytes", "64M",
-            "--api-key-file", str(key_file)]
+    argv = [
+        sys.executable,
+        "-m",
+        "vblora",
+        "serve",
+        "--model",
+        work["model"],
+        "--adapters",
+        str(work["adapters"]),
+        "--vllm-python",
+        VLLM_PYTHON,
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--served-model-name",
+        "base",
+        "--lora-cache",
+        str(work["cache"]),
+        "--lora-cache-bytes",
+        "64M",
+        "--api-key-file",
+        str(key_file),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "VBLORA_API_KEY")}
     log = open(work["adapters"].parent / "vllm.log", "w+")  # noqa: SIM115  (closed in the finally below)
     proc = subprocess.Popen(argv, env=env | {"HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
@@ -157,8 +191,13 @@ def client(server):
 
 
 def complete(client, model: str, ids: list[int]) -> list[int]:
-    out = client.completions.create(model=model, prompt=ids, max_tokens=NEW_TOKENS, temperature=0,
-                                    extra_body={"ignore_eos": True, "return_token_ids": True})
+    out = client.completions.create(
+        model=model,
+        prompt=ids,
+        max_tokens=NEW_TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
     return list(out.choices[0].token_ids)
 
 
@@ -175,22 +214,30 @@ def test_greedy_completions_equal_transformers_and_load_adapter(client, work, na
 
 
 def test_chat_completion_through_an_adapter(client, work):
-    r = client.chat.completions.create(model="native", messages=CHAT, max_tokens=NEW_TOKENS, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="native", messages=CHAT, max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].message.content == work["expected"]["chat"]
 
 
 def test_installed_plugin_without_its_setting_leaves_vllm_alone(tmp_path):
     """vLLM loads every installed plugin when VLLM_PLUGINS is unset: without VBLORA_ADAPTERS ours registers nothing;
     a wrong VBLORA_ADAPTERS stops the start-up with the reason."""
-    code = ("from vblora.serve.vllm_plugin import register; from vllm.lora.resolver import LoRAResolverRegistry as R;"
-            " register(); print(sorted(R.get_supported_resolvers()))")
+    code = (
+        "from vblora.serve.vllm_plugin import register; from vllm.lora.resolver import LoRAResolverRegistry as R;"
+        " register(); print(sorted(R.get_supported_resolvers()))"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("VBLORA_")} | {"VLLM_TARGET_DEVICE": "cpu"}
-    unset = subprocess.run([VLLM_PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                           check=False)
+    unset = subprocess.run([VLLM_PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert unset.returncode == 0 and unset.stdout.strip().splitlines()[-1] == "[]", unset.stderr[-2000:]
-    wrong = subprocess.run([VLLM_PYTHON, "-c", code], env=env | {"VBLORA_ADAPTERS": str(tmp_path / "none")},
-                           capture_output=True, text=True, timeout=300, check=False)
+    wrong = subprocess.run(
+        [VLLM_PYTHON, "-c", code],
+        env=env | {"VBLORA_ADAPTERS": str(tmp_path / "none")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert wrong.returncode != 0 and "does not exist" in wrong.stderr
 
 
@@ -231,13 +278,15 @@ def server_alive(client) -> bool:
 
 # -- issue 19's server cases, asked of vLLM's server (our own HTTP server is gone): each a 4xx, the server goes on
 
+
 def post(server, body: dict | bytes, key: str | None = API_KEY, path: str = "/v1/completions"):
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if isinstance(body, bytes):
-        return httpx.post(server["url"] + path, content=body, timeout=120,
-                          headers=headers | {"content-type": "application/json"})
+        return httpx.post(
+            server["url"] + path, content=body, timeout=120, headers=headers | {"content-type": "application/json"}
+        )
     return httpx.post(server["url"] + path, json=body, headers=headers, timeout=120)
 
 

@@ -17,8 +17,16 @@ import vblora
 from vblora.errors import AdapterFormatError
 from vblora.storage.checkpoint import trainable_state
 
-CFG = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                 max_position_embeddings=32, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
+CFG = BertConfig(
+    vocab_size=100,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=32,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.0,
+)
 
 
 class Rows(torch.utils.data.Dataset):
@@ -52,11 +60,29 @@ def base_state():
 def make(base_state, out, num_vectors=16, **kw):
     model = BertForSequenceClassification(CFG)
     model.load_state_dict(base_state)
-    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules="all-linear", rank=4, num_vectors=num_vectors,
-                                                         vector_length=32, modules_to_save=["classifier"]))
-    args = TrainingArguments(str(out), per_device_train_batch_size=4, num_train_epochs=2, save_steps=3,
-                             logging_steps=2, learning_rate=1e-2, report_to="none", use_cpu=True, seed=1,
-                             disable_tqdm=True, **kw)
+    model = vblora.add_vblora(
+        model,
+        vblora.VBLoRAConfig(
+            target_modules="all-linear",
+            rank=4,
+            num_vectors=num_vectors,
+            vector_length=32,
+            modules_to_save=["classifier"],
+        ),
+    )
+    args = TrainingArguments(
+        str(out),
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        save_steps=3,
+        logging_steps=2,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        seed=1,
+        disable_tqdm=True,
+        **kw,
+    )
     return vblora.AdapterTrainer(model=model, args=args, train_dataset=Rows())
 
 
@@ -86,8 +112,11 @@ def test_checkpoint_of_another_model_is_one_clear_error(base_state, tmp_path):
     make(base_state, tmp_path / "run", max_steps=3).train()
     other = make(base_state, tmp_path / "run", num_vectors=24, max_steps=6)
     before = trainable_state(other.model)
-    with pytest.raises(AdapterFormatError, match=r"checkpoint-3/model.safetensors: checkpoint was saved with other "
-                                                 r"VB-LoRA settings: .*num_vectors"):
+    with pytest.raises(
+        AdapterFormatError,
+        match=r"checkpoint-3/model.safetensors: checkpoint was saved with other "
+        r"VB-LoRA settings: .*num_vectors",
+    ):
         other.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
     assert all(torch.equal(before[k], v) for k, v in trainable_state(other.model).items())  # nothing changed
 
@@ -111,10 +140,18 @@ def test_quantized_base_accepted_where_the_plain_trainer_refuses(tiny_llama, tmp
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=quant, device_map="cpu")
-    model = vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules=["q_proj", "v_proj"], rank=4, num_vectors=16,
-                                                         vector_length=32))
-    args = TrainingArguments(str(tmp_path / "q"), max_steps=2, save_steps=1, per_device_train_batch_size=2,
-                             report_to="none", use_cpu=True, disable_tqdm=True)
+    model = vblora.add_vblora(
+        model, vblora.VBLoRAConfig(target_modules=["q_proj", "v_proj"], rank=4, num_vectors=16, vector_length=32)
+    )
+    args = TrainingArguments(
+        str(tmp_path / "q"),
+        max_steps=2,
+        save_steps=1,
+        per_device_train_batch_size=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     rows = [{"input_ids": torch.arange(4, 12), "labels": torch.arange(4, 12)} for _ in range(4)]
     with pytest.raises(ValueError, match="purely quantized"):
         transformers.Trainer(model=model, args=args, train_dataset=rows)
@@ -122,11 +159,14 @@ def test_quantized_base_accepted_where_the_plain_trainer_refuses(tiny_llama, tmp
     assert model.is_quantized  # flagged again once the Trainer's check is over
     t.train()
     from safetensors import safe_open
+
     with safe_open(str(tmp_path / "q" / "checkpoint-2" / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == {"vblora_bank.bank", "vblora_bank.logits"}
 
 
 def test_import_vblora_needs_no_transformers():
-    code = ("import sys, vblora; assert 'transformers' not in sys.modules; assert 'AdapterTrainer' in vblora.__all__; "
-            "t = vblora.AdapterTrainer; assert 'transformers' in sys.modules and t.__name__ == 'AdapterTrainer'")
+    code = (
+        "import sys, vblora; assert 'transformers' not in sys.modules; assert 'AdapterTrainer' in vblora.__all__; "
+        "t = vblora.AdapterTrainer; assert 'transformers' in sys.modules and t.__name__ == 'AdapterTrainer'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -23,7 +23,7 @@ SECTION = "## In your own training loop"
 def section_text() -> str:
     text = DOC.read_text()
     start = text.index(SECTION)
-    return text[start:text.index("\n## ", start + 1)]
+    return text[start : text.index("\n## ", start + 1)]
 
 
 def block(title: str) -> str:
@@ -42,8 +42,9 @@ def run_block(title: str, where: Path, monkeypatch, edit=lambda code: code) -> d
 
 def full_precision(code: str) -> str:
     """The TRL block as its comment says: without the BitsAndBytesConfig, a 32-bit base."""
-    edited, n = re.subn(r"quant = transformers\.BitsAndBytesConfig\(.*?\)[^\n]*\n", "quant = None\n", code,
-                        flags=re.DOTALL)
+    edited, n = re.subn(
+        r"quant = transformers\.BitsAndBytesConfig\(.*?\)[^\n]*\n", "quant = None\n", code, flags=re.DOTALL
+    )
     assert n == 1
     return edited
 
@@ -54,6 +55,7 @@ def logged_losses(trainer) -> dict[int, float]:
 
 def trainable(model) -> dict[str, torch.Tensor]:
     from vblora.storage.checkpoint import trainable_state
+
     return trainable_state(model)
 
 
@@ -82,6 +84,7 @@ def test_plain_trainer_example(tmp_path, monkeypatch):
     import transformers
 
     import vblora
+
     ns = run_block("`transformers.Trainer`", tmp_path, monkeypatch)
     trainer, resumed = ns["trainer"], ns["resumed"]
     for n in (2, 4, 6):
@@ -110,6 +113,7 @@ def test_trl_sft_example(tmp_path, monkeypatch, base):
         assert_trainable_only(tmp_path / "sft-out" / f"checkpoint-{n}", trainer.model)
     assert_same_end(trainer, resumed, 2)
     import vblora
+
     assert vblora.load_adapter  # the adapter file is the native one
     assert (tmp_path / "sft-adapter" / "adapter.safetensors").is_file()
 
@@ -131,18 +135,33 @@ def test_7b_checkpoint_arithmetic_matches_a_7b_shaped_model():
     import transformers
 
     import vblora
-    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg)
     base = sum(p.numel() for p in model.parameters())
-    vblora.add_vblora(model, vblora.VBLoRAConfig(target_modules="all-linear", rank=4, num_vectors=2048,
-                                                 vector_length=256, topk=2))
+    vblora.add_vblora(
+        model, vblora.VBLoRAConfig(target_modules="all-linear", rank=4, num_vectors=2048, vector_length=256, topk=2)
+    )
     shapes = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     trained = sum(shapes.values())
     text = section_text()
-    figures = [f"{shapes['vblora_bank.bank']:,}", f"{shapes['vblora_bank.logits']:,}", f"{trained:,}",
-               f"{trained * 4:,}", f"{trained * 8:,}", f"{base:,}", f"{base * 2:,}",
-               f"N = {shapes['vblora_bank.logits'] // 2048:,}"]
+    figures = [
+        f"{shapes['vblora_bank.bank']:,}",
+        f"{shapes['vblora_bank.logits']:,}",
+        f"{trained:,}",
+        f"{trained * 4:,}",
+        f"{trained * 8:,}",
+        f"{base:,}",
+        f"{base * 2:,}",
+        f"N = {shapes['vblora_bank.logits'] // 2048:,}",
+    ]
     assert all(f in text for f in figures), [f for f in figures if f not in text]
     assert round((trained * 12) / 1e9, 2) == 0.97  # "about 0.97 GB"

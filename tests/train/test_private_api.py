@@ -54,8 +54,11 @@ def private_overrides(tree: ast.AST, trainers: set[str] = frozenset()) -> list[t
     found = []
     for cls in [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]:
         if is_trainer(cls, trainers):
-            found += [(f.name, f.lineno) for f in cls.body
-                      if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and private(f.name)]
+            found += [
+                (f.name, f.lineno)
+                for f in cls.body
+                if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and private(f.name)
+            ]
     return found
 
 
@@ -85,9 +88,15 @@ def private_writes(tree: ast.AST, trainers: set[str] = frozenset()) -> list[tupl
                     mine = id(node) in own and isinstance(sub.value, ast.Name) and sub.value.id == "self"
                     if not mine:
                         found.append((sub.attr, node.lineno))
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr")
-                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
-                and isinstance(node.args[1].value, str) and private(node.args[1].value)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("setattr", "delattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and private(node.args[1].value)
+        ):
             found.append((node.args[1].value, node.lineno))
     return found
 
@@ -117,6 +126,7 @@ def test_no_private_attribute_written():
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_pinned_private_signatures_match_installed_transformers(name):
     from transformers import Trainer
+
     params = list(inspect.signature(getattr(Trainer, name)).parameters)
     assert params[0] == "self" and params[1:] == PINNED[name], (name, params)
 
@@ -125,16 +135,20 @@ def test_public_hooks_we_rely_on_have_the_expected_signatures():
     """The public methods AdapterTrainer overrides and the switches the pipeline uses, as the installed
     transformers defines them (a rename would silently bypass the override)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
-    expect = {"save_model": ["output_dir", "_internal_call"],
-              "training_step": ["model", "inputs", "num_items_in_batch"],
-              "train": ["resume_from_checkpoint", "trial", "ignore_keys_for_eval"], "log": ["logs", "start_time"]}
+
+    expect = {
+        "save_model": ["output_dir", "_internal_call"],
+        "training_step": ["model", "inputs", "num_items_in_batch"],
+        "train": ["resume_from_checkpoint", "trial", "ignore_keys_for_eval"],
+        "log": ["logs", "start_time"],
+    }
     for name, params in expect.items():
-        assert list(inspect.signature(getattr(Trainer, name)).parameters)[1:1 + len(params)] == params, name
+        assert list(inspect.signature(getattr(Trainer, name)).parameters)[1 : 1 + len(params)] == params, name
     assert isinstance(inspect.getattr_static(TrainingArguments, "place_model_on_device"), property)
     assert {"on_save", "on_pre_optimizer_step", "on_train_begin", "on_epoch_end"} <= set(vars(TrainerCallback))
 
 
-PLANTED = '''
+PLANTED = """
 class MyTrainer(vblora.AdapterTrainer):
     def _save(self, output_dir=None, state_dict=None):
         pass
@@ -155,7 +169,7 @@ class Recorder:
     def _helper(self, trainer):
         self._cache = {}
         trainer._globalstep_last_logged = 0
-'''
+"""
 
 
 def test_the_checker_catches_planted_violations():
@@ -163,20 +177,30 @@ def test_the_checker_catches_planted_violations():
     # the mixin's override counts; Recorder._helper is no Trainer override
     assert sorted(private_overrides(tree)) == [("_load_rng_state", 12), ("_save", 3)]
     assert sorted(name for name, _ in private_writes(tree)) == [  # Recorder's own self._cache is allowed
-        "_globalstep_last_logged", "_hf_peft_config_loaded", "_keys_to_ignore_on_save", "_total_loss_scalar",
-        "_tr_loss"]
+        "_globalstep_last_logged",
+        "_hf_peft_config_loaded",
+        "_keys_to_ignore_on_save",
+        "_total_loss_scalar",
+        "_tr_loss",
+    ]
 
 
 def test_the_checker_fails_on_the_code_before_issue_20():
     """The pipeline as it was (ten private overrides, four private Trainer attributes and the model's
     `_hf_peft_config_loaded` written), kept as text in git history: both checks fail on it."""
     import subprocess
+
     root = SRC.parents[1]
     old = {}
     for name in ("pipeline.py", "checkpoints.py"):
         try:
-            old[name] = subprocess.run(["git", "show", f"766611f:src/vblora/train/{name}"], cwd=root, check=True,
-                                       capture_output=True, text=True).stdout
+            old[name] = subprocess.run(
+                ["git", "show", f"766611f:src/vblora/train/{name}"],
+                cwd=root,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
         except (OSError, subprocess.CalledProcessError):
             pytest.skip("git history not available")
     trees = [ast.parse(t) for t in old.values()]
@@ -184,5 +208,10 @@ def test_the_checker_fails_on_the_code_before_issue_20():
     overrides = {n for tree in trees for n, _ in private_overrides(tree, trainers)}
     writes = {n for tree in trees for n, _ in private_writes(tree, trainers)}
     assert len(overrides) == 10 and len(overrides) > MAX_PRIVATE_OVERRIDES
-    assert {"_tr_loss", "_total_loss_scalar", "_globalstep_last_logged", "_initial_global_step",
-            "_hf_peft_config_loaded"} <= writes
+    assert {
+        "_tr_loss",
+        "_total_loss_scalar",
+        "_globalstep_last_logged",
+        "_initial_global_step",
+        "_hf_peft_config_loaded",
+    } <= writes

@@ -44,11 +44,14 @@ class KillAt(TrainerCallback):
 @pytest.fixture(scope="module")
 def setup(tiny_bert, tmp_path_factory):
     d = tmp_path_factory.mktemp("kill-points")
-    files = {"train_file": write_csv(d / "train.csv", make_rows(64, 0)),
-             "validation_file": write_csv(d / "dev.csv", make_rows(16, 1)),
-             "test_file": write_csv(d / "test.csv", make_rows(16, 2))}
-    ov = run_overrides(tiny_bert, files, d / "ref", save_steps=4, logging_steps=3, lr_head=5e-2, lr_bank=1e-2,
-                       lr_logits=5e-2)
+    files = {
+        "train_file": write_csv(d / "train.csv", make_rows(64, 0)),
+        "validation_file": write_csv(d / "dev.csv", make_rows(16, 1)),
+        "test_file": write_csv(d / "test.csv", make_rows(16, 2)),
+    }
+    ov = run_overrides(
+        tiny_bert, files, d / "ref", save_steps=4, logging_steps=3, lr_head=5e-2, lr_bank=1e-2, lr_logits=5e-2
+    )
     return {"ov": ov, "ref": _train(ov), "dir": d}
 
 
@@ -64,6 +67,7 @@ def _content(out: Path) -> dict:
     """Each adapter file's metadata and tensor bytes (safetensors orders its metadata keys at random: compared as
     a dict, the rest byte for byte)."""
     from vblora.storage.files import read_safetensors, tensor_bytes
+
     found = {}
     for p in sorted((out / "adapter").iterdir()):
         tensors, metadata, _ = read_safetensors(p)
@@ -80,8 +84,7 @@ def assert_same_run(ref: dict, resumed: dict) -> None:
 
 
 @pytest.mark.parametrize("event, step", [("epoch_end", 8), ("epoch_end", 16), ("evaluate", 8), ("evaluate", 16)])
-def test_kill_between_a_checkpoint_and_its_evaluation_or_after_best_then_resume_is_exact(setup, tmp_path, event,
-                                                                                         step):
+def test_kill_between_a_checkpoint_and_its_evaluation_or_after_best_then_resume_is_exact(setup, tmp_path, event, step):
     out = tmp_path / "run"
     with pytest.raises(Killed):
         _train({**setup["ov"], "output": str(out)}, callbacks=[KillAt(event, step)])
@@ -99,8 +102,11 @@ def test_trainer_state_that_is_no_state_is_one_clear_error(setup, tmp_path, cont
     out = Path(shutil.copytree(setup["dir"] / "ref", tmp_path / "ref"))
     for d in (out / "checkpoints").glob("checkpoint-*"):
         (d / "trainer_state.json").write_text(content)
-    with pytest.raises(ResumeError, match=r"no complete checkpoint in .*checkpoint-16 \(unreadable: "
-                                          r"trainer_state.json is not a Trainer state") as e:
+    with pytest.raises(
+        ResumeError,
+        match=r"no complete checkpoint in .*checkpoint-16 \(unreadable: "
+        r"trainer_state.json is not a Trainer state",
+    ) as e:
         _resume(setup, out)
     assert "\n" not in str(e.value)
 
@@ -129,8 +135,11 @@ def test_edited_train_file_is_refused(setup, tmp_path):
         _train(ov, callbacks=[KillAt("epoch_end", 8)])
     rows[5]["label"] = "negative" if rows[5]["label"] == "positive" else "positive"
     write_csv(tmp_path / "train.csv", rows)
-    with pytest.raises(ResumeError, match=r"the training file .*train.csv changed since .*checkpoint-8 was saved "
-                                          r"\(sha256 [0-9a-f]{12}\.\.\. then, [0-9a-f]{12}\.\.\. now\)") as e:
+    with pytest.raises(
+        ResumeError,
+        match=r"the training file .*train.csv changed since .*checkpoint-8 was saved "
+        r"\(sha256 [0-9a-f]{12}\.\.\. then, [0-9a-f]{12}\.\.\. now\)",
+    ) as e:
         _train({**ov, "resume": True, "overwrite": False})
     assert "\n" not in str(e.value)
 

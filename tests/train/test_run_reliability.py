@@ -43,11 +43,14 @@ class KillAt(TrainerCallback):
 @pytest.fixture(scope="module")
 def setup(tiny_bert, tmp_path_factory):
     d = tmp_path_factory.mktemp("reliability")
-    files = {"train_file": write_csv(d / "train.csv", make_rows(64, 0)),
-             "validation_file": write_csv(d / "dev.csv", make_rows(16, 1)),
-             "test_file": write_csv(d / "test.csv", make_rows(16, 2))}
-    ov = run_overrides(tiny_bert, files, d / "ref", save_steps=3, logging_steps=5, lr_head=5e-2, lr_bank=1e-2,
-                       lr_logits=5e-2)
+    files = {
+        "train_file": write_csv(d / "train.csv", make_rows(64, 0)),
+        "validation_file": write_csv(d / "dev.csv", make_rows(16, 1)),
+        "test_file": write_csv(d / "test.csv", make_rows(16, 2)),
+    }
+    ov = run_overrides(
+        tiny_bert, files, d / "ref", save_steps=3, logging_steps=5, lr_head=5e-2, lr_bank=1e-2, lr_logits=5e-2
+    )
     ref = _train(ov)
     with pytest.raises(Killed):  # a run killed at step 11: checkpoints 6 and 9, best state of epoch 1 (step 8)
         _train({**ov, "output": str(d / "killed")}, callbacks=[KillAt(11)])
@@ -68,6 +71,7 @@ def _copy(setup, name: str, tmp_path: Path) -> Path:
 
 def _adapter(out: Path) -> dict:
     from safetensors.torch import load_file
+
     files = sorted(Path(out, "adapter").glob("*.safetensors"))
     return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
 
@@ -102,9 +106,13 @@ def test_kill_mid_save_leaves_no_checkpoint_and_resume_is_identical(setup, tmp_p
         if self.state.global_step == 9:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self, output_dir)
+
     monkeypatch.setattr(P._Trainer, "_save_rng_state", full_disk)
-    with pytest.raises(SaveError, match=r"could not write checkpoint-9 \(OSError: \[Errno 28\] No space left on "
-                                        r"device; is the disk full\?\); the checkpoints before it are intact"):
+    with pytest.raises(
+        SaveError,
+        match=r"could not write checkpoint-9 \(OSError: \[Errno 28\] No space left on "
+        r"device; is the disk full\?\); the checkpoints before it are intact",
+    ):
         _train({**setup["ov"], "output": str(out)})
     ck = out / "checkpoints"
     assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
@@ -140,11 +148,16 @@ def test_no_complete_checkpoint_is_one_clear_error(setup, tmp_path):
         _resume(setup, out)
 
 
-@pytest.mark.parametrize("change, shown", [
-    ({"num_vectors": 24}, "num_vectors 16 -> 24"), ({"rank": 8}, "rank 4 -> 8"),
-    ({"method": "lora"}, "method 'vblora' -> 'lora'"), ({"batch_size": 4}, "batch_size 8 -> 4"),
-    ({"max_train_samples": 48}, "train_examples 64 -> 48"),
-])
+@pytest.mark.parametrize(
+    "change, shown",
+    [
+        ({"num_vectors": 24}, "num_vectors 16 -> 24"),
+        ({"rank": 8}, "rank 4 -> 8"),
+        ({"method": "lora"}, "method 'vblora' -> 'lora'"),
+        ({"batch_size": 4}, "batch_size 8 -> 4"),
+        ({"max_train_samples": 48}, "train_examples 64 -> 48"),
+    ],
+)
 def test_checkpoint_of_other_settings_is_refused(setup, tmp_path, change, shown):
     out = _copy(setup, "killed", tmp_path)
     with pytest.raises(ResumeError, match="was saved with other settings: .*" + shown) as e:
@@ -181,8 +194,10 @@ class Evil:
         return exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
-@pytest.mark.parametrize("target", ["checkpoint-9/optimizer.pt",
-                                    "checkpoint-9/scheduler.pt", "checkpoint-9/rng_state.pth", "best/checkpoint.pt"])
+@pytest.mark.parametrize(
+    "target",
+    ["checkpoint-9/optimizer.pt", "checkpoint-9/scheduler.pt", "checkpoint-9/rng_state.pth", "best/checkpoint.pt"],
+)
 def test_crafted_pickle_runs_no_code_on_any_load_path(setup, tmp_path, monkeypatch, target):
     out = _copy(setup, "killed", tmp_path)
     marker = tmp_path / "pwned"
@@ -213,8 +228,11 @@ def test_divergence_stops_within_a_few_steps_and_keeps_the_earlier_results(setup
     out = _copy(setup, "ref", tmp_path)
     before = {p: p.read_bytes() for p in [out / "results.json", *sorted((out / "adapter").iterdir())]}
     huge = {"lr_bank": 1e4, "lr_logits": 1e4, "lr_head": 1e4, "output": str(out), "overwrite": True}
-    with pytest.raises(DivergedError, match=r"diverged at step (\d) of 16: .* Lower the learning rates \(now "
-                                              r"--lr-bank 10000, --lr-logits 10000, --lr-head 10000\)") as e:
+    with pytest.raises(
+        DivergedError,
+        match=r"diverged at step (\d) of 16: .* Lower the learning rates \(now "
+        r"--lr-bank 10000, --lr-logits 10000, --lr-head 10000\)",
+    ) as e:
         _train({**setup["ov"], **huge})
     assert int(re.search(r"step (\d+)", str(e.value)).group(1)) <= 6 and "\n" not in str(e.value)
     assert before == {p: p.read_bytes() for p in before}  # --overwrite took only the earlier checkpoints
@@ -232,8 +250,10 @@ def test_full_disk_at_the_final_save_keeps_the_earlier_adapter_and_results(setup
         def save(d):
             adapted_save(d)
             raise OSError(errno.ENOSPC, "No space left on device")
+
         adapted_save, adapted.save = adapted.save, save
         return adapted
+
     monkeypatch.setattr(P.methods, "apply_method", apply)
     with pytest.raises(OSError, match="No space left"):
         _train({**setup["ov"], "output": str(out), "epochs": 0.25})

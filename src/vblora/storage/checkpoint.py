@@ -46,8 +46,12 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     bank = getattr(model, BANK_ATTR, None)
     if bank is not None and bank.frozen:
-        state.update({f"{BANK_ATTR}.indices": bank.indices.cpu().clone(),
-                      f"{BANK_ATTR}.weights": bank.weights.detach().cpu().clone()})
+        state.update(
+            {
+                f"{BANK_ATTR}.indices": bank.indices.cpu().clone(),
+                f"{BANK_ATTR}.weights": bank.weights.detach().cpu().clone(),
+            }
+        )
     return state
 
 
@@ -59,8 +63,15 @@ def adapter_identity(model: nn.Module) -> dict | None:
     return {"config": bank.config.to_dict(), "modules": [m.to_row() for m in bank.layout.entries]}
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler=None, step: int = 0, extra: dict | None = None, rng: bool = True) -> Path:
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    step: int = 0,
+    extra: dict | None = None,
+    rng: bool = True,
+) -> Path:
     """Write a resumable training checkpoint atomically: the trainable tensors (never the frozen base), the adapter's
     settings and module table, and, if given, the optimizer's and scheduler's state.
 
@@ -99,8 +110,9 @@ def save_trainable(model: nn.Module, directory: str | os.PathLike, extra: dict |
     """Write `directory/model.safetensors`: the trainable tensors (`trainable_state`) by their state-dict names, and
     in its metadata the adapter identity and `extra` (JSON types). Atomic: a kill leaves the previous file or none."""
     info = {"format": TRAINABLE_FORMAT, "adapter": adapter_identity(model), "extra": extra or {}}
-    return write_safetensors(Path(directory) / TRAINABLE_FILE, trainable_state(model),
-                             {"format": "pt", TRAINABLE_FORMAT: json.dumps(info)})
+    return write_safetensors(
+        Path(directory) / TRAINABLE_FILE, trainable_state(model), {"format": "pt", TRAINABLE_FORMAT: json.dumps(info)}
+    )
 
 
 def read_trainable(directory: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor], dict]:
@@ -111,8 +123,9 @@ def read_trainable(directory: str | os.PathLike) -> tuple[Path, dict[str, torch.
         raise FileNotFoundError(f"no {TRAINABLE_FILE} in {directory}")
     tensors, metadata, _ = read_safetensors(file)
     if TRAINABLE_FORMAT not in metadata:
-        raise AdapterFormatError(f"{file}: not the trainable state of a vblora checkpoint (no '{TRAINABLE_FORMAT}' "
-                                 f"metadata)")
+        raise AdapterFormatError(
+            f"{file}: not the trainable state of a vblora checkpoint (no '{TRAINABLE_FORMAT}' metadata)"
+        )
     return file, tensors, parse_json_metadata(file, metadata, TRAINABLE_FORMAT)
 
 
@@ -130,19 +143,35 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
         raise FileNotFoundError(f"no checkpoint at {file}")
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError,
-            KeyError, IndexError) as e:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        AttributeError,
+        TypeError,
+        KeyError,
+        IndexError,
+    ) as e:
         raise AdapterFormatError(f"{file}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise AdapterFormatError(f"{file}: not a vblora training checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:
-        raise AdapterFormatError(f"{file}: unknown checkpoint format version {payload.get('format_version')!r} "
-                                 f"(this vblora reads version {FORMAT_VERSION})")
+        raise AdapterFormatError(
+            f"{file}: unknown checkpoint format version {payload.get('format_version')!r} "
+            f"(this vblora reads version {FORMAT_VERSION})"
+        )
     return file, payload
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler=None, restore_rng: bool = True) -> dict:
+def load_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    restore_rng: bool = True,
+) -> dict:
     """Restore a checkpoint into `model` (built the same way on the same base) and, if given, the optimizer and
     scheduler.
 
@@ -179,25 +208,30 @@ def restore_trainable(model: nn.Module, file: Path, theirs: dict | None, state: 
     that it fits: AdapterFormatError naming `file` and what differs otherwise, and nothing is modified then."""
     mine = adapter_identity(model)
     if (mine is None) != (theirs is None):
-        raise AdapterFormatError(f"{file}: checkpoint and model differ in method (one has a VB-LoRA bank, the other "
-                                 f"not)")
+        raise AdapterFormatError(
+            f"{file}: checkpoint and model differ in method (one has a VB-LoRA bank, the other not)"
+        )
     if mine is not None and theirs is not None:  # both or neither (checked above)
         if theirs["config"] != mine["config"]:
             diff = {k: (v, mine["config"].get(k)) for k, v in theirs["config"].items() if mine["config"].get(k) != v}
-            raise AdapterFormatError(f"{file}: checkpoint was saved with other VB-LoRA settings: {diff} "
-                                     f"(checkpoint, model)")
+            raise AdapterFormatError(
+                f"{file}: checkpoint was saved with other VB-LoRA settings: {diff} (checkpoint, model)"
+            )
         if theirs["modules"] != mine["modules"]:
-            raise AdapterFormatError(f"{file}: checkpoint was saved from a model with other adapted modules or "
-                                     f"shapes")
+            raise AdapterFormatError(f"{file}: checkpoint was saved from a model with other adapted modules or shapes")
     target = trainable_state(model)
     missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
     if missing or unexpected:
-        raise AdapterFormatError(f"{file}: checkpoint does not fit this model: missing {missing[:3]}, unexpected "
-                                 f"{unexpected[:3]} (was it made by another method or other settings?)")
+        raise AdapterFormatError(
+            f"{file}: checkpoint does not fit this model: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]} (was it made by another method or other settings?)"
+        )
     for name, t in state.items():
         if not isinstance(t, torch.Tensor) or t.shape != target[name].shape:
-            raise AdapterFormatError(f"{file}: checkpoint tensor '{name}' has shape "
-                                     f"{tuple(getattr(t, 'shape', ()))}, the model needs {tuple(target[name].shape)}")
+            raise AdapterFormatError(
+                f"{file}: checkpoint tensor '{name}' has shape "
+                f"{tuple(getattr(t, 'shape', ()))}, the model needs {tuple(target[name].shape)}"
+            )
     live = dict(unwrap(model).named_parameters()) | dict(unwrap(model).named_buffers())
     with torch.no_grad():
         for name, t in state.items():

@@ -53,8 +53,17 @@ class BestTracker(TrainerCallback):
             self.metrics = {k: float(v) for k, v in metrics.items()}
             self.state = trainable_state(self.model)
             if self.is_main:
-                save_checkpoint(self.model, self.dir, rng=False, extra={
-                    "value": self.best, "epoch": self.best_epoch, "metrics": self.metrics, "step": state.global_step})
+                save_checkpoint(
+                    self.model,
+                    self.dir,
+                    rng=False,
+                    extra={
+                        "value": self.best,
+                        "epoch": self.best_epoch,
+                        "metrics": self.metrics,
+                        "step": state.global_step,
+                    },
+                )
 
 
 class CatchUpEvaluation(TrainerCallback):
@@ -91,13 +100,15 @@ class DivergenceGuard(TrainerCallback):
             return
         self.nonfinite += 1
         if not args.fp16 or self.nonfinite >= 16:
-            raise DivergedError(divergence_message(self.cfg, state.global_step + 1, state.max_steps,
-                                                    f"the gradient norm is {norm}"))
+            raise DivergedError(
+                divergence_message(self.cfg, state.global_step + 1, state.max_steps, f"the gradient norm is {norm}")
+            )
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs and not math.isfinite(logs["loss"]):
-            raise DivergedError(divergence_message(self.cfg, state.global_step, state.max_steps,
-                                                    f"the loss is {logs['loss']}"))
+            raise DivergedError(
+                divergence_message(self.cfg, state.global_step, state.max_steps, f"the loss is {logs['loss']}")
+            )
 
 
 def divergence_message(cfg: RunConfig, step: int, steps: int, what: str) -> str:
@@ -106,5 +117,7 @@ def divergence_message(cfg: RunConfig, step: int, steps: int, what: str) -> str:
     fixes = [f"Lower the learning rates (now {now})", f"raise --warmup-ratio (now {cfg.warmup_ratio:g})"]
     fixes += ["clip the gradients (--max-grad-norm 1)"] if cfg.max_grad_norm <= 0 else []
     fixes += ["use --bf16 or full precision instead of --fp16 (float16 overflows)"] if cfg.fp16 else []
-    return (f"training diverged at step {step} of {steps}: {what}. {'; '.join(fixes)}; then rerun with "
-            f"--overwrite (an earlier run's adapter/ and results.json in {cfg.output} are left as they were)")
+    return (
+        f"training diverged at step {step} of {steps}: {what}. {'; '.join(fixes)}; then rerun with "
+        f"--overwrite (an earlier run's adapter/ and results.json in {cfg.output} are left as they were)"
+    )

@@ -33,9 +33,26 @@ from vblora.train.errors import ResumeError
 
 STAGING, KEEP = ".saving", 2
 # settings that may change between a checkpoint and its resume: they do not touch the training trajectory
-FREE_ON_RESUME = {"recipe", "output", "resume", "resume_partial", "overwrite", "device", "logging_steps", "save_steps",
-                  "eval_batch_size", "extra_eval_topk", "num_samples", "max_new_tokens", "generate_eval",
-                  "record_selection_every", "test_file", "max_test_samples"}
+FREE_ON_RESUME = {
+    "recipe",
+    "output",
+    "resume",
+    "resume_partial",
+    "overwrite",
+    "device",
+    "logging_steps",
+    "save_steps",
+    "eval_batch_size",
+    "extra_eval_topk",
+    "num_samples",
+    "max_new_tokens",
+    "generate_eval",
+    "record_selection_every",
+    "test_file",
+    "max_test_samples",
+}
+
+
 def first_line(e: BaseException) -> str:
     """The gist of an exception in one short line (torch's messages run to paragraphs, with terminal colours)."""
     text = re.sub(r"\x1b\[[0-9;]*m|^\[enforce fail at [^]]*\][ .]*", "", str(e).strip())
@@ -50,8 +67,9 @@ def run_identity(cfg, train_examples: int, processes: int) -> dict:
     is another run."""
     settings = {k: v for k, v in cfg.to_dict().items() if k not in FREE_ON_RESUME}
     data = {"train_sha256": file_sha256(cfg.train_file)} if getattr(cfg, "train_file", None) else {}
-    return json.loads(json.dumps({**settings, **data, "train_examples": train_examples, "processes": processes},
-                                 default=str))
+    return json.loads(
+        json.dumps({**settings, **data, "train_examples": train_examples, "processes": processes}, default=str)
+    )
 
 
 def file_sha256(path) -> str | None:
@@ -89,8 +107,11 @@ def _damage(d: Path) -> tuple[str | None, dict]:
             return f"incomplete: no {name}", {}
     try:
         state = json.loads((d / "trainer_state.json").read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) \
-                or not isinstance(state.get("log_history"), list):
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get("global_step"), int)
+            or not isinstance(state.get("log_history"), list)
+        ):
             return "unreadable: trainer_state.json is not a Trainer state (no global_step / log_history)", {}
         extra = read_trainable(d)[2].get("extra")
     except (OSError, ValueError, RecursionError) as e:  # AdapterFormatError and JSONDecodeError are ValueErrors
@@ -103,9 +124,11 @@ def find_resume(ckpt: Path, identity: dict, partial: bool, rank: int, world: int
     skipped = []
     for d in checkpoints(ckpt):
         if (d / "checkpoint.pt").is_file() and not (d / TRAINABLE_FILE).is_file():
-            raise ResumeError(f"--resume: {d} was written by an older vblora (checkpoint.pt, before checkpoints held "
-                              f"{TRAINABLE_FILE}); finish the run with that version, or pass --overwrite to start "
-                              f"again")
+            raise ResumeError(
+                f"--resume: {d} was written by an older vblora (checkpoint.pt, before checkpoints held "
+                f"{TRAINABLE_FILE}); finish the run with that version, or pass --overwrite to start "
+                f"again"
+            )
         problem, extra = _damage(d)
         if problem:
             skipped.append(f"{d.name} ({problem})")
@@ -113,29 +136,42 @@ def find_resume(ckpt: Path, identity: dict, partial: bool, rank: int, world: int
                 shutil.rmtree(d, ignore_errors=True)
             continue
         theirs = extra["run"] if isinstance(extra.get("run"), dict) else identity
-        diff = [f"{k} {theirs.get(k)!r} -> {identity.get(k)!r}" for k in sorted(set(theirs) | set(identity))
-                if theirs.get(k) != identity.get(k)]
+        diff = [
+            f"{k} {theirs.get(k)!r} -> {identity.get(k)!r}"
+            for k in sorted(set(theirs) | set(identity))
+            if theirs.get(k) != identity.get(k)
+        ]
         if theirs.get("train_sha256") != identity.get("train_sha256") and not partial:
-            raise ResumeError(f"--resume: the training file {identity.get('train_file')} changed since {d} was saved "
-                              f"(sha256 {str(theirs.get('train_sha256'))[:12]}... then, "
-                              f"{str(identity.get('train_sha256'))[:12]}... now), so resuming would not continue that "
-                              f"run; restore the file, or pass --overwrite to start again on the new one")
+            raise ResumeError(
+                f"--resume: the training file {identity.get('train_file')} changed since {d} was saved "
+                f"(sha256 {str(theirs.get('train_sha256'))[:12]}... then, "
+                f"{str(identity.get('train_sha256'))[:12]}... now), so resuming would not continue that "
+                f"run; restore the file, or pass --overwrite to start again on the new one"
+            )
         rng = "rng_state.pth" if world == 1 else f"rng_state_{rank}.pth"
         missing = [f for f in ("optimizer.pt", "scheduler.pt", rng) if not (d / f).is_file()]
-        problems = " and ".join(([f"was saved with other settings: {', '.join(diff)} (checkpoint -> now)"] if diff
-                                 else []) + ([f"lacks {', '.join(missing)}"] if missing else []))
+        problems = " and ".join(
+            ([f"was saved with other settings: {', '.join(diff)} (checkpoint -> now)"] if diff else [])
+            + ([f"lacks {', '.join(missing)}"] if missing else [])
+        )
         if problems and not partial:
-            raise ResumeError(f"--resume: {d} {problems}, so resuming would not continue that run exactly; rerun with "
-                              f"its settings, pass --resume-partial to continue anyway, or --overwrite to start again")
+            raise ResumeError(
+                f"--resume: {d} {problems}, so resuming would not continue that run exactly; rerun with "
+                f"its settings, pass --resume-partial to continue anyway, or --overwrite to start again"
+            )
         if problems:
-            log(f"vblora train: warning: {d} {problems}; continuing anyway (--resume-partial): the run will not "
-                f"match an uninterrupted one")
+            log(
+                f"vblora train: warning: {d} {problems}; continuing anyway (--resume-partial): the run will not "
+                f"match an uninterrupted one"
+            )
         note = f"; removed damaged {', '.join(skipped)}" if skipped else ""
         log(f"vblora train: resuming from {d} (step {d.name[11:]}){note}")
         return d, extra
     if skipped:
-        raise ResumeError(f"--resume: no complete checkpoint in {ckpt} (removed damaged {', '.join(skipped)}); "
-                          f"--overwrite starts the run again")
+        raise ResumeError(
+            f"--resume: no complete checkpoint in {ckpt} (removed damaged {', '.join(skipped)}); "
+            f"--overwrite starts the run again"
+        )
     return None
 
 
@@ -145,8 +181,9 @@ def restoring(checkpoint, what: str):
     try:
         yield
     except (VBLoRAError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
-        raise ResumeError(f"--resume: cannot restore the {what} from {checkpoint} ({first_line(e)}); --overwrite "
-                          f"starts the run again") from None
+        raise ResumeError(
+            f"--resume: cannot restore the {what} from {checkpoint} ({first_line(e)}); --overwrite starts the run again"
+        ) from None
 
 
 def check_loadable(d: Path, rank: int, world: int) -> None:

@@ -48,8 +48,10 @@ def block_classes(model: nn.Module) -> tuple[type, ...]:
         cls, count = Counter(type(m) for m in largest).most_common(1)[0]
         if count > 1:
             return (cls,)
-    raise SetupError(f"--fsdp: found no repeated block in {type(model).__name__} (no _no_split_modules and no "
-                     f"nn.ModuleList of two or more layers) to shard; train it without --fsdp")
+    raise SetupError(
+        f"--fsdp: found no repeated block in {type(model).__name__} (no _no_split_modules and no "
+        f"nn.ModuleList of two or more layers) to shard; train it without --fsdp"
+    )
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -60,8 +62,10 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def device_mesh(device: torch.device | str | None = None):
     """A 1-D mesh over all processes (the default process group must exist: torchrun / init_process_group)."""
     if not dist.is_available() or not dist.is_initialized():
-        raise SetupError("--fsdp needs several processes: launch with torchrun --nproc-per-node N -m vblora train "
-                         "... (or accelerate launch)")
+        raise SetupError(
+            "--fsdp needs several processes: launch with torchrun --nproc-per-node N -m vblora train "
+            "... (or accelerate launch)"
+        )
     kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     return init_device_mesh(kind, (dist.get_world_size(),))
 
@@ -81,9 +85,11 @@ def shard_model(model: nn.Module, mesh=None, *, average_gradients: bool = True) 
     if not whole:
         raise SetupError("--fsdp: the model has no trainable parameter (add an adapter first)")
     if len(whole) == sum(1 for _ in root.parameters()):
-        raise SetupError("--fsdp keeps the trained parameters whole and shards the frozen base; with --method full "
-                         "everything trains, so nothing would be sharded: use an adapter method, or accelerate's own "
-                         "FSDP for full fine-tuning")
+        raise SetupError(
+            "--fsdp keeps the trained parameters whole and shards the frozen base; with --method full "
+            "everything trains, so nothing would be sharded: use an adapter method, or accelerate's own "
+            "FSDP for full fine-tuning"
+        )
     check_shardable(root, whole)
     mesh = mesh if mesh is not None else device_mesh()
     classes = block_classes(root)
@@ -115,9 +121,11 @@ def check_shardable(model: nn.Module, whole: set) -> None:
     sharded; `bnb_4bit_quant_storage` set to the compute dtype stores it in a float dtype that can."""
     bad = [n for n, p in model.named_parameters() if p not in whole and not p.is_floating_point()]
     if bad:
-        raise SetupError(f"--fsdp: {len(bad)} frozen parameters are not floating point (e.g. {bad[0]}, "
-                         f"{type(model.get_parameter(bad[0])).__name__}); FSDP shards floating-point tensors only. "
-                         f"For a 4-bit base, load it with BitsAndBytesConfig(bnb_4bit_quant_storage=<compute dtype>)")
+        raise SetupError(
+            f"--fsdp: {len(bad)} frozen parameters are not floating point (e.g. {bad[0]}, "
+            f"{type(model.get_parameter(bad[0])).__name__}); FSDP shards floating-point tensors only. "
+            f"For a 4-bit base, load it with BitsAndBytesConfig(bnb_4bit_quant_storage=<compute dtype>)"
+        )
 
 
 @contextlib.contextmanager
