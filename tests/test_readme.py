@@ -54,6 +54,8 @@ def test_readme_first_command_trains_the_default(tmp_path):
     job = setup.split(" && ", 2)[2]  # vblora data fetch && vblora train --output runs/default
     out = subprocess.run(job, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=1800, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert re.search(r"test accuracy 0\.\d+ \| stored parameters 14,234 \| adapter bytes [\d,]+ \| best epoch \d",
-                     out.stdout + out.stderr)
+    assert re.search(
+        r"test accuracy 0\.\d+ \| stored parameters 14,234 \| adapter bytes [\d,]+ \| best epoch \d",
+        out.stdout + out.stderr,
+    )
     assert (tmp_path / "runs" / "default" / "adapter" / "adapter.safetensors").is_file()
