@@ -646,7 +646,10 @@ LABELS = {
 def render(section: dict, key: str = "") -> str:
     s = section.get("summary") or {}
     per, ratios, env, st = s.get("configs", {}), s.get("ratios", {}), section["environment"], section["settings"]
-    mib = lambda b: f"{b / 2**20:,.0f}" if b else "n/a"  # noqa: E731
+
+    def mib(b: float | None) -> str:
+        return f"{b / 2**20:,.0f}" if b else "n/a"
+
     mem_name = "peak CUDA allocated MiB" if st["device"] == "cuda" else "peak tensor MiB"
     lines = [
         f"{key}: {env.get('gpu') or env.get('cpu_model', env['processor'])}, {env['cpu_count']} cores; "
@@ -700,7 +703,10 @@ def table(args) -> None:
             for name, e in section["runs"].items():
                 m = e.get("metrics") or {}
                 test, val = m.get("test") or {}, m.get("validation") or {}
-                loss = lambda d: f"{d['loss']:.4f}" if d.get("loss") is not None else "n/a"  # noqa: E731
+
+                def loss(d: dict) -> str:
+                    return f"{d['loss']:.4f}" if d.get("loss") is not None else "n/a"
+
                 print(
                     f"| {name} | {test.get('answer_accuracy')} | {loss(test)} | {loss(val)} | "
                     f"{round(e['train_time_s']) if e.get('train_time_s') else 'n/a'} | {e['wall_s']} | "

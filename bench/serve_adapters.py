@@ -338,7 +338,10 @@ def tables(r: dict) -> str:
             f"{v['projection_vs_gather']:.1f}x |"
         )
     c = r["cold_start"]
-    med = lambda k: c[k]["median"]  # noqa: E731
+
+    def med(k: str) -> float:
+        return c[k]["median"]
+
     out += [
         "",
         f"Cold start ({c['prompt_tokens']}-token prompt, median of {c['reps']}, fresh adapter each run):",
@@ -357,7 +360,10 @@ def tables(r: dict) -> str:
         f"| (base model's own first token, s) | {med('base_first_token_s'):.3f} | | |",
     ]
     m = r["memory"]
-    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+
+    def mib(b: float) -> str:
+        return f"{b / 2**20:.1f} MiB"
+
     out += [
         "",
         f"Memory, {m['adapters']} registered adapters ({m['shared_bank']} on one shared bank file, "

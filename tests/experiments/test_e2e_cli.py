@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("yaml")
 
+# below the importorskip lines on purpose: without transformers or yaml this file is skipped, not a collection error
 from test_e2e_path import ROWS, tiny_tokenizer, write_csv  # noqa: E402  (tests/analysis is on sys.path)
 
 import vblora  # noqa: E402

@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+# below the importorskip lines on purpose: without transformers this file is skipped, not a collection error
 import vblora  # noqa: E402
 from vblora.experiments import e2e as ed  # noqa: E402
 from vblora.experiments import e2e_metrics as em  # noqa: E402

@@ -132,7 +132,7 @@ def two_processes(tmp_path_factory):
     import torch.multiprocessing as mp
 
     import vblora.storage.snapshot
-    import vblora.train.sharding  # noqa: F401
+    import vblora.train.sharding  # noqa: F401  (imported for the fork: the workers reuse the parent's modules)
 
     with torch.no_grad():  # transformers' lazy imports (model classes, generation, masks) loaded before the fork too
         tiny_llama()(input_ids=torch.zeros(1, 2, dtype=torch.long))
