@@ -102,6 +102,25 @@ def test_refusals_name_the_reason(setup, tmp_path):
     assert not list((tmp_path / "cache").iterdir())  # nothing unverified was written
 
 
+def test_a_remembered_base_check_still_refuses_other_weights(setup, tmp_path):
+    """The base check is remembered per adapter description (targets, module table, sampled base weights): an
+    adapter of the same layout trained on other base weights is still refused once one of this layout passed; the
+    torch thread setting is restored after a resolve."""
+    base, model_dir, d, cache = setup
+    threads = torch.get_num_threads()
+    cache.resolve("file", model_dir)
+    assert torch.get_num_threads() == threads and len(cache.base(model_dir).fits) == 1
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    vblora.save_adapter(adapted(other, 1), d / "other.safetensors")  # same targets and shapes, other base
+    with pytest.raises(AdapterFormatError, match="weights differ"):
+        cache.resolve("other", model_dir)
+    cache.resolve("file", model_dir)  # the pass is remembered: no second entry
+    assert len(cache.base(model_dir).fits) == 1
+
+
 def test_cache_bounded_in_bytes_keeps_what_it_handed_out(setup, tmp_path):
     base, model_dir, d, cache = setup
     entry = cache.resolve("file", model_dir).path
@@ -120,7 +139,11 @@ def test_settings_from_the_environment(tmp_path):
         cache_from_env({"VBLORA_ADAPTERS": str(tmp_path / "none")})
     c = cache_from_env({"VBLORA_ADAPTERS": str(tmp_path), "VBLORA_LORA_CACHE": str(tmp_path / "c"),
                         "VBLORA_LORA_CACHE_BYTES": "512M"})
-    assert c.max_bytes == 512 << 20 and c.cache == tmp_path / "c"
+    assert c.max_bytes == 512 << 20 and c.cache == tmp_path / "c" and c.threads == 1
+    assert cache_from_env({"VBLORA_ADAPTERS": str(tmp_path), "VBLORA_COMPOSE_THREADS": "4"}).threads == 4
+    for bad in ("0", "-2", "many", ""):
+        with pytest.raises(VBLoRAError, match="VBLORA_COMPOSE_THREADS"):
+            cache_from_env({"VBLORA_ADAPTERS": str(tmp_path), "VBLORA_COMPOSE_THREADS": bad})
     assert parse_bytes("4G") == 4 << 30 and parse_bytes("1000") == 1000 and parse_bytes("2GiB") == 2 << 30
     for bad in ("", "-1", "lots", "0"):
         with pytest.raises(VBLoRAError, match="VBLORA_LORA_CACHE_BYTES"):

@@ -18,9 +18,13 @@ What is checked before a directory is handed out (nothing unverified leaves this
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +41,11 @@ from vblora.storage.snapshot import AdapterSnapshot, check_base
 
 LORA_FORMAT = 1  # bump when export_lora's output for the same snapshot changes: old cache entries are then unused
 DEFAULT_CACHE_BYTES = 4 << 30
+# Torch intra-op threads while one adapter is read, checked and composed: its operations are small (a few MB), and
+# the engine's own threads hold the cores; with 2 threads on a busy 2-core machine, composing one SmolLM2 adapter
+# took 30-50 ms against 12 ms with 1 (OpenMP barriers waiting for a descheduled thread). VBLORA_COMPOSE_THREADS
+# raises it (large adapters on a many-core host).
+DEFAULT_COMPOSE_THREADS = 1
 
 
 def default_cache_dir() -> Path:
@@ -70,6 +79,7 @@ class MetaBase:
             self.model = AutoModelForCausalLM.from_config(config)
         self.module_order = [name for name, _ in self.model.named_modules()]
         self.modules = dict(self.model.named_modules())
+        self.fits: set[str] = set()  # base_check_key of adapters `check_base` passed on this (unchanging) base
 
     def weight_files(self) -> dict[str, str]:
         """Tensor name -> safetensors file holding it (sharded checkpoints through their index)."""
@@ -85,12 +95,17 @@ class MetaBase:
         from safetensors import safe_open
 
         with safe_open(single, "pt") as f:
-            return {key: single for key in f.keys()}
+            return {key: single for key in f.keys()}  # noqa: SIM118 (safe_open has keys(), no __iter__)
 
     def materialize(self, names) -> None:
         """Read the real weight of each named module that is still on the meta device."""
-        todo = [n for n in names if n in self.modules and getattr(self.modules[n], "weight", None) is not None
-                and self.modules[n].weight.is_meta]
+        todo = [
+            n
+            for n in names
+            if n in self.modules
+            and getattr(self.modules[n], "weight", None) is not None
+            and self.modules[n].weight.is_meta
+        ]
         if not todo:
             return
         from safetensors import safe_open
@@ -104,22 +119,68 @@ class MetaBase:
                 self.modules[name].weight = nn.Parameter(f.get_tensor(key), requires_grad=False)
 
     def check(self, snap: AdapterSnapshot, where: str) -> None:
-        """AdapterFormatError naming what differs if the adapter was not made for this base (`check_base`)."""
-        self.materialize(snap.weight_sample)
-        check_base(self.model, snap, where)
+        """AdapterFormatError naming what differs if the adapter was not made for this base (`check_base`). The base
+        does not change while the engine runs, so a pass is remembered by everything `check_base` reads of the
+        adapter (`base_check_key`): adapters made on this base with the same targets are checked once."""
+        key = base_check_key(snap)
+        if key not in self.fits:
+            self.materialize(snap.weight_sample)
+            check_base(self.model, snap, where)
+            self.fits.add(key)
         if snap.extras:
-            raise AdapterFormatError(f"{where}: trained heads (modules_to_save: {', '.join(sorted(snap.extras))}) "
-                                     f"cannot be served as a plain LoRA; serve this adapter with vblora's "
-                                     f"AdapterStore, or train it without modules_to_save")
+            raise AdapterFormatError(
+                f"{where}: trained heads (modules_to_save: {', '.join(sorted(snap.extras))}) "
+                f"cannot be served as a plain LoRA; serve this adapter with vblora's "
+                f"AdapterStore, or train it without modules_to_save"
+            )
+
+
+def base_check_key(snap: AdapterSnapshot) -> str:
+    """What `check_base` reads of an adapter, hashed: architecture, config (its targets), module table (names,
+    kinds, shapes, order) and the sampled base weights."""
+    return hashlib.sha256(
+        json.dumps(
+            {
+                "architecture": snap.architecture,
+                "config": snap.config.to_dict(),
+                "modules": [m.to_row() for m in snap.modules],
+                "sample": snap.weight_sample,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """This thread's torch intra-op threads set to `n` inside the block, restored after (`torch.set_num_threads`
+    acts on the calling thread, and on the default of threads started meanwhile)."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def content_key(snap: AdapterSnapshot) -> str:
     """What the composed LoRA directory depends on, hashed: the triplet's tensors, the module table, the config and
     the base's name (written into adapter_config.json). A changed adapter gets a new key."""
     tensors = tensors_sha256({"bank": snap.bank, "indices": snap.indices, "weights": snap.weights})
-    return json_sha256({"lora_format": LORA_FORMAT, "tensors": tensors, "config": snap.config.to_dict(),
-                        "modules": [m.to_row() for m in snap.modules], "base": snap.name_or_path,
-                        "architecture": snap.architecture, "task_type": snap.task_type})
+    return json_sha256(
+        {
+            "lora_format": LORA_FORMAT,
+            "tensors": tensors,
+            "config": snap.config.to_dict(),
+            "modules": [m.to_row() for m in snap.modules],
+            "base": snap.name_or_path,
+            "architecture": snap.architecture,
+            "task_type": snap.task_type,
+        }
+    )
 
 
 def dir_bytes(d: Path) -> int:
@@ -132,6 +193,7 @@ class Resolved:
     path: Path  # the composed PEFT LoRA directory
     rank: int
     cached: bool  # the directory was already there (no composition)
+    seconds: float = 0.0  # time spent finding, reading, checking, composing and writing (after taking the lock)
 
 
 class LoRADirCache:
@@ -140,15 +202,23 @@ class LoRADirCache:
     (the engine reloads an adapter from its directory when its own memory cache evicts it); if they alone exceed the
     bound, the bound is exceeded and `over_bound` says by how much. Thread-safe."""
 
-    def __init__(self, adapters: str | os.PathLike, cache: str | os.PathLike | None = None,
-                 max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        adapters: str | os.PathLike,
+        cache: str | os.PathLike | None = None,
+        max_bytes: int = DEFAULT_CACHE_BYTES,
+        threads: int = DEFAULT_COMPOSE_THREADS,
+    ) -> None:
         self.adapters = Path(adapters)
         if not self.adapters.is_dir():
-            raise VBLoRAError(f"adapter directory {self.adapters} does not exist (set VBLORA_ADAPTERS to the "
-                              f"directory holding the adapters)")
+            raise VBLoRAError(
+                f"adapter directory {self.adapters} does not exist (set VBLORA_ADAPTERS to the "
+                f"directory holding the adapters)"
+            )
         self.cache = Path(cache) if cache else default_cache_dir()
         self.cache.mkdir(parents=True, exist_ok=True)
         self.max_bytes = int(max_bytes)
+        self.threads = int(threads)
         self.bases: dict[str, MetaBase] = {}
         self.handed_out: set[Path] = set()
         self.over_bound = 0
@@ -162,7 +232,8 @@ class LoRADirCache:
     def resolve(self, name: str, base_model: str) -> Resolved | None:
         """The verified LoRA directory of adapter `name` for `base_model`; None if no adapter has that name.
         AdapterFormatError / FileNotFoundError / VBLoRAError: the adapter exists but cannot be served (why)."""
-        with self.lock:
+        with self.lock, torch_threads(self.threads):
+            start = time.perf_counter()
             found = find_source(self.adapters, name)
             if found is None:
                 return None
@@ -178,12 +249,15 @@ class LoRADirCache:
                 export_lora(snap, out)
             self.handed_out.add(out)
             self.evict()
-            return Resolved(name, out, snap.config.rank, cached)
+            return Resolved(name, out, snap.config.rank, cached, time.perf_counter() - start)
 
     def evict(self) -> None:
         """Remove least recently used entries not handed out by this process until the cache fits `max_bytes`."""
-        entries = [(d.stat().st_mtime, d, dir_bytes(d)) for d in self.cache.iterdir()
-                   if d.is_dir() and not d.name.startswith(".") and (d / CONFIG_FILE).is_file()]
+        entries = [
+            (d.stat().st_mtime, d, dir_bytes(d))
+            for d in self.cache.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and (d / CONFIG_FILE).is_file()
+        ]
         total = sum(size for _, _, size in entries)
         for _, d, size in sorted(entries, key=lambda e: e[0]):
             if total <= self.max_bytes:
@@ -199,12 +273,24 @@ class LoRADirCache:
 
 def cache_from_env(environ=os.environ) -> LoRADirCache:
     """The cache the environment configures: VBLORA_ADAPTERS (required), VBLORA_LORA_CACHE (default
-    ~/.cache/vblora/vllm-lora), VBLORA_LORA_CACHE_BYTES (default 4 GiB; suffixes K, M, G allowed)."""
+    ~/.cache/vblora/vllm-lora), VBLORA_LORA_CACHE_BYTES (default 4 GiB; suffixes K, M, G allowed),
+    VBLORA_COMPOSE_THREADS (torch threads for reading and composing one adapter, default 1)."""
     adapters = environ.get("VBLORA_ADAPTERS")
     if not adapters:
         raise VBLoRAError("VBLORA_ADAPTERS is not set: point it at the directory holding the VB-LoRA adapters")
-    return LoRADirCache(adapters, environ.get("VBLORA_LORA_CACHE") or None,
-                        parse_bytes(environ.get("VBLORA_LORA_CACHE_BYTES", str(DEFAULT_CACHE_BYTES))))
+    return LoRADirCache(
+        adapters,
+        environ.get("VBLORA_LORA_CACHE") or None,
+        parse_bytes(environ.get("VBLORA_LORA_CACHE_BYTES", str(DEFAULT_CACHE_BYTES))),
+        parse_threads(environ.get("VBLORA_COMPOSE_THREADS", str(DEFAULT_COMPOSE_THREADS))),
+    )
+
+
+def parse_threads(text: str) -> int:
+    value = int(text) if text.strip().isdigit() else 0
+    if value <= 0:
+        raise VBLoRAError(f"VBLORA_COMPOSE_THREADS={text!r} is not a positive thread count (e.g. 1, 4)")
+    return value
 
 
 def parse_bytes(text: str) -> int:

@@ -26,7 +26,9 @@ from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 from vblora.errors import VBLoRAError
 from vblora.serve.lora_dirs import LoRADirCache, cache_from_env
 
-logger = logging.getLogger("vblora.vllm")
+# under vLLM's logger: its handler and VLLM_LOGGING_LEVEL apply, so the plugin's lines (info included) are in the
+# server's log; a logger outside "vllm" has no handler there and its info lines were dropped
+logger = logging.getLogger("vllm.vblora")
 RESOLVER_NAME = "vblora"
 
 
@@ -46,14 +48,25 @@ class VBLoRAResolver(LoRAResolver):
         if found is None:
             return None
         if self.cache.over_bound:
-            logger.warning("vblora: the LoRA cache %s holds %d bytes over VBLORA_LORA_CACHE_BYTES=%d in adapters "
-                           "this server handed to vLLM (kept: vLLM reloads them from there)", self.cache.cache,
-                           self.cache.over_bound, self.cache.max_bytes)
-        logger.info("vblora: adapter %r -> %s (rank %d, %s)", lora_name, found.path, found.rank,
-                    "cached" if found.cached else "composed")
+            logger.warning(
+                "vblora: the LoRA cache %s holds %d bytes over VBLORA_LORA_CACHE_BYTES=%d in adapters "
+                "this server handed to vLLM (kept: vLLM reloads them from there)",
+                self.cache.cache,
+                self.cache.over_bound,
+                self.cache.max_bytes,
+            )
+        logger.info(
+            "vblora: adapter %r -> %s (rank %d, %s in %.3f s)",
+            lora_name,
+            found.path,
+            found.rank,
+            "cached" if found.cached else "composed",
+            found.seconds,
+        )
         # lora_int_id: vLLM replaces it with its own counter's value (OpenAIServingModels.resolve_lora)
-        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(found.path),
-                           base_model_name=base_model_name)
+        return LoRARequest(
+            lora_name=lora_name, lora_int_id=1, lora_path=str(found.path), base_model_name=base_model_name
+        )
 
 
 def register() -> None:
