@@ -146,12 +146,15 @@ async def cold(url: str, name: str, load_path: str | None, vllm: bool) -> float:
         return time.perf_counter() - t0
 
 
-def plugin_times(log: Path) -> list[float]:
-    """The plugin's own time per resolved adapter (find, read, check, compose, write), from its log lines
-    `vblora: adapter 'NAME' -> PATH (rank R, composed in S s)`."""
+def plugin_times(log: Path) -> list[dict]:
+    """The plugin's own time per resolved adapter, in total and per step (find, read, check, compose+write), from
+    its log lines `vblora: adapter 'NAME' -> PATH (rank R, composed in S s: find S, read S, ...)`."""
     import re
 
-    return [float(m) for m in re.findall(r"vblora: adapter .* composed in ([0-9.]+) s", log.read_text())]
+    out = []
+    for total, steps in re.findall(r"vblora: adapter .* composed in ([0-9.]+) s: (.*)\)", log.read_text()):
+        out.append({"total": float(total)} | {k: float(v) for k, v in (p.rsplit(" ", 1) for p in steps.split(", "))})
+    return out
 
 
 def dir_size(p: Path) -> int:
@@ -365,12 +368,13 @@ def cold_only(args) -> int:
         result[arm]["cold_s"] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": len(xs)}
     p = result["a_vllm_plugin"]["plugin_resolve_s"]
     if p:
-        result["a_vllm_plugin"]["plugin_resolve_median_s"] = statistics.median(p)
+        result["a_vllm_plugin"]["plugin_resolve_median_s"] = {k: statistics.median(x[k] for x in p) for k in p[0]}
     result.update(metadata(args))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({arm: result[arm]["cold_s"] for arm in ("a_vllm_plugin", "b_vllm_plain_lora")}, indent=1))
-    print("plugin's own time per resolve (s):", p)
+    print("plugin's own time per resolve (s):", [x["total"] for x in p])
+    print("median per step (s):", result["a_vllm_plugin"].get("plugin_resolve_median_s"))
     return 0
 
 

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -194,6 +194,29 @@ class Resolved:
     rank: int
     cached: bool  # the directory was already there (no composition)
     seconds: float = 0.0  # time spent finding, reading, checking, composing and writing (after taking the lock)
+    # seconds per step (find, base, read, check, compose+write) and `cpu`: this thread's CPU seconds in all
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+class Stopwatch:
+    """Seconds per named step (`lap`) since the previous lap."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.cpu_start = time.thread_time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.laps[step] = now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+    def cpu(self) -> float:
+        """CPU seconds of this thread since the start (less than `total` when it waited: disk, GIL, other work)."""
+        return time.thread_time() - self.cpu_start
 
 
 class LoRADirCache:
@@ -233,23 +256,28 @@ class LoRADirCache:
         """The verified LoRA directory of adapter `name` for `base_model`; None if no adapter has that name.
         AdapterFormatError / FileNotFoundError / VBLoRAError: the adapter exists but cannot be served (why)."""
         with self.lock, torch_threads(self.threads):
-            start = time.perf_counter()
+            clock = Stopwatch()
             found = find_source(self.adapters, name)
             if found is None:
                 return None
             source, banks = found
-            base = self.base(base_model)
+            clock.lap("find")
+            base = self.base(base_model)  # built on the first resolve only
+            clock.lap("base")
             snap = read_snapshot(source, banks, base.module_order)
+            clock.lap("read")
             base.check(snap, f"adapter '{name}'")
             out = self.cache / content_key(snap)
+            clock.lap("check")
             cached = (out / WEIGHTS_FILE).is_file() and (out / CONFIG_FILE).is_file()
             if cached:
                 os.utime(out)  # recently used
             else:
                 export_lora(snap, out)
+                clock.lap("compose+write")
             self.handed_out.add(out)
             self.evict()
-            return Resolved(name, out, snap.config.rank, cached, time.perf_counter() - start)
+            return Resolved(name, out, snap.config.rank, cached, clock.total(), clock.laps | {"cpu": clock.cpu()})
 
     def evict(self) -> None:
         """Remove least recently used entries not handed out by this process until the cache fits `max_bytes`."""

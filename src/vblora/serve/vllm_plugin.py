@@ -56,12 +56,13 @@ class VBLoRAResolver(LoRAResolver):
                 self.cache.max_bytes,
             )
         logger.info(
-            "vblora: adapter %r -> %s (rank %d, %s in %.3f s)",
+            "vblora: adapter %r -> %s (rank %d, %s in %.3f s: %s)",
             lora_name,
             found.path,
             found.rank,
             "cached" if found.cached else "composed",
             found.seconds,
+            ", ".join(f"{step} {s:.3f}" for step, s in found.steps.items()),
         )
         # lora_int_id: vLLM replaces it with its own counter's value (OpenAIServingModels.resolve_lora)
         return LoRARequest(
