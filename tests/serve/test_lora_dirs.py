@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch
-from tiny_models import tiny_llama, tokens
 
 import vblora
+from tiny_models import tiny_llama, tokens
 from vblora.errors import AdapterFormatError, VBLoRAError
 from vblora.serve.lora_dirs import LoRADirCache, cache_from_env, dir_bytes, parse_bytes
 
@@ -56,8 +56,9 @@ def test_lora_directory_equals_load_adapter(setup, name):
     if name == "peft":
         ref = vblora.import_peft(copy.deepcopy(base), d / "peft")
     else:
-        ref = vblora.load_adapter(copy.deepcopy(base), d / f"{name}.safetensors",
-                                  bank_path=d / "bank.safetensors" if name == "ref" else None)
+        ref = vblora.load_adapter(
+            copy.deepcopy(base), d / f"{name}.safetensors", bank_path=d / "bank.safetensors" if name == "ref" else None
+        )
     assert torch.allclose(logits(as_lora, ids), logits(ref, ids), atol=1e-5, rtol=0)
     assert not torch.allclose(logits(base, ids), logits(ref, ids), atol=1e-3)  # the adapter matters
     again = cache.resolve(name, model_dir)
@@ -83,7 +84,7 @@ def test_unknown_and_escaping_names_are_not_found(setup, tmp_path):
 def test_refusals_name_the_reason(setup, tmp_path):
     base, model_dir, d, cache = setup
     (d / "damaged.safetensors").write_bytes((d / "file.safetensors").read_bytes()[:-200])
-    with pytest.raises(AdapterFormatError, match="corrupt|truncated"):
+    with pytest.raises(AdapterFormatError, match=r"corrupt|truncated"):
         cache.resolve("damaged", model_dir)
     other = copy.deepcopy(base)  # same shapes, other weights: the sampled base weights tell them apart
     with torch.no_grad():
@@ -95,8 +96,9 @@ def test_refusals_name_the_reason(setup, tmp_path):
     vblora.save_adapter(adapted(base, 6, target_modules=["q_proj"], modules_to_save=["lm_head"]), d / "head")
     with pytest.raises(AdapterFormatError, match="modules_to_save: lm_head"):
         cache.resolve("head", model_dir)
-    vblora.save_adapter(adapted(tiny_llama(intermediate=96), 7, target_modules=["up_proj"]),
-                        d / "wrongshape.safetensors")
+    vblora.save_adapter(
+        adapted(tiny_llama(intermediate=96), 7, target_modules=["up_proj"]), d / "wrongshape.safetensors"
+    )
     with pytest.raises(AdapterFormatError, match="does not fit"):
         cache.resolve("wrongshape", model_dir)
     assert not list((tmp_path / "cache").iterdir())  # nothing unverified was written
@@ -122,7 +124,7 @@ def test_a_remembered_base_check_still_refuses_other_weights(setup, tmp_path):
 
 
 def test_cache_bounded_in_bytes_keeps_what_it_handed_out(setup, tmp_path):
-    base, model_dir, d, cache = setup
+    _, model_dir, d, cache = setup
     entry = cache.resolve("file", model_dir).path
     size = dir_bytes(entry)
     later = LoRADirCache(d, tmp_path / "cache", int(size * 1.5))  # another process, a bound of one entry
@@ -137,8 +139,9 @@ def test_settings_from_the_environment(tmp_path):
         cache_from_env({})
     with pytest.raises(VBLoRAError, match="does not exist"):
         cache_from_env({"VBLORA_ADAPTERS": str(tmp_path / "none")})
-    c = cache_from_env({"VBLORA_ADAPTERS": str(tmp_path), "VBLORA_LORA_CACHE": str(tmp_path / "c"),
-                        "VBLORA_LORA_CACHE_BYTES": "512M"})
+    c = cache_from_env(
+        {"VBLORA_ADAPTERS": str(tmp_path), "VBLORA_LORA_CACHE": str(tmp_path / "c"), "VBLORA_LORA_CACHE_BYTES": "512M"}
+    )
     assert c.max_bytes == 512 << 20 and c.cache == tmp_path / "c" and c.threads == 1
     assert cache_from_env({"VBLORA_ADAPTERS": str(tmp_path), "VBLORA_COMPOSE_THREADS": "4"}).threads == 4
     for bad in ("0", "-2", "many", ""):
