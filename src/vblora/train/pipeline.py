@@ -18,17 +18,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import peft
 import torch
-import transformers
 from transformers import (
     DataCollatorWithPadding,
     TrainingArguments,
@@ -43,6 +39,7 @@ from vblora.storage.files import atomic_write, replace_dir
 from vblora.train import checkpoints as run_checkpoints
 from vblora.train import evaluate, methods, models, tasks, vader
 from vblora.train import metrics as task_metrics
+from vblora.train import results as results_file
 from vblora.train.callbacks import (
     BestTracker,
     CatchUpEvaluation,
@@ -259,7 +256,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     train_loss = trainer.run_loss()  # the whole run's, also after a resume (AdapterTrainer's LossBook)
     train_time = time.time() - t_train
     tracker.active = False
-    per_epoch = _per_epoch(trainer.state.log_history)  # before the final evaluations add their own entries
+    # before the final evaluations add their own entries
+    per_epoch = results_file.per_epoch_rows(trainer.state.log_history)
     if tracker.state is not None:
         load_trainable(trainer.model, tracker.state)
 
@@ -269,10 +267,10 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
             return {}
         if lm:
             return evaluate.lm_loss(trainer.model, ds, collator, cfg.eval_batch_size)
-        return _strip(trainer.evaluate(ds, metric_key_prefix=split))
+        return results_file.strip_prefix(trainer.evaluate(ds, metric_key_prefix=split))
 
     # the best epoch's validation metrics were computed on exactly this state: no second pass
-    val = _strip(tracker.metrics) if tracker.metrics and not lm else score("validation")
+    val = results_file.strip_prefix(tracker.metrics) if tracker.metrics and not lm else score("validation")
     test = score("test")
     t_eval = time.time()
     with _samples_dir(cfg, out, is_main) as samples:
@@ -320,7 +318,7 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
             "test": len(data.test),
         },
         "config": cfg.to_dict(),
-        "versions": versions(),
+        "versions": results_file.library_versions(),
     }
     if cfg.dataset and cfg.dataset.startswith("vader"):
         results["data"]["split"] = vader.split_info()
@@ -337,8 +335,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
         # CPU seconds of this process (all threads): on a shared machine wall time says little, this does
         ru = resource.getrusage(resource.RUSAGE_SELF)
         results.update(cpu_time_s=round(ru.ru_utime + ru.ru_stime, 2), load_average=list(os.getloadavg()))
-        atomic_write(out / "results.json", json.dumps(results, indent=2, default=_json_default).encode())
-        log(summary_line(results) + f"  -> {out / 'results.json'}")
+        atomic_write(out / "results.json", json.dumps(results, indent=2, default=results_file.json_default).encode())
+        log(results_file.summary_line(results) + f"  -> {out / 'results.json'}")
     return results
 
 
@@ -399,57 +397,3 @@ def _compute_metrics(task: str):
         return metrics(p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions, p.label_ids)
 
     return fn
-
-
-def versions() -> dict:
-    return {
-        "vblora": vblora.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
-def _strip(m: dict) -> dict:
-    """`eval_accuracy` -> `accuracy`; keep metrics, drop runtime counters."""
-    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch")
-    return {k.split("_", 1)[1]: float(v) for k, v in m.items() if not any(k.endswith(s) for s in skip)}
-
-
-def _per_epoch(history: list[dict]) -> list[dict]:
-    rows, train_loss = [], None
-    for h in history:
-        if "loss" in h:
-            train_loss = h["loss"]
-        if "eval_loss" in h:
-            rows.append(
-                {
-                    "epoch": h.get("epoch"),
-                    "step": h.get("step"),
-                    "train_loss": train_loss,
-                    "validation": _strip({k: v for k, v in h.items() if k.startswith("eval_")}),
-                }
-            )
-    return rows
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return list(o) if isinstance(o, (set, tuple)) else str(o)
-
-
-def summary_line(r: dict) -> str:
-    t = r["metrics"]["test"]
-    key = r["primary_metric"] if r["primary_metric"] in t else next(iter(t), None)
-    shown = ", ".join(
-        f"{k} {t[k]:.4f}" for k in dict.fromkeys((key, "perplexity", "exact_match", "answer_accuracy")) if k in t
-    )
-    wall = f", wall {r['wall_time_s']:.0f} s" if r.get("wall_time_s") else ""
-    best = "-" if r["best_epoch"] is None else format(r["best_epoch"], "g")
-    return (
-        f"{r['method']}: test {shown} | stored parameters {r['stored_parameters']:,.0f} | "
-        f"adapter bytes {r['adapter_bytes']:,} | best epoch {best}{wall}"
-    )
