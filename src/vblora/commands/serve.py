@@ -88,6 +88,10 @@ def run(args) -> int:
             f"sub-directory or .safetensors file per adapter)"
         )
     check_port(args.host, args.port)
+    if args.lora_cache_bytes is not None:
+        from vblora.serve.lora_dirs import parse_bytes
+
+        parse_bytes(args.lora_cache_bytes)  # a bad bound is one line here, before vLLM starts
     python = vllm_python(args.vllm_python)
     key = api_key(args)
     extra = list(args.vllm_args)
@@ -140,7 +144,8 @@ def run(args) -> int:
         return 0
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv[0], argv, env)  # vLLM's server replaces this process: signals and exit code are its own
+    # vLLM's server replaces this process (signals and exit code are its own); PATH is searched, as the probe did
+    os.execvpe(argv[0], argv, env)
 
 
 def register(subparsers) -> None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vblora.experiments.reuse import finished
+from vblora.storage.files import atomic_write
 from vblora.train.config import build_config
 from vblora.train.pipeline import train
 
@@ -127,9 +128,8 @@ def run_study(
             results[v.name].append(finished(cfg.output, cfg, log) or train_fn(cfg, log=log))
         except Exception as e:  # one failing variant must not lose the others
             log(f"[ablate] {Path(cfg.output).name} FAILED: {type(e).__name__}: {e}")
-        (out / "ablation.json").write_text(
-            json.dumps({"budget": budget.describe(), "seeds": seeds, "rows": summarize(variants, results)}, indent=2)
-        )
+        summary = {"budget": budget.describe(), "seeds": seeds, "rows": summarize(variants, results)}
+        atomic_write(out / "ablation.json", json.dumps(summary, indent=2).encode())
     return summarize(variants, results)
 
 

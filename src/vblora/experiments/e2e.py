@@ -218,13 +218,17 @@ def run_e2e(cfg: RunConfig, opts: E2EOptions, log=print) -> dict:
     import os
 
     from vblora.storage.files import atomic_write
+    from vblora.train import results as results_file
     from vblora.train.pipeline import train
 
     results = train(cfg, log=log, task=task(opts))
     results["e2e"] = dataclasses.asdict(opts)
     results["test_mrs"] = results["data"]["test_mrs"]
     if int(os.environ.get("RANK", "0")) == 0:  # the pipeline's rule for the main process (torchrun / accelerate)
-        atomic_write(Path(cfg.output) / "results.json", (json.dumps(results, indent=2, default=str) + "\n").encode())
+        atomic_write(
+            Path(cfg.output) / "results.json",
+            (json.dumps(results, indent=2, default=results_file.json_default) + "\n").encode(),
+        )
     return results
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from vblora.experiments.ablate import Budget, spread
 from vblora.experiments.reuse import finished
+from vblora.storage.files import atomic_write
 from vblora.train.config import build_config
 from vblora.train.methods import read_bank_tensor
 from vblora.train.pipeline import train
@@ -66,9 +67,8 @@ def shared_bank_study(
                 "trainable": rs[0]["trainable_parameters"],
             }
         )
-        (out / "shared_bank.json").write_text(
-            json.dumps({"budget": budget.describe(), "seeds": seeds, "rows": rows}, indent=2)
-        )
+        summary = {"budget": budget.describe(), "seeds": seeds, "rows": rows}
+        atomic_write(out / "shared_bank.json", json.dumps(summary, indent=2).encode())
     return rows
 
 

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from torch import nn
 
 from vblora.errors import AdapterFormatError, VBLoRAError
 from vblora.serve.loaded import read_snapshot
-from vblora.serve.sources import Source, bank_candidates, bank_index, find
+from vblora.serve.sources import Source, bank_candidates, bank_file_sha256, bank_index, find
 from vblora.storage.files import json_sha256, tensors_sha256
 from vblora.storage.lora import export_lora
 from vblora.storage.peft_vblora import CONFIG_FILE, WEIGHTS_FILE
@@ -61,8 +62,12 @@ def find_source(directory: Path, name: str) -> tuple[Source, dict[str, Path]] | 
         source = find(directory, name)
     except FileNotFoundError:
         return None
-    banks = {} if source.bank_sha256 is None or bank_candidates(source, {}) else bank_index(directory)
-    return source, banks
+    if source.bank_sha256 is None:
+        return source, {}
+    # a bank file beside the adapter whose digest matches (one header read), else the directory's index, as the
+    # AdapterStore finds it: a nearby bank of another digest must not shadow the right one
+    near = next((p for p in bank_candidates(source, {}) if bank_file_sha256(p) == source.bank_sha256), None)
+    return source, ({source.bank_sha256: near} if near is not None else bank_index(directory))
 
 
 class MetaBase:
@@ -81,15 +86,24 @@ class MetaBase:
         self.modules = dict(self.model.named_modules())
         self.fits: set[str] = set()  # base_check_key of adapters `check_base` passed on this (unchanging) base
 
+    def model_file(self, filename: str) -> str | None:
+        """`filename` of the served model: in its local directory, or in the local Hugging Face cache for a model
+        id (huggingface_hub's public lookup; nothing is downloaded); None if it has none."""
+        d = Path(self.model_dir)
+        if d.is_dir():
+            return str(d / filename) if (d / filename).is_file() else None
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(self.model_dir, filename)
+        return found if isinstance(found, str) else None
+
     def weight_files(self) -> dict[str, str]:
         """Tensor name -> safetensors file holding it (sharded checkpoints through their index)."""
-        from transformers.utils import cached_file
-
-        index = cached_file(self.model_dir, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+        index = self.model_file("model.safetensors.index.json")
         if index is not None:
             weight_map = json.loads(Path(index).read_text())["weight_map"]
             return {key: str(Path(index).parent / file) for key, file in weight_map.items()}
-        single = cached_file(self.model_dir, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        single = self.model_file("model.safetensors")
         if single is None:
             raise VBLoRAError(f"{self.model_dir}: no model.safetensors (or index) to read base weights from")
         from safetensors import safe_open
@@ -292,9 +306,7 @@ class LoRADirCache:
                 break
             if d in self.handed_out:
                 continue
-            for f in d.iterdir():
-                f.unlink(missing_ok=True)
-            d.rmdir()
+            shutil.rmtree(d, ignore_errors=True)  # another server sharing the cache may have removed it already
             total -= size
         self.over_bound = max(0, total - self.max_bytes)
 

@@ -28,7 +28,10 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora
 
 def max_lora_rank(rank: int) -> int:
     """The smallest `--max-lora-rank` vLLM accepts that holds rank `rank`."""
-    return next(v for v in VLLM_MAX_LORA_RANKS if v >= rank)
+    fit = next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None)
+    if fit is None:
+        raise SetupError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
+    return fit
 
 
 LOCAL_VENV = Path(".venv-vllm") / "bin" / "python"  # where docs/serving.md installs it

@@ -77,4 +77,8 @@ def register() -> None:
     if not os.environ.get("VBLORA_ADAPTERS"):
         logger.info("vblora: VBLORA_ADAPTERS is not set; the VB-LoRA resolver is not registered")
         return
-    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, VBLoRAResolver(cache_from_env()))
+    try:
+        cache = cache_from_env()
+    except VBLoRAError as e:  # vLLM's plugin loader would print a traceback: one line instead
+        raise SystemExit(f"vblora plugin: {e}") from None
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, VBLoRAResolver(cache))

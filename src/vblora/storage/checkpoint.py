@@ -232,6 +232,12 @@ def restore_trainable(model: nn.Module, file: Path, theirs: dict | None, state: 
                 f"{file}: checkpoint tensor '{name}' has shape "
                 f"{tuple(getattr(t, 'shape', ()))}, the model needs {tuple(target[name].shape)}"
             )
+    copy_trainable(model, state)
+
+
+def copy_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` (what `trainable_state` took: trained parameters and a frozen selection's buffers) into the
+    model's tensors, unchecked: the caller's state came from this model."""
     live = dict(unwrap(model).named_parameters()) | dict(unwrap(model).named_buffers())
     with torch.no_grad():
         for name, t in state.items():

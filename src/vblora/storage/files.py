@@ -98,10 +98,11 @@ def replace_dir(out: str | os.PathLike, write, replaceable) -> Path:
     remove_stale(out.parent, f".{out.name}.")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=TMP, dir=out.parent))
     try:
-        os.chmod(tmp, 0o777 & ~current_umask())
+        mask = current_umask()  # read once: reading it sets the process-wide umask for a moment
+        os.chmod(tmp, 0o777 & ~mask)
         write(tmp)
         for path in tmp.rglob("*"):  # writers such as transformers' save_pretrained create their files 0600
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         old = out.parent / f".{out.name}.{os.getpid()}.old{TMP}"  # the previous directory, until the new one is in
         if out.exists():
             os.replace(out, old)

@@ -10,21 +10,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from vblora.inject import unwrap
 from vblora.storage import load_checkpoint, save_checkpoint
 from vblora.storage.checkpoint import trainable_state
 from vblora.train import checkpoints as run_checkpoints
 from vblora.train import metrics as task_metrics
 from vblora.train.config import RunConfig
 from vblora.train.errors import DivergedError
-
-
-def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy back what `trainable_state` took: trained parameters (and a frozen selection's buffers)."""
-    live = dict(unwrap(model).named_parameters()) | dict(unwrap(model).named_buffers())
-    with torch.no_grad():
-        for n, t in state.items():
-            live[n].copy_(t.to(live[n].device, live[n].dtype))
 
 
 class BestTracker(TrainerCallback):

@@ -61,6 +61,11 @@ def first_line(e: BaseException) -> str:
     return text if isinstance(e, VBLoRAError) else f"{type(e).__name__}: {text}"
 
 
+def rng_file(rank: int, world: int) -> str:
+    """The Trainer's RNG-state file of process `rank` in a checkpoint."""
+    return "rng_state.pth" if world == 1 else f"rng_state_{rank}.pth"
+
+
 def run_identity(cfg, train_examples: int, processes: int) -> dict:
     """What a checkpoint must share with the run resuming it (plain JSON types: it is stored with the checkpoint),
     including the content of the training data file (`train_sha256`): the same path and row count with edited rows
@@ -148,7 +153,7 @@ def find_resume(ckpt: Path, identity: dict, partial: bool, rank: int, world: int
                 f"{str(identity.get('train_sha256'))[:12]}... now), so resuming would not continue that "
                 f"run; restore the file, or pass --overwrite to start again on the new one"
             )
-        rng = "rng_state.pth" if world == 1 else f"rng_state_{rank}.pth"
+        rng = rng_file(rank, world)
         missing = [f for f in ("optimizer.pt", "scheduler.pt", rng) if not (d / f).is_file()]
         problems = " and ".join(
             ([f"was saved with other settings: {', '.join(diff)} (checkpoint -> now)"] if diff else [])
@@ -189,7 +194,7 @@ def restoring(checkpoint, what: str):
 def check_loadable(d: Path, rank: int, world: int) -> None:
     """Read the optimizer, scheduler and RNG files of `d` as the Trainer will (tensors and plain containers only),
     before it does: a damaged or crafted file is one ResumeError naming the part, never a traceback or code run."""
-    rng = "rng_state.pth" if world == 1 else f"rng_state_{rank}.pth"
+    rng = rng_file(rank, world)
     for what, names in (("optimizer and scheduler state", ("optimizer.pt", "scheduler.pt")), ("RNG state", (rng,))):
         with restoring(d, what), safe_globals():  # the numpy types the Trainer's RNG state holds, as it allows
             for name in names:

@@ -35,17 +35,13 @@ import vblora
 from vblora.errors import AdapterFormatError
 from vblora.integrations import AdapterTrainer
 from vblora.layout import require_bitsandbytes
+from vblora.storage.checkpoint import copy_trainable
 from vblora.storage.files import atomic_write, replace_dir
 from vblora.train import checkpoints as run_checkpoints
 from vblora.train import evaluate, methods, models, tasks, vader
 from vblora.train import metrics as task_metrics
 from vblora.train import results as results_file
-from vblora.train.callbacks import (
-    BestTracker,
-    CatchUpEvaluation,
-    DivergenceGuard,
-    load_trainable,
-)
+from vblora.train.callbacks import BestTracker, CatchUpEvaluation, DivergenceGuard
 from vblora.train.config import RunConfig
 from vblora.train.errors import ResumeError, SaveError, SetupError
 from vblora.train.sampling import LengthGroupedEpochSampler, item_lengths
@@ -259,7 +255,7 @@ def train(cfg: RunConfig, callbacks: list | None = None, log=print, task=tasks.b
     # before the final evaluations add their own entries
     per_epoch = results_file.per_epoch_rows(trainer.state.log_history)
     if tracker.state is not None:
-        load_trainable(trainer.model, tracker.state)
+        copy_trainable(trainer.model, tracker.state)
 
     def score(split) -> dict:
         ds = getattr(data, split)
