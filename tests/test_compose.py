@@ -117,3 +117,26 @@ def test_compose_selected_gradients_and_what_it_keeps():
     plain_kept = kept_elements(lambda: (weights.unsqueeze(-1) * F.embedding(indices, bank)).sum(dim=1))
     assert ours_kept == 2 * n * k + h * b  # indices, weights, bank
     assert plain_kept >= n * k * b  # what plain autograd keeps: the gathered rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_compose_selected_without_gradients_gives_the_same_bits(dtype, k):
+    """Without gradients (export, merge, serving), top-2 takes a row gather per choice: the same bits as the
+    gathered block's sum, across mixed dtypes and with -0.0; training keeps the autograd function."""
+    import torch.nn.functional as F
+
+    from vblora.bank import compose_selected
+
+    g = torch.Generator().manual_seed(k)
+    n, h, b = 3000, 256, 48
+    indices = torch.randint(0, h, (n, k), generator=g)
+    weights = torch.rand(n, k, generator=g).softmax(dim=1)
+    bank = torch.randn(h, b, generator=g).to(dtype)
+    bank[0] = -0.0
+    block = (weights.unsqueeze(-1) * F.embedding(indices, bank)).sum(dim=1)
+    with torch.no_grad():
+        rows = compose_selected(indices, weights, bank)
+    assert rows.dtype == block.dtype and torch.equal(rows.view(torch.uint8), block.view(torch.uint8))
+    bank.requires_grad_(True)
+    assert compose_selected(indices, weights, bank).grad_fn is not None  # training keeps the autograd function

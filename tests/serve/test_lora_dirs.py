@@ -73,6 +73,31 @@ def test_changed_adapter_gets_a_new_entry(setup):
     assert second != first and first.is_dir() and second.is_dir()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "extra file", "emptied"])
+def test_an_entry_from_another_process_is_used_only_when_whole(setup, tmp_path, damage):
+    """Entries are written without fsync (they are derived data, composed again in milliseconds): one left damaged
+    by a power cut, or altered, is written again; a whole one is used as it is."""
+    _, model_dir, d, cache = setup
+    entry = cache.resolve("file", model_dir).path
+    good = {p.name: p.read_bytes() for p in entry.iterdir()}
+    weights = entry / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(good[weights.name][:-4])
+    elif damage == "zeroed":
+        weights.write_bytes(bytes(len(good[weights.name])))
+    elif damage == "extra file":
+        (entry / "adapter_model.bin").write_bytes(b"not ours")
+    else:
+        for p in entry.iterdir():
+            p.unlink()
+    restarted = LoRADirCache(d, tmp_path / "cache", 1 << 30)  # a new process on the same cache
+    again = restarted.resolve("file", model_dir)
+    assert again.path == entry and not again.cached
+    assert {p.name: p.read_bytes() for p in entry.iterdir()} == good
+    whole = LoRADirCache(d, tmp_path / "cache", 1 << 30).resolve("file", model_dir)
+    assert whole.cached and {p.name: p.read_bytes() for p in entry.iterdir()} == good
+
+
 def test_unknown_and_escaping_names_are_not_found(setup, tmp_path):
     base, model_dir, d, cache = setup
     vblora.save_adapter(adapted(base, 5), tmp_path / "outside.safetensors")

@@ -1,7 +1,8 @@
 """VB-LoRA adapters as plain LoRA directories for an engine that reads PEFT LoRA (vLLM): find an adapter by name in
-an adapter directory, verify it against the served base, compose it exactly (`vblora.export_lora`), and keep the
-result in a content-addressed cache bounded in bytes. The vLLM resolver plugin (`vblora.serve.vllm_plugin`) is a
-thin async shell over `LoRADirCache.resolve`; this module needs no vLLM, so it is tested where vLLM is absent.
+an adapter directory, verify it against the served base, compose it exactly (the bytes `vblora.export_lora` writes,
+made by `LoRAFileLayout`), and keep the result in a content-addressed cache bounded in bytes. The vLLM resolver
+plugin (`vblora.serve.vllm_plugin`) is a thin async shell over `LoRADirCache.resolve`; this module needs no vLLM,
+so it is tested where vLLM is absent.
 
 What is checked before a directory is handed out (nothing unverified leaves this module):
 - the name: one plain entry of the adapter directory, found as the store finds it (`sources.find`: no separators,
@@ -35,8 +36,8 @@ from torch import nn
 from vblora.errors import AdapterFormatError, VBLoRAError
 from vblora.serve.loaded import read_snapshot
 from vblora.serve.sources import Source, bank_candidates, bank_file_sha256, bank_index, find
-from vblora.storage.files import json_sha256, tensors_sha256
-from vblora.storage.lora import export_lora
+from vblora.storage.files import json_sha256, replace_dir, tensors_sha256
+from vblora.storage.lora import LoRAFileLayout, layout_key
 from vblora.storage.peft_vblora import CONFIG_FILE, WEIGHTS_FILE
 from vblora.storage.snapshot import AdapterSnapshot, check_base
 
@@ -197,6 +198,27 @@ def content_key(snap: AdapterSnapshot) -> str:
     )
 
 
+def same_files(d: Path, files: dict[str, bytes | bytearray]) -> bool:
+    """Whether directory `d` holds exactly `files` (name -> bytes)."""
+    try:
+        return sorted(p.name for p in d.iterdir()) == sorted(files) and all(
+            (d / name).stat().st_size == len(data) and (d / name).read_bytes() == data for name, data in files.items()
+        )
+    except OSError:  # absent, or removed meanwhile by another server's eviction
+        return False
+
+
+def write_entry(d: Path, files: dict[str, bytes | bytearray]) -> None:
+    """Write cache entry `d` as a whole (a crash leaves it whole or absent), without fsync: entries are checked
+    before use (`same_files`), and one lost to a power cut is written again."""
+
+    def write(tmp: Path) -> None:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+
+    replace_dir(d, write, replaceable=lambda _: True, durable=False)
+
+
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
 
@@ -234,8 +256,8 @@ class Stopwatch:
 
 
 class LoRADirCache:
-    """Adapters of `adapters` composed into LoRA directories under `cache` (one per content key, written as a whole
-    by `export_lora`, least recently used removed past `max_bytes`). Entries handed out by this process are kept
+    """Adapters of `adapters` composed into LoRA directories under `cache` (one per content key, written as a whole,
+    least recently used removed past `max_bytes`). Entries handed out by this process are kept
     (the engine reloads an adapter from its directory when its own memory cache evicts it); if they alone exceed the
     bound, the bound is exceeded and `over_bound` says by how much. Thread-safe."""
 
@@ -257,6 +279,7 @@ class LoRADirCache:
         self.max_bytes = int(max_bytes)
         self.threads = int(threads)
         self.bases: dict[str, MetaBase] = {}
+        self.file_layouts: dict[str, LoRAFileLayout] = {}  # by layout_key: one per module layout served
         self.handed_out: set[Path] = set()
         self.over_bound = 0
         self.lock = threading.Lock()
@@ -265,6 +288,14 @@ class LoRADirCache:
         if model_dir not in self.bases:
             self.bases[model_dir] = MetaBase(model_dir)
         return self.bases[model_dir]
+
+    def lora_files(self, snap: AdapterSnapshot) -> dict[str, bytes | bytearray]:
+        """The files `export_lora` writes for `snap`, composed through its layout's `LoRAFileLayout` (made on the
+        first adapter of each layout)."""
+        key = layout_key(snap)
+        if key not in self.file_layouts:
+            self.file_layouts[key] = LoRAFileLayout(snap)
+        return self.file_layouts[key].files(snap, snap.subvectors())
 
     def resolve(self, name: str, base_model: str) -> Resolved | None:
         """The verified LoRA directory of adapter `name` for `base_model`; None if no adapter has that name.
@@ -283,12 +314,18 @@ class LoRADirCache:
             base.check(snap, f"adapter '{name}'")
             out = self.cache / content_key(snap)
             clock.lap("check")
-            cached = (out / WEIGHTS_FILE).is_file() and (out / CONFIG_FILE).is_file()
-            if cached:
-                os.utime(out)  # recently used
-            else:
-                export_lora(snap, out)
-                clock.lap("compose+write")
+            cached = out in self.handed_out and all((out / f).is_file() for f in (WEIGHTS_FILE, CONFIG_FILE))
+            if not cached:
+                files = self.lora_files(snap)
+                clock.lap("compose")
+                # an entry this process did not write (an earlier run's, another server's) is used only when its
+                # bytes are the ones just composed: entries are written without fsync, so a power cut may have
+                # left one damaged
+                cached = same_files(out, files)
+                if not cached:
+                    write_entry(out, files)
+                clock.lap("write")
+            os.utime(out)  # recently used
             self.handed_out.add(out)
             self.evict()
             return Resolved(name, out, snap.config.rank, cached, clock.total(), clock.laps | {"cpu": clock.cpu()})

@@ -79,11 +79,13 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def replace_dir(out: str | os.PathLike, write, replaceable) -> Path:
+def replace_dir(out: str | os.PathLike, write, replaceable, *, durable: bool = True) -> Path:
     """Write a directory as a whole: `write(tmp_dir)` fills a temporary sibling, which then replaces `out`. A crash
     leaves the previous directory complete (under its own name, or, between the two renames, under a `.old`
     temporary name that the next call restores), never a mix of old and new files. An existing non-empty `out` is
-    replaced only if `replaceable(out)` says it is a previous export of the same kind."""
+    replaced only if `replaceable(out)` says it is a previous export of the same kind. `durable=False` skips the
+    final fsync of the parent directory: for caches whose entries are checked before use, where a power cut may
+    lose the entry (it is written again) but a process crash still leaves it whole or absent."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists():  # a crash between the two renames below: the previous directory comes back first
@@ -111,7 +113,8 @@ def replace_dir(out: str | os.PathLike, write, replaceable) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(out.parent)
+    if durable:
+        _fsync_dir(out.parent)
     return out
 
 
@@ -152,11 +155,38 @@ def canonical_json(obj) -> str:
 MAX_HEADER_BYTES = 64 << 20  # a safetensors JSON header larger than this is damage, not an adapter
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+# dtypes numpy holds: for these, safetensors' numpy writer gives the same bytes as its torch writer in a third of the
+# time (the torch writer looks for shared storage tensor by tensor in Python: 9 ms against 3 ms for the 420 tensors
+# of a SmolLM2 LoRA export, which the vLLM plugin writes on a cold start); bf16 and the rest take the torch writer
+NUMPY_DTYPES = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    }
+)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of `tensors` (made contiguous, on the CPU) with `metadata`, as bytes."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    if all(t.dtype in NUMPY_DTYPES for t in tensors.values()):
+        from safetensors.numpy import save as save_numpy
+
+        return save_numpy({k: t.numpy() for k, t in tensors.items()}, metadata=metadata)
     from safetensors.torch import save
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return atomic_write(path, save(tensors, metadata=metadata))
+    return save(tensors, metadata=metadata)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    return atomic_write(path, safetensors_bytes(tensors, metadata))
 
 
 def read_header(stream: BinaryIO, path: Path, size: int) -> dict:

@@ -99,17 +99,15 @@ def parent_library(architecture: str) -> str | None:
     return "transformers" if isinstance(getattr(transformers, architecture, None), type) else None
 
 
-def write_peft_dir(
-    out_dir: str | os.PathLike,
+def peft_dir_contents(
     snap: AdapterSnapshot,
     config: dict,
     tensors: dict[str, torch.Tensor],
     heads: dict[str, dict[str, torch.Tensor]] | None = None,
-) -> Path:
-    """Write a PEFT adapter directory as a whole (an earlier export there is replaced only once this one is
-    complete; a directory holding anything else is refused): `tensors` plus the snapshot's trained heads and the
-    untrained `heads` PEFT's task class needs, and `config` plus the adapter_config.json fields that every PEFT
-    format written here shares."""
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the adapter_config.json of a PEFT adapter directory: `tensors` plus the snapshot's trained
+    heads and the untrained `heads` PEFT's task class needs, and `config` plus the adapter_config.json fields that
+    every PEFT format written here shares."""
     task = peft_task_type(snap, from_model=heads is not None)
     saved = snap.extras | ((heads or {}) if task in PEFT_HEADS else {})
     tensors = tensors | {f"{PREFIX}{name}.{key}": t for name, state in saved.items() for key, t in state.items()}
@@ -130,12 +128,34 @@ def write_peft_dir(
         if snap.architecture
         else None,
     } | config
+    return tensors, config
+
+
+def config_bytes(config: dict) -> bytes:
+    """adapter_config.json's text: indented, keys sorted."""
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_peft_dir(
+    out_dir: str | os.PathLike,
+    snap: AdapterSnapshot,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    heads: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write a PEFT adapter directory (`peft_dir_contents`) as a whole: an earlier export there is replaced only once
+    this one is complete; a directory holding anything else is refused."""
+    tensors, config = peft_dir_contents(snap, config, tensors, heads)
 
     def write(d: Path) -> None:
         write_safetensors(d / WEIGHTS_FILE, tensors, {"format": "pt"})
-        atomic_write(d / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(d / CONFIG_FILE, config_bytes(config))
 
-    return replace_dir(out_dir, write, replaceable=lambda d: (d / CONFIG_FILE).is_file())
+    return replace_dir(out_dir, write, replaceable=is_peft_dir)
+
+
+def is_peft_dir(d: Path) -> bool:
+    return (d / CONFIG_FILE).is_file()
 
 
 def peft_parts(layout: Layout, b: int):
