@@ -153,3 +153,37 @@ def test_setup_errors_are_one_line(setup, capsys, what):
         "port-taken": "cannot listen on 127.0.0.1",
     }[what]
     assert words in lines[0]
+
+
+def test_printed_command_runs_as_printed_and_probes_vllm_once(tmp_path, capsys, monkeypatch):
+    """Paths with spaces come out quoted (the printed line is a shell command); vLLM's interpreter is started once
+    for both questions (does it import vllm and the plugin, has it CUDA); the served model is named for the plugin."""
+    import shlex
+
+    from vblora.serve.vllm_launch import probe
+
+    probe.cache_clear()
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "my base")
+    d = tmp_path / "my adapters"
+    cfg = vblora.VBLoRAConfig(target_modules=["q_proj"], rank=4, num_vectors=16, vector_length=16)
+    vblora.save_adapter(vblora.add_vblora(base, cfg), d / "a.safetensors")
+    starts = tmp_path / "starts"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho started >> '{starts}'\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.delenv("VBLORA_API_KEY", raising=False)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    code, out, err = serve(
+        ["--model", str(tmp_path / "my base"), "--adapters", str(d), "--vllm-python", str(fake), "--print-command"],
+        capsys,
+    )
+    assert code == 0, err
+    words = shlex.split(out)
+    settings = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+    assert settings["VBLORA_ADAPTERS"] == str(d.resolve())
+    assert settings["VBLORA_SERVED_MODEL"] == str(tmp_path / "my base")
+    argv = [w for w in words if not ("=" in w and not w.startswith("-"))]
+    assert argv[:3] == [str(fake), "-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--model") + 1] == str(tmp_path / "my base")
+    assert starts.read_text().count("started") == 1

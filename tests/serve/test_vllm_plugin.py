@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -247,6 +248,15 @@ def test_each_adapter_composed_once_into_the_bounded_cache(client, work):
     entries = [p for p in work["cache"].iterdir() if not p.name.startswith(".")]
     assert len(entries) == 3 and all((p / "adapter_config.json").is_file() for p in entries)
     assert sum(f.stat().st_size for p in entries for f in p.iterdir()) <= 64 << 20
+
+
+def test_base_check_ready_before_the_first_adapter_request(server, client, work):
+    """`vblora serve` names the served model (VBLORA_SERVED_MODEL), so the plugin builds the base it checks adapters
+    against at start-up: no resolve spends time on it (building it takes 30-150 ms)."""
+    complete(client, "native", work["prompts"][0])
+    server["log"].seek(0)
+    steps = re.findall(r"vblora: adapter .* composed in [0-9.]+ s: find [0-9.]+, base ([0-9.]+)", server["log"].read())
+    assert steps and all(float(s) < 0.01 for s in steps), steps
 
 
 def test_unknown_adapter_is_404_and_the_server_goes_on(client, work):

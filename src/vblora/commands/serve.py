@@ -8,9 +8,22 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
+
+# the environment `--print-command` shows (the API key never: it stays in the environment of the exec'd server)
+PRINTED_SETTINGS = (
+    "VLLM_PLUGINS",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+    "VBLORA_ADAPTERS",
+    "VBLORA_SERVED_MODEL",
+    "VBLORA_LORA_CACHE",
+    "VBLORA_LORA_CACHE_BYTES",
+    "VLLM_TARGET_DEVICE",
+    "VLLM_CPU_KVCACHE_SPACE",
+)
 
 
 def check_port(host: str, port: int) -> None:
@@ -43,13 +56,9 @@ def largest_rank(adapters: Path) -> int:
 
 def served_model(model: str) -> str:
     """A directory vLLM can load: `model` itself, or the fp32 copy of an offline alias (`smollm2`; written once)."""
-    from vblora.train.models import load_model, resolve_model
+    from vblora.train.models import resolve_model, transformers_checkpoint
 
-    path, gguf = resolve_model(model, None)
-    if gguf is not None:  # first use of the alias: write the fp32 transformers copy vLLM reads
-        load_model(path, gguf, "causal-lm")
-        path, gguf = resolve_model(model, None)
-    return path
+    return transformers_checkpoint(*resolve_model(model, None), "vblora serve (vLLM)")
 
 
 def api_key(args) -> str | None:
@@ -124,23 +133,8 @@ def run(args) -> int:
     if key is not None:
         env["VLLM_API_KEY"] = key
     if args.print_command:
-        print(
-            " ".join(
-                f"{k}={env[k]}"
-                for k in (
-                    "VLLM_PLUGINS",
-                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
-                    "VBLORA_ADAPTERS",
-                    "VBLORA_LORA_CACHE",
-                    "VBLORA_LORA_CACHE_BYTES",
-                    "VLLM_TARGET_DEVICE",
-                    "VLLM_CPU_KVCACHE_SPACE",
-                )
-                if k in env
-            )
-            + " "
-            + " ".join(argv)
-        )
+        settings = [f"{k}={shlex.quote(env[k])}" for k in PRINTED_SETTINGS if k in env]
+        print(" ".join(settings), shlex.join(argv))  # quoted: it runs as printed, spaces in paths included
         return 0
     sys.stdout.flush()
     sys.stderr.flush()

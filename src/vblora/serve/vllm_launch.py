@@ -8,6 +8,7 @@ machine; docs/serving.md): `python` is that environment's interpreter, in which 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -44,13 +45,25 @@ def vllm_python(given: str | None = None) -> str:
     python = given or os.environ.get(VLLM_PYTHON_ENV) or (str(LOCAL_VENV) if LOCAL_VENV.is_file() else sys.executable)
     if shutil.which(python) is None and not Path(python).is_file():
         raise SetupError(f"no Python interpreter at {python}: {INSTALL_HINT}")
-    probe = subprocess.run(
-        [python, "-c", "import vllm, vblora.serve.lora_dirs"], capture_output=True, text=True, check=False, timeout=300
-    )
-    if probe.returncode != 0:
-        missing = "vblora" if "No module named 'vblora" in probe.stderr else "vllm"
+    returncode, stderr, _ = probe(python)
+    if returncode != 0:
+        missing = "vblora" if "No module named 'vblora" in stderr else "vllm"
         raise SetupError(f"{python} cannot import {missing}: {INSTALL_HINT}")
     return python
+
+
+@functools.cache
+def probe(python: str) -> tuple[int, str, bool]:
+    """`(exit code, stderr, CUDA available)` of one start of `python` importing vllm, the plugin and torch: one
+    interpreter start (seconds, with vLLM's imports) for both questions the launcher asks."""
+    run = subprocess.run(
+        [python, "-c", "import vllm, vblora.serve.lora_dirs, torch; print(torch.cuda.is_available())"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    return run.returncode, run.stderr, run.stdout.strip().endswith("True")
 
 
 def vllm_command(
@@ -72,7 +85,10 @@ def vllm_command(
     set unless the environment sets them."""
     env = dict(environ)
     env.update(
-        VLLM_PLUGINS="vblora", VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", VBLORA_ADAPTERS=str(Path(adapters).resolve())
+        VLLM_PLUGINS="vblora",
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING="1",
+        VBLORA_ADAPTERS=str(Path(adapters).resolve()),
+        VBLORA_SERVED_MODEL=str(model),  # the plugin readies its base check at start-up, not on the first request
     )
     if cache is not None:
         env["VBLORA_LORA_CACHE"] = str(cache)
@@ -102,11 +118,4 @@ def vllm_command(
 
 
 def has_cuda(python: str) -> bool:
-    probe = subprocess.run(
-        [python, "-c", "import torch; print(torch.cuda.is_available())"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    return probe.stdout.strip() == "True"
+    return probe(python)[2]

@@ -73,7 +73,9 @@ class VBLoRAResolver(LoRAResolver):
 def register() -> None:
     """The entry point vLLM calls in each of its processes. Without VBLORA_ADAPTERS it registers nothing (vLLM loads
     every installed plugin when VLLM_PLUGINS is unset: having vblora installed must not stop an unrelated server);
-    with it, it registers the resolver, or stops the start-up with one line if the setting is wrong."""
+    with it, it registers the resolver, or stops the start-up with one line if the setting is wrong. With
+    VBLORA_SERVED_MODEL (the `--model` vLLM serves; `vblora serve` sets it) the base model the adapters are checked
+    against is made ready here, so the first adapter request does not wait for it."""
     if not os.environ.get("VBLORA_ADAPTERS"):
         logger.info("vblora: VBLORA_ADAPTERS is not set; the VB-LoRA resolver is not registered")
         return
@@ -81,4 +83,12 @@ def register() -> None:
         cache = cache_from_env()
     except VBLoRAError as e:  # vLLM's plugin loader would print a traceback: one line instead
         raise SystemExit(f"vblora plugin: {e}") from None
+    served = os.environ.get("VBLORA_SERVED_MODEL")
+    if served:  # the base check's model built now (0.1-0.2 s of the start-up), not in the first adapter's request
+        try:
+            cache.base(served)
+        except (OSError, ValueError, VBLoRAError) as e:
+            logger.warning(
+                "vblora: the base check for %s is built on the first adapter request instead (%s)", served, e
+            )
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, VBLoRAResolver(cache))

