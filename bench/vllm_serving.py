@@ -16,7 +16,7 @@ ones and multiplied).
 
 Usage: flock /tmp/vblora-bench.lock python bench/vllm_serving.py [--out bench/results/vllm-serving-cpu.json]
 Cold start only (one vLLM server, a few minutes): flock /tmp/vblora-bench.lock python bench/vllm_serving.py
---only cold --cold 7 --out bench/results/vllm-serving-cold-cpu.json
+--only cold --cold 11 --out bench/results/vllm-serving-cold-cpu.json
 (VBLORA_VLLM_PYTHON: vLLM's interpreter, default .venv-vllm/bin/python.)
 """
 
@@ -130,8 +130,9 @@ async def warm(url: str, names: list[str], vllm: bool) -> None:
             await request(client, url, n, PROMPTS[0], 1, vllm)
 
 
-async def cold(url: str, name: str, load_path: str | None, vllm: bool) -> float:
-    """File to first token: (load through the API if `load_path`), then a 1-token request."""
+async def cold(url: str, name: str, load_path: str | None, vllm: bool) -> tuple[float, float]:
+    """File to first token: (load through the API if `load_path`), then a 1-token request; `(total, load)` seconds
+    (load 0 without `load_path`)."""
     import httpx
 
     async with httpx.AsyncClient() as client:
@@ -142,8 +143,9 @@ async def cold(url: str, name: str, load_path: str | None, vllm: bool) -> float:
             )
             if r.status_code != 200:
                 raise RuntimeError(f"load {name}: HTTP {r.status_code}: {r.text[:200]}")
+        loaded = time.perf_counter() - t0
         await request(client, url, name, PROMPTS[0], 1, vllm)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, loaded if load_path is not None else 0.0
 
 
 def plugin_times(log: Path) -> list[dict]:
@@ -203,13 +205,14 @@ def vllm_arms(args, work: Path, model_dir: str, names: list[str], cold_names: li
             out["vllm_startup_s"] = round(wait_healthy(url, proc, 900), 1)
             arms = {"a_vllm_plugin": "", "b_vllm_plain_lora": "L-"}
             res = {arm: {"cold_file_to_first_token_s": [], "8": [], str(args.adapters): []} for arm in arms}
+            res["b_vllm_plain_lora"]["load_lora_adapter_s"] = []  # (b)'s /v1/load_lora_adapter call alone
             for i, n in enumerate(cold_names):  # first: nothing of these was touched before; order alternating
                 for arm in ("a_vllm_plugin", "b_vllm_plain_lora")[:: 1 if i % 2 == 0 else -1]:
-                    t = (
-                        asyncio.run(cold(url, n, None, True))
-                        if arm == "a_vllm_plugin"
-                        else asyncio.run(cold(url, f"L-cold{i}", str(work / "lora" / n), True))
-                    )
+                    if arm == "a_vllm_plugin":
+                        t, _ = asyncio.run(cold(url, n, None, True))
+                    else:
+                        t, load = asyncio.run(cold(url, f"L-cold{i}", str(work / "lora" / n), True))
+                        res[arm]["load_lora_adapter_s"].append(round(load, 3))
                     res[arm]["cold_file_to_first_token_s"].append(round(t, 3))
             res["a_vllm_plugin"]["plugin_resolve_s"] = plugin_times(work / "vllm.log")
             if args.only == "cold":
@@ -268,7 +271,7 @@ def ours_arm(args, work: Path, model_dir: str, names: list[str], cold_names: lis
             startup = round(wait_healthy(url, proc, 600), 1)
             ours = {
                 "startup_s": startup,
-                "cold_file_to_first_token_s": [round(asyncio.run(cold(url, n, None, False)), 3) for n in cold_names],
+                "cold_file_to_first_token_s": [round(asyncio.run(cold(url, n, None, False))[0], 3) for n in cold_names],
             }
             asyncio.run(warm(url, big, False))
             ours["8"] = [asyncio.run(phase(url, small, args.requests_8, args.tokens, False))]
