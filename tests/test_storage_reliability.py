@@ -160,3 +160,54 @@ def test_classifier_adapter_carries_its_label_names(tmp_path):
     )
     with pytest.raises(AdapterFormatError, match=r"2 labels \(negative, positive\).*num_labels=2"):
         vblora.load_adapter(three, tmp_path, verify_weights=False)
+
+
+SAVE_ONE = """
+import hashlib, sys, torch, vblora
+sys.path.insert(0, sys.argv[2])
+from tiny_models import tiny_llama
+torch.manual_seed(0)
+cfg = vblora.VBLoRAConfig(target_modules=["q_proj", "v_proj"], rank=4, num_vectors=32, vector_length=32, seed=0)
+path = vblora.save_adapter(vblora.add_vblora(tiny_llama(), cfg), sys.argv[1])
+print(hashlib.sha256(path.read_bytes()).hexdigest())
+"""
+
+
+def test_the_same_adapter_gives_the_same_bytes_in_every_process(tmp_path):
+    """safetensors writes its metadata map in hash order, which changes per process: five processes saving the same
+    adapter got two different files before the keys were sorted (each had a 1 in 2 chance of either order)."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SAVE_ONE, str(tmp_path / f"a{i}.safetensors"), tests_dir],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(5)
+    ]
+    digests = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert len(digests) == 1 and all(len(d) == 64 for d in digests), digests
+
+
+def test_sorted_metadata_keeps_tensors_and_metadata():
+    """A header whose metadata came out unsorted is rewritten sorted; tensors, metadata and alignment are kept."""
+    import json
+    import struct
+
+    from safetensors.torch import load
+
+    from vblora.storage.files import sorted_metadata
+
+    data = torch.arange(6, dtype=torch.float32).numpy().tobytes()
+    header = {
+        "__metadata__": {"z": "1", "a": 'q"\\\n2'},
+        "t": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+    }
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    shuffled = struct.pack("<Q", len(text)) + text + data
+    fixed = sorted_metadata(shuffled)
+    (n,) = struct.unpack("<Q", fixed[:8])
+    assert n % 8 == 0 and list(json.loads(fixed[8 : 8 + n])["__metadata__"]) == ["a", "z"]
+    assert torch.equal(load(fixed)["t"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    assert fixed[8 + n :] == data and sorted_metadata(fixed) == fixed

@@ -174,15 +174,31 @@ NUMPY_DTYPES = frozenset(
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors file of `tensors` (made contiguous, on the CPU) with `metadata`, as bytes."""
+    """The safetensors file of `tensors` (made contiguous, on the CPU) with `metadata`, as bytes: the same bytes for
+    the same input in every process (`sorted_metadata`)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     if all(t.dtype in NUMPY_DTYPES for t in tensors.values()):
         from safetensors.numpy import save as save_numpy
 
-        return save_numpy({k: t.numpy() for k, t in tensors.items()}, metadata=metadata)
+        return sorted_metadata(save_numpy({k: t.numpy() for k, t in tensors.items()}, metadata=metadata))
     from safetensors.torch import save
 
-    return save(tensors, metadata=metadata)
+    return sorted_metadata(save(tensors, metadata=metadata))
+
+
+def sorted_metadata(file: bytes) -> bytes:
+    """`file` with its `__metadata__` keys in sorted order. safetensors writes them in hash-map order, which changes
+    from one process to the next: the same adapter saved twice gave two different files (and digests). The header
+    is written back compact, as safetensors writes it, padded with spaces to a multiple of 8 bytes; the tensor table
+    and the data are unchanged."""
+    (length,) = struct.unpack("<Q", file[:8])
+    header = json.loads(file[8 : 8 + length])
+    if len(header.get("__metadata__") or {}) < 2:
+        return file
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + file[8 + length :]
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
