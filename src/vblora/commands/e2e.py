@@ -21,7 +21,8 @@ def options_flags() -> tuple[type]:
     import typing
 
     from vblora.experiments.e2e import E2EOptions
-    from vblora.train.config import flag_dataclass, load_recipe
+    from vblora.train.config import load_recipe
+    from vblora.train.typed_settings import flag_dataclass
 
     fields = {f.name: f for f in dataclasses.fields(E2EOptions)}
     recipe = dataclasses.asdict(E2EOptions.from_recipe(load_recipe(RECIPE).get("extra")))

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vblora.experiments.e2e_metrics import METRICS, compute_e2e_metrics
-from vblora.train.config import RunConfig, opt, setting_fields, typed
+from vblora.train.config import RunConfig, opt, setting_fields
 from vblora.train.errors import DataError, SetupError
+from vblora.train.typed_settings import typed
 
 PROMPT_TEMPLATE = "{mr} ||"  # the MR, linearised, then the separator the LoRA/VeRA E2E data uses
 TARGET_TEMPLATE = " {ref}"  # a leading space so GPT-2's BPE starts the reference as a new word

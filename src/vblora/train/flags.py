@@ -13,8 +13,9 @@ import dataclasses
 import sys
 from typing import Any
 
-from vblora.train.config import dataclass_parser, settings_class
+from vblora.train.config import settings_class
 from vblora.train.errors import SetupError
+from vblora.train.typed_settings import dataclass_parser
 
 
 def flags_parent(*dtypes) -> argparse.ArgumentParser:
