@@ -11,8 +11,8 @@ Flags and recipe values are read by `transformers.HfArgumentParser`: training ne
 the `--dash-names` and argparse subcommands the CLI already has, and reads each value by its field's annotation;
 jsonargparse or tyro would add a dependency and rename flags (`--max_train_samples` only, `--vblora.rank`). It reads
 one flat dataclass (`settings_class`, the nested VBLoRAConfig's fields beside RunConfig's) and a recipe is read
-through the same flags (`typed_settings.typed`), so a YAML key and its flag cannot disagree. What it does not do is written here:
-`--no-x` for bools whose default is False, the word `none`, and target_modules' one-string form.
+through the same flags (`typed_settings.typed`), so a YAML key and its flag cannot disagree. What it does not do is
+written here: `--no-x` for bools whose default is False, the word `none`, and target_modules' one-string form.
 """
 
 from __future__ import annotations
