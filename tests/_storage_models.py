@@ -1,4 +1,5 @@
-"""Tiny models for the storage / interop tests: RoBERTa-, GPT-2- and LLaMA-shaped, built from configs (no hub).
+"""Tiny models for the storage / interop tests: RoBERTa-, GPT-2-, LLaMA- and T5-shaped (encoder-decoder), built from
+configs (no hub).
 
 Hidden 64, vector_length 32 divides every dimension, so PEFT can represent the adapters too.
 """
@@ -12,7 +13,7 @@ import transformers
 
 import vblora
 
-FAMILIES = ("roberta", "gpt2", "llama")
+FAMILIES = ("roberta", "gpt2", "llama", "t5")
 
 
 def tiny_base(family: str, head: bool = False) -> torch.nn.Module:
@@ -32,6 +33,11 @@ def tiny_base(family: str, head: bool = False) -> torch.nn.Module:
             n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0
         )
         cls = transformers.GPT2LMHeadModel if head else transformers.GPT2Model
+    elif family == "t5":
+        cfg = transformers.T5Config(
+            vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0
+        )
+        cls = transformers.T5ForConditionalGeneration if head else transformers.T5Model
     else:
         cfg = transformers.LlamaConfig(
             hidden_size=64,
@@ -78,7 +84,9 @@ def output(model: torch.nn.Module, ids: torch.Tensor | None = None) -> torch.Ten
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = model(input_ids=inputs() if ids is None else ids)
+        ids = inputs() if ids is None else ids
+        seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False)  # T5: the decoder reads ids too
+        out = model(input_ids=ids, **({"decoder_input_ids": ids} if seq2seq else {}))
     finally:
         torch.set_num_threads(threads)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state

@@ -51,6 +51,18 @@ class VBLoRALayer(nn.Module):
     def slot(self):
         return self.entry.slot
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (W, or W + dW while merged). Models read it from their own layers: T5's
+        feed-forward checks `wo.weight.dtype` before its down-projection, which failed with the adapter in place
+        (PEFT's LoRA layers answer the same way)."""
+        return weight_of(self.base)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None for an embedding, or a layer without one)."""
+        return getattr(self.base, "bias", None)
+
     def _stored_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         s, layout = self.slot, self._bank.layout
         rows = self._bank.stored_subvectors(s.a_start, s.stop)  # this module's rows only, float32
