@@ -68,6 +68,7 @@ def test_the_command_it_runs(setup, capsys, monkeypatch):
         "--enable-lora",
         "--port 8123",
         "--max-num-seqs 64",
+        "--middleware vblora.serve.body_limit.BodyLimit",  # request bodies bounded: vLLM has no bound
     ):
         assert part in out, part
     assert "--max-lora-rank 16" in out  # the largest adapter rank (12), rounded up to vLLM's values
@@ -122,7 +123,7 @@ def test_public_address_without_a_key_warns(setup, capsys, monkeypatch):
     assert "--host 0.0.0.0" in out  # the warning does not stop the launch: the command still has the address
 
 
-@pytest.mark.parametrize("what", ["no-vllm", "no-adapters", "empty-key", "port-taken"])
+@pytest.mark.parametrize("what", ["no-vllm", "no-adapters", "empty-key", "port-taken", "bad-body-bound"])
 def test_setup_errors_are_one_line(setup, capsys, what):
     tmp, d, fake = setup
     args = ["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake), "--print-command"]
@@ -133,6 +134,8 @@ def test_setup_errors_are_one_line(setup, capsys, what):
     elif what == "empty-key":
         (tmp / "key").write_text("\n")
         args += ["--api-key-file", str(tmp / "key")]
+    elif what == "bad-body-bound":
+        args += ["--max-body-bytes", "16 MB please"]
     else:
         taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
@@ -151,6 +154,7 @@ def test_setup_errors_are_one_line(setup, capsys, what):
         "no-adapters": "is not a directory",
         "empty-key": "is empty",
         "port-taken": "cannot listen on 127.0.0.1",
+        "bad-body-bound": "--max-body-bytes='16 MB please' is not a positive byte count",
     }[what]
     assert words in lines[0]
 

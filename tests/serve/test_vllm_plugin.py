@@ -315,6 +315,22 @@ def test_huge_prompt_is_refused_before_tokenizing(server, client, work):  # case
     assert_serves_base(client, work)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_body_over_the_bound_is_413_before_vllm_reads_it(server, client, work, chunked):  # case 3, 200 MB body
+    """vLLM has no bound on request bodies; `vblora serve` adds `vblora.serve.body_limit.BodyLimit` through vLLM's
+    `--middleware` (default bound 16 MiB): 20 MB in an ignored field, with a Content-Length or chunked, is a 413."""
+    import httpx
+
+    body = json.dumps({"model": "native", "prompt": "Hi", "max_tokens": 2, "ignored": "x" * 20_000_000}).encode()
+    headers = {"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    content = iter([body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20)]) if chunked else body
+    t0 = time.monotonic()
+    r = httpx.post(server["url"] + "/v1/completions", content=content, headers=headers, timeout=120)
+    assert r.status_code == 413 and "request body over 16777216 bytes" in r.json()["error"]["message"], r.text
+    assert time.monotonic() - t0 < 30
+    assert_serves_base(client, work)
+
+
 @pytest.mark.parametrize("field", ["prompt", "model", "chat"])
 def test_lone_surrogate_is_400(server, client, work, field):  # case 6
     body = {"model": "native", "prompt": "Hi", "max_tokens": 2}

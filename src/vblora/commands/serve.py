@@ -21,6 +21,7 @@ PRINTED_SETTINGS = (
     "VBLORA_SERVED_MODEL",
     "VBLORA_LORA_CACHE",
     "VBLORA_LORA_CACHE_BYTES",
+    "VBLORA_MAX_BODY_BYTES",
     "VLLM_TARGET_DEVICE",
     "VLLM_CPU_KVCACHE_SPACE",
 )
@@ -97,10 +98,12 @@ def run(args) -> int:
             f"sub-directory or .safetensors file per adapter)"
         )
     check_port(args.host, args.port)
-    if args.lora_cache_bytes is not None:
-        from vblora.serve.lora_dirs import parse_bytes
+    from vblora.serve.lora_dirs import parse_bytes
 
-        parse_bytes(args.lora_cache_bytes)  # a bad bound is one line here, before vLLM starts
+    if args.lora_cache_bytes is not None:  # a bad bound is one line here, before vLLM starts
+        parse_bytes(args.lora_cache_bytes, "--lora-cache-bytes")
+    if args.max_body_bytes is not None:
+        parse_bytes(args.max_body_bytes, "--max-body-bytes")
     python = vllm_python(args.vllm_python)
     key = api_key(args)
     extra = list(args.vllm_args)
@@ -127,6 +130,7 @@ def run(args) -> int:
         rank=args.max_lora_rank or largest_rank(adapters),
         cache=args.lora_cache,
         cache_bytes=args.lora_cache_bytes,
+        max_body_bytes=args.max_body_bytes,
         dtype=args.dtype,
         extra=extra,
     )
@@ -180,6 +184,12 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--lora-cache-bytes", default=None, help="bound of that cache, e.g. 4G (default 4 GiB; VBLORA_LORA_CACHE_BYTES)"
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        default=None,
+        help="largest request body accepted, e.g. 16M (default 16 MiB; VBLORA_MAX_BODY_BYTES): larger ones get 413 "
+        "before vLLM reads them",
     )
     p.add_argument(
         "--api-key-file",

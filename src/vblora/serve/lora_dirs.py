@@ -370,7 +370,9 @@ def parse_threads(text: str) -> int:
     return value
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, setting: str = "VBLORA_LORA_CACHE_BYTES") -> int:
+    """A byte count written as digits or with a suffix K, M, G, T (binary: 4G = 4 GiB); VBLoRAError naming
+    `setting` if it is not a positive one."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     try:
@@ -378,5 +380,5 @@ def parse_bytes(text: str) -> int:
     except ValueError:
         value = -1
     if value <= 0:
-        raise VBLoRAError(f"VBLORA_LORA_CACHE_BYTES={text!r} is not a positive byte count (e.g. 4G, 512M)")
+        raise VBLoRAError(f"{setting}={text!r} is not a positive byte count (e.g. 4G, 512M)")
     return value

