@@ -188,6 +188,7 @@ def vllm_arms(args, work: Path, model_dir: str, names: list[str], cold_names: li
         rank=4,
         cache=work / "plugin-cache",
         dtype="float32",
+        allow_load_endpoint=True,  # arm (b) loads its never-seen adapters through /v1/load_lora_adapter
         extra=[
             "--max-model-len",
             "512",

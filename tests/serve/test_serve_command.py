@@ -68,10 +68,15 @@ def test_the_command_it_runs(setup, capsys, monkeypatch):
         "--enable-lora",
         "--port 8123",
         "--max-num-seqs 64",
-        "--middleware vblora.serve.body_limit.BodyLimit",  # request bodies bounded: vLLM has no bound
+        "--middleware vblora.serve.http_guards.BodyLimit",  # request bodies bounded: vLLM has no bound
+        "--middleware vblora.serve.http_guards.LoadEndpointGuard",  # /v1/load_lora_adapter (any path) closed
     ):
         assert part in out, part
     assert "--max-lora-rank 16" in out  # the largest adapter rank (12), rounded up to vLLM's values
+    assert "VBLORA_ALLOW_LOAD_ENDPOINT" not in out  # closed unless --allow-load-endpoint
+    args = ["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake), "--print-command"]
+    code, out, err = serve([*args, "--allow-load-endpoint"], capsys)
+    assert code == 0 and "VBLORA_ALLOW_LOAD_ENDPOINT=1" in out, err
     assert "--disable-fastapi-docs" not in out and not err
 
 

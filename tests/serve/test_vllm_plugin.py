@@ -317,7 +317,7 @@ def test_huge_prompt_is_refused_before_tokenizing(server, client, work):  # case
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_body_over_the_bound_is_413_before_vllm_reads_it(server, client, work, chunked):  # case 3, 200 MB body
-    """vLLM has no bound on request bodies; `vblora serve` adds `vblora.serve.body_limit.BodyLimit` through vLLM's
+    """vLLM has no bound on request bodies; `vblora serve` adds `vblora.serve.http_guards.BodyLimit` through vLLM's
     `--middleware` (default bound 16 MiB): 20 MB in an ignored field, with a Content-Length or chunked, is a 413."""
     import httpx
 
@@ -328,6 +328,18 @@ def test_body_over_the_bound_is_413_before_vllm_reads_it(server, client, work, c
     r = httpx.post(server["url"] + "/v1/completions", content=content, headers=headers, timeout=120)
     assert r.status_code == 413 and "request body over 16777216 bytes" in r.json()["error"]["message"], r.text
     assert time.monotonic() - t0 < 30
+    assert_serves_base(client, work)
+
+
+def test_the_any_path_load_endpoint_is_closed(server, client, work):  # case 8, loading adapters from any path
+    """Resolvers need VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, which also opens /v1/load_lora_adapter (a LoRA directory
+    from any path the server can read): `vblora serve` closes it (`http_guards.LoadEndpointGuard`), even with the
+    right key; unloading stays open."""
+    r = post(server, {"lora_name": "x", "lora_path": "/etc"}, path="/v1/load_lora_adapter")
+    assert r.status_code == 403 and "/v1/load_lora_adapter is closed" in r.json()["error"]["message"], r.text
+    complete(client, "native", work["prompts"][0])  # resolved (if not already) through the plugin
+    r = post(server, {"lora_name": "native"}, path="/v1/unload_lora_adapter")
+    assert r.status_code == 200, r.text
     assert_serves_base(client, work)
 
 

@@ -22,6 +22,7 @@ PRINTED_SETTINGS = (
     "VBLORA_LORA_CACHE",
     "VBLORA_LORA_CACHE_BYTES",
     "VBLORA_MAX_BODY_BYTES",
+    "VBLORA_ALLOW_LOAD_ENDPOINT",
     "VLLM_TARGET_DEVICE",
     "VLLM_CPU_KVCACHE_SPACE",
 )
@@ -131,6 +132,7 @@ def run(args) -> int:
         cache=args.lora_cache,
         cache_bytes=args.lora_cache_bytes,
         max_body_bytes=args.max_body_bytes,
+        allow_load_endpoint=args.allow_load_endpoint,
         dtype=args.dtype,
         extra=extra,
     )
@@ -190,6 +192,12 @@ def register(subparsers) -> None:
         default=None,
         help="largest request body accepted, e.g. 16M (default 16 MiB; VBLORA_MAX_BODY_BYTES): larger ones get 413 "
         "before vLLM reads them",
+    )
+    p.add_argument(
+        "--allow-load-endpoint",
+        action="store_true",
+        help="open vLLM's /v1/load_lora_adapter (closed by default: it loads a LoRA directory from any path the "
+        "server can read; adapters are served by name from --adapters)",
     )
     p.add_argument(
         "--api-key-file",

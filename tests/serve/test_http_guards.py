@@ -1,6 +1,7 @@
-"""`vblora.serve.body_limit.BodyLimit`, the ASGI middleware `vblora serve` gives vLLM (`--middleware`) so that a
-request body over VBLORA_MAX_BODY_BYTES is a 413 before vLLM reads it. Plain ASGI, checked here without a server;
-tests/serve/test_vllm_plugin.py checks it inside vLLM."""
+"""`vblora.serve.http_guards`, the ASGI middleware `vblora serve` gives vLLM (`--middleware`): a request body over
+VBLORA_MAX_BODY_BYTES is a 413 before vLLM reads it (`BodyLimit`), and `/v1/load_lora_adapter`, which loads from
+any path, is a 403 unless opened (`LoadEndpointGuard`). Plain ASGI, checked here without a server;
+tests/serve/test_vllm_plugin.py checks both inside vLLM."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import pytest
 
 from vblora.errors import VBLoRAError
-from vblora.serve.body_limit import BodyLimit, body_bound
+from vblora.serve.http_guards import BodyLimit, LoadEndpointGuard, body_bound
 
 
 class App:
@@ -92,3 +93,40 @@ def test_the_bound_from_the_environment():
     assert body_bound({}) == 16 << 20 and body_bound({"VBLORA_MAX_BODY_BYTES": "2M"}) == 2 << 20
     with pytest.raises(VBLoRAError, match="VBLORA_MAX_BODY_BYTES='lots' is not a positive byte count"):
         body_bound({"VBLORA_MAX_BODY_BYTES": "lots"})
+
+
+def guarded(path: str, allow: bool | None = None):
+    """Run one request for `path` through LoadEndpointGuard(App): (app called, messages sent back)."""
+    app, sent = App(), []
+    queue = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+    async def receive():
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+    asyncio.run(LoadEndpointGuard(app, allow)(scope, receive, send))
+    return app.called, sent
+
+
+@pytest.mark.parametrize("path", ["/v1/load_lora_adapter", "/v1/load_lora_adapter/", "/prefix/v1/load_lora_adapter"])
+def test_the_any_path_load_endpoint_is_closed(path, monkeypatch):
+    monkeypatch.delenv("VBLORA_ALLOW_LOAD_ENDPOINT", raising=False)
+    called, sent = guarded(path)
+    status, error = status_and_error(sent)
+    assert status == 403 and not called
+    assert "/v1/load_lora_adapter is closed" in error["message"] and "VBLORA_ALLOW_LOAD_ENDPOINT=1" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/unload_lora_adapter", "/v1/completions", "/health"])
+def test_other_endpoints_pass(path, monkeypatch):
+    monkeypatch.delenv("VBLORA_ALLOW_LOAD_ENDPOINT", raising=False)
+    assert guarded(path)[0]
+
+
+def test_the_load_endpoint_opens_when_asked(monkeypatch):
+    monkeypatch.setenv("VBLORA_ALLOW_LOAD_ENDPOINT", "1")
+    assert guarded("/v1/load_lora_adapter")[0]
+    assert guarded("/v1/load_lora_adapter", allow=True)[0]
