@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -149,7 +150,7 @@ async def cold(url: str, name: str, load_path: str | None, vllm: bool) -> tuple[
 
 
 def plugin_times(log: Path) -> list[dict]:
-    """The plugin's own time per resolved adapter, in total and per step (find, read, check, compose+write), from
+    """The plugin's own time per resolved adapter, in total and per step (find, base, read, check, compose, write), from
     its log lines `vblora: adapter 'NAME' -> PATH (rank R, composed in S s: find S, read S, ...)`."""
     import re
 
@@ -157,6 +158,17 @@ def plugin_times(log: Path) -> list[dict]:
     for total, steps in re.findall(r"vblora: adapter .* composed in ([0-9.]+) s: (.*)\)", log.read_text()):
         out.append({"total": float(total)} | {k: float(v) for k, v in (p.rsplit(" ", 1) for p in steps.split(", "))})
     return out
+
+
+def plugin_cache(args, work: Path) -> Path:
+    """The plugin's cache for this run: --lora-cache (emptied at the first call), else `work/plugin-cache`."""
+    if args.lora_cache is None:
+        return work / "plugin-cache"
+    cache = Path(args.lora_cache)
+    if not getattr(args, "lora_cache_emptied", False):
+        shutil.rmtree(cache, ignore_errors=True)
+        args.lora_cache_emptied = True
+    return cache
 
 
 def dir_size(p: Path) -> int:
@@ -186,7 +198,7 @@ def vllm_arms(args, work: Path, model_dir: str, names: list[str], cold_names: li
         work / "adapters",
         port=port,
         rank=4,
-        cache=work / "plugin-cache",
+        cache=plugin_cache(args, work),
         dtype="float32",
         allow_load_endpoint=True,  # arm (b) loads its never-seen adapters through /v1/load_lora_adapter
         extra=[
@@ -308,6 +320,12 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2, help="vLLM phases repeated, order alternating")
     ap.add_argument("--cold", type=int, default=3, help="adapters never seen, for the cold start of (a) and (b)")
     ap.add_argument(
+        "--lora-cache",
+        default=None,
+        help="the plugin's cache directory (VBLORA_LORA_CACHE; default: a fresh one in the run's temporary "
+        "directory), e.g. on a tmpfs: /dev/shm/vblora-bench (emptied first)",
+    )
+    ap.add_argument(
         "--only",
         choices=["all", "cold"],
         default="all",
@@ -344,7 +362,7 @@ def main() -> int:
             "native_files": native_bytes * 1000 // args.disk_adapters,
             "plain_lora_dirs": max(lora_sizes) * 1000,
             "lora_dir_sizes_seen": sorted(lora_sizes),
-            "plugin_cache_after_run": dir_size(work / "plugin-cache"),
+            "plugin_cache_after_run": dir_size(plugin_cache(args, work)),
         }
         result["export_lora_s_per_adapter"] = round(export_s, 3)
     result.update(metadata(args))

@@ -134,6 +134,8 @@ def test_compose_selected_without_gradients_gives_the_same_bits(dtype, k):
     weights = torch.rand(n, k, generator=g).softmax(dim=1)
     bank = torch.randn(h, b, generator=g).to(dtype)
     bank[0] = -0.0
+    indices[:16] = 0  # rows made of -0.0 only: -0.0 + -0.0 is +0.0 in the block's sum, which starts from +0.0
+    weights[:8, 0] = 0.0  # and zero weights
     block = (weights.unsqueeze(-1) * F.embedding(indices, bank)).sum(dim=1)
     with torch.no_grad():
         rows = compose_selected(indices, weights, bank)

@@ -46,6 +46,7 @@ def compose_selected(indices: torch.Tensor, weights: torch.Tensor, bank: torch.T
         # more terms the order would matter, and k = 1 differs in the sign of zeros.
         out = bank.index_select(0, indices[:, 0]) * weights[:, :1]
         out += bank.index_select(0, indices[:, 1]) * weights[:, 1:]
+        out += 0.0  # the block's sum starts from +0.0, so -0.0 + -0.0 comes out +0.0 there: the same here
         return out
     return ComposeSelected.apply(indices, weights, bank)
 

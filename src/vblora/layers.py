@@ -55,7 +55,7 @@ class VBLoRALayer(nn.Module):
     def weight(self) -> torch.Tensor:
         """The base layer's weight (W, or W + dW while merged). Models read it from their own layers: T5's
         feed-forward checks `wo.weight.dtype` before its down-projection, which failed with the adapter in place
-        (PEFT's LoRA layers answer the same way)."""
+        (PEFT's LoRA layers answer the same way). Read-only: assign to `layer.base.weight`."""
         return weight_of(self.base)
 
     @property

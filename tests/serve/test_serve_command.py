@@ -69,7 +69,7 @@ def test_the_command_it_runs(setup, capsys, monkeypatch):
         "--port 8123",
         "--max-num-seqs 64",
         "--middleware vblora.serve.http_guards.BodyLimit",  # request bodies bounded: vLLM has no bound
-        "--middleware vblora.serve.http_guards.LoadEndpointGuard",  # /v1/load_lora_adapter (any path) closed
+        "--middleware vblora.serve.http_guards.RouteGuard",  # /v1/load_lora_adapter (any path) closed
     ):
         assert part in out, part
     assert "--max-lora-rank 16" in out  # the largest adapter rank (12), rounded up to vLLM's values
@@ -128,8 +128,10 @@ def test_public_address_without_a_key_warns(setup, capsys, monkeypatch):
     assert "--host 0.0.0.0" in out  # the warning does not stop the launch: the command still has the address
 
 
-@pytest.mark.parametrize("what", ["no-vllm", "no-adapters", "empty-key", "port-taken", "bad-body-bound"])
-def test_setup_errors_are_one_line(setup, capsys, what):
+@pytest.mark.parametrize(
+    "what", ["no-vllm", "no-adapters", "empty-key", "port-taken", "bad-body-bound", "bad-body-bound-env"]
+)
+def test_setup_errors_are_one_line(setup, capsys, monkeypatch, what):
     tmp, d, fake = setup
     args = ["--model", str(tmp / "base"), "--adapters", str(d), "--vllm-python", str(fake), "--print-command"]
     if what == "no-vllm":
@@ -141,6 +143,8 @@ def test_setup_errors_are_one_line(setup, capsys, what):
         args += ["--api-key-file", str(tmp / "key")]
     elif what == "bad-body-bound":
         args += ["--max-body-bytes", "16 MB please"]
+    elif what == "bad-body-bound-env":
+        monkeypatch.setenv("VBLORA_MAX_BODY_BYTES", "16 MB please")
     else:
         taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
@@ -160,6 +164,7 @@ def test_setup_errors_are_one_line(setup, capsys, what):
         "empty-key": "is empty",
         "port-taken": "cannot listen on 127.0.0.1",
         "bad-body-bound": "--max-body-bytes='16 MB please' is not a positive byte count",
+        "bad-body-bound-env": "VBLORA_MAX_BODY_BYTES='16 MB please' is not a positive byte count",
     }[what]
     assert words in lines[0]
 

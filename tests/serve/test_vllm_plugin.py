@@ -331,12 +331,18 @@ def test_body_over_the_bound_is_413_before_vllm_reads_it(server, client, work, c
     assert_serves_base(client, work)
 
 
-def test_the_any_path_load_endpoint_is_closed(server, client, work):  # case 8, loading adapters from any path
-    """Resolvers need VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, which also opens /v1/load_lora_adapter (a LoRA directory
-    from any path the server can read): `vblora serve` closes it (`http_guards.LoadEndpointGuard`), even with the
-    right key; unloading stays open."""
-    r = post(server, {"lora_name": "x", "lora_path": "/etc"}, path="/v1/load_lora_adapter")
-    assert r.status_code == 403 and "/v1/load_lora_adapter is closed" in r.json()["error"]["message"], r.text
+def test_the_any_path_load_routes_and_unkeyed_routes_are_closed(server, client, work):  # case 8
+    """Resolvers need VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, which also opens /v1/load_lora_adapter and its SageMaker
+    twin POST /adapters (a LoRA directory from any path the server can read; the second outside vLLM's API key), and
+    vLLM's key leaves /invocations open: `vblora serve` closes all three (`http_guards.RouteGuard`); unloading
+    through /v1 stays open."""
+    for path, body, key in (
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"}, API_KEY),
+        ("/adapters", {"name": "x", "src": "/etc"}, None),
+        ("/invocations", {"model": "base", "prompt": "Hi", "max_tokens": 2}, None),
+    ):
+        r = post(server, body, key=key, path=path)
+        assert r.status_code == 403 and f"{path} is closed" in r.json()["error"]["message"], (path, r.text)
     complete(client, "native", work["prompts"][0])  # resolved (if not already) through the plugin
     r = post(server, {"lora_name": "native"}, path="/v1/unload_lora_adapter")
     assert r.status_code == 200, r.text

@@ -44,6 +44,16 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
+def check_bytes(given: str | None, flag: str, env: str) -> None:
+    """VBLoRAError naming the flag, or else the environment variable, whose byte count is not one."""
+    from vblora.serve.lora_dirs import parse_bytes
+
+    if given is not None:
+        parse_bytes(given, flag)
+    elif os.environ.get(env):
+        parse_bytes(os.environ[env], env)
+
+
 def largest_rank(adapters: Path) -> int:
     """The largest rank among the adapters of the directory (their headers only), 8 if none is readable."""
     from vblora.serve.sources import discover
@@ -99,12 +109,9 @@ def run(args) -> int:
             f"sub-directory or .safetensors file per adapter)"
         )
     check_port(args.host, args.port)
-    from vblora.serve.lora_dirs import parse_bytes
-
-    if args.lora_cache_bytes is not None:  # a bad bound is one line here, before vLLM starts
-        parse_bytes(args.lora_cache_bytes, "--lora-cache-bytes")
-    if args.max_body_bytes is not None:
-        parse_bytes(args.max_body_bytes, "--max-body-bytes")
+    # a bad bound, given or in the environment, is one line here, before vLLM starts
+    check_bytes(args.lora_cache_bytes, "--lora-cache-bytes", "VBLORA_LORA_CACHE_BYTES")
+    check_bytes(args.max_body_bytes, "--max-body-bytes", "VBLORA_MAX_BODY_BYTES")
     python = vllm_python(args.vllm_python)
     key = api_key(args)
     extra = list(args.vllm_args)

@@ -204,7 +204,7 @@ def same_files(d: Path, files: dict[str, bytes | bytearray]) -> bool:
         return sorted(p.name for p in d.iterdir()) == sorted(files) and all(
             (d / name).stat().st_size == len(data) and (d / name).read_bytes() == data for name, data in files.items()
         )
-    except OSError:  # absent, or removed meanwhile by another server's eviction
+    except OSError:  # absent, or removed meanwhile
         return False
 
 
@@ -228,9 +228,9 @@ class Resolved:
     name: str
     path: Path  # the composed PEFT LoRA directory
     rank: int
-    cached: bool  # the directory was already there (no composition)
+    cached: bool  # an entry with these bytes was already there (not written)
     seconds: float = 0.0  # time spent finding, reading, checking, composing and writing (after taking the lock)
-    # seconds per step (find, base, read, check, compose+write) and `cpu`: this thread's CPU seconds in all
+    # seconds per step (find, base, read, check, compose, write) and `cpu`: this thread's CPU seconds in all
     steps: dict[str, float] = field(default_factory=dict)
 
 
@@ -259,7 +259,8 @@ class LoRADirCache:
     """Adapters of `adapters` composed into LoRA directories under `cache` (one per content key, written as a whole,
     least recently used removed past `max_bytes`). Entries handed out by this process are kept
     (the engine reloads an adapter from its directory when its own memory cache evicts it); if they alone exceed the
-    bound, the bound is exceeded and `over_bound` says by how much. Thread-safe."""
+    bound, the bound is exceeded and `over_bound` says by how much. Thread-safe; one per cache directory (its eviction
+    knows only what this process handed out)."""
 
     def __init__(
         self,
@@ -318,7 +319,7 @@ class LoRADirCache:
             if not cached:
                 files = self.lora_files(snap)
                 clock.lap("compose")
-                # an entry this process did not write (an earlier run's, another server's) is used only when its
+                # an entry this process did not write (an earlier run's) is used only when its
                 # bytes are the ones just composed: entries are written without fsync, so a power cut may have
                 # left one damaged
                 cached = same_files(out, files)
@@ -343,7 +344,7 @@ class LoRADirCache:
                 break
             if d in self.handed_out:
                 continue
-            shutil.rmtree(d, ignore_errors=True)  # another server sharing the cache may have removed it already
+            shutil.rmtree(d, ignore_errors=True)  # already gone: tolerated (a cache dir should serve one server)
             total -= size
         self.over_bound = max(0, total - self.max_bytes)
 

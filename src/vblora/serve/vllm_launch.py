@@ -124,7 +124,7 @@ def vllm_command(
         "--middleware",
         "vblora.serve.http_guards.BodyLimit",
         "--middleware",
-        "vblora.serve.http_guards.LoadEndpointGuard",
+        "vblora.serve.http_guards.RouteGuard",
         *extra,
     ]
     return argv, env

@@ -87,7 +87,7 @@ def register() -> None:
     if served:  # the base check's model built now (0.1-0.2 s of the start-up), not in the first adapter's request
         try:
             cache.base(served)
-        except (OSError, ValueError, VBLoRAError) as e:
+        except Exception as e:  # an optimisation only: whatever fails here is retried on the first adapter request
             logger.warning(
                 "vblora: the base check for %s is built on the first adapter request instead (%s)", served, e
             )

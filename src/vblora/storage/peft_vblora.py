@@ -27,6 +27,7 @@ from vblora.storage.snapshot import AdapterSnapshot, build_model, refuse_adapted
 PREFIX = "base_model.model."
 BANK_KEY = "base_model.vblora_vector_bank"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PT_METADATA = {"format": "pt"}  # the safetensors metadata of a PEFT adapter file (what transformers writes)
 LOGITS_A, LOGITS_B = ".vblora_logits_A", ".vblora_logits_B"
 TOPK_INDICES, TOPK_WEIGHTS = "_topk_indices", "_topk_weights"
 # The heads PEFT's task model classes add to `modules_to_save` by themselves (peft_model.py: the `__init__` of
@@ -148,7 +149,7 @@ def write_peft_dir(
     tensors, config = peft_dir_contents(snap, config, tensors, heads)
 
     def write(d: Path) -> None:
-        write_safetensors(d / WEIGHTS_FILE, tensors, {"format": "pt"})
+        write_safetensors(d / WEIGHTS_FILE, tensors, PT_METADATA)
         atomic_write(d / CONFIG_FILE, config_bytes(config))
 
     return replace_dir(out_dir, write, replaceable=is_peft_dir)
