@@ -25,9 +25,9 @@ bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
 try:  # tests/ may or may not be a package
-    from tiny_models import tiny_llama, tokens
+    from tiny_models import portable_4bit, tiny_llama, tokens
 except ImportError:
-    from tests.tiny_models import tiny_llama, tokens
+    from tests.tiny_models import portable_4bit, tiny_llama, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # bitsandbytes' per-call fp16 cast notice (8-bit)
 
@@ -53,8 +53,9 @@ def base_dir(tmp_path_factory):
     return d
 
 
-def load(base_dir, kind: str | None):
-    """The tiny Llama from disk: quantized as `kind`, or full precision (None)."""
+def load(base_dir, kind: str | None, portable: bool = True):
+    """The tiny Llama from disk: quantized as `kind`, or full precision (None); on bitsandbytes' kernel path that
+    every CPU takes unless `portable` is False (`tiny_models.portable_4bit`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = (
@@ -66,11 +67,12 @@ def load(base_dir, kind: str | None):
             if kind
             else {}
         )
-        return transformers.AutoModelForCausalLM.from_pretrained(base_dir, **q).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, **q).eval()
+    return portable_4bit(model) if portable else model
 
 
-def adapted(base_dir, kind: str) -> torch.nn.Module:
-    model = vblora.add_vblora(load(base_dir, kind), vblora.VBLoRAConfig(**CONFIG))
+def adapted(base_dir, kind: str, portable: bool = True) -> torch.nn.Module:
+    model = vblora.add_vblora(load(base_dir, kind, portable), vblora.VBLoRAConfig(**CONFIG))
     with torch.no_grad():
         vblora.get_bank(model).bank.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))  # logits move ~0.3
     return model.eval()
@@ -94,10 +96,11 @@ def dense_copy(base_dir, quantized) -> torch.nn.Module:
     return dense
 
 
-def base_gap(base_dir, kind: str) -> float:
+def base_gap(base_dir, kind: str, portable: bool = True) -> float:
     """The quantized matmul's own error on these inputs: quantized model vs its dequantized dense copy."""
-    q = load(base_dir, kind)
-    return (logits(q) - logits(dense_copy(base_dir, q))).abs().max().item()
+    q = load(base_dir, kind, portable)
+    out = logits(q)  # first: on the fused CPU path this repacks the weights, which the dense copy then reads
+    return (out - logits(dense_copy(base_dir, q))).abs().max().item()
 
 
 def tolerance(base_dir, kind: str) -> float:
@@ -231,6 +234,47 @@ def test_dequantize_undoes_cpu_repacking(base_dir):
     want = dense_weight(layer)
     layer.weight.data, layer.weight.quant_state = pack(layer.weight.data, layer.weight.quant_state)
     assert torch.allclose(dense_weight(layer), want, rtol=1e-2, atol=1e-3)  # absmax kept in bf16 by the repacking
+
+
+@pytest.mark.skipif(
+    not getattr(bnb.functional, "has_avx512bf16", lambda: False)(),
+    reason="this CPU has no AVX512-BF16, so bitsandbytes never takes its fused bf16 path here (the other tests cover "
+    "the path this CPU takes)",
+)
+def test_fused_cpu_path(tmp_path, base_dir):
+    """bitsandbytes' fused bf16 CPU path (AVX512-BF16, eval, no grad; `tiny_models.portable_4bit`): the adapter adds
+    exactly its update on top of whatever the base layer computes, and a merged export equals the dense reference
+    of the weights the layers hold (repacked: absmax in bf16)."""
+    kind = "nf4-dq-bf16"
+    model = adapted(base_dir, kind, portable=False)
+    out = logits(model)
+    layers = vblora.adapted_layers(model)
+    assert all(getattr(layer.base.weight.quant_state, "packing_format_for_cpu", False) for layer in layers.values())
+    tol = 4 * base_gap(base_dir, kind, portable=False) + 1e-5
+    ref = vblora.add_vblora(dense_copy(base_dir, model), vblora.VBLoRAConfig(**CONFIG)).eval()
+    vblora.get_bank(ref).load_state_dict(vblora.get_bank(model).state_dict())
+    want = logits(ref)
+    assert (out - logits(vblora.unload(copy.deepcopy(ref), merge=False))).abs().max() > 2 * tol  # a real update
+    assert (logits(model) - want).abs().max() <= tol
+
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0])) for n, m in layers.items()]
+    logits(model)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for name, layer in layers.items():
+            x = seen[name]
+            base = layer.base(x).float()
+            lora = F.linear(F.linear(x.float(), layer.lora_A()), layer.lora_B())
+            rounding = 2 * torch.finfo(x.dtype).eps * (base.abs().max() + lora.abs().max())
+            y = layer(x)
+            assert y.dtype == x.dtype and (y.float() - base - lora).abs().max() <= rounding + 1e-6, name
+
+    plain = transformers.AutoModelForCausalLM.from_pretrained(
+        vblora.merge_and_save(model, tmp_path / "merged", dtype=torch.float32)
+    ).eval()
+    assert (logits(plain) - want).abs().max() <= 1e-5  # exactly the dense reference, merged
 
 
 def test_core_imports_without_bitsandbytes(monkeypatch):

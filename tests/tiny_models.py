@@ -61,3 +61,16 @@ def tokens(batch: int = 2, length: int = 8, vocab: int = 100) -> torch.Tensor:
 def output_of(model, ids: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def portable_4bit(model):
+    """`model` with its bitsandbytes 4-bit layers on the kernel path every CPU takes (dequantize, then matmul in the
+    compute dtype). On CPUs with AVX512-BF16, bitsandbytes (0.50) otherwise computes eval forwards without gradients
+    with a fused bf16 kernel (activations cast to bf16 even for a float32 compute dtype) on a weight it repacks in
+    place at the first such forward, and `state_dict()` unpacks it again, which moves later outputs by a bf16 ulp.
+    Tests that compare outputs exactly use this path on every machine; test_quantized.py::test_fused_cpu_path covers
+    the fused one where the CPU has it."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit's switch, set from the CPU
+            m.support_avx512bf16_for_cpu = False
+    return model

@@ -15,6 +15,11 @@ from vblora.train.config import build_config
 from vblora.train.errors import SetupError
 from vblora.train.pipeline import train
 
+try:  # tests/ may or may not be a package
+    from tiny_models import portable_4bit
+except ImportError:
+    from tests.tiny_models import portable_4bit
+
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -67,7 +72,7 @@ class _Keep(TrainerCallback):
     """Keeps the trained model and the quantized base weights (state_dict bytes) before training."""
 
     def on_train_begin(self, args, state, control, model=None, **kw):
-        self.model = model
+        self.model = portable_4bit(model)  # before the run's own evaluation: the path every CPU takes
         self.before = _quantized_state(model)
 
 
@@ -85,7 +90,7 @@ def _fresh_4bit(path, cfg):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = models.quantization(cfg.quantize, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
-        return AutoModelForCausalLM.from_pretrained(path, **q).eval()
+        return portable_4bit(AutoModelForCausalLM.from_pretrained(path, **q).eval())
 
 
 @pytest.mark.parametrize("quantize", ["4bit", "8bit"])
