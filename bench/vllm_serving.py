@@ -161,14 +161,8 @@ def plugin_times(log: Path) -> list[dict]:
 
 
 def plugin_cache(args, work: Path) -> Path:
-    """The plugin's cache for this run: --lora-cache (emptied at the first call), else `work/plugin-cache`."""
-    if args.lora_cache is None:
-        return work / "plugin-cache"
-    cache = Path(args.lora_cache)
-    if not getattr(args, "lora_cache_emptied", False):
-        shutil.rmtree(cache, ignore_errors=True)
-        args.lora_cache_emptied = True
-    return cache
+    """The plugin's cache for this run: --lora-cache (emptied by `main` before the run), else `work/plugin-cache`."""
+    return work / "plugin-cache" if args.lora_cache is None else Path(args.lora_cache)
 
 
 def dir_size(p: Path) -> int:
@@ -332,10 +326,11 @@ def main() -> int:
         help="cold: only the cold start of (a) and (b) (one vLLM server, no throughput, no disk part)",
     )
     args = ap.parse_args()
+    if args.lora_cache is not None:
+        shutil.rmtree(args.lora_cache, ignore_errors=True)  # a fresh cache: every adapter of the run composed anew
     if args.only == "cold":
         return cold_only(args)
 
-    model_dir, _ = resolve_model("smollm2", None)
     base = base_model()
     model_dir, _ = resolve_model("smollm2", None)  # the fp32 copy (cached by the first load): what vLLM serves
     with tempfile.TemporaryDirectory() as tmp:

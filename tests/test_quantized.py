@@ -107,6 +107,26 @@ def tolerance(base_dir, kind: str) -> float:
     return 4 * base_gap(base_dir, kind) + 1e-5
 
 
+def dense_reference(base_dir, model) -> torch.nn.Module:
+    """The adapted `model`'s dense reference: its dequantized W, the same bank, x A^T B^T on top."""
+    ref = vblora.add_vblora(dense_copy(base_dir, model), vblora.VBLoRAConfig(**CONFIG)).eval()
+    vblora.get_bank(ref).load_state_dict(vblora.get_bank(model).state_dict())
+    return ref
+
+
+def inputs_seen(model) -> dict[str, torch.Tensor]:
+    """Adapted layer name -> the input it saw in one forward of `model` on IDS."""
+    seen = {}
+    hooks = [
+        m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0]))
+        for n, m in vblora.adapted_layers(model).items()
+    ]
+    logits(model)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 def frozen_bytes(model) -> dict[str, torch.Tensor]:
     """Every tensor of the model but the bank's (packed quantized weights and their quantization state included)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("vblora_bank.")}
@@ -148,23 +168,14 @@ def test_adapt_train_save_load(tmp_path, base_dir, kind):
 def test_output_equals_dense_reference_and_merged_export(tmp_path, base_dir, kind):
     model = adapted(base_dir, kind)
     tol = tolerance(base_dir, kind)
-    # dense reference: dequantized W, the same bank, x A^T B^T on top
-    ref = vblora.add_vblora(dense_copy(base_dir, model), vblora.VBLoRAConfig(**CONFIG)).eval()
-    vblora.get_bank(ref).load_state_dict(vblora.get_bank(model).state_dict())
+    ref = dense_reference(base_dir, model)
     out, want = logits(model), logits(ref)
     assert (out - logits(vblora.unload(copy.deepcopy(ref), merge=False))).abs().max() > 10 * tol  # a real update
     assert (out - want).abs().max() <= tol
 
     # per layer, on the inputs it saw: layer(x) - dense(x) is exactly the quantized matmul's own error
     # base(x) - dense(x)
-    seen = {}
-    hooks = [
-        m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0]))
-        for n, m in vblora.adapted_layers(model).items()
-    ]
-    logits(model)
-    for h in hooks:
-        h.remove()
+    seen = inputs_seen(model)
     with torch.no_grad():
         for name, layer in vblora.adapted_layers(model).items():
             x = seen[name]
@@ -251,17 +262,12 @@ def test_fused_cpu_path(tmp_path, base_dir):
     layers = vblora.adapted_layers(model)
     assert all(getattr(layer.base.weight.quant_state, "packing_format_for_cpu", False) for layer in layers.values())
     tol = 4 * base_gap(base_dir, kind, portable=False) + 1e-5
-    ref = vblora.add_vblora(dense_copy(base_dir, model), vblora.VBLoRAConfig(**CONFIG)).eval()
-    vblora.get_bank(ref).load_state_dict(vblora.get_bank(model).state_dict())
+    ref = dense_reference(base_dir, model)
     want = logits(ref)
     assert (out - logits(vblora.unload(copy.deepcopy(ref), merge=False))).abs().max() > 2 * tol  # a real update
     assert (logits(model) - want).abs().max() <= tol
 
-    seen = {}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0])) for n, m in layers.items()]
-    logits(model)
-    for h in hooks:
-        h.remove()
+    seen = inputs_seen(model)
     with torch.no_grad():
         for name, layer in layers.items():
             x = seen[name]
